@@ -1,0 +1,148 @@
+"""The Helix layout: how N ranks are arranged for attention (KVP x TPA) and for the FFN (TPF x EP).
+
+Rank order (kept here and nowhere else): rank r has attention coordinates
+``kvp_rank = r // tpa`` and ``tpa_rank = r % tpa``. The KVP group of r is the set of ranks with the same
+``tpa_rank``; the TPA group the ranks with the same ``kvp_rank``. For the FFN, ``ep_rank = r // tpf`` and
+``tpf_rank = r % tpf``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A Helix layout: ``N = kvp * tpa = tpf * ep``.
+
+    kvp: ranks that share the KV cache along the sequence (KV-parallel attention).
+    tpa: ranks that split the KV heads (tensor-parallel attention); ``tpa <= num_key_value_heads``.
+    tpf: tensor-parallel width of the FFN; defaults to ``kvp * tpa // ep``.
+    ep: expert-parallel width of an MoE FFN (1 for dense models).
+    kv_block: tokens per round-robin KV block; block ``b = pos // kv_block`` lives on KVP rank ``b % kvp``.
+    hopb_chunks: batch chunks whose exchange overlaps the next chunk's attention (HOP-B); 1 = off.
+    """
+
+    kvp: int
+    tpa: int = 1
+    tpf: int | None = None
+    ep: int = 1
+    kv_block: int = 16
+    hopb_chunks: int = 1
+
+    def __post_init__(self):
+        for name in ("kvp", "tpa", "ep", "kv_block", "hopb_chunks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Layout.{name} must be a positive int, got {value!r}")
+        if self.tpf is None:
+            if (self.kvp * self.tpa) % self.ep:
+                raise ValueError(
+                    f"Layout: N = kvp*tpa = {self.kvp}*{self.tpa} = {self.kvp * self.tpa} is not divisible by "
+                    f"ep={self.ep}, so tpf = N/ep is not an integer"
+                )
+            object.__setattr__(self, "tpf", self.kvp * self.tpa // self.ep)
+        if not isinstance(self.tpf, int) or isinstance(self.tpf, bool) or self.tpf < 1:
+            raise ValueError(f"Layout.tpf must be a positive int, got {self.tpf!r}")
+        if self.kvp * self.tpa != self.tpf * self.ep:
+            raise ValueError(
+                f"Layout: attention uses N = kvp*tpa = {self.kvp}*{self.tpa} = {self.kvp * self.tpa} ranks but the FFN "
+                f"uses tpf*ep = {self.tpf}*{self.ep} = {self.tpf * self.ep}; they must be the same N"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.kvp * self.tpa
+
+    # -- rank coordinates -------------------------------------------------------------------------------------
+    def kvp_rank(self, rank: int) -> int:
+        return rank // self.tpa
+
+    def tpa_rank(self, rank: int) -> int:
+        return rank % self.tpa
+
+    def kvp_group_ranks(self, rank: int) -> list[int]:
+        """Ranks that hold the same KV heads and split the sequence with ``rank`` (ordered by kvp_rank)."""
+        return [k * self.tpa + self.tpa_rank(rank) for k in range(self.kvp)]
+
+    # -- KV ownership ------------------------------------------------------------------------------------------
+    def local_capacity(self, max_cache_len: int) -> int:
+        """Positions a KVP rank can hold: ``ceil(S / (kv_block*kvp)) * kv_block``."""
+        return math.ceil(max_cache_len / (self.kv_block * self.kvp)) * self.kv_block
+
+    def owner(self, pos: int) -> int:
+        return (pos // self.kv_block) % self.kvp
+
+    def local_slot(self, pos: int) -> int:
+        return (pos // self.kv_block // self.kvp) * self.kv_block + pos % self.kv_block
+
+    # -- validation against a model ----------------------------------------------------------------------------
+    def validate(self, config, world_size: int | None = None) -> None:
+        """Raise ``ValueError`` naming the rule and the numbers if this layout cannot run ``config``."""
+        cls = type(config).__name__
+        q = config.num_attention_heads
+        k = getattr(config, "num_key_value_heads", None) or q
+        n = self.world_size
+        if world_size is not None and world_size != n:
+            raise ValueError(
+                f"Layout kvp={self.kvp} x tpa={self.tpa} needs N={n} ranks, but the default process group has "
+                f"world size {world_size}"
+            )
+        if self.tpa > k:
+            raise ValueError(f"tpa={self.tpa} exceeds num_key_value_heads={k} of {cls}")
+        if k % self.tpa:
+            raise ValueError(f"tpa={self.tpa} does not divide num_key_value_heads={k} of {cls}")
+        if q % n:
+            raise ValueError(
+                f"N = kvp*tpa = {n} does not divide num_attention_heads={q} of {cls}: after the all-to-all every "
+                f"rank must hold Q/N query heads"
+            )
+        if self.ep != 1:
+            raise ValueError(f"ep={self.ep} needs a mixture-of-experts FFN; {cls} has a dense FFN (use ep=1)")
+        inter = getattr(config, "intermediate_size", None)
+        if inter is not None and inter % self.tpf:
+            raise ValueError(f"tpf={self.tpf} does not divide intermediate_size={inter} of {cls}")
+
+    def key(self) -> str:
+        """A short stable string, used in compiled-artifact keys and file names."""
+        return (
+            f"kvp{self.kvp}-tpa{self.tpa}-tpf{self.tpf}-ep{self.ep}-blk{self.kv_block}-hopb{self.hopb_chunks}"
+        )
+
+    # -- process groups ----------------------------------------------------------------------------------------
+    def group_names(self) -> tuple[str, str]:
+        """(KVP group name, world group name) for functional collectives, from one (kvp, tpa) DeviceMesh.
+
+        Built once per (kvp, tpa) and process; every rank must call it in the same order (it is collective).
+        """
+        return _group_names(self.kvp, self.tpa)
+
+
+_GROUPS: dict[tuple[int, int], tuple[str, str]] = {}
+
+
+def _group_names(kvp: int, tpa: int) -> tuple[str, str]:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if (kvp, tpa) not in _GROUPS:
+        if not dist.is_initialized():
+            raise RuntimeError(
+                f"helix layout kvp={kvp} x tpa={tpa} needs torch.distributed: call "
+                f"dist.init_process_group(...) with {kvp * tpa} ranks first"
+            )
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        mesh = init_device_mesh(device_type, (kvp, tpa), mesh_dim_names=("kvp", "tpa"))
+        _GROUPS[(kvp, tpa)] = (mesh.get_group("kvp").group_name, dist.group.WORLD.group_name)
+    return _GROUPS[(kvp, tpa)]
+
+
+def current_world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group; (0, 1) when torch.distributed is not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+

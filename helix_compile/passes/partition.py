@@ -1,0 +1,102 @@
+"""Pass 3, partition: global graph -> rank-local graph.
+
+Contract
+    in:  the global Dynamo graph, its ``Regions`` and this rank's ``Plan``.
+    out: a new GraphModule that computes this rank's part when its placeholders receive the plan's local
+         tensors (parameter shards, the cache's local shards). Its output (the logits) equals the global
+         graph's on every rank. The input graph is not changed.
+
+Rewrites, per attention region (pattern ... into ...):
+    kv_write(keys, values, k, v, pos)
+        into  kv_write_local(keys, values, k, v, pos, kvp_rank, kvp, kv_block)          # owner-only write
+    core = sdpa(q, repeat_kv(keys), repeat_kv(values), mask)   (or the eager matmul-softmax-matmul chain)
+        into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale)
+              recv   = wait(all_to_all_single(packed, [Q/N]*kvp, [Q/N]*kvp, kvp_group))  # kvp > 1 only
+              core'  = lse_merge(recv, kvp, D)                                          # (B, Q/N, L, D)
+    o = linear(x, Wo, b)
+        into  o' = wait(all_reduce(linear(x, Wo_shard), "sum", world)) [+ b]           # N > 1 only
+per FFN region:
+    out = linear(h, Wdown, b)  into  wait(all_reduce(linear(h, Wdown_shard), "sum", world)) [+ b]
+then dead code (HF's mask construction, repeat_kv) is removed.
+
+The model's reshapes use -1 for the head dimension, so the local head counts flow through unchanged; the
+detect pass has already refused graphs where that does not hold.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..lowering import ops
+from .detect import Regions
+from .plan import Plan
+
+funcol = torch.ops._c10d_functional
+
+
+def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModule:
+    layout, rank, heads = plan.layout, plan.rank, plan.heads
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    local = fx.GraphModule(gm, graph)
+    by_name = {n.name: n for n in local.graph.nodes}
+    kvp_group, world_group = layout.group_names() if layout.world_size > 1 else (None, None)
+    kvp_rank = layout.kvp_rank(rank)
+    rows = heads.q // layout.world_size  # query heads per rank after the all-to-all
+
+    for a in regions.attention:
+        keys, values, k, v, pos = (by_name[x.name] for x in a.kv_write.args)
+        write, core, query = by_name[a.kv_write.name], by_name[a.core.name], by_name[a.query.name]
+        with graph.inserting_before(write):
+            graph.call_function(
+                torch.ops.helix.kv_write_local.default, (keys, values, k, v, pos, kvp_rank, layout.kvp, layout.kv_block)
+            )
+        graph.erase_node(write)
+        with graph.inserting_before(core):
+            packed = graph.call_function(
+                torch.ops.helix.partial_attention.default,
+                (query, keys, values, pos, kvp_rank, layout.kvp, layout.kv_block, a.scale),
+            )
+            recv = packed
+            if layout.kvp > 1:
+                sent = graph.call_function(
+                    funcol.all_to_all_single.default, (packed, [rows] * layout.kvp, [rows] * layout.kvp, kvp_group)
+                )
+                recv = graph.call_function(funcol.wait_tensor.default, (sent,))
+            merged = graph.call_function(torch.ops.helix.lse_merge.default, (recv, layout.kvp, heads.d))
+        core.replace_all_uses_with(merged)
+        _row_parallel(graph, by_name[a.o_linear.name], world_group, layout.world_size)
+
+    for f in regions.ffn:
+        _row_parallel(graph, by_name[f.out.name], world_group, layout.world_size)
+
+    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    graph.lint()
+    local.recompile()
+    return local
+
+
+def _is_impure(node: fx.Node) -> bool:
+    """FX's own rule, plus in-place tensor methods (``cumulative_length.add_``), which it treats as pure."""
+    return node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
+
+
+def _row_parallel(graph: fx.Graph, linear: fx.Node, world_group: str | None, n: int) -> None:
+    """linear(x, W_shard, b) -> all_reduce(linear(x, W_shard)) + b: the partial sums of all N ranks, bias once."""
+    if n == 1:
+        return
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    linear.args = (linear.args[0], linear.args[1], None)
+    linear.kwargs = {}
+    with graph.inserting_after(linear):
+        reduced = graph.call_function(funcol.all_reduce.default, (linear, "sum", world_group))
+    with graph.inserting_after(reduced):
+        result = graph.call_function(funcol.wait_tensor.default, (reduced,))
+    if bias is not None:
+        with graph.inserting_after(result):
+            result = graph.call_function(torch.add, (result, bias))
+    linear.replace_all_uses_with(result, delete_user_cb=lambda user: user is not reduced)
+
+
+_ = ops  # the helix ops must be registered before the graph references them

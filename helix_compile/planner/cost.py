@@ -1,0 +1,283 @@
+"""Cost of one decode step: Appendix-A roofline per layer, plus collectives, HOP-B overlap and memory per GPU.
+
+Per GPU and layer (all times are per decode step; the batch decodes one token per request):
+
+    attention core  max(KV bytes / MemBW, attention FLOPs / peak)         KV: B*2*ceil(K/tpa)*Hsz*(S/kvp)*bytes
+    attention GEMMs max(W_qkv + W_o bytes / MemBW, 2*tokens*params / peak)
+    FFN GEMMs       max(W_ffn bytes / MemBW, FLOPs / peak)                 MoE: only the experts the batch hits
+    comm            collectives of the strategy; Helix's KVP all-to-all is hidden under attention by HOP-B
+    total           attention core + attention GEMMs + FFN GEMMs + exposed comm (+ a fitted per-layer overhead)
+
+The five strategies differ only in how they split heads, tokens, sequence and experts (see STRATEGIES):
+  tp     attention TP over N (KV heads duplicated once N > K), FFN TP over N; 2 all-reduces.
+  tp_ep  attention TP over N, MoE FFN as tpf x ep = N.
+  dp_ep  data-parallel attention (dp groups of tpa GPUs), experts over ep = N; dispatch + combine all-to-all.
+  medha  KVP x TPA attention with an all-reduce combine; FFN TP over the tpa GPUs only (weights replicated kvp-fold).
+  helix  KVP x TPA attention, all-to-all combine (HOP-B), W_o TP over N, FFN TP over N or tpf x ep = N.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .collectives import collective_us
+from .hardware import ACT_BYTES, DTYPE_BYTES, Hardware
+from .model import ModelSpec
+
+STRATEGIES = ("helix", "tp", "tp_ep", "dp_ep", "medha")
+BASELINES = ("tp", "tp_ep", "dp_ep", "medha")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout on `gpus` GPUs. gpus = dp*kvp*tpa; the FFN group (gpus, or tpa for medha) = tpf*ep."""
+    strategy: str
+    gpus: int
+    kvp: int
+    tpa: int
+    tpf: int
+    ep: int
+    batch: int
+    dp: int = 1
+    hopb_chunks: int = 0  # 0: pick the best of 1, 2, 4, ... <= batch
+    kv_block: int = 16
+
+
+def attention_params(m: ModelSpec, q_loc=None, k_loc=None, o_split=1) -> float:
+    """Attention weights held (and read) by one GPU with q_loc query and k_loc KV heads, W_o split o_split ways."""
+    q_loc = m.q_heads if q_loc is None else q_loc
+    k_loc = m.kv_heads if k_loc is None else k_loc
+    H = m.hidden
+    if m.is_mla:
+        qk = m.nope_dim + m.rope_dim
+        q = H * m.q_lora + m.q_lora * q_loc * qk if m.q_lora else H * q_loc * qk
+        kv = H * (m.kv_lora + m.rope_dim) + m.kv_lora * q_loc * (m.nope_dim + m.v_dim)
+        return q + kv + m.q_heads * m.v_dim * H / o_split
+    return H * q_loc * m.head_dim + 2 * H * k_loc * m.head_dim + m.q_heads * m.head_dim * H / o_split
+
+
+def ffn_params(m: ModelSpec, moe: bool) -> float:
+    """All FFN weights of one layer (one copy)."""
+    if not moe:
+        return 3 * m.hidden * m.ffn
+    return m.experts * 3 * m.hidden * m.expert_ffn + 3 * m.hidden * m.shared_ffn + m.hidden * m.experts
+
+
+def kv_bytes_per_token_head(m: ModelSpec, kv_bytes: float) -> float:
+    return (m.kv_lora + m.rope_dim) * kv_bytes if m.is_mla else 2 * m.head_dim * kv_bytes
+
+
+def _roof(nbytes, flops, hw, dtype):
+    return max(nbytes / (hw.mem_bw_gbs * 1e9), flops / hw.flops(dtype))
+
+
+def _coll(hw: Hardware, op: str, n: int, nbytes: float) -> float:
+    return collective_us(hw.collectives[op], op, n, nbytes) * 1e-6
+
+
+def hopb_exposed(core_s: float, comm_of_bytes, nbytes: float, chunks: int) -> float:
+    """Exposed time of an exchange split into `chunks`, chunk i's exchange under chunk i+1's attention.
+
+    Pipeline of c stages with a = core/c and m = comm(bytes/c): a + m + (c-1)*max(a, m). Each chunk pays the
+    collective's latency again, so more chunks is not always better (the planner tries 1, 2, 4, ...).
+    """
+    a = core_s / chunks
+    m = comm_of_bytes(nbytes / chunks)
+    return a + m + (chunks - 1) * max(a, m) - core_s
+
+
+def busiest_experts(local: int, p_hit: float, ep: int) -> float:
+    """Expected experts hit on the busiest of `ep` GPUs holding `local` experts each (each hit w.p. p_hit).
+
+    The step waits for the slowest GPU, so EP pays for load imbalance: at batch 1 with top-8 of 256 experts on
+    64 GPUs, some GPU reads a whole expert, while TPF = 64 reads 8/64 of one. E[max] = sum_k 1 - P(X < k)^ep.
+    """
+    if ep == 1 or p_hit >= 1.0:
+        return local * p_hit
+    pmf = [math.comb(local, k) * p_hit ** k * (1 - p_hit) ** (local - k) for k in range(local + 1)]
+    cdf, total = 0.0, 0.0
+    for k in range(1, local + 1):
+        cdf += pmf[k - 1]
+        total += 1.0 - min(cdf, 1.0) ** ep
+    return total
+
+
+@dataclass
+class LayerCost:
+    kv_read: float
+    weight_read: float
+    compute: float
+    comm: float  # exposed
+    comm_raw: float  # sum of the collectives without overlap
+    total: float
+    hopb_chunks: int = 1
+
+
+def _shape(m: ModelSpec, c: Candidate):
+    """Per-GPU attention shape: requests, query heads, KV heads, W_o split, FFN group size."""
+    b_att = math.ceil(c.batch / c.dp)
+    q_loc = m.q_heads / c.tpa
+    k_loc = math.ceil(m.kv_heads / c.tpa)  # tpa > K duplicates KV heads (tp baseline)
+    o_split = c.gpus if c.strategy == "helix" else c.tpa
+    ffn_group = c.tpa if c.strategy == "medha" else c.gpus
+    return b_att, q_loc, k_loc, o_split, ffn_group
+
+
+def layer_cost(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, moe: bool) -> LayerCost:
+    """Cost of one layer (attention + FFN) on one GPU for candidate c, in seconds."""
+    wb, kvb = DTYPE_BYTES[dtype], DTYPE_BYTES[dtype]
+    H, B = m.hidden, c.batch
+    b_att, q_loc, k_loc, o_split, ffn_group = _shape(m, c)
+    tokens = b_att  # tokens through this GPU's attention projections (all B except data-parallel attention)
+
+    # Attention core: read the local KV shard, attend with the local query heads.
+    s_loc = S / c.kvp
+    kv_read = b_att * k_loc * s_loc * kv_bytes_per_token_head(m, kvb)
+    if m.is_mla:  # absorbed MLA: MQA over the (kv_lora + rope) latent, output in the kv_lora space
+        att_flops = 2 * b_att * q_loc * s_loc * (2 * m.kv_lora + m.rope_dim)
+    else:
+        att_flops = 4 * b_att * q_loc * m.head_dim * s_loc
+    core = _roof(kv_read, att_flops, hw, dtype)
+
+    # Attention projections.
+    w_att = attention_params(m, q_loc, k_loc, o_split)
+    att_gemm = _roof(w_att * wb, 2 * tokens * w_att, hw, dtype)
+
+    # FFN.
+    if not moe:
+        split = 1 if c.strategy == "dp_ep" else ffn_group
+        w_ffn = 3 * H * m.ffn / split
+        ffn_flops = 2 * tokens * w_ffn
+    else:
+        p_hit = 1.0 - (1.0 - m.top_k / m.experts) ** B  # chance an expert sees >= 1 of the B tokens
+        w_exp = busiest_experts(m.experts // c.ep, p_hit, c.ep) * 3 * H * m.expert_ffn / c.tpf
+        shared_split = 1 if c.strategy == "dp_ep" else ffn_group
+        w_shared = 3 * H * m.shared_ffn / shared_split
+        w_router = H * m.experts
+        w_ffn = w_exp + w_shared + w_router
+        ffn_flops = 2 * (B * m.top_k / c.ep) * 3 * H * m.expert_ffn / c.tpf + 2 * tokens * (w_shared + w_router)
+    ffn_gemm = _roof(w_ffn * wb, ffn_flops, hw, dtype)
+
+    # Collectives.
+    dv = m.kv_lora if m.is_mla else m.head_dim  # per-head partial output exchanged
+    partial_bytes = B * q_loc * (dv * ACT_BYTES + 4)  # outputs + fp32 lse
+    comm_raw = exposed = 0.0
+    chunks = 1
+    if c.strategy == "helix":
+        a2a = lambda nb: _coll(hw, "all_to_all", c.kvp, nb)  # noqa: E731
+        if c.kvp > 1:
+            options = [c.hopb_chunks] if c.hopb_chunks else [k for k in (1, 2, 4, 8, 16, 32) if k <= B and B % k == 0]
+            best = min(options, key=lambda k: hopb_exposed(core, a2a, partial_bytes, k))
+            chunks = best
+            comm_raw += a2a(partial_bytes)
+            exposed += hopb_exposed(core, a2a, partial_bytes, best)
+        post = 2 * _coll(hw, "all_reduce", c.gpus, B * H * ACT_BYTES)  # after W_o and after the FFN
+        comm_raw += post
+        exposed += post
+    elif c.strategy in ("tp", "tp_ep"):
+        t = 2 * _coll(hw, "all_reduce", c.gpus, B * H * ACT_BYTES)
+        comm_raw, exposed = t, t
+    elif c.strategy == "medha":
+        t = _coll(hw, "all_reduce", c.kvp, partial_bytes) + 2 * _coll(hw, "all_reduce", c.tpa, B * H * ACT_BYTES)
+        comm_raw, exposed = t, t
+    elif c.strategy == "dp_ep":
+        t = _coll(hw, "all_reduce", c.tpa, b_att * H * ACT_BYTES)
+        if moe:  # dispatch and combine of the routed tokens
+            t += 2 * _coll(hw, "all_to_all", c.gpus, b_att * m.top_k * H * ACT_BYTES)
+        comm_raw, exposed = t, t
+    else:
+        raise ValueError(f"unknown strategy {c.strategy!r}; known: {', '.join(STRATEGIES)}")
+
+    overhead = hw.per_layer_overhead_us * 1e-6
+    total = core + att_gemm + ffn_gemm + exposed + overhead
+    flops_t = (att_flops + 2 * tokens * w_att + ffn_flops) / hw.flops(dtype)
+    return LayerCost(kv_read=kv_read / (hw.mem_bw_gbs * 1e9), weight_read=(w_att + w_ffn) * wb / (hw.mem_bw_gbs * 1e9),
+                     compute=flops_t, comm=exposed, comm_raw=comm_raw, total=total, hopb_chunks=chunks)
+
+
+def memory_per_gpu(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str) -> dict:
+    """Bytes held per GPU (GB): weights, KV cache at capacity S, activations, reserved."""
+    wb = DTYPE_BYTES[dtype]
+    H = m.hidden
+    b_att, q_loc, k_loc, o_split, ffn_group = _shape(m, c)
+    att = attention_params(m, q_loc, k_loc, o_split)
+    dense_split = 1 if c.strategy == "dp_ep" else ffn_group
+    dense = 3 * H * m.ffn / dense_split
+    moe = 0.0
+    if m.is_moe:
+        moe = m.experts / c.ep * 3 * H * m.expert_ffn / c.tpf + 3 * H * m.shared_ffn / dense_split + H * m.experts
+    emb = m.vocab * H * (1 if m.tie_embeddings else 2) / ffn_group  # vocab-parallel embedding and LM head
+    weights = (m.layers * att + (m.layers - m.moe_layers) * dense + m.moe_layers * moe + emb) * wb
+    cap = math.ceil(S / (c.kv_block * c.kvp)) * c.kv_block  # staggered blocks: the busiest rank's slots
+    kv = m.layers * b_att * k_loc * cap * kv_bytes_per_token_head(m, wb)
+    ffn_loc = m.ffn / dense_split if not m.is_moe else max(m.ffn / dense_split, m.top_k * m.expert_ffn)
+    act = c.batch * (8 * H + 3 * ffn_loc) * ACT_BYTES + c.batch * m.vocab / ffn_group * 4
+    return {"weights": weights / 1e9, "kv": kv / 1e9, "activations": act / 1e9, "reserved": hw.reserved_gb}
+
+
+@dataclass
+class Evaluation:
+    candidate: Candidate
+    replicas: int
+    per_layer: dict  # seconds, averaged over layers
+    head_s: float
+    ttl_s: float
+    memory: dict
+    feasible: bool
+    hopb_chunks: int
+
+    @property
+    def tokens_per_s_per_user(self) -> float:
+        return 1.0 / self.ttl_s
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.candidate.batch / self.ttl_s / self.candidate.gpus
+
+    @property
+    def memory_gb(self) -> float:
+        return sum(self.memory.values())
+
+    def to_dict(self) -> dict:
+        c = asdict(self.candidate)
+        c["hopb_chunks"] = self.hopb_chunks
+        return {**c, "replicas": self.replicas,
+                "per_layer_ms": {k: round(v * 1e3, 6) for k, v in self.per_layer.items()},
+                "head_ms": round(self.head_s * 1e3, 6), "ttl_ms": round(self.ttl_s * 1e3, 6),
+                "tokens_per_s_per_gpu": round(self.tokens_per_s_per_gpu, 4),
+                "tokens_per_s_per_user": round(self.tokens_per_s_per_user, 4),
+                "memory_gb_per_gpu": round(self.memory_gb, 4),
+                "memory_breakdown_gb": {k: round(v, 4) for k, v in self.memory.items()},
+                "feasible": self.feasible}
+
+
+def evaluate(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, replicas: int = 1) -> Evaluation:
+    """Time one decode step (TTL) and memory for candidate c."""
+    kinds = [(m.layers - m.moe_layers, False), (m.moe_layers, True)]
+    per_layer = {"kv_read": 0.0, "weight_read": 0.0, "compute": 0.0, "comm": 0.0, "total": 0.0}
+    layers_s, chunks = 0.0, 1
+    for count, moe in kinds:
+        if count == 0:
+            continue
+        lc = layer_cost(m, hw, c, S, dtype, moe)
+        for k in per_layer:
+            per_layer[k] += getattr(lc, k) * count / m.layers
+        layers_s += lc.total * count
+        chunks = max(chunks, lc.hopb_chunks)
+    # LM head (vocab-parallel) and the all-gather of each rank's best token.
+    _, _, _, _, ffn_group = _shape(m, c)
+    w_head = m.vocab * m.hidden / ffn_group
+    head = _roof(w_head * DTYPE_BYTES[dtype], 2 * c.batch * w_head, hw, dtype)
+    head += _coll(hw, "all_gather", ffn_group, c.batch * 8)
+    mem = memory_per_gpu(m, hw, c, S, dtype)
+    return Evaluation(candidate=c, replicas=replicas, per_layer=per_layer, head_s=head, ttl_s=layers_s + head,
+                      memory=mem, feasible=sum(mem.values()) <= hw.memory_gb, hopb_chunks=chunks)
+
+
+def appendix_a(B, Q, K, Hsz, S, F, bytes_per_elem, mem_bw_gbs, tpa=1, tpf=1, kvp=1) -> dict:
+    """The paper's Appendix A roofline verbatim (per layer, seconds): t_KV and t_W (SwiGLU)."""
+    H = Q * Hsz
+    t_kv = B * 2 * math.ceil(K / tpa) * Hsz * (S / kvp) * bytes_per_elem / (mem_bw_gbs * 1e9)
+    t_w = (2 * H * (Q / tpa) * Hsz + 2 * H * math.ceil(K / tpa) * Hsz + 3 * H * F / tpf) * bytes_per_elem / (
+        mem_bw_gbs * 1e9)
+    return {"t_kv": t_kv, "t_w": t_w}

@@ -1,0 +1,110 @@
+"""Enumerate the layouts of each strategy that are valid for a model, over GPU counts and batch sizes.
+
+Validity (the same rules the compiler enforces for Helix layouts):
+  attention  tpa divides K (no head straddles two GPUs; MLA has K = 1 so tpa = 1); Q divisible by the attention
+             TP width and, for Helix, by N (after the all-to-all every GPU owns Q/N heads for W_o);
+  FFN        dense: intermediate size divisible by its TP width; MoE: experts divisible by ep, expert
+             intermediate size divisible by tpf; dense layers of a MoE model TP over the whole FFN group.
+With replicas, a layout on n GPUs (n dividing the GPU budget) runs budget/n times; tokens/s/GPU is unchanged.
+"""
+from __future__ import annotations
+
+from .cost import STRATEGIES, Candidate
+from .model import ModelSpec
+
+
+def divisors(n: int) -> list:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _ffn_ok(m: ModelSpec, group: int, tpf: int, ep: int) -> bool:
+    if tpf * ep != group:
+        return False
+    has_dense = not m.is_moe or m.dense_layers > 0
+    if has_dense and m.ffn % group:
+        return False
+    if m.is_moe and (m.experts % ep or m.expert_ffn % tpf or m.shared_ffn % group):
+        return False
+    return True
+
+
+def _ffn_splits(m: ModelSpec, group: int, ep_required: bool = False) -> list:
+    """(tpf, ep) pairs for an FFN group of `group` GPUs."""
+    eps = divisors(group) if m.is_moe else [1]
+    out = [(group // ep, ep) for ep in eps if _ffn_ok(m, group, group // ep, ep)]
+    return [p for p in out if p[1] > 1] if ep_required else out
+
+
+def layout_error(m: ModelSpec, n: int, kvp: int, tpa: int, tpf: int, ep: int) -> str | None:
+    """Why a Helix layout is invalid for model m on n GPUs, or None if it is valid."""
+    if kvp * tpa != n:
+        return f"kvp*tpa = {kvp}*{tpa} = {kvp * tpa} but the layout must cover {n} GPUs"
+    if tpf * ep != n:
+        return f"tpf*ep = {tpf}*{ep} = {tpf * ep} but the layout must cover {n} GPUs"
+    if m.kv_heads % tpa:
+        return (f"tpa = {tpa} does not divide the {m.kv_heads} KV heads of {m.name}"
+                + (" (MLA caches one latent head, so tpa must be 1)" if m.is_mla else ""))
+    if m.q_heads % n:
+        return f"{m.q_heads} attention heads are not divisible by N = {n}"
+    if (not m.is_moe or m.dense_layers) and m.ffn % n:
+        return f"intermediate size {m.ffn} is not divisible by N = {n} (dense FFN is TP over all GPUs)"
+    if not m.is_moe and ep != 1:
+        return f"ep = {ep} but {m.name} is dense (no experts); use ep = 1, tpf = {n}"
+    if m.is_moe:
+        if m.experts % ep:
+            return f"{m.experts} experts are not divisible by ep = {ep}"
+        if m.expert_ffn % tpf:
+            return f"expert intermediate size {m.expert_ffn} is not divisible by tpf = {tpf}"
+        if m.shared_ffn % n:
+            return f"shared-expert intermediate size {m.shared_ffn} is not divisible by N = {n}"
+    return None
+
+
+def helix_layouts(m: ModelSpec, n: int) -> list:
+    """Valid (kvp, tpa, tpf, ep) on exactly n GPUs."""
+    out = []
+    for tpa in divisors(m.kv_heads):
+        if n % tpa:
+            continue
+        for tpf, ep in _ffn_splits(m, n):
+            if layout_error(m, n, n // tpa, tpa, tpf, ep) is None:
+                out.append((n // tpa, tpa, tpf, ep))
+    return out
+
+
+def strategy_layouts(m: ModelSpec, strategy: str, n: int) -> list:
+    """(kvp, tpa, dp, tpf, ep) tuples of one strategy on n GPUs."""
+    if strategy == "helix":
+        return [(kvp, tpa, 1, tpf, ep) for kvp, tpa, tpf, ep in helix_layouts(m, n)]
+    if strategy == "tp":
+        if m.q_heads % n:
+            return []
+        splits = [(n, 1)] if _ffn_ok(m, n, n, 1) else []
+        return [(1, n, 1, tpf, ep) for tpf, ep in splits]
+    if strategy == "tp_ep":
+        if not m.is_moe or m.q_heads % n:
+            return []
+        return [(1, n, 1, tpf, ep) for tpf, ep in _ffn_splits(m, n, ep_required=True)]
+    if strategy == "dp_ep":
+        if not m.is_moe or m.experts % n:
+            return []
+        return [(1, tpa, n // tpa, 1, n) for tpa in divisors(m.kv_heads)
+                if n % tpa == 0 and m.q_heads % tpa == 0]
+    if strategy == "medha":
+        out = []
+        for tpa in divisors(m.kv_heads):
+            if n % tpa or n == tpa or m.q_heads % tpa:
+                continue
+            out += [(n // tpa, tpa, 1, tpf, ep) for tpf, ep in _ffn_splits(m, tpa)]
+        return out
+    raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+
+
+def candidates(m: ModelSpec, gpus: int, batches, strategies=STRATEGIES, replicas: bool = True, kv_block: int = 16):
+    """Yield (candidate, replicas) for every strategy, GPU count and batch, batches in increasing order."""
+    for n in (divisors(gpus) if replicas else [gpus]):
+        for s in strategies:
+            for kvp, tpa, dp, tpf, ep in strategy_layouts(m, s, n):
+                for b in sorted(batches):
+                    yield Candidate(strategy=s, gpus=n, kvp=kvp, tpa=tpa, dp=dp, tpf=tpf, ep=ep, batch=b,
+                                    kv_block=kv_block), gpus // n

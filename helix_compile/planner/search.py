@@ -1,0 +1,178 @@
+"""Evaluate every candidate layout and batch, keep the feasible ones, and pick a recommendation."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .cost import STRATEGIES, Candidate, evaluate
+from .enumerate import candidates, helix_layouts, layout_error
+from .hardware import DTYPE_BYTES, Hardware, get_hardware
+from .model import ModelSpec, get_model
+from .pareto import frontier
+
+LAYOUT_KEYS = ("kvp", "tpa", "tpf", "ep", "hopb_chunks", "kv_block")
+
+
+def parse_context(text) -> int:
+    """'1M' -> 1_000_000, '128K' -> 128_000, '128Ki' -> 131072, '1e6' -> 1_000_000 (decimal, as the paper)."""
+    if isinstance(text, (int, float)):
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgG]i?)?\s*", str(text))
+        if not m:
+            raise ValueError(f"cannot read context length {text!r}: use e.g. 131072, 128K, 128Ki or 1M")
+        scale = {"k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3}
+        value = int(float(m.group(1)) * scale.get((m.group(2) or "").lower(), 1))
+    if value < 1:
+        raise ValueError(f"context length must be at least 1 token, got {text!r}")
+    return value
+
+
+def parse_layout(text) -> dict:
+    """'kvp=2,tpa=4[,tpf=8,ep=1,hopb_chunks=2,kv_block=16]' -> dict of ints."""
+    if isinstance(text, dict):
+        items = text.items()
+    else:
+        items = []
+        for part in str(text).split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise ValueError(f"invalid --layout {text!r}: expected key=value pairs such as kvp=2,tpa=4")
+            k, v = part.split("=", 1)
+            items.append((k.strip(), v.strip()))
+    out = {}
+    for k, v in items:
+        if k not in LAYOUT_KEYS:
+            raise ValueError(f"invalid --layout key {k!r}: known keys are {', '.join(LAYOUT_KEYS)}")
+        try:
+            out[k] = int(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid --layout value {k}={v!r}: must be a positive integer") from None
+        if out[k] < 1:
+            raise ValueError(f"invalid --layout value {k}={v}: must be a positive integer")
+    if "kvp" not in out and "tpa" not in out:
+        raise ValueError(f"invalid --layout {text!r}: give at least kvp or tpa")
+    return out
+
+
+@dataclass
+class Plan:
+    model: ModelSpec
+    hw: Hardware
+    gpus: int
+    context: int
+    dtype: str
+    ttl_ms: float | None
+    evaluations: list
+    frontier: list = field(default_factory=list)
+    best: object = None
+
+    def to_dict(self) -> dict:
+        on_front = {id(e) for e in self.frontier}
+        return {
+            "model": self.model.name, "hardware": self.hw.name, "gpus": self.gpus, "context": self.context,
+            "dtype": self.dtype, "ttl_ms_limit": self.ttl_ms,
+            "best": self.best.to_dict() if self.best else None,
+            "layouts": [{**e.to_dict(), "pareto": id(e) in on_front} for e in self.evaluations],
+        }
+
+
+def _check_inputs(m: ModelSpec, hw: Hardware, gpus: int, dtype: str):
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
+    hw.flops(dtype)  # raises if the card lacks this dtype
+    if gpus < 1:
+        raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    if gpus > hw.max_gpus:
+        raise ValueError(f"--gpus {gpus} exceeds one NVLink domain of {hw.name} ({hw.max_gpus} GPUs); "
+                         f"the planner models a single NVLink domain (use --hw gb200 for up to 72)")
+
+
+def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16", hw="h200", layout=None,
+         ttl_ms: float | None = None, strategies=STRATEGIES, replicas: bool = True, max_batch: int = 4096) -> Plan:
+    """Evaluate layouts x batches for `model` on up to `gpus` GPUs at `context` tokens; return a Plan.
+
+    batch None sweeps 1, 2, 4, ... max_batch (stopping per layout once memory runs out). layout (a dict or a
+    'kvp=..,tpa=..' string) restricts the search to that Helix layout on exactly `gpus` GPUs. ttl_ms keeps only
+    layouts whose time per token is within it. best: the highest tokens/s/GPU within ttl_ms if given, else the
+    lowest TTL.
+    """
+    m, hw = get_model(model), get_hardware(hw)
+    S = parse_context(context)
+    _check_inputs(m, hw, gpus, dtype)
+    if batch is not None and batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {batch}")
+    batches = [batch] if batch else [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
+    if layout is not None:
+        cands = list(_layout_candidates(m, gpus, parse_layout(layout), batches))
+    else:
+        cands = list(candidates(m, gpus, batches, strategies, replicas))
+    evals, dead = [], set()
+    for c, reps in cands:
+        key = (c.strategy, c.gpus, c.kvp, c.tpa, c.dp, c.tpf, c.ep)
+        if key in dead:  # memory grows with batch: once a batch does not fit, larger ones do not either
+            continue
+        e = evaluate(m, hw, c, S, dtype, reps)
+        if not e.feasible and batch is None:
+            dead.add(key)
+        evals.append(e)
+    ok = [e for e in evals if e.feasible and (ttl_ms is None or e.ttl_s * 1e3 <= ttl_ms)]
+    best = None
+    if ok:
+        best = max(ok, key=lambda e: e.tokens_per_s_per_gpu) if ttl_ms else min(ok, key=lambda e: e.ttl_s)
+    return Plan(model=m, hw=hw, gpus=gpus, context=S, dtype=dtype, ttl_ms=ttl_ms, evaluations=evals,
+                frontier=frontier(ok), best=best)
+
+
+def _layout_candidates(m: ModelSpec, gpus: int, lay: dict, batches):
+    kvp, tpa = lay.get("kvp"), lay.get("tpa")
+    for name, v in (("kvp", kvp), ("tpa", tpa)):
+        if v is not None and gpus % v:
+            raise ValueError(f"--layout {name}={v} does not divide --gpus {gpus}: kvp*tpa must equal N")
+    kvp = gpus // tpa if kvp is None else kvp
+    tpa = gpus // kvp if tpa is None else tpa
+    if kvp * tpa != gpus:
+        raise ValueError(f"--layout kvp={kvp}, tpa={tpa} covers kvp*tpa = {kvp * tpa} GPUs but --gpus is {gpus}: "
+                         f"kvp*tpa must equal N")
+    if "tpf" in lay or "ep" in lay:
+        ep = lay.get("ep", gpus // lay["tpf"] if gpus % lay["tpf"] == 0 else 0)
+        tpf = lay.get("tpf", gpus // ep if ep and gpus % ep == 0 else 0)
+        ffn = [(tpf, ep)]
+    else:
+        ffn = sorted({(f, e) for k, t, f, e in helix_layouts(m, gpus) if (k, t) == (kvp, tpa)}) or [(gpus, 1)]
+    for tpf, ep in ffn:
+        err = layout_error(m, gpus, kvp, tpa, tpf, ep)
+        if err:
+            raise ValueError(f"invalid --layout for {m.name} on {gpus} GPUs: {err}")
+        for b in sorted(batches):
+            yield Candidate("helix", gpus, kvp, tpa, tpf, ep, b, hopb_chunks=lay.get("hopb_chunks", 0),
+                            kv_block=lay.get("kv_block", 16)), 1
+
+
+def choose_layout(config, world_size: int, context_len, batch_size: int | None = None, dtype: str = "bf16",
+                  hw="h200") -> dict:
+    """The Helix layout with the lowest predicted time per token on exactly world_size GPUs.
+
+    config: an HF PretrainedConfig, a config dict, a preset name or a config.json path. Returns plain ints
+    {kvp, tpa, tpf, ep} with kvp*tpa = tpf*ep = world_size, valid for the config (tpa divides the KV heads,
+    attention heads divisible by N, intermediate size divisible by tpf, experts divisible by ep). batch_size
+    None plans for one request. Raises ValueError naming the reason when no layout is valid or fits in memory.
+    """
+    m, hwo = get_model(config), get_hardware(hw)
+    _check_inputs(m, hwo, world_size, dtype)
+    if not helix_layouts(m, world_size):
+        reasons = {layout_error(m, world_size, world_size // t, t, world_size, 1)
+                   for t in range(1, world_size + 1) if world_size % t == 0}
+        raise ValueError(f"no valid Helix layout for {m.name} on {world_size} GPUs: "
+                         + "; ".join(sorted(r for r in reasons if r)))
+    p = plan(m, world_size, context_len, batch=batch_size or 1, dtype=dtype, hw=hwo, strategies=("helix",),
+             replicas=False)
+    fits = [e for e in p.evaluations if e.feasible]
+    if not fits:
+        least = min(p.evaluations, key=lambda e: e.memory_gb)
+        raise ValueError(f"no Helix layout of {m.name} fits on {world_size} x {hwo.name} at context {p.context} and "
+                         f"batch {batch_size or 1}: the smallest needs {least.memory_gb:.1f} GB per GPU "
+                         f"(of {hwo.memory_gb:.0f} GB); use more GPUs, a smaller batch/context or a narrower dtype")
+    c = min(fits, key=lambda e: (round(e.ttl_s, 12), e.candidate.kvp, e.candidate.ep)).candidate
+    return {"kvp": int(c.kvp), "tpa": int(c.tpa), "tpf": int(c.tpf), "ep": int(c.ep)}

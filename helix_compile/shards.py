@@ -1,0 +1,90 @@
+"""Global-shaped *virtual* tensors whose real data lives in rank-local shards.
+
+The user-visible model and cache keep their single-device (global) shapes so that Dynamo traces the unmodified
+HF program; each rank stores only its shards. A virtual tensor is a stride-0 view of a one-element storage filled
+with NaN: Dynamo traces it like any tensor, it costs no memory, and an accidental eager read yields NaN rather
+than plausible garbage. The compiled program never reads it: the backend swaps in the registered shard.
+
+The registry maps a tensor (by identity, weakly) to its shards, one per shard spec: ``{spec: local tensor}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Rank-local piece ``tensor.narrow(dim, start, stop - start)`` of a global tensor."""
+
+    dim: int
+    start: int
+    stop: int
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.narrow(self.dim, self.start, self.stop - self.start)
+
+    def local_shape(self, shape) -> tuple[int, ...]:
+        out = list(shape)
+        out[self.dim] = self.stop - self.start
+        return tuple(out)
+
+
+_SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def virtual(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """A global-shaped tensor with no data of its own (one NaN element, every stride 0)."""
+    base = torch.full((1,), float("nan"), dtype=dtype, device=device) if dtype.is_floating_point else torch.zeros(
+        1, dtype=dtype, device=device
+    )
+    return base.as_strided(tuple(shape), (0,) * len(shape))
+
+
+def is_virtual(tensor: torch.Tensor) -> bool:
+    return tensor.numel() > 1 and all(s == 0 for s in tensor.stride())
+
+
+def register(tensor: torch.Tensor, key, local: torch.Tensor) -> None:
+    """Record that ``local`` is this rank's piece of ``tensor`` under ``key`` (a Shard spec or any hashable)."""
+    _SHARDS.setdefault(tensor, {})[key] = local
+
+
+def lookup(tensor: torch.Tensor, key):
+    """This rank's piece of ``tensor`` under ``key``, or None."""
+    entry = _SHARDS.get(tensor)
+    return None if entry is None else entry.get(key)
+
+
+def keys_of(tensor: torch.Tensor) -> list:
+    entry = _SHARDS.get(tensor)
+    return [] if entry is None else list(entry)
+
+
+def local_piece(tensor: torch.Tensor, spec: Shard | None, what: str) -> torch.Tensor:
+    """The rank-local tensor the compiled program reads in place of ``tensor``.
+
+    A registered shard wins; a real (materialised) tensor is sliced once and the slice registered; a virtual
+    tensor without a shard for ``spec`` is an error naming what is held.
+    """
+    if spec is None:
+        if is_virtual(tensor):
+            held = lookup(tensor, "full")
+            if held is None:
+                raise RuntimeError(f"{what}: a virtual tensor {tuple(tensor.shape)} with no replicated data on this rank")
+            return held
+        return tensor
+    found = lookup(tensor, spec)
+    if found is not None:
+        return found
+    if is_virtual(tensor):
+        raise RuntimeError(
+            f"{what}: this rank holds shards {keys_of(tensor)} of the global {tuple(tensor.shape)} tensor, but the "
+            f"compiled layout needs {spec}; load the model with the same Layout you compile with"
+        )
+    piece = spec.take(tensor).contiguous()
+    register(tensor, spec, piece)
+    return piece
