@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .cost import STRATEGIES, Candidate, evaluate
 from .enumerate import candidates, helix_layouts, layout_error
@@ -56,6 +56,12 @@ def parse_layout(text) -> dict:
     return out
 
 
+def batch_sweep(max_batch: int) -> list:
+    """1, 2, 3, 4, 6, 8, 12, ... up to max_batch: two points per doubling."""
+    out = {b for i in range(max_batch.bit_length() + 1) for b in (2 ** i, 3 * 2 ** i // 2) if 1 <= b <= max_batch}
+    return sorted(out)
+
+
 @dataclass
 class Plan:
     model: ModelSpec
@@ -90,25 +96,28 @@ def _check_inputs(m: ModelSpec, hw: Hardware, gpus: int, dtype: str):
 
 
 def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16", hw="h200", layout=None,
-         ttl_ms: float | None = None, strategies=STRATEGIES, replicas: bool = True, max_batch: int = 4096) -> Plan:
+         ttl_ms: float | None = None, strategies=STRATEGIES, replicas: bool = True, max_batch: int = 4096,
+         hopb: bool = True) -> Plan:
     """Evaluate layouts x batches for `model` on up to `gpus` GPUs at `context` tokens; return a Plan.
 
     batch None sweeps 1, 2, 4, ... max_batch (stopping per layout once memory runs out). layout (a dict or a
     'kvp=..,tpa=..' string) restricts the search to that Helix layout on exactly `gpus` GPUs. ttl_ms keeps only
     layouts whose time per token is within it. best: the highest tokens/s/GPU within ttl_ms if given, else the
-    lowest TTL.
+    lowest TTL. hopb False runs Helix without HOP-B (one exchange per layer, fully exposed).
     """
     m, hw = get_model(model), get_hardware(hw)
     S = parse_context(context)
     _check_inputs(m, hw, gpus, dtype)
     if batch is not None and batch < 1:
         raise ValueError(f"--batch must be at least 1, got {batch}")
-    batches = [batch] if batch else [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
+    batches = [batch] if batch else batch_sweep(max_batch)
     if layout is not None:
         cands = list(_layout_candidates(m, gpus, parse_layout(layout), batches))
     else:
         cands = list(candidates(m, gpus, batches, strategies, replicas))
     evals, dead = [], set()
+    if not hopb:
+        cands = [(replace(c, hopb_chunks=1), r) for c, r in cands]
     for c, reps in cands:
         key = (c.strategy, c.gpus, c.kvp, c.tpa, c.dp, c.tpf, c.ep)
         if key in dead:  # memory grows with batch: once a batch does not fit, larger ones do not either
