@@ -145,9 +145,11 @@ def _layout_candidates(m: ModelSpec, gpus: int, lay: dict, batches):
         raise ValueError(f"--layout kvp={kvp}, tpa={tpa} covers kvp*tpa = {kvp * tpa} GPUs but --gpus is {gpus}: "
                          f"kvp*tpa must equal N")
     if "tpf" in lay or "ep" in lay:
-        ep = lay.get("ep", gpus // lay["tpf"] if gpus % lay["tpf"] == 0 else 0)
-        tpf = lay.get("tpf", gpus // ep if ep and gpus % ep == 0 else 0)
-        ffn = [(tpf, ep)]
+        tpf, ep = lay.get("tpf"), lay.get("ep")
+        for name, v in (("tpf", tpf), ("ep", ep)):
+            if v is not None and gpus % v:
+                raise ValueError(f"--layout {name}={v} does not divide --gpus {gpus}: tpf*ep must equal N")
+        ffn = [(gpus // ep if tpf is None else tpf, gpus // tpf if ep is None else ep)]
     else:
         ffn = sorted({(f, e) for k, t, f, e in helix_layouts(m, gpus) if (k, t) == (kvp, tpa)}) or [(gpus, 1)]
     for tpf, ep in ffn:

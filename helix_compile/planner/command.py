@@ -1,0 +1,115 @@
+"""`helix plan`: the planner's command line (cli.py only registers and dispatches it)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .cost import STRATEGIES
+from .hardware import DTYPE_BYTES, HARDWARE_NAMES
+from .model import PRESETS
+
+EPILOG = """examples:
+  helix plan --model llama-3.1-405b --gpus 64 --context 1M --dtype fp4 --hw gb200 --png pareto.png
+  helix plan --model path/to/config.json --gpus 4 --context 128K --batch 8 --layout kvp=2,tpa=2 --json
+  helix plan --model deepseek-r1 --gpus 64 --context 1M --dtype fp4 --hw gb200 --ttl-ms 5
+  helix plan --paper docs/planner          # Figure 1 and the paper's 1M-context comparisons
+  helix plan --calibrate bench.json --save-hw h200-calibrated.json
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="pick kvp/tpa/tpf/ep and batch from a decode cost model",
+                              description="Evaluate Helix and baseline layouts with a roofline + collective cost "
+                                          "model; print the Pareto frontier (tokens/s/user vs tokens/s/GPU).",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}) or path to an HF config.json / its directory")
+    p.add_argument("--gpus", type=int, help="GPU budget N (layouts on divisors of N run as replicas)")
+    p.add_argument("--context", help="KV length S: 131072, 128K (=128000), 128Ki (=131072), 1M (=10^6)")
+    p.add_argument("--batch", type=int, help="batch size (concurrent requests); default: sweep 1..--max-batch")
+    p.add_argument("--max-batch", type=int, default=4096)
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="weights, KV and math (default bf16)")
+    p.add_argument("--hw", default="h200", help=f"hardware preset ({', '.join(HARDWARE_NAMES)}) or a calibrated JSON")
+    p.add_argument("--layout", help="evaluate only this Helix layout on all N GPUs: kvp=..,tpa=..[,tpf=..,ep=..,"
+                                    "hopb_chunks=..,kv_block=..]")
+    p.add_argument("--ttl-ms", type=float, help="keep layouts with time per output token <= X ms; best = most "
+                                                "tokens/s/GPU among them")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list of " + ", ".join(STRATEGIES))
+    p.add_argument("--no-replicas", action="store_true", help="use all N GPUs for one model instance")
+    p.add_argument("--no-hopb", action="store_true", help="Helix without HOP-B overlap")
+    p.add_argument("--json", action="store_true", help="print every evaluated layout as JSON on stdout")
+    p.add_argument("--png", help="write the Pareto plot here")
+    p.add_argument("--top", type=int, default=25, help="rows of the frontier table (default 25)")
+    p.add_argument("--paper", metavar="DIR", help="reproduce Figure 1 and the paper's comparisons into DIR")
+    p.add_argument("--calibrate", metavar="RESULTS", help="fit the hardware model to a helix-bench/1 results file")
+    p.add_argument("--save-hw", metavar="FILE", help="with --calibrate: write the calibrated hardware JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    if args.paper:
+        from .paper import run as run_paper
+
+        run_paper(args.paper)
+        return 0
+    if args.calibrate:
+        return _calibrate(args)
+    missing = [f"--{k}" for k in ("model", "gpus", "context") if getattr(args, k) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or use --paper DIR / --calibrate FILE)")
+    from .search import plan
+
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        raise ValueError(f"unknown strategy {', '.join(bad)}: use a comma list of {', '.join(STRATEGIES)}")
+    p = plan(args.model, args.gpus, args.context, batch=args.batch, dtype=args.dtype, hw=args.hw,
+             layout=args.layout, ttl_ms=args.ttl_ms, strategies=strategies, replicas=not args.no_replicas,
+             max_batch=args.max_batch, hopb=not args.no_hopb)
+    if args.png:
+        from .report import plot_pareto
+
+        plot_pareto(p, args.png)
+    if args.json:
+        json.dump(p.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0 if p.best else 1
+    from .report import print_table
+
+    feasible = sum(e.feasible for e in p.evaluations)
+    print(f"{p.model.name}: {p.model.params / 1e9:.1f}B params, S={p.context:,}, {p.dtype}, {p.hw.name} "
+          f"({p.hw.description}); {len(p.evaluations)} layouts evaluated, {feasible} fit in "
+          f"{p.hw.memory_gb:.0f} GB/GPU" + (f", TTL <= {p.ttl_ms} ms" if p.ttl_ms else ""))
+    if not p.best:
+        print("no layout is feasible" + (" within the TTL limit" if p.ttl_ms else " (memory)") +
+              "; try more GPUs, a smaller batch/context, a narrower --dtype or a larger --ttl-ms")
+        return 1
+    print_table(p.frontier, "Pareto frontier (most interactive first)", args.top)
+    b = p.best.candidate
+    why = f"most tokens/s/GPU within {p.ttl_ms} ms" if p.ttl_ms else "lowest TTL"
+    print(f"best ({why}): {b.strategy} on {b.gpus} GPUs x{p.best.replicas}: kvp={b.kvp} tpa={b.tpa} tpf={b.tpf} "
+          f"ep={b.ep} batch={b.batch} hopb_chunks={p.best.hopb_chunks}; TTL {p.best.ttl_s * 1e3:.3f} ms, "
+          f"{p.best.tokens_per_s_per_user:.1f} tok/s/user, {p.best.tokens_per_s_per_gpu:.2f} tok/s/GPU, "
+          f"{p.best.memory_gb:.1f} GB/GPU")
+    if args.png:
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .calibrate import calibrate, load_results, table_markdown
+
+    data = load_results(args.calibrate)
+    hw, rows = calibrate(data, hw=args.hw if args.hw != "h200" else None)
+    if args.save_hw:
+        with open(args.save_hw, "w") as f:
+            json.dump(hw.to_dict(), f, indent=1)
+    if args.json:
+        json.dump({"hardware": hw.to_dict(), "decode": rows}, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(table_markdown(hw, rows))
+        if args.save_hw:
+            print(f"wrote {args.save_hw} (use it with --hw {args.save_hw})")
+    return 0 if all(r["within_20pct"] for r in rows) else 1
