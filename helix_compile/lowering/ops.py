@@ -132,7 +132,7 @@ def lse_merge(recv: torch.Tensor, kvp: int, head_dim: int) -> torch.Tensor:
     weight = torch.exp(lse - peak)  # exactly 0 for a rank that saw no key
     total = weight.sum(dim=0)
     merged = (weight.unsqueeze(-1) * o).sum(dim=0) / torch.where(total == 0, torch.ones_like(total), total).unsqueeze(-1)
-    return merged.permute(1, 0, 2, 3).to(recv.dtype)
+    return merged.permute(1, 0, 2, 3).to(recv.dtype).contiguous()
 
 
 @lse_merge.register_fake
