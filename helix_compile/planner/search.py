@@ -91,7 +91,7 @@ def _check_inputs(m: ModelSpec, hw: Hardware, gpus: int, dtype: str):
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
     if gpus > hw.max_gpus:
-        raise ValueError(f"--gpus {gpus} exceeds one NVLink domain of {hw.name} ({hw.max_gpus} GPUs); "
+        raise ValueError(f"{gpus} GPUs exceed one NVLink domain of {hw.name} ({hw.max_gpus} GPUs); "
                          f"the planner models a single NVLink domain (use --hw gb200 for up to 72)")
 
 
