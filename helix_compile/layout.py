@@ -66,6 +66,15 @@ class Layout:
         """Ranks that hold the same KV heads and split the sequence with ``rank`` (ordered by kvp_rank)."""
         return [k * self.tpa + self.tpa_rank(rank) for k in range(self.kvp)]
 
+    def head_split(self, slice_heads: int) -> list[int]:
+        """Query heads each KVP rank holds after the all-to-all, out of the ``slice_heads`` of its TPA slice.
+
+        Even when possible; otherwise the first ``slice_heads % kvp`` ranks hold one more (e.g. 9 heads on
+        kvp=2: [5, 4]).
+        """
+        base, extra = divmod(slice_heads, self.kvp)
+        return [base + (1 if j < extra else 0) for j in range(self.kvp)]
+
     # -- KV ownership ------------------------------------------------------------------------------------------
     def local_capacity(self, max_cache_len: int) -> int:
         """Positions a KVP rank can hold: ``ceil(S / (kv_block*kvp)) * kv_block``."""
@@ -93,10 +102,10 @@ class Layout:
             raise ValueError(f"tpa={self.tpa} exceeds num_key_value_heads={k} of {cls}")
         if k % self.tpa:
             raise ValueError(f"tpa={self.tpa} does not divide num_key_value_heads={k} of {cls}")
-        if q % n:
+        if q // self.tpa < self.kvp:
             raise ValueError(
-                f"N = kvp*tpa = {n} does not divide num_attention_heads={q} of {cls}: after the all-to-all every "
-                f"rank must hold Q/N query heads"
+                f"kvp={self.kvp} exceeds the {q // self.tpa} query heads of a TPA slice (num_attention_heads={q} / "
+                f"tpa={self.tpa}) of {cls}: after the all-to-all every rank must hold at least one query head"
             )
         if self.ep != 1:
             raise ValueError(f"ep={self.ep} needs a mixture-of-experts FFN; {cls} has a dense FFN (use ep=1)")

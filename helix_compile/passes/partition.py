@@ -11,8 +11,10 @@ Rewrites, per attention region (pattern ... into ...):
         into  kv_write_local(keys, values, k, v, pos, kvp_rank, kvp, kv_block)          # owner-only write
     core = sdpa(q, repeat_kv(keys), repeat_kv(values), mask)   (or the eager matmul-softmax-matmul chain)
         into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale)
-              recv   = wait(all_to_all_single(packed, [Q/N]*kvp, [Q/N]*kvp, kvp_group))  # kvp > 1 only
-              core'  = lse_merge(recv, kvp, D)                                          # (B, Q/N, L, D)
+              recv   = wait(all_to_all_single(packed, out=[h]*kvp, in=split, kvp_group))  # kvp > 1 only
+              core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
+          split = Layout.head_split(Q/tpa): the heads of each KVP rank (Q/N each when N divides Q);
+          h = split[kvp_rank], the heads this rank holds
     o = linear(x, Wo, b)
         into  o' = wait(all_reduce(linear(x, Wo_shard), "sum", world)) [+ b]           # N > 1 only
 per FFN region:
@@ -43,7 +45,7 @@ def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModul
     by_name = {n.name: n for n in local.graph.nodes}
     kvp_group, world_group = layout.group_names() if layout.world_size > 1 else (None, None)
     kvp_rank = layout.kvp_rank(rank)
-    rows = heads.q // layout.world_size  # query heads per rank after the all-to-all
+    split = layout.head_split(heads.q // layout.tpa)  # query heads each KVP rank holds after the all-to-all
 
     for a in regions.attention:
         keys, values, k, v, pos = (by_name[x.name] for x in a.kv_write.args)
@@ -61,7 +63,7 @@ def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModul
             recv = packed
             if layout.kvp > 1:
                 sent = graph.call_function(
-                    funcol.all_to_all_single.default, (packed, [rows] * layout.kvp, [rows] * layout.kvp, kvp_group)
+                    funcol.all_to_all_single.default, (packed, [split[kvp_rank]] * layout.kvp, split, kvp_group)
                 )
                 recv = graph.call_function(funcol.wait_tensor.default, (sent,))
             merged = graph.call_function(torch.ops.helix.lse_merge.default, (recv, layout.kvp, heads.d))

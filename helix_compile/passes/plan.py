@@ -9,8 +9,9 @@ Contract
 Placements (rank r, kvp_rank = r // tpa, tpa_rank = r % tpa, D = head_dim, N = kvp*tpa):
     q_proj rows      query heads of the TPA slice:   [tpa_rank*Q/tpa, (tpa_rank+1)*Q/tpa) * D  (+bias)
     k_proj, v_proj   KV heads of the TPA slice:      [tpa_rank*K/tpa, (tpa_rank+1)*K/tpa) * D  (+bias)
-    o_proj columns   the Q/N heads r holds after the all-to-all:
-                     h0 = tpa_rank*Q/tpa + kvp_rank*Q/N, columns [h0, h0 + Q/N) * D; bias after the all-reduce
+    o_proj columns   the heads r holds after the all-to-all: its TPA slice split over KVP ranks
+                     (Layout.head_split: Q/N each when N divides Q), h0 = tpa_rank*Q/tpa + heads of lower
+                     kvp ranks, columns [h0, h0 + split[kvp_rank]) * D; bias after the all-reduce
     FFN in (gate/up) rows    [r*I/N, (r+1)*I/N) (tpf = N, ep = 1)
     FFN out (down) columns   [r*I/N, (r+1)*I/N); bias after the all-reduce
     everything else          replicated
@@ -50,7 +51,7 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
 
     ``kind`` is 'weight' or 'bias'; ``shape`` its global shape. None means replicated.
     """
-    n, tpa_rank, kvp_rank = layout.world_size, layout.tpa_rank(rank), layout.kvp_rank(rank)
+    tpa_rank, kvp_rank = layout.tpa_rank(rank), layout.kvp_rank(rank)
     if role == "q":
         per = heads.q // layout.tpa * heads.d
         return Shard(0, tpa_rank * per, (tpa_rank + 1) * per)
@@ -60,8 +61,9 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
     if role == "o":
         if kind == "bias":
             return None
-        h0 = tpa_rank * (heads.q // layout.tpa) + kvp_rank * (heads.q // n)
-        return Shard(1, h0 * heads.d, (h0 + heads.q // n) * heads.d)
+        split = layout.head_split(heads.q // layout.tpa)
+        h0 = tpa_rank * (heads.q // layout.tpa) + sum(split[:kvp_rank])
+        return Shard(1, h0 * heads.d, (h0 + split[kvp_rank]) * heads.d)
     if role in ("ffn_in", "ffn_out"):
         if role == "ffn_out" and kind == "bias":
             return None

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 
+from .collectives import collective_us
 from .cost import BASELINES, appendix_a
+from .hardware import MEASURED_H200, get_hardware
 from .model import FIGURE1_MODEL
 from .pareto import frontier, headline
 from .search import plan
@@ -117,6 +119,22 @@ def run(out_dir: str, echo=print) -> dict:
             lines.append(f"| {s} | {label(e)} | {e.candidate.gpus} | {e.candidate.batch} | {e.ttl_s * 1e3:.3f} | "
                          f"{e.tokens_per_s_per_user:.1f} | {e.tokens_per_s_per_gpu:.2f} |")
         results[model] = {k: v for k, v in q.items()} | {"hopb_gain": r["hopb_gain"]}
+    lines += ["", "## Sensitivity to the assumed GB200 collective latency (alpha, every op)", "",
+              "| alpha us | R1 interactivity | R1 throughput | Llama interactivity | Llama throughput |",
+              "|---|---|---|---|---|"]
+    for alpha in (1.0, 5.0, 10.0, 20.0):
+        hw = get_hardware("gb200")
+        for c in hw.collectives.values():
+            c.alpha_us = alpha
+        qs = [comparison(m, hw=hw)["ratios"] for m in ("deepseek-r1", "llama-3.1-405b")]
+        lines.append(f"| {alpha:g} | " + " | ".join(f"{q['interactivity_ratio']:.2f}x | {q.get('throughput_ratio', 0):.1f}x"
+                                                      for q in qs) + " |")
+    lines += ["", "## H200 collective model seeded from DESIGN.md measurements (4 x H200)", "",
+              "| op | bytes/rank | measured us | model us |", "|---|---|---|---|"]
+    h200 = get_hardware("h200")
+    for r in MEASURED_H200["collectives"]:
+        pred = collective_us(h200.collectives[r["op"]], r["op"], r["group_size"], r["bytes_per_rank"])
+        lines.append(f"| {r['op']} | {r['bytes_per_rank']} | {r['us']:.0f} | {pred:.1f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(text)
