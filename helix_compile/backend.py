@@ -16,6 +16,7 @@ text before and after each pass, and plan.json, per rank).
 from __future__ import annotations
 
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -25,10 +26,36 @@ from . import shards
 from .graph_text import graph_text
 from .layout import Layout, current_world
 from .lowering.compile import Lowered
-from .passes.detect import detect
+from .passes.detect import Regions, detect
 from .passes.partition import partition
+from .passes.plan import Plan
 from .passes.plan import plan as make_plan
 from .passes.schedule import schedule
+
+
+@dataclasses.dataclass
+class Compiled:
+    """What the passes made of one Dynamo graph on this rank."""
+
+    stages: dict  # pass name -> GraphModule after it ("capture" is the global graph)
+    regions: Regions
+    plan: Plan
+
+
+def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
+    """capture -> detect -> plan -> partition -> schedule, for this rank."""
+    cache = _find_cache(example_inputs)
+    config = cache.config
+    layout = _layout(layout_option, cache)
+    rank, world = current_world()
+    layout.validate(config, world_size=world)
+    if layout != cache.layout:
+        raise ValueError(f"the StaticCache was built for {cache.layout} but the backend was given {layout}")
+    regions = detect(gm)
+    the_plan = make_plan(gm, regions, config, layout, rank)
+    local = partition(gm, regions, the_plan)
+    scheduled = schedule(local, the_plan, regions)
+    return Compiled({"capture": gm, "partition": local, "schedule": scheduled}, regions, the_plan)
 
 
 def helix_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_unused):
@@ -36,32 +63,18 @@ def helix_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     unknown = set(options) - {"layout", "executor", "dump"}
     if unknown:
         raise ValueError(f"unknown helix options {sorted(unknown)}; known: layout, executor, dump")
+    done = run_passes(gm, example_inputs, options.get("layout"))
+    if options.get("dump"):
+        write_stages(Path(options["dump"]) / f"rank{done.plan.rank}", done)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    cache = _find_cache(example_inputs)
-    config = cache.config
-    layout = _layout(options.get("layout"), config, cache)
-    rank, world = current_world()
-    layout.validate(config, world_size=world)
-    if layout != cache.layout:
-        raise ValueError(f"the StaticCache was built for {cache.layout} but the backend was given {layout}")
-
-    dump = options.get("dump")
-    stages = {"capture": gm}
-    regions = detect(gm)
-    the_plan = make_plan(gm, regions, config, layout, rank)
-    local = partition(gm, regions, the_plan)
-    stages["partition"] = local
-    local = schedule(local, the_plan, regions)
-    stages["schedule"] = local
-    if dump:
-        _dump(Path(dump) / f"rank{rank}", stages, regions, the_plan)
-    return Runtime(placeholders, example_inputs, the_plan, Lowered(local, options.get("executor", "inductor")), regions)
+    lowered = Lowered(done.stages["schedule"], options.get("executor", "inductor"))
+    return Runtime(placeholders, done.plan, lowered, done.regions)
 
 
 class Runtime:
     """Called by Dynamo with the global inputs; runs the local program on this rank's pieces."""
 
-    def __init__(self, placeholders, example_inputs, the_plan, lowered: Lowered, regions):
+    def __init__(self, placeholders, the_plan, lowered: Lowered, regions):
         self.plan, self.lowered = the_plan, lowered
         self.placements = [the_plan.inputs[p.name] for p in placeholders]
         self.names = [p.name for p in placeholders]
@@ -108,7 +121,7 @@ def _find_cache(example_inputs):
     )
 
 
-def _layout(value, config, cache) -> Layout:
+def _layout(value, cache) -> Layout:
     if value is None:
         raise ValueError('the helix backend needs options={"layout": helix_compile.Layout(...)}')
     if isinstance(value, Layout):
@@ -141,12 +154,10 @@ def _read(args, source):
     return int(args[i]) if d is None else args[i].shape[d]
 
 
-def _dump(folder: Path, stages, regions, the_plan) -> None:
+def write_stages(folder: Path, done: Compiled) -> None:
+    """The graph text before and after each pass, the detected regions and the plan: the review artefacts."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, g in stages.items():
+    for name, g in done.stages.items():
         (folder / f"{name}.txt").write_text(graph_text(g))
-    (folder / "detect.txt").write_text(regions.describe() + "\n")
-    (folder / "plan.json").write_text(the_plan.to_json() + "\n")
-
-
-
+    (folder / "detect.txt").write_text(done.regions.describe() + "\n")
+    (folder / "plan.json").write_text(done.plan.to_json() + "\n")

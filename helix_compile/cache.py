@@ -68,14 +68,19 @@ class StaticCache(Cache):
     """Rank-local static KV cache for Helix (see module docstring).
 
     Same arguments as transformers' ``StaticCache`` plus the ``layout``; the rank is the default process
-    group's. Its bytes per rank are about 1/(kvp*tpa) of transformers' ``StaticCache``.
+    group's; ``layout="auto"`` lets the planner pick one for this world size, context and batch. Its bytes per
+    rank are about 1/(kvp*tpa) of transformers' ``StaticCache``.
     """
 
-    def __init__(self, config, max_batch_size: int, max_cache_len: int, layout: Layout, dtype=None, device=None):
+    def __init__(self, config, max_batch_size: int, max_cache_len: int, layout: Layout | str, dtype=None, device=None):
         from .layout import current_world
 
         text = config.get_text_config(decoder=True)
         self.rank, world = current_world()
+        if layout == "auto":
+            from .planner import choose_layout
+
+            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size))
         layout.validate(text, world_size=world)
         window = getattr(text, "sliding_window", None)
         if window is not None and getattr(text, "use_sliding_window", True) and window < max_cache_len:

@@ -6,6 +6,8 @@ import re
 
 import torch.fx as fx
 
+from .layout import group_ranks
+
 # Dynamo names placeholders after the attribute path: l_args_0_modules_model_modules_layers_modules_0_... .
 _PREFIX = re.compile(r"l_(?:args_0|self|kwargs)_(?:modules_)?")
 
@@ -29,7 +31,10 @@ def graph_text(gm: fx.GraphModule) -> str:
             target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             if hasattr(node.target, "_schema"):
                 target = str(node.target)
-            args = ", ".join([_fmt(a) for a in node.args] + [f"{k}={_fmt(v)}" for k, v in node.kwargs.items()])
+            fmt_args = [_fmt(a) for a in node.args]
+            if target.startswith("_c10d_functional.") and "wait_tensor" not in target:
+                fmt_args[-1] = f"ranks={group_ranks(node.args[-1])}"  # group names are process-local counters
+            args = ", ".join(fmt_args + [f"{k}={_fmt(v)}" for k, v in node.kwargs.items()])
             lines.append(f"{_short(node.name)} = {target}({args})")
     return "\n".join(lines) + "\n"
 

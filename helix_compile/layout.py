@@ -135,7 +135,10 @@ def _group_names(kvp: int, tpa: int) -> tuple[str, str]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    if (kvp, tpa) not in _GROUPS:
+    cached = _GROUPS.get((kvp, tpa))
+    if cached is not None and not _alive(cached[0]):
+        cached = None  # the default group was destroyed and re-created since
+    if cached is None:
         if not dist.is_initialized():
             raise RuntimeError(
                 f"helix layout kvp={kvp} x tpa={tpa} needs torch.distributed: call "
@@ -155,3 +158,21 @@ def current_world() -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
+
+
+def _alive(group_name: str) -> bool:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        _resolve_process_group(group_name)
+        return True
+    except (RuntimeError, ValueError, KeyError):
+        return False
+
+
+def group_ranks(group_name: str) -> list[int]:
+    """Global ranks of a process group given its name (for readable graph text)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return dist.get_process_group_ranks(_resolve_process_group(group_name))

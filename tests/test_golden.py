@@ -1,0 +1,87 @@
+"""Graph-diff fixtures: the FX graph before and after each pass, per family, as reviewed text.
+
+Rank 1 of a 4-rank layout (kvp=2, tpa=2; kvp=4 for MQA) on a fake process group, decode step (q_len=1), plus
+llama's prefill. Regenerate on purpose with ``HELIX_UPDATE_GOLDEN=1 pytest tests/test_golden.py`` and review the
+diff. Fixtures are tied to the torch and transformers versions recorded in tests/golden/VERSIONS (the CI ones);
+with other versions (the GPU machines) the comparison is skipped, saying why.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from helix_compile import Layout, StaticCache
+from helix_compile.backend import run_passes, write_stages
+from models import model, prompt
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("HELIX_UPDATE_GOLDEN") == "1"
+VERSIONS = f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
+CASES = [("llama", "decode"), ("llama", "prefill"), ("qwen2", "decode"), ("mistral", "decode"),
+         ("phi", "decode"), ("mqa", "decode")]
+
+
+@pytest.fixture(scope="module")
+def fake_world():
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
+    yield
+    dist.destroy_process_group()
+
+
+def capture(family: str, phase: str, folder: Path):
+    torch._dynamo.reset()
+    m = model(family)
+    layout = Layout(4, 1, kv_block=4) if family == "mqa" else Layout(2, 2, kv_block=4)
+    cache = StaticCache(m.config, 2, 32, layout)
+    seen = []
+
+    def backend(gm, example_inputs, **_):
+        done = run_passes(gm, example_inputs, layout)
+        seen.append(done)
+        outputs = gm.graph.output_node().args[0]
+        return lambda *args: [torch.zeros(()) for _ in outputs]
+
+    compiled = torch.compile(m, backend=backend, fullgraph=True)
+    ids = prompt(length=5)
+    compiled(input_ids=ids, past_key_values=cache)
+    if phase == "decode":
+        compiled(input_ids=ids[:, :1], past_key_values=cache)
+    write_stages(folder, seen[-1])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("family,phase", CASES)
+def test_golden(family, phase, fake_world, tmp_path):
+    expected = GOLDEN / family / phase
+    if UPDATE:
+        capture(family, phase, expected)
+        (GOLDEN / "VERSIONS").write_text(VERSIONS)
+        return
+    recorded = (GOLDEN / "VERSIONS").read_text()
+    if recorded != VERSIONS:
+        pytest.skip(f"golden graphs were recorded with {recorded!r}; this is {VERSIONS!r}")
+    capture(family, phase, tmp_path)
+    for want in sorted(expected.iterdir()):
+        got = (tmp_path / want.name).read_text()
+        assert got == want.read_text(), f"{family}/{phase}/{want.name} changed: regenerate with HELIX_UPDATE_GOLDEN=1 and review the diff"
+
+
+def test_partition_counts(fake_world, tmp_path):
+    """The decode graph of a 2-layer model on kvp=2 x tpa=2: per layer one owner-only write, one partial
+    attention, one all-to-all, one merge, and two all-reduces (o_proj, down_proj); no SDPA left."""
+    capture("llama", "decode", tmp_path)
+    text = (tmp_path / "schedule.txt").read_text()
+    counts = {op: text.count(op + "(") for op in (
+        "helix.kv_write_local.default", "helix.partial_attention.default", "_c10d_functional.all_to_all_single.default",
+        "helix.lse_merge.default", "_c10d_functional.all_reduce.default", "scaled_dot_product_attention",
+        "helix.kv_write.default")}
+    assert counts == {
+        "helix.kv_write_local.default": 2, "helix.partial_attention.default": 2,
+        "_c10d_functional.all_to_all_single.default": 2, "helix.lse_merge.default": 2,
+        "_c10d_functional.all_reduce.default": 4, "scaled_dot_product_attention": 0, "helix.kv_write.default": 0,
+    }, counts
