@@ -1,0 +1,145 @@
+"""Bad input gets a clear error naming the problem and the numbers; nothing is half-written."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from helix_compile import Layout, StaticCache
+from helix_compile.lowering.ops import ShardedEagerError
+from models import config, model, prompt
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def compiled(m, layout=Layout(1), **opts):
+    torch._dynamo.reset()
+    return torch.compile(m, backend="helix", options={"layout": layout, "executor": "eager", **opts}, fullgraph=True)
+
+
+# -- layouts ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kvp=0), "Layout.kvp must be a positive int, got 0"),
+    (dict(kvp=2, tpa=1, tpf=3), "N = kvp\\*tpa = 2\\*1 = 2 ranks but the FFN uses tpf\\*ep = 3\\*1 = 3"),
+    (dict(kvp=3, ep=2), "N = kvp\\*tpa = 3\\*1 = 3 is not divisible by ep=2"),
+])
+def test_invalid_layout(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Layout(**kwargs)
+
+
+@pytest.mark.parametrize("layout,message", [
+    (Layout(1, 8), "tpa=8 exceeds num_key_value_heads=4 of LlamaConfig"),
+    (Layout(1, 3), "tpa=3 does not divide num_key_value_heads=4 of LlamaConfig"),
+    (Layout(16, 1), "kvp=16 exceeds the 8 query heads of a TPA slice"),
+    (Layout(1, 1, ep=1, tpf=1, kv_block=4), None),
+    (Layout(5, 1), "tpf=5 does not divide intermediate_size=96 of LlamaConfig"),
+    (Layout(2, 1, tpf=1, ep=2), "ep=2 needs a mixture-of-experts FFN; LlamaConfig has a dense FFN"),
+])
+def test_layout_against_model(layout, message):
+    if message is None:
+        layout.validate(config("llama"))
+    else:
+        with pytest.raises(ValueError, match=message):
+            layout.validate(config("llama"))
+
+
+def test_world_size_differs_from_layout():
+    with pytest.raises(ValueError, match="kvp=2 x tpa=2 needs N=4 ranks, but the default process group has world size 1"):
+        StaticCache(config("llama"), 1, 16, Layout(2, 2))
+
+
+def test_sliding_window_refused():
+    with pytest.raises(ValueError, match="sliding_window=8 < max_cache_len=32"):
+        StaticCache(config("mistral", sliding_window=8), 1, 32, Layout(1))
+
+
+# -- cache bound ------------------------------------------------------------------------------------------------
+def _snapshot(cache):
+    return [(l.local_keys.clone(), l.local_values.clone(), l.cumulative_length.clone()) for l in cache.layers]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for sa, sb in zip(a, b) for x, y in zip(sa, sb))
+
+
+def test_prefill_longer_than_cache():
+    m = model("llama")
+    cache = StaticCache(m.config, 2, 8, Layout(1))
+    before = _snapshot(cache)
+    with pytest.raises(ValueError, match="holds 0 tokens and max_cache_len=8: 10 more do not fit; nothing was written"):
+        compiled(m)(input_ids=prompt(length=10), past_key_values=cache)
+    assert _same(before, _snapshot(cache)) and cache.host_length == 0
+
+
+def test_decode_past_the_end():
+    m = model("llama")
+    cache = StaticCache(m.config, 2, 8, Layout(1))
+    c = compiled(m)
+    with torch.no_grad():
+        c(input_ids=prompt(length=6), past_key_values=cache)
+        c(input_ids=prompt(length=1), past_key_values=cache)
+        c(input_ids=prompt(length=1), past_key_values=cache)
+        before = _snapshot(cache)
+        with pytest.raises(ValueError, match="holds 8 tokens and max_cache_len=8: 1 more do not fit"):
+            c(input_ids=prompt(length=1), past_key_values=cache)
+    assert _same(before, _snapshot(cache)) and cache.host_length == 8
+    cache.reset()
+    assert cache.host_length == 0 and int(cache.layers[0].cumulative_length) == 0
+
+
+# -- eager use of sharded data -----------------------------------------------------------------------------------
+def test_eager_model_on_sharded_cache_raises():
+    m = model("llama")
+    cache = StaticCache(m.config, 2, 16, Layout(1))
+    with pytest.raises(ShardedEagerError, match="keeps its \\(2, 4, 16, 8\\) keys/values in rank-local shards"):
+        m(input_ids=prompt(), past_key_values=cache)
+
+
+def test_virtual_cache_tensor_reads_nan_not_garbage():
+    cache = StaticCache(config("llama"), 2, 16, Layout(1))
+    assert cache.layers[0].keys.untyped_storage().nbytes() == 4  # one element, stride 0: no data of its own
+    assert torch.isnan(cache.layers[0].keys).all()
+
+
+# -- unsupported structures --------------------------------------------------------------------------------------
+def _tiny(model_type, **kw):
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, **{**base, **kw})
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("model_type,kw,message", [
+    ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), "mixture-of-experts FFNs are not supported yet"),
+    ("phi3", dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), "fused q/k/v projection"),
+])
+def test_unsupported_structure_is_refused(model_type, kw, message):
+    m = _tiny(model_type, **kw)
+    cache = StaticCache(m.config, 1, 16, Layout(1))
+    with pytest.raises(Exception, match=message):
+        compiled(m)(input_ids=prompt(batch=1), past_key_values=cache)
+
+
+def test_attention_mask_refused():
+    m = model("llama")
+    cache = StaticCache(m.config, 2, 16, Layout(1))
+    ids = prompt()
+    with pytest.raises(Exception, match="attention_mask input .* is not supported yet"):
+        compiled(m)(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache)
+
+
+def test_transformers_cache_refused():
+    from transformers import StaticCache as HFStaticCache
+
+    m = model("llama")
+    with pytest.raises(Exception, match="past_key_values=helix_compile.StaticCache"):
+        compiled(m)(input_ids=prompt(), past_key_values=HFStaticCache(m.config, max_cache_len=16))
+
+
+def test_unknown_option():
+    m = model("llama")
+    cache = StaticCache(m.config, 2, 16, Layout(1))
+    with pytest.raises(Exception, match="unknown helix options \\['layuot'\\]"):
+        torch._dynamo.reset()
+        torch.compile(m, backend="helix", options={"layuot": 1})(input_ids=prompt(), past_key_values=cache)
