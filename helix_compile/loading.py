@@ -77,13 +77,14 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None):
                 role, kind = _role(name)
                 spec = role_shard(role, kind, shape, heads, layout, rank) if role else None
                 if spec is None:
-                    value = piece[:].to(device=device, dtype=dtype)
+                    value = piece[:].to(device=device, dtype=dtype, copy=True)  # owned, not a view of the mmap
                 else:
                     index = tuple(slice(spec.start, spec.stop) if d == spec.dim else slice(None) for d in range(len(shape)))
-                    local = piece[index].to(device=device, dtype=dtype).contiguous()
+                    local = piece[index].to(device=device, dtype=dtype, copy=True).contiguous()
                     value = shards.virtual(shape, dtype, device)
-                    shards.register(value, spec, local)
-            _set_param(model, name, value)
+            param = _set_param(model, name, value)
+            if spec is not None:
+                shards.register(param, spec, local)
             loaded.add(name)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -95,7 +96,8 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None):
     return model
 
 
-def _set_param(model, name: str, value: torch.Tensor) -> None:
+def _set_param(model, name: str, value: torch.Tensor) -> torch.nn.Parameter:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    param = module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    return param
