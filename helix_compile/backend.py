@@ -54,7 +54,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
     regions = detect(gm)
     the_plan = make_plan(gm, regions, config, layout, rank)
     local = partition(gm, regions, the_plan)
-    scheduled = schedule(local, the_plan, regions)
+    scheduled = schedule(local, the_plan)
     return Compiled({"capture": gm, "partition": local, "schedule": scheduled}, regions, the_plan)
 
 

@@ -92,8 +92,7 @@ class StaticCache(Cache):
             raise ValueError(f"max_batch_size={max_batch_size} and max_cache_len={max_cache_len} must be >= 1")
         self.config = text
         self.layout = layout
-        self.max_batch_size = max_batch_size
-        self.max_cache_len = max_cache_len
+        self._max_batch_size, self._max_cache_len = max_batch_size, max_cache_len
         self.host_length = 0  # tokens written, tracked on the host so the bound is checked without a device sync
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -105,6 +104,15 @@ class StaticCache(Cache):
             for _ in range(text.num_hidden_layers)
         ]
         super().__init__(layers=layers)
+
+    # transformers 5.17 defines these as read-only properties of Cache
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @property
+    def max_cache_len(self) -> int:
+        return self._max_cache_len
 
     def reset(self):
         super().reset()

@@ -31,24 +31,31 @@ class Report:
 
 
 @torch.no_grad()
-def compare(model, layout: Layout, input_ids: torch.Tensor, steps: int, max_cache_len: int, executor="eager") -> Report:
+def compare(
+    model, layout: Layout, input_ids: torch.Tensor, steps: int, max_cache_len: int, executor="eager",
+    reference=None, teacher_forcing=False,
+) -> Report:
+    """Greedy-decode ``steps`` tokens with ``model`` under ``layout`` and with ``reference`` (default: ``model``
+    itself, eagerly, on one device). With ``teacher_forcing`` both read the reference's tokens, so the logits
+    stay comparable after a near-tie flips a low-precision argmax."""
     from transformers import StaticCache as HFStaticCache
 
+    reference = reference if reference is not None else model
     batch = input_ids.shape[0]
     device = input_ids.device
     dtype = next(model.parameters()).dtype
     cache = StaticCache(model.config, batch, max_cache_len, layout, dtype=dtype, device=device)
-    ref_cache = HFStaticCache(model.config, max_cache_len=max_cache_len)
+    ref_cache = HFStaticCache(reference.config, max_cache_len=max_cache_len)
     compiled = torch.compile(model, backend="helix", options={"layout": layout, "executor": executor}, fullgraph=True)
     start = time.perf_counter()
     out = compiled(input_ids=input_ids, past_key_values=cache).logits[:, -1:]
-    ref = model(input_ids=input_ids, past_key_values=ref_cache).logits[:, -1:]
+    ref = reference(input_ids=input_ids, past_key_values=ref_cache).logits[:, -1:]
     err, scale = (out - ref).abs().max().item(), ref.abs().max().item()
     tok, ref_tok = out.argmax(-1), ref.argmax(-1)
     tokens, ref_tokens = [tok], [ref_tok]
     for _ in range(steps):
-        out = compiled(input_ids=tok, past_key_values=cache).logits
-        ref = model(input_ids=ref_tok, past_key_values=ref_cache).logits
+        out = compiled(input_ids=ref_tok if teacher_forcing else tok, past_key_values=cache).logits
+        ref = reference(input_ids=ref_tok, past_key_values=ref_cache).logits
         err, scale = max(err, (out.float() - ref.float()).abs().max().item()), max(scale, ref.abs().max().item())
         tok, ref_tok = out.argmax(-1), ref.argmax(-1)
         tokens.append(tok)

@@ -16,13 +16,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, args, queue):
+def _entry(rank, world, port, fn, args, queue, backend):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         queue.put((rank, "ok", fn(rank, *args)))
     except BaseException:  # report every failure to the parent, with its traceback
         queue.put((rank, "error", traceback.format_exc()))
@@ -31,12 +33,15 @@ def _entry(rank, world, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 900):
-    """Call ``fn(rank, *args)`` on ``world`` spawned processes; return the results ordered by rank."""
+def run_ranks(world: int, fn, *args, timeout: float = 900, backend: str = "gloo"):
+    """Call ``fn(rank, *args)`` on ``world`` spawned processes; return the results ordered by rank.
+
+    ``backend="nccl"`` puts rank r on cuda:r.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, backend)) for r in range(world)]
     for p in procs:
         p.start()
     results, errors = {}, []

@@ -22,20 +22,21 @@ def splits(world: int, max_tpa: int):
     return [(world // t, t) for t in (1, 2, 4) if world % t == 0 and t <= min(world, max_tpa)]
 
 
-def _body(rank, family, layouts, attn, executor, extra):
+def _body(rank, family, layouts, attn, executor, extra, hopb, batch):
     reports = []
     for kvp, tpa in layouts:
         torch._dynamo.reset()
         m = model(family, attn=attn, **extra)
-        reports.append(compare(m, Layout(kvp, tpa, kv_block=KV_BLOCK), prompt(), STEPS, MAX_LEN, executor=executor))
+        layout = Layout(kvp, tpa, kv_block=KV_BLOCK, hopb_chunks=hopb)
+        reports.append(compare(m, layout, prompt(batch=batch), STEPS, MAX_LEN, executor=executor))
     return reports
 
 
-def check(world, family, layouts, attn="sdpa", executor="eager", **extra):
-    per_rank = run_ranks(world, _body, family, layouts, attn, executor, extra)
+def check(world, family, layouts, attn="sdpa", executor="eager", hopb=1, batch=2, **extra):
+    per_rank = run_ranks(world, _body, family, layouts, attn, executor, extra, hopb, batch)
     for i, (kvp, tpa) in enumerate(layouts):
         r0 = per_rank[0][i]
-        print(f"{family} world={world} kvp={kvp} tpa={tpa} {attn}/{executor}: max rel err {r0.max_rel_err:.2e}, "
+        print(f"{family} world={world} kvp={kvp} tpa={tpa} hopb={hopb} {attn}/{executor}: max rel err {r0.max_rel_err:.2e}, "
               f"cache bytes/rank {r0.cache_bytes} (transformers {r0.reference_cache_bytes})")
         assert r0.max_rel_err < 1e-5, (kvp, tpa, r0.max_rel_err)
         assert r0.tokens_equal, (r0.tokens, r0.reference_tokens)
@@ -71,3 +72,12 @@ def test_uneven_query_heads():
 
 def test_inductor():
     check(2, "llama", [(2, 1), (1, 2)], executor="inductor")
+
+
+def test_hopb():
+    """HOP-B: batch 4 in 2 chunks, exchange of chunk 0 overlapping chunk 1's attention; still exact."""
+    check(4, "llama", [(4, 1), (2, 2)], hopb=2, batch=4)
+
+
+def test_hopb_inductor():
+    check(2, "llama", [(2, 1)], executor="inductor", hopb=2, batch=4)

@@ -1,7 +1,7 @@
 """Graph-diff fixtures: the FX graph before and after each pass, per family, as reviewed text.
 
 Rank 1 of a 4-rank layout (kvp=2, tpa=2; kvp=4 for MQA) on a fake process group, decode step (q_len=1), plus
-llama's prefill. Regenerate on purpose with ``HELIX_UPDATE_GOLDEN=1 pytest tests/test_golden.py`` and review the
+llama's prefill and llama's decode with HOP-B (2 batch chunks: schedule.txt differs from partition.txt). Regenerate on purpose with ``HELIX_UPDATE_GOLDEN=1 pytest tests/test_golden.py`` and review the
 diff. Fixtures are tied to the torch and transformers versions recorded in tests/golden/VERSIONS (the CI ones);
 with other versions (the GPU machines) the comparison is skipped, saying why.
 """
@@ -22,8 +22,8 @@ from models import model, prompt
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("HELIX_UPDATE_GOLDEN") == "1"
 VERSIONS = f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
-CASES = [("llama", "decode"), ("llama", "prefill"), ("qwen2", "decode"), ("mistral", "decode"),
-         ("phi", "decode"), ("mqa", "decode")]
+CASES = [("llama", "decode"), ("llama", "prefill"), ("llama", "decode-hopb2"), ("qwen2", "decode"),
+         ("mistral", "decode"), ("phi", "decode"), ("mqa", "decode")]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def fake_world():
 def capture(family: str, phase: str, folder: Path):
     torch._dynamo.reset()
     m = model(family)
-    layout = Layout(4, 1, kv_block=4) if family == "mqa" else Layout(2, 2, kv_block=4)
+    hopb = 2 if phase.endswith("hopb2") else 1
+    layout = Layout(4, 1, kv_block=4, hopb_chunks=hopb) if family == "mqa" else Layout(2, 2, kv_block=4, hopb_chunks=hopb)
     cache = StaticCache(m.config, 2, 32, layout)
     seen = []
 
@@ -49,7 +50,7 @@ def capture(family: str, phase: str, folder: Path):
     compiled = torch.compile(m, backend=backend, fullgraph=True)
     ids = prompt(length=5)
     compiled(input_ids=ids, past_key_values=cache)
-    if phase == "decode":
+    if phase.startswith("decode"):
         compiled(input_ids=ids[:, :1], past_key_values=cache)
     write_stages(folder, seen[-1])
 

@@ -39,9 +39,8 @@ funcol = torch.ops._c10d_functional
 
 def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModule:
     layout, rank, heads = plan.layout, plan.rank, plan.heads
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    local = fx.GraphModule(gm, graph)
+    local = copy_module(gm)
+    graph = local.graph
     by_name = {n.name: n for n in local.graph.nodes}
     kvp_group, world_group = layout.group_names() if layout.world_size > 1 else (None, None)
     kvp_rank = layout.kvp_rank(rank)
@@ -73,15 +72,24 @@ def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModul
     for f in regions.ffn:
         _row_parallel(graph, by_name[f.out.name], world_group, layout.world_size)
 
-    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    eliminate_dead_code(graph)
     graph.lint()
     local.recompile()
     return local
 
 
-def _is_impure(node: fx.Node) -> bool:
-    """FX's own rule, plus in-place tensor methods (``cumulative_length.add_``), which it treats as pure."""
-    return node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph (node meta shared shallowly): passes leave their input alone."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """FX's DCE, keeping in-place tensor methods (``cumulative_length.add_``), which FX treats as pure."""
+    graph.eliminate_dead_code(
+        is_impure_node=lambda node: node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
+    )
 
 
 def _row_parallel(graph: fx.Graph, linear: fx.Node, world_group: str | None, n: int) -> None:

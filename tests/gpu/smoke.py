@@ -1,0 +1,111 @@
+"""GPU smoke run: the exactness check on 2 GPUs with NCCL, fp32 and bf16, Inductor and the eager executor.
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 python tests/gpu/smoke.py [--out DIR]
+
+Not a pytest module (the CPU CI has no GPU); prints one line per configuration and writes smoke.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
+
+import torch  # noqa: E402
+
+from distributed import run_ranks  # noqa: E402
+from helix_compile import Layout  # noqa: E402
+from helix_compile.verify import compare  # noqa: E402
+from models import model, prompt  # noqa: E402
+
+CONFIGS = [  # (family, dtype, executor, layouts, hopb_chunks)
+    ("llama", torch.float32, "inductor", [(2, 1), (1, 2)], 1),
+    ("llama", torch.bfloat16, "inductor", [(2, 1), (1, 2)], 1),
+    ("llama", torch.float32, "eager", [(2, 1)], 1),
+    ("llama", torch.float32, "inductor", [(2, 1)], 2),
+    ("qwen2", torch.bfloat16, "inductor", [(2, 1)], 1),
+    ("mqa", torch.float32, "inductor", [(2, 1)], 1),
+]
+
+
+def body(rank, configs):
+    rows = []
+    for family, dtype, executor, layouts, hopb in configs:
+        for kvp, tpa in layouts:
+            torch._dynamo.reset()
+            fp32 = model(family, hidden_size=256, intermediate_size=512, num_hidden_layers=4, head_dim=32,
+                         vocab_size=1000).to(device="cuda")
+            m = model(family, hidden_size=256, intermediate_size=512, num_hidden_layers=4, head_dim=32,
+                      vocab_size=1000).to(device="cuda", dtype=dtype)
+            ids = prompt(batch=4, length=9, vocab=1000).cuda()
+            t0 = time.perf_counter()
+            layout = Layout(kvp, tpa, kv_block=16, hopb_chunks=hopb)
+            r = compare(m, layout, ids, 56, 128, executor=executor)
+            extra = {}
+            if dtype != torch.float32:  # both low-precision runs against the fp32 model, on the fp32 tokens
+                torch._dynamo.reset()
+                helix_vs_fp32 = compare(m, layout, ids, 56, 128, executor=executor, reference=fp32, teacher_forcing=True)
+                torch._dynamo.reset()
+                forced = compare(m, layout, ids, 56, 128, executor=executor, teacher_forcing=True)
+                extra = dict(helix_vs_single_device_forced_rel=forced.max_rel_err,
+                             helix_vs_fp32_rel=helix_vs_fp32.max_rel_err,
+                             single_device_vs_fp32_rel=_single_device_error(m, fp32, ids, 56, 128))
+            rows.append(dict(family=family, dtype=str(dtype).replace("torch.", ""), executor=executor, kvp=kvp, tpa=tpa, hopb=hopb,
+                             max_abs_err=r.max_abs_err, max_rel_err=r.max_rel_err, tokens_equal=r.tokens_equal,
+                             first_divergence=_first_divergence(r), cache_bytes=r.cache_bytes,
+                             reference_cache_bytes=r.reference_cache_bytes, seconds=time.perf_counter() - t0,
+                             logits=r.logits, **extra))
+    return rows
+
+
+@torch.no_grad()
+def _single_device_error(low, fp32, ids, steps, max_len):
+    """max |low - fp32| / max |fp32| of the single-device low-precision model, fed the fp32 model's tokens."""
+    from transformers import StaticCache as HFStaticCache
+
+    c_low, c_ref = HFStaticCache(low.config, max_cache_len=max_len), HFStaticCache(fp32.config, max_cache_len=max_len)
+    err = scale = 0.0
+    tok = ids
+    for _ in range(steps + 1):
+        a = low(input_ids=tok, past_key_values=c_low).logits[:, -1].float()
+        b = fp32(input_ids=tok, past_key_values=c_ref).logits[:, -1]
+        err, scale = max(err, (a - b).abs().max().item()), max(scale, b.abs().max().item())
+        tok = b.argmax(-1, keepdim=True)
+    return err / scale
+
+
+def _first_divergence(r):
+    for b, (a, c) in enumerate(zip(r.tokens, r.reference_tokens)):
+        for i, (x, y) in enumerate(zip(a, c)):
+            if x != y:
+                return [b, i]
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    if torch.cuda.device_count() < 2:
+        sys.exit(f"needs 2 GPUs, found {torch.cuda.device_count()}")
+    per_rank = run_ranks(2, body, CONFIGS, backend="nccl")
+    rows = per_rank[0]
+    for i, row in enumerate(rows):
+        row["ranks_agree"] = all(r[i]["logits"] == row["logits"] for r in per_rank[1:])
+        row.pop("logits")
+        for r in per_rank[1:]:
+            r[i].pop("logits")
+        print(json.dumps(row))
+    info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
+                transformers=__import__("transformers").__version__, date=time.strftime("%Y-%m-%d"))
+    print(json.dumps(info))
+    Path(args.out, "smoke.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
