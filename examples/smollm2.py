@@ -4,9 +4,9 @@
     python examples/smollm2.py [--prompt "..."] [--max-new-tokens 24] [--ranks 2] [--kvp K --tpa T] [--executor eager]
 
 transformers (with the ``gguf`` package) de-quantises the GGUF into an fp32 ``LlamaForCausalLM``. The parent
-process decodes it eagerly with transformers' own cache (the reference); then ``--ranks`` gloo processes each load
-the full model and decode the same prompt through ``torch.compile(backend="helix")`` with a rank-local
-``helix_compile.StaticCache``. SmolLM2-135M has 9 query heads and 3 KV heads: tpa must divide 3 and every rank
+process decodes it eagerly with transformers' own cache (the reference) and saves it as a safetensors checkpoint;
+then ``--ranks`` gloo processes each read only their own shards of it (``helix_compile.from_pretrained``) and
+decode the same prompt through ``torch.compile(backend="helix")`` with a rank-local ``helix_compile.StaticCache``. SmolLM2-135M has 9 query heads and 3 KV heads: tpa must divide 3 and every rank
 needs a query head (kvp <= 9 / tpa), so with 2 ranks (kvp=2) the heads split unevenly, 5 + 4. Exits 1 if the two
 texts differ.
 """
@@ -14,8 +14,10 @@ texts differ.
 import argparse
 import importlib.util
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +47,17 @@ def load():
     return tok, model.eval()
 
 
+def save_checkpoint(model, folder):
+    """config.json + model.safetensors of the de-quantised weights (transformers refuses to save a GGUF model)."""
+    from safetensors.torch import save_model
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    save_model(model, str(Path(folder) / "model.safetensors"))  # drops the tied lm_head copy
+
+
 def prompt_ids(tok, prompt):
     chat = [{"role": "user", "content": prompt}]
     return tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
@@ -66,24 +79,26 @@ def greedy(model, ids, cache, steps, eos):
     return tokens, torch.cat(logits), times
 
 
-def rank_main(rank, args, port, queue):
-    import helix_compile  # noqa: F401  (registers the "helix" backend and ops)
-    from helix_compile import Layout, StaticCache
+def rank_main(rank, args, port, queue, checkpoint, ids, eos):
+    import helix_compile
+    from helix_compile import Layout, StaticCache, shards
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
     dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
     try:
-        tok, model = load()
-        ids = prompt_ids(tok, args.prompt)
+        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated")
         layout = Layout(kvp=args.kvp, tpa=args.tpa, kv_block=args.kv_block)
+        model = helix_compile.from_pretrained(checkpoint, layout)  # this rank's shards only
+        held = sum(p.nbytes if not shards.is_virtual(p) else sum(shards.lookup(p, k).nbytes for k in shards.keys_of(p))
+                   for p in model.parameters())
         cache = StaticCache(model.config, max_batch_size=1, max_cache_len=ids.shape[1] + args.max_new_tokens,
                             layout=layout)
         compiled = torch.compile(model, backend="helix", options={"layout": layout, "executor": args.executor},
                                  fullgraph=True)
-        tokens, logits, times = greedy(compiled, ids, cache, args.max_new_tokens, tok.eos_token_id)
+        tokens, logits, times = greedy(compiled, ids, cache, args.max_new_tokens, eos)
         if rank == 0:
-            queue.put((tokens, logits.numpy(), times))  # numpy: no shared-memory handle to outlive us
+            queue.put((tokens, logits.numpy(), times, held, cache.nbytes))  # numpy: no shared-memory handle to outlive us
     finally:
         dist.destroy_process_group()
 
@@ -114,6 +129,9 @@ def main():
     ref_tokens, ref_logits, ref_times = greedy(model, ids, DynamicCache(config=model.config),
                                                args.max_new_tokens, tok.eos_token_id)
     ref_s = time.perf_counter() - t0
+    full_bytes = sum(p.nbytes for p in model.parameters())
+    checkpoint = tempfile.mkdtemp(prefix="smollm2-")
+    save_checkpoint(model, checkpoint)
     del model
 
     with socket.socket() as s:
@@ -121,10 +139,10 @@ def main():
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").Queue()
     t0 = time.perf_counter()
-    procs = mp.start_processes(rank_main, args=(args, port, queue), nprocs=args.ranks, join=False)
+    procs = mp.start_processes(rank_main, args=(args, port, queue, checkpoint, ids, tok.eos_token_id), nprocs=args.ranks, join=False)
     while True:  # read before joining: rank 0's put blocks until we read; join(0) re-raises a rank's error
         try:
-            tokens, logits, times = queue.get(timeout=1)
+            tokens, logits, times, held, cache_bytes = queue.get(timeout=1)
             break
         except Empty:
             if procs.join(timeout=0):
@@ -147,8 +165,11 @@ def main():
     print(f"  layout kvp={args.kvp} tpa={args.tpa} kv_block={args.kv_block}, executor={args.executor}")
     print(f"identical text: {ref_text == text}; max |logit diff| over {steps} steps: {diff:.2e}")
     print(f"single device: {ref_s:.1f}s for {len(ref_tokens)} tokens, decode {ms(ref_times)}")
+    print(f"rank 0 holds {held / 2**20:.1f} MiB of weights (the model: {full_bytes / 2**20:.1f} MiB; embeddings and "
+          f"norms are replicated) and {cache_bytes / 2**10:.0f} KiB of KV cache")
     print(f"helix: {helix_s:.1f}s incl. spawn + load; rank 0: prefill+compile {times[0]:.1f}s, first decode step "
           f"(+compile) {times[1] if len(times) > 1 else 0:.1f}s, decode {ms(times)}")
+    shutil.rmtree(checkpoint, ignore_errors=True)
     sys.exit(0 if ref_text == text else 1)
 
 
