@@ -86,8 +86,12 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None):
             if spec is not None:
                 shards.register(param, spec, local)
             loaded.add(name)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    if getattr(config, "tie_word_embeddings", False):  # the checkpoint may hold either end of the tie
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if inp.weight.device.type == "meta":
+            inp.weight = out.weight
+        else:
+            out.weight = inp.weight
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} parameters, e.g. {missing[:3]}")
