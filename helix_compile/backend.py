@@ -15,7 +15,6 @@ text before and after each pass, and plan.json, per rank).
 
 from __future__ import annotations
 
-
 import dataclasses
 from pathlib import Path
 
@@ -59,6 +58,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
 
 
 def helix_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_unused):
+    """The Dynamo backend (entry point ``helix``): the passes now, Inductor lazily at the first call."""
     options = dict(options or {})
     unknown = set(options) - {"layout", "executor", "dump"}
     if unknown:

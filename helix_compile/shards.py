@@ -64,19 +64,12 @@ def keys_of(tensor: torch.Tensor) -> list:
     return [] if entry is None else list(entry)
 
 
-def local_piece(tensor: torch.Tensor, spec: Shard | None, what: str) -> torch.Tensor:
+def local_piece(tensor: torch.Tensor, spec: Shard, what: str) -> torch.Tensor:
     """The rank-local tensor the compiled program reads in place of ``tensor``.
 
     A registered shard wins; a real (materialised) tensor is sliced once and the slice registered; a virtual
     tensor without a shard for ``spec`` is an error naming what is held.
     """
-    if spec is None:
-        if is_virtual(tensor):
-            held = lookup(tensor, "full")
-            if held is None:
-                raise RuntimeError(f"{what}: a virtual tensor {tuple(tensor.shape)} with no replicated data on this rank")
-            return held
-        return tensor
     found = lookup(tensor, spec)
     if found is not None:
         return found

@@ -81,3 +81,30 @@ def test_hopb():
 
 def test_hopb_inductor():
     check(2, "llama", [(2, 1)], executor="inductor", hopb=2, batch=4)
+
+
+def _lengths_body(rank, lengths):
+    from transformers import StaticCache as HFStaticCache
+
+    from helix_compile import StaticCache
+
+    m, layout = model("llama"), Layout(2, 1, kv_block=4)
+    compiled = torch.compile(m, backend="helix", options={"layout": layout, "executor": "eager"}, fullgraph=True)
+    worst = 0.0
+    with torch.no_grad():
+        for length in lengths:  # a new generation per prompt length: Dynamo recompiles with a symbolic length
+            cache, ref_cache = StaticCache(m.config, 2, 32, layout), HFStaticCache(m.config, max_cache_len=32)
+            ids = prompt(length=length, seed=length)
+            for _ in range(6):
+                out = compiled(input_ids=ids, past_key_values=cache).logits[:, -1]
+                ref = m(input_ids=ids, past_key_values=ref_cache).logits[:, -1]
+                worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
+                assert torch.equal(out.argmax(-1), ref.argmax(-1))
+                ids = ref.argmax(-1, keepdim=True)
+    return worst
+
+
+def test_prompt_lengths_vary():
+    """Several generations with different prompt lengths on kvp=2 (prefill graphs with a symbolic length)."""
+    for worst in run_ranks(2, _lengths_body, [7, 5, 9, 3]):
+        assert worst < 1e-5, worst

@@ -115,3 +115,17 @@ def test_from_pretrained_is_exact(tmp_path):
     for full_err, sharded_err in run_ranks(2, _exact_from_checkpoint, str(tmp_path)):
         print(f"materialised model max rel err {full_err:.2e}; from_pretrained shards {sharded_err:.2e}")
         assert full_err < 1e-5 and sharded_err < 1e-5
+
+
+def test_from_pretrained_tied_embeddings_either_end(tmp_path):
+    """safetensors' save_model keeps one end of a tied embedding (SmolLM2 keeps lm_head): both must load."""
+    from safetensors.torch import save_model
+
+    reference = model("llama", tie_word_embeddings=True)
+    reference.config.save_pretrained(tmp_path)
+    save_model(reference, str(tmp_path / "model.safetensors"))
+    loaded = helix_compile.from_pretrained(tmp_path, Layout(1))
+    assert loaded.get_input_embeddings().weight is loaded.get_output_embeddings().weight
+    assert torch.equal(loaded.get_input_embeddings().weight, reference.get_input_embeddings().weight)
+    torch._dynamo.reset()
+    assert _compare_sharded(loaded, reference, Layout(1)) < 1e-5

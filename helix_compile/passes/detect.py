@@ -161,9 +161,10 @@ def _check_per_head(node: fx.Node, what: str) -> None:
         return
     if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCS:
         return
-    if node.op == "call_method" and node.target in _REDUCE_METHODS or node.op == "call_function" and node.target in (
-        torch.mean, torch.sum, torch.nn.functional.rms_norm, torch.nn.functional.layer_norm
-    ):
+    reduces = (node.op == "call_method" and node.target in _REDUCE_METHODS) or (
+        node.op == "call_function" and node.target in (torch.mean, torch.sum)
+    )
+    if reduces:
         shape = _shape(node.args[0])
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", None)
         if shape is not None and len(shape) == 4 and dims in (-1, 3, (-1,), [-1]):
@@ -186,8 +187,7 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
     """Return (form, core, query, scale) for the attention that reads the cache placeholders keys/values."""
     for user in _repeat_kv_users(keys):
         if user.op == "call_function" and user.target in SDPA_TARGETS:
-            args = list(user.args) + [None] * 3
-            query, key, value = user.args[0], user.args[1], args[2] if len(user.args) > 2 else user.kwargs["value"]
+            query, value = user.args[0], user.args[2] if len(user.args) > 2 else user.kwargs["value"]
             if _cache_source(value) is not values:
                 raise UnsupportedModelError(f"attention reads keys of one cache layer and values of another: {_where(user)}")
             if user.kwargs.get("dropout_p", 0.0) not in (0.0, 0):
@@ -308,7 +308,7 @@ def _detect_ffn(graph: fx.Graph) -> list[FFNRegion]:
             groups.setdefault(".".join(parts[: parts.index("mlp") + 1]), []).append(node)
     regions = []
     for mlp, nodes in groups.items():
-        classes = {cls.__name__ for _, cls in (nodes[0].meta.get("nn_module_stack") or {}).values()}
+        classes = {getattr(cls, "__name__", str(cls)) for _, cls in (nodes[0].meta.get("nn_module_stack") or {}).values()}
         if any(n.target is torch.topk or "expert" in module_path(n) for n in nodes) or any(
             "moe" in c.lower() or "sparse" in c.lower() for c in classes
         ):
