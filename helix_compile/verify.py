@@ -32,7 +32,7 @@ class Report:
 
 @torch.no_grad()
 def compare(
-    model, layout: Layout, input_ids: torch.Tensor, steps: int, max_cache_len: int, executor="eager",
+    model, layout: Layout | str, input_ids: torch.Tensor, steps: int, max_cache_len: int, executor="eager",
     reference=None, teacher_forcing=False,
 ) -> Report:
     """Greedy-decode ``steps`` tokens with ``model`` under ``layout`` and with ``reference`` (default: ``model``
@@ -44,7 +44,7 @@ def compare(
     batch = input_ids.shape[0]
     device = input_ids.device
     dtype = next(model.parameters()).dtype
-    cache = StaticCache(model.config, batch, max_cache_len, layout, dtype=dtype, device=device)
+    cache = StaticCache(model.config, batch, max_cache_len, layout, dtype=dtype, device=device)  # layout may be "auto"
     ref_cache = HFStaticCache(reference.config, max_cache_len=max_cache_len)
     compiled = torch.compile(model, backend="helix", options={"layout": layout, "executor": executor}, fullgraph=True)
     start = time.perf_counter()
@@ -64,6 +64,6 @@ def compare(
     tokens, ref_tokens = torch.cat(tokens, 1).tolist(), torch.cat(ref_tokens, 1).tolist()
     ref_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in ref_cache.layers)
     return Report(
-        layout.key(), err, err / max(scale, 1e-30), tokens == ref_tokens, steps, cache.nbytes, ref_bytes,
+        cache.layout.key(), err, err / max(scale, 1e-30), tokens == ref_tokens, steps, cache.nbytes, ref_bytes,
         tokens, ref_tokens, out.float().cpu().tolist(), seconds,
     )

@@ -12,6 +12,10 @@ FAMILIES = {
     "mistral": ("mistral", dict(num_attention_heads=8, num_key_value_heads=4, sliding_window=None)),  # GQA
     "phi": ("phi", dict(num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5)),  # MHA, biases
     "mqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=1)),  # MQA
+    "qwen3": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)),  # per-head q/k RMSNorm
+    "gemma": ("gemma", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16)),  # MQA family
+    "olmo": ("olmo", dict(num_attention_heads=4, num_key_value_heads=4)),  # MHA family
+    "granite": ("granite", dict(num_attention_heads=8, num_key_value_heads=4)),  # scaled residuals
 }
 
 

@@ -61,6 +61,11 @@ def test_mqa(world):
     check(world, "mqa", splits(world, 1))
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma", "olmo", "granite"])
+def test_more_families(family):
+    check(2, family, splits(2, 1 if family == "gemma" else 2))
+
+
 def test_eager_attention_form():
     check(2, "llama", [(2, 1), (1, 2)], attn="eager")
 
@@ -108,3 +113,15 @@ def test_prompt_lengths_vary():
     """Several generations with different prompt lengths on kvp=2 (prefill graphs with a symbolic length)."""
     for worst in run_ranks(2, _lengths_body, [7, 5, 9, 3]):
         assert worst < 1e-5, worst
+
+
+def _auto_body(rank):
+    report = compare(model("llama"), "auto", prompt(), 12, MAX_LEN)
+    return report.layout, report.max_rel_err, report.tokens_equal
+
+
+def test_auto_layout_from_planner():
+    """layout="auto" (cache and backend): the planner picks a valid layout for 2 ranks, and it is exact."""
+    for key, err, same in run_ranks(2, _auto_body):
+        print("planner chose", key)
+        assert key.startswith(("kvp2-tpa1", "kvp1-tpa2")) and err < 1e-5 and same
