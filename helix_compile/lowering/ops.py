@@ -1,5 +1,8 @@
 """Helix custom ops (``torch.library``): fake implementations for tracing and a reference torch implementation.
 
+On CUDA, partial_attention runs the Triton split-S kernel of ``triton_attention.py`` for queries of up to
+TRITON_MAX_QUERY positions (decode), the reference otherwise.
+
 Global op (what the user-visible program calls; the partition pass replaces it):
     helix::kv_write(keys, values, k, v, pos)                      write new K/V at global positions ``pos``
 
@@ -98,6 +101,23 @@ def partial_attention(
     kv_block: int,
     scale: float,
 ) -> torch.Tensor:
+    return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale)
+
+
+TRITON_MAX_QUERY = 16  # the split-S kernel re-reads the shard per query row: decode and short chunks only
+
+
+@partial_attention.register_kernel("cuda")
+def _(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale):
+    if q.shape[2] <= TRITON_MAX_QUERY:
+        from .triton_attention import partial_attention as triton_partial_attention
+
+        return triton_partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale)
+    return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale)
+
+
+def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale):
+    """Reference (any device): scores in fp32 over the whole local shard, masked by global position."""
     b, hq, length, d = q.shape
     hk = k_shard.shape[1]
     capacity = k_shard.shape[2] - 1
