@@ -48,11 +48,15 @@ def main():
             t_ref = timed(lambda: ops.partial_attention_reference(q, k, v, pos, 0, kvp, 16, d ** -0.5), reps=5)
             t_tri = timed(lambda: triton_partial_attention(q, k, v, pos, 0, kvp, 16, d ** -0.5))
             ks, vs = k[:, :, :capacity], v[:, :, :capacity]
+            q32, k32, v32 = q.float(), k.float(), v.float()  # the fp32 path (tf32x3 products) against fp32 math
+            w32 = ops.partial_attention_reference(q32, k32, v32, pos, 0, kvp, 16, d ** -0.5)
+            g32 = triton_partial_attention(q32, k32, v32, pos, 0, kvp, 16, d ** -0.5)
+            err32 = (g32[..., :d] - w32[..., :d]).abs().max().item()
             t_sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, ks, vs, enable_gqa=True))
             kv_bytes = 2 * b * hk * capacity * d * dtype.itemsize
             row = dict(capacity=capacity, kvp=kvp, batch=b, q_heads=hq, kv_heads=hk, head_dim=d, dtype="bfloat16",
                        o_err=err, lse_err=lse_err, reference_us=t_ref * 1e6, triton_us=t_tri * 1e6,
-                       sdpa_us=t_sdpa * 1e6, triton_GBps=kv_bytes / t_tri / 1e9, sdpa_GBps=kv_bytes / t_sdpa / 1e9)
+                       sdpa_us=t_sdpa * 1e6, fp32_o_err=err32, triton_GBps=kv_bytes / t_tri / 1e9, sdpa_GBps=kv_bytes / t_sdpa / 1e9)
             rows.append(row)
             print(json.dumps(row))
     info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=__import__("triton").__version__,
