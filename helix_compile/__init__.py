@@ -2,7 +2,7 @@
 
 from .cache import StaticCache
 from .layout import Layout
-from .lowering import ops as _ops  # registers the helix:: custom ops
+from .lowering import ops as _ops  # noqa: F401  registers the helix:: custom ops
 
 __all__ = ["Layout", "StaticCache", "from_pretrained"]
 

@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from . import shards
 from .layout import Layout
-from .lowering import ops
+from .lowering import ops as _ops  # noqa: F401  registers helix::kv_write, which HelixLayer.update calls
 
 
 class HelixLayer(StaticLayer):
@@ -125,6 +125,3 @@ class StaticCache(Cache):
     def nbytes(self) -> int:
         """Bytes of KV data this rank stores."""
         return sum(layer.nbytes for layer in self.layers)
-
-
-_ = ops  # registers helix::kv_write, which HelixLayer.update calls

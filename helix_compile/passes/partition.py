@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..lowering import ops
+from ..lowering import ops as _ops  # noqa: F401  registers the helix:: ops this pass emits
 from .detect import Regions
 from .plan import Plan
 
@@ -107,6 +107,3 @@ def _row_parallel(graph: fx.Graph, linear: fx.Node, world_group: str | None, n: 
         with graph.inserting_after(result):
             result = graph.call_function(torch.add, (result, bias))
     linear.replace_all_uses_with(result, delete_user_cb=lambda user: user is not reduced)
-
-
-_ = ops  # the helix ops must be registered before the graph references them

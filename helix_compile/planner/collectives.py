@@ -86,5 +86,5 @@ def fit_collectives(rows: list, link_bw_gbs: float, base: dict | None = None) ->
     for op in OPS:
         if op not in out:
             ref = out.get("all_reduce") or next(iter(out.values()))
-            out[op] = Collective(ref.alpha_us, ref.bw_gbs, ref.alpha_peer_us, f"assumed (= all_reduce fit)")
+            out[op] = Collective(ref.alpha_us, ref.bw_gbs, ref.alpha_peer_us, "assumed (= all_reduce fit)")
     return out

@@ -8,7 +8,6 @@ Not a pytest module (the CPU CI has no GPU); prints one line per configuration a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

@@ -1,5 +1,4 @@
 """The cost model: Figure 1 exactly, and the properties the strategies must have."""
-import math
 
 import pytest
 

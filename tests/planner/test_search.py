@@ -1,6 +1,5 @@
 """Enumeration, Pareto frontier, choose_layout and input errors."""
 import json
-import os
 import types
 
 import pytest
