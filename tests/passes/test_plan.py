@@ -1,0 +1,68 @@
+"""Placements of the plan pass: every weight row/column is owned exactly as the Helix math says.
+
+The o_proj columns of rank r must be exactly the query heads r holds after the all-to-all (TensorRT-LLM's issue
+#10350 was a wrong o_proj slice after this remap); the FFN shards must tile the intermediate dimension.
+"""
+
+import itertools
+
+import pytest
+
+from helix_compile import Layout
+from helix_compile.passes.plan import Heads, role_shard
+
+CASES = [(8, 4, 16), (9, 3, 64), (12, 4, 8), (16, 1, 8), (6, 6, 4)]  # (Q, K, head_dim)
+
+
+def layouts(q, k):
+    for n in (1, 2, 3, 4, 6, 8):
+        for tpa in range(1, n + 1):
+            if n % tpa == 0 and k % tpa == 0 and q // tpa >= n // tpa:
+                yield Layout(n // tpa, tpa)
+
+
+@pytest.mark.parametrize("q,k,d", CASES)
+def test_o_proj_columns_are_the_heads_after_the_all_to_all(q, k, d):
+    heads = Heads(q, k, d)
+    for layout in layouts(q, k):
+        owned = []
+        for rank in range(layout.world_size):
+            shard = role_shard("o", "weight", (64, q * d), heads, layout, rank)
+            assert shard.dim == 1 and shard.start % d == 0 and shard.stop % d == 0
+            first, count = shard.start // d, (shard.stop - shard.start) // d
+            # the heads this rank receives: chunk kvp_rank of its TPA slice (Layout.head_split)
+            split = layout.head_split(q // layout.tpa)
+            tpa_rank, kvp_rank = layout.tpa_rank(rank), layout.kvp_rank(rank)
+            assert first == tpa_rank * (q // layout.tpa) + sum(split[:kvp_rank]) and count == split[kvp_rank]
+            owned += range(first, first + count)
+        assert sorted(owned) == list(range(q)), (layout, owned)  # every head exactly once
+
+
+@pytest.mark.parametrize("q,k,d", CASES)
+def test_qkv_rows_replicated_over_kvp_and_split_over_tpa(q, k, d):
+    heads = Heads(q, k, d)
+    for layout in layouts(q, k):
+        for role, total in (("q", q * d), ("k", k * d), ("v", k * d)):
+            by_tpa = {}
+            for rank in range(layout.world_size):
+                s = role_shard(role, "weight", (total, 64), heads, layout, rank)
+                by_tpa.setdefault(layout.tpa_rank(rank), set()).add((s.start, s.stop))
+            assert all(len(v) == 1 for v in by_tpa.values())  # the same rows across the KVP group
+            rows = sorted(next(iter(v)) for v in by_tpa.values())
+            assert rows[0][0] == 0 and rows[-1][1] == total
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(rows))
+
+
+def test_ffn_shards_tile_the_intermediate_dimension():
+    heads, layout, inter = Heads(8, 4, 16), Layout(2, 2), 96
+    ins = sorted((s.start, s.stop) for s in (role_shard("ffn_in", "weight", (inter, 64), heads, layout, r) for r in range(4)))
+    outs = sorted((s.start, s.stop) for s in (role_shard("ffn_out", "weight", (64, inter), heads, layout, r) for r in range(4)))
+    assert ins == outs == [(0, 24), (24, 48), (48, 72), (72, 96)]
+    assert role_shard("ffn_out", "bias", (64,), heads, layout, 0) is None  # added once, after the all-reduce
+    assert role_shard("o", "bias", (64,), heads, layout, 0) is None
+
+
+def test_head_split():
+    assert Layout(2).head_split(9) == [5, 4]
+    assert Layout(4).head_split(8) == [2, 2, 2, 2]
+    assert Layout(3).head_split(4) == [2, 1, 1]
