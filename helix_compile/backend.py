@@ -16,6 +16,7 @@ text before and after each pass, and plan.json, per rank).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from pathlib import Path
 
 import torch
@@ -78,6 +79,7 @@ class Runtime:
         self.plan, self.lowered = the_plan, lowered
         self.placements = [the_plan.inputs[p.name] for p in placeholders]
         self.names = [p.name for p in placeholders]
+        self._seen = [None] * len(placeholders)
         self.kv_key = ("kv", the_plan.layout, the_plan.rank)
         self.cache_index = self.placements.index("kv")
         self.q_len = _q_len_source(placeholders, regions.attention[0].kv_write.args[2])
@@ -90,10 +92,21 @@ class Runtime:
                 f"helix StaticCache holds {cache.host_length} tokens and max_cache_len={cache.max_cache_len}: "
                 f"{q_len} more do not fit; nothing was written"
             )
-        local = [self._local(i, a) for i, a in enumerate(args)]
+        local = [self._swap(i, a) for i, a in enumerate(args)]
         out = self.lowered(local)
         cache.host_length += q_len
         return out
+
+    def _swap(self, i, arg):
+        """This rank's piece of input i; the lookup is remembered per input (weakly) for the decode hot path."""
+        if self.placements[i] == "replicate":
+            return self._local(i, arg)
+        seen = self._seen[i]
+        if seen is not None and seen[0]() is arg:
+            return seen[1]
+        piece = self._local(i, arg)
+        self._seen[i] = (weakref.ref(arg), piece)
+        return piece
 
     def _local(self, i, arg):
         placement = self.placements[i]
