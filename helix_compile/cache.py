@@ -31,8 +31,6 @@ class HelixLayer(StaticLayer):
         self.local_keys = torch.zeros((batch, local_heads, capacity + 1, head_dim), dtype=dtype, device=self.device)
         self.local_values = torch.zeros_like(self.local_keys)
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
-        spec = shards.Shard(1, layout.tpa_rank(rank) * local_heads, (layout.tpa_rank(rank) + 1) * local_heads)
-        self.spec = spec
         shards.register(self.keys, ("kv", cache.layout, rank), self.local_keys)
         shards.register(self.values, ("kv", cache.layout, rank), self.local_values)
         shards.register(self.keys, "helix_cache", cache)
@@ -117,9 +115,6 @@ class StaticCache(Cache):
     def reset(self):
         super().reset()
         self.host_length = 0
-
-    def get_seq_length(self, layer_idx: int = 0):
-        return self.layers[layer_idx].cumulative_length
 
     @property
     def nbytes(self) -> int:

@@ -20,7 +20,8 @@ class Layout:
     tpa: ranks that split the KV heads (tensor-parallel attention); ``tpa <= num_key_value_heads``.
     tpf: tensor-parallel width of the FFN; defaults to ``kvp * tpa // ep``.
     ep: expert-parallel width of an MoE FFN (1 for dense models).
-    kv_block: tokens per round-robin KV block; block ``b = pos // kv_block`` lives on KVP rank ``b % kvp``.
+    kv_block: tokens per round-robin KV block; block ``b = pos // kv_block`` lives on KVP rank ``b % kvp``, at
+        local slot ``(b // kvp) * kv_block + pos % kv_block`` (``lowering.ops.local_slots`` / ``slot_positions``).
     hopb_chunks: batch chunks whose exchange overlaps the next chunk's attention (HOP-B); 1 = off.
     """
 
@@ -62,10 +63,6 @@ class Layout:
     def tpa_rank(self, rank: int) -> int:
         return rank % self.tpa
 
-    def kvp_group_ranks(self, rank: int) -> list[int]:
-        """Ranks that hold the same KV heads and split the sequence with ``rank`` (ordered by kvp_rank)."""
-        return [k * self.tpa + self.tpa_rank(rank) for k in range(self.kvp)]
-
     def head_split(self, slice_heads: int) -> list[int]:
         """Query heads each KVP rank holds after the all-to-all, out of the ``slice_heads`` of its TPA slice.
 
@@ -79,12 +76,6 @@ class Layout:
     def local_capacity(self, max_cache_len: int) -> int:
         """Positions a KVP rank can hold: ``ceil(S / (kv_block*kvp)) * kv_block``."""
         return math.ceil(max_cache_len / (self.kv_block * self.kvp)) * self.kv_block
-
-    def owner(self, pos: int) -> int:
-        return (pos // self.kv_block) % self.kvp
-
-    def local_slot(self, pos: int) -> int:
-        return (pos // self.kv_block // self.kvp) * self.kv_block + pos % self.kv_block
 
     # -- validation against a model ----------------------------------------------------------------------------
     def validate(self, config, world_size: int | None = None) -> None:

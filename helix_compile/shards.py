@@ -27,11 +27,6 @@ class Shard:
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.narrow(self.dim, self.start, self.stop - self.start)
 
-    def local_shape(self, shape) -> tuple[int, ...]:
-        out = list(shape)
-        out[self.dim] = self.stop - self.start
-        return tuple(out)
-
 
 _SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 

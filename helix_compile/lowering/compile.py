@@ -2,8 +2,8 @@
 
 Contract
     in:  the partitioned (and scheduled) rank-local GraphModule; the executor name.
-    out: a callable over the *local* inputs. ``inductor`` compiles once per distinct input signature (sizes of
-         the tensor inputs and the values of SymInt inputs), lazily at the first call with real local tensors,
+    out: a callable over the *local* inputs. ``inductor`` compiles once per distinct value of the graph's SymInt
+         inputs (Dynamo guards everything else), lazily at the first call with real local tensors,
          outside Dynamo's tracing context; functional collectives and the helix custom ops go to Inductor as
          nodes it schedules. ``eager`` runs the FX graph directly (fast to start; used for the big test matrix).
 
@@ -26,7 +26,8 @@ class Lowered:
     def __call__(self, args: list):
         if self.executor == "eager":
             return self.gm(*args)
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        # Dynamo guards the tensor shapes of this graph; only its SymInt inputs can change between calls.
+        key = tuple(a for a in args if not isinstance(a, torch.Tensor))
         fn = self.compiled.get(key)
         if fn is None:
             fn = self.compiled[key] = _inductor(self.gm, args)

@@ -12,6 +12,8 @@ Natural-log LSE, as the merge after the all-to-all expects.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -73,6 +75,11 @@ def _split_kernel(
     tl.store(ACC_OUT + out[:, None] * D + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, block_n=64, split_len=None):
     """Same contract as the reference ``helix::partial_attention`` (packed (Hq, B, L, D + e) output)."""
     from .ops import _lse_dtype
@@ -85,7 +92,7 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
         k, v = k.contiguous(), v.contiguous()
     rows, programs = b * hq * length, b * hk * length
     if split_len is None:  # enough programs to fill the GPU: about 4 per SM
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        sms = _sm_count(q.device.index) if q.is_cuda else 8
         splits = max(1, min(triton.cdiv(capacity, block_n), triton.cdiv(4 * sms, programs)))
         split_len = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
     splits = max(1, triton.cdiv(capacity, split_len))
