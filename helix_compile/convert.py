@@ -222,12 +222,16 @@ def _header(entries, metadata: dict) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def convert(model, layout: Layout, out, dtype: torch.dtype | None = None, progress: bool = True) -> Path:
-    """Convert ``model`` (HF directory or .gguf) for ``layout`` into ``out``; see the module docstring."""
+def convert(model, layout: Layout, out, dtype: torch.dtype | None = None, progress: bool = True,
+            source: _Source | None = None) -> Path:
+    """Convert ``model`` (HF directory or .gguf) for ``layout`` into ``out``; see the module docstring.
+
+    ``source`` is ``open_source(model)`` when the caller already opened it (a GGUF is de-quantised on opening).
+    """
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists: helix convert never overwrites; remove it or choose another -o")
-    source = open_source(model)
+    source = source or open_source(model)
     names = [e[0] for e in source.entries]
     check_supported(source.config, names)
     text = source.config.get_text_config(decoder=True)
