@@ -103,11 +103,13 @@ def resolve(args, world: int | None):
     plan = read_plan(path) if (path / PLAN_FILE).exists() else None
     if plan is not None:
         layout = plan_layout(plan)
-        if args.layout == "auto" or fields:  # a different one is refused by from_pretrained, naming both
+        if fields:  # refused here, before any rank starts, if it places the weights differently
             import dataclasses
 
-            layout = dataclasses.replace(layout, **{k: v for k, v in fields.items()},
-                                         **({} if "tpf" in fields else {"tpf": None}))
+            from .loading import check_layout
+
+            layout = dataclasses.replace(layout, **fields, **({} if "tpf" in fields else {"tpf": None}))
+            check_layout(plan, layout, path)
         want = plan["world_size"]
         have = world or args.nproc or layout.world_size
         if have != want:
@@ -186,6 +188,8 @@ def rank_main(args, path: Path, layout) -> int:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ValueError(f"the prompt {args.prompt!r} is 0 tokens for the tokenizer in {path}")
     t0 = time.perf_counter()
     model = helix_compile.from_pretrained(path, layout)
     _say(rank, f"helix generate: {path} on {world} ranks, kvp={layout.kvp} tpa={layout.tpa} tpf={layout.tpf} "

@@ -1,0 +1,175 @@
+"""`helix generate` as a user runs it: real processes (gloo), text identical to single-device transformers,
+torchrun across two launchers, and the faults: a layout or world size other than the plan's, a corrupted shard,
+a rank killed mid-generation, Ctrl-C."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_checkpoint import greedy_text, save
+from distributed import free_port
+from helix_compile.cli import main
+
+ROOT = Path(__file__).parent.parent
+PROMPT = "w1 w2 w3"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+       "PYTHONWARNINGS": "ignore"}
+CLI = [sys.executable, "-m", "helix_compile.cli"]
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    ckpt = save(root / "hf", "llama")
+    assert main(["convert", str(ckpt), "--kvp", "2", "--kv-block", "4", "-o", str(root / "out"), "--quiet"]) == 0
+    return ckpt, root / "out"
+
+
+def _run(args, timeout=240):
+    return subprocess.run(CLI + args, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
+
+
+def test_generate_equals_single_device_greedy(converted):
+    ckpt, out = converted
+    done = _run(["generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "10", "--executor", "eager"])
+    assert done.returncode == 0, done.stderr
+    want = greedy_text(ckpt, PROMPT, 10)
+    assert len(want.split()) == 10
+    assert done.stdout.strip() == want
+    assert "on 2 ranks, kvp=2 tpa=1" in done.stderr and "ms/token" in done.stderr and "tokens/s" in done.stderr
+
+
+def test_sampling_equals_transformers_sampling_under_the_same_seed(tmp_path):
+    """An HF directory (no conversion), tpa=2, temperature/top-k/top-p: the draws of generate(do_sample=True)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = save(tmp_path / "hf", "llama", seed=5)
+    done = _run(["generate", str(ckpt), "--kvp", "1", "--tpa", "2", "--prompt", PROMPT, "--max-new-tokens", "10",
+                 "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "3", "--executor", "eager"])
+    assert done.returncode == 0, done.stderr
+    tok, m = AutoTokenizer.from_pretrained(ckpt), AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    torch.manual_seed(3)
+    ref = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=True, temperature=0.8,
+                     top_k=40, top_p=0.9)
+    want = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert done.stdout.strip() == want
+    assert want != greedy_text(ckpt, PROMPT, 10)  # it did sample
+
+
+def test_torchrun_two_nodes_loopback(converted):
+    """Two torchrun launchers (--nnodes 2, one rank each) meet through a c10d rendezvous on 127.0.0.1."""
+    ckpt, out = converted
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "helix-test",
+           "-m", "helix_compile.cli", "generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "10",
+           "--executor", "eager"]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [r[1][-3000:] for r in results]
+    texts = [r[0].strip() for r in results]
+    assert sorted(texts) == ["", greedy_text(ckpt, PROMPT, 10)]  # rank 0's node streams the text, the other none
+
+
+def test_plan_and_world_size_disagree(converted, capsys):
+    """Refused by the launcher before any rank starts (each rank refuses the same under torchrun)."""
+    _, out = converted
+    assert main(["generate", str(out), "--nproc", "4", "--prompt", PROMPT]) == 2
+    assert "was converted for 2 ranks (kvp=2 tpa=1) but --nproc asks for 4" in capsys.readouterr().err
+    assert main(["generate", str(out), "--tpa", "2", "--kvp", "1", "--prompt", PROMPT]) == 2
+    assert "converted for kvp=2 tpa=1 tpf=2 ep=1 (2 ranks) but the layout asked for is kvp=1 tpa=2" in \
+        capsys.readouterr().err
+
+
+def test_corrupted_shard_stops_every_rank(converted, tmp_path):
+    _, good = converted
+    out = tmp_path / "copy"
+    shutil.copytree(good, out)
+    data = bytearray((out / "rank1.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (out / "rank1.safetensors").write_bytes(bytes(data))
+    done = _run(["generate", str(out), "--prompt", PROMPT, "--executor", "eager"])
+    assert done.returncode == 2, done.stderr
+    assert "rank 1: " in done.stderr and "rank1.safetensors is corrupted" in done.stderr
+    assert done.stdout == ""
+
+
+class _Launcher:
+    """`helix generate` started in the background, its stdout and stderr collected as they come."""
+
+    def __init__(self, args):
+        self.proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=ENV, cwd=ROOT)
+        self.out, self.err = [], []
+        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(lambda: s.read(1), "")), daemon=True).start()
+
+    def wait_for_text(self, timeout=180):
+        deadline = time.monotonic() + timeout
+        while "".join(self.out).count(" ") < 2:  # two streamed words: decoding is under way
+            assert self.proc.poll() is None, "".join(self.err)
+            assert time.monotonic() < deadline, "no text streamed"
+            time.sleep(0.1)
+
+    def ranks(self):
+        """PIDs of the spawned rank processes (children running multiprocessing's spawn_main)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes().decode()
+            except (OSError, ValueError):
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid and "spawn_main" in cmd:
+                pids.append(int(entry.name))
+        return pids
+
+
+def _gone(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+GENERATE_SLOWLY = ["--prompt", PROMPT, "--max-new-tokens", "60", "--executor", "eager", "--step-delay", "0.2"]
+
+
+def test_rank_killed_mid_generation(converted):
+    _, out = converted
+    run = _Launcher(["generate", str(out), *GENERATE_SLOWLY])
+    run.wait_for_text()
+    ranks = run.ranks()
+    assert len(ranks) == 2
+    t0 = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)
+    code = run.proc.wait(timeout=60)
+    elapsed = time.monotonic() - t0
+    err = "".join(run.err)
+    assert code == 1 and elapsed < 60, (code, elapsed, err)
+    assert "ended with signal SIGKILL; stopped the other 1 rank(s)" in err, err
+    assert all(_gone(p) for p in ranks)
+
+
+def test_ctrl_c_stops_every_rank(converted):
+    _, out = converted
+    run = _Launcher(["generate", str(out), *GENERATE_SLOWLY])
+    run.wait_for_text()
+    ranks = run.ranks()
+    run.proc.send_signal(signal.SIGINT)
+    code = run.proc.wait(timeout=60)
+    assert code == 130, "".join(run.err)
+    assert "interrupted" in "".join(run.err)
+    assert all(_gone(p) for p in ranks)
