@@ -1,9 +1,11 @@
 """Graph-diff fixtures: the FX graph before and after each pass, per family, as reviewed text.
 
 Rank 1 of a 4-rank layout (kvp=2, tpa=2; kvp=4 for MQA) on a fake process group, decode step (q_len=1), plus
-llama's prefill and llama's decode with HOP-B (2 batch chunks: schedule.txt differs from partition.txt). Regenerate on purpose with ``HELIX_UPDATE_GOLDEN=1 pytest tests/test_golden.py`` and review the
-diff. Fixtures are tied to the torch and transformers versions recorded in tests/golden/VERSIONS (the CI ones);
-with other versions (the GPU machines) the comparison is skipped, saying why.
+llama's prefill and llama's decode with HOP-B (2 batch chunks: schedule.txt differs from partition.txt). Written
+by ``helix_compile.graph_cmd`` (the code behind `helix graph --out`). Regenerate on purpose with
+``HELIX_UPDATE_GOLDEN=1 pytest tests/test_golden.py`` and review the diff. Fixtures are tied to the torch and
+transformers versions recorded in tests/golden/VERSIONS (the CI ones); with other versions (the GPU machines) the
+comparison is skipped, saying why.
 """
 
 import os
@@ -15,9 +17,10 @@ import torch.distributed as dist
 import transformers
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from helix_compile import Layout, StaticCache
-from helix_compile.backend import run_passes, write_stages
-from models import model, prompt
+from helix_compile import Layout
+from helix_compile.backend import write_stages
+from helix_compile.graph_cmd import capture as capture_graphs
+from models import model
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("HELIX_UPDATE_GOLDEN") == "1"
@@ -34,25 +37,12 @@ def fake_world():
 
 
 def capture(family: str, phase: str, folder: Path):
-    torch._dynamo.reset()
-    m = model(family)
+    """The fixture files of one case, written by the code behind `helix graph ... --out folder`."""
     hopb = 2 if phase.endswith("hopb2") else 1
     layout = Layout(4, 1, kv_block=4, hopb_chunks=hopb) if family == "mqa" else Layout(2, 2, kv_block=4, hopb_chunks=hopb)
-    cache = StaticCache(m.config, 2, 32, layout)
-    seen = []
-
-    def backend(gm, example_inputs, **_):
-        done = run_passes(gm, example_inputs, layout)
-        seen.append(done)
-        outputs = gm.graph.output_node().args[0]
-        return lambda *args: [torch.zeros(()) for _ in outputs]
-
-    compiled = torch.compile(m, backend=backend, fullgraph=True)
-    ids = prompt(length=5)
-    compiled(input_ids=ids, past_key_values=cache)
-    if phase.startswith("decode"):
-        compiled(input_ids=ids[:, :1], past_key_values=cache)
-    write_stages(folder, seen[-1])
+    done = capture_graphs(model(family), layout, "prefill" if phase == "prefill" else "decode", batch=2, prompt_len=5,
+                          max_cache_len=32)
+    write_stages(folder, done)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
