@@ -139,11 +139,13 @@ class _GGUF(_Source):
         self.path = path
         self.config = _config(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        state = model.state_dict()
-        if getattr(self.config, "tie_word_embeddings", False):  # one end of the tie is enough (loading re-ties)
-            out = model.get_output_embeddings()
-            state = {k: v for k, v in state.items() if not (out is not None and v is out.weight)} or state
-        self.state = state
+        state, seen = {}, set()
+        for name, value in model.state_dict().items():
+            if value.data_ptr() in seen:  # a tied lm_head: one end is enough, loading re-ties it
+                continue
+            seen.add(value.data_ptr())
+            state[name] = value
+        self.state, self.generation_config = state, model.generation_config
         self.entries = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
 
     def read(self, name):
@@ -153,6 +155,7 @@ class _GGUF(_Source):
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name).save_pretrained(folder)
+        self.generation_config.save_pretrained(folder)
 
 
 def _config(folder: Path, **kw):
