@@ -71,8 +71,8 @@ def _attention(
     pid = tl.program_id(0)  # (b, kh, row block)
     split = tl.program_id(1)
     rb = pid % ROW_BLOCKS
-    kh = (pid // ROW_BLOCKS) % HK
-    b = pid // (ROW_BLOCKS * HK)
+    kh = ((pid // ROW_BLOCKS) % HK).to(tl.int64)  # int64: a shard can exceed 2**31 elements
+    b = (pid // (ROW_BLOCKS * HK)).to(tl.int64)
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < GROUP * LQ
     l_idx = r // GROUP
@@ -154,35 +154,39 @@ def _attention(
 
 @triton.jit
 def _combine(
-    M_PART, L_PART, ACC_PART, OUT, ROWS, D,
-    NUM_SPLITS: tl.constexpr, LSE_ELEMS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    M_PART, L_PART, ACC_PART, OUT, D,
+    NUM_SPLITS: tl.constexpr, LSE_ELEMS: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the NUM_SPLITS partial results of BLOCK_R rows into the packed output."""
-    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = row < ROWS
-    s = tl.arange(0, BLOCK_S)
-    s_mask = s < NUM_SPLITS
+    """Merge the NUM_SPLITS partial results of one row into the packed output: the peak and the total over all
+    splits first (m and l only), then the weighted sum of the accumulators, CHUNK_S splits at a time."""
+    row = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < D
-    idx = row[:, None] * NUM_SPLITS + s[None, :]
-    both = r_mask[:, None] & s_mask[None, :]
-    m = tl.load(M_PART + idx, mask=both, other=float("-inf"))
-    l_s = tl.load(L_PART + idx, mask=both, other=0.0)
-    peak = tl.max(m, axis=1)
-    peak_safe = tl.where(peak == float("-inf"), 0.0, peak)
-    w = tl.exp(m - peak_safe[:, None])  # 0 for empty splits
-    total = tl.sum(w * l_s, axis=1)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for j in range(NUM_SPLITS):
-        w_j = tl.sum(tl.where(s[None, :] == j, w, 0.0), axis=1)
-        a = tl.load(ACC_PART + (row[:, None] * NUM_SPLITS + j) * BLOCK_D + d[None, :],
-                    mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-        acc += w_j[:, None] * a
-    empty = total == 0.0
-    o = acc / tl.where(empty, 1.0, total)[:, None]
-    lse = tl.where(empty, float("-inf"), peak_safe + tl.log(tl.where(empty, 1.0, total)))
-    _store_packed(OUT, row, o, lse, D, d, d_mask, r_mask, LSE_ELEMS)
+    c = tl.arange(0, CHUNK_S)
+    base = row.to(tl.int64) * NUM_SPLITS
+    peak = tl.full((CHUNK_S,), float("-inf"), tl.float32)
+    for s0 in range(0, NUM_SPLITS, CHUNK_S):
+        m = tl.load(M_PART + base + s0 + c, mask=s0 + c < NUM_SPLITS, other=float("-inf"))
+        peak = tl.maximum(peak, m)
+    top = tl.max(peak, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros((CHUNK_S,), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(0, NUM_SPLITS, CHUNK_S):
+        inside = s0 + c < NUM_SPLITS
+        m = tl.load(M_PART + base + s0 + c, mask=inside, other=float("-inf"))
+        l_s = tl.load(L_PART + base + s0 + c, mask=inside, other=0.0)
+        w = tl.exp(m - top)  # 0 for empty splits
+        total += w * l_s
+        a = tl.load(ACC_PART + (base + s0 + c)[:, None] * BLOCK_D + d[None, :], mask=inside[:, None] & d_mask[None, :],
+                    other=0.0)
+        acc += tl.sum(w[:, None] * a, axis=0)
+    total_sum = tl.sum(total, axis=0)
+    empty = total_sum == 0.0
+    o = acc / tl.where(empty, 1.0, total_sum)
+    lse = tl.where(empty, float("-inf"), top + tl.log(tl.where(empty, 1.0, total_sum)))
+    one = tl.arange(0, 1)
+    _store_packed(OUT, row + one, o[None, :], lse + tl.zeros((1,), tl.float32), D, d, d_mask, one < 1, LSE_ELEMS)
 
 
 # Triton's CPU interpreter (3.9) multiplies 16-bit dot operands wrongly; there the kernel takes its fp32 path.
@@ -204,7 +208,7 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
     if length == 1:
         block_r = max(16, min(64, triton.next_power_of_2(group)))
         programs = batch * hk * triton.cdiv(group, block_r)
-        splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(capacity, 256)))
+        splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(capacity, 1024)))
         return block_r, 64 if dtype.itemsize < 4 else 32, splits, 4, 3
     return 64, 64 if dtype.itemsize < 4 else 32, 1, 4, 2
 
@@ -250,9 +254,7 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )
     if splits > 1:
-        wrap_triton(_combine)[(triton.cdiv(rows, 16),)](
-            m, l_sum, acc, out, rows, d,
-            NUM_SPLITS=splits, LSE_ELEMS=e, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-            BLOCK_R=16, num_warps=4,
+        wrap_triton(_combine)[(rows,)](
+            m, l_sum, acc, out, d, NUM_SPLITS=splits, LSE_ELEMS=e, CHUNK_S=16, BLOCK_D=block_d, num_warps=4,
         )
     return out

@@ -88,7 +88,7 @@ def main():
                         row.update(sdpa_us=ms_s * 1e3, sdpa_gbs=kv_bytes / (ms_s * 1e-3) / 1e9)
                     except RuntimeError as e:
                         row["sdpa_error"] = str(e)[:200]
-                if args.sweep:
+                if args.sweep and slots == 65536:
                     best = None
                     for cfg in _candidates(batch, hk, hq // hk, slots):
                         try:
@@ -115,10 +115,11 @@ def _candidates(batch, hk, group, slots):
     block_r = max(16, min(64, triton.next_power_of_2(group)))
     programs = batch * hk * triton.cdiv(group, block_r)
     for block_n in (64, 128):
-        for per_sm in (1, 2, 4):
-            splits = max(1, min(triton.cdiv(per_sm * 132, programs), triton.cdiv(slots, 256)))
-            for warps, stages in ((4, 2), (4, 3), (8, 3), (4, 4)):
-                yield (block_r, block_n, splits, warps, stages)
+        for per_sm in (2, 4):
+            for min_split in (512, 2048):
+                splits = max(1, min(triton.cdiv(per_sm * 132, programs), triton.cdiv(slots, min_split)))
+                for warps, stages in ((4, 3), (8, 3), (4, 4)):
+                    yield (block_r, block_n, splits, warps, stages)
 
 
 if __name__ == "__main__":
