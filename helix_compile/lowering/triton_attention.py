@@ -115,9 +115,9 @@ def _attention(
             s = tl.dot(q, k.to(tl.float32), input_precision="tf32x3")
         else:
             s = tl.dot(q, k)
-        s = s * scale
+        s = (s * scale).to(tl.float32)  # Inductor may pass Python floats as fp64 scalars
         if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            s = (softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))).to(tl.float32)
         visible = in_range[None, :] & (key_pos[None, :] <= q_pos[:, None])
         if WINDOW:
             visible = visible & (q_pos[:, None] - key_pos[None, :] < window)
@@ -202,14 +202,15 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
     """(BLOCK_R, BLOCK_N, NUM_SPLITS, num_warps, num_stages) for one call.
 
     Decode (one query position) packs the group's heads into one row block and splits the keys so that about
-    two programs run per SM; prefill takes 64-row blocks (enough programs already) and no split. A prefill
+    two programs run per SM, each over 1024 slots or more; prefill takes 64-row blocks (enough programs already) and no split. A prefill
     length is symbolic under dynamic shapes: only ``length == 1`` is asked of it, which needs no guard.
     """
     if length == 1:
         block_r = max(16, min(64, triton.next_power_of_2(group)))
         programs = batch * hk * triton.cdiv(group, block_r)
         splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(capacity, 1024)))
-        return block_r, 64 if dtype.itemsize < 4 else 32, splits, 4, 3
+        # measured on H200 (docs/perf.md): 8 warps pay once the group fills 32+ rows (MQA), 4 stages without splits
+        return block_r, 64 if dtype.itemsize < 4 else 32, splits, 8 if block_r >= 32 else 4, 3 if splits > 1 else 4
     return 64, 64 if dtype.itemsize < 4 else 32, 1, 4, 2
 
 
