@@ -27,7 +27,7 @@ EPILOG = """examples:
   helix generate ckpt-helix/ --prompt "Hello" --max-new-tokens 32   # launches the plan's 4 ranks itself
   torchrun --nproc-per-node 4 -m helix_compile.cli generate ckpt-helix/ --prompt "Hello"
   helix graph llama --kvp 2 --tpa 2 --html graph.html        # tiny random llama: the graph after each pass
-  helix bench ...                                             # GPU benchmarks (when installed)
+  helix bench --gpus 4 --models mqa,gqa8 --contexts 32K,256K --batches 1,8,32 --out docs/perf   # GPU timings
 
 `helix COMMAND --help` shows each command's options and more examples.
 """
