@@ -109,8 +109,8 @@ def test_corrupted_shard_stops_every_rank(converted, tmp_path):
 class _Launcher:
     """`helix generate` started in the background, its stdout and stderr collected as they come."""
 
-    def __init__(self, args):
-        self.proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    def __init__(self, args, prefix=CLI):
+        self.proc = subprocess.Popen(prefix + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=ENV, cwd=ROOT)
         self.out, self.err = [], []
         for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
@@ -125,6 +125,9 @@ class _Launcher:
 
     def ranks(self):
         """PIDs of the spawned rank processes (children running multiprocessing's spawn_main)."""
+        return self.children("spawn_main")
+
+    def children(self, marker):
         pids = []
         for entry in Path("/proc").iterdir():
             try:
@@ -132,7 +135,7 @@ class _Launcher:
                 cmd = (entry / "cmdline").read_bytes().decode()
             except (OSError, ValueError):
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid and "spawn_main" in cmd:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid and marker in cmd:
                 pids.append(int(entry.name))
         return pids
 
@@ -173,3 +176,29 @@ def test_ctrl_c_stops_every_rank(converted):
     assert code == 130, "".join(run.err)
     assert "interrupted" in "".join(run.err)
     assert all(_gone(p) for p in ranks)
+
+
+def test_rank_killed_across_nodes(converted):
+    """Two torchrun launchers; the rank on the node that is not streaming is killed: the other rank notices the
+    broken connection in its next collective (or by its watchdog) and exits with a message, and so do both
+    launchers, within 60 s."""
+    _, out = converted
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "helix-kill",
+           "-m", "helix_compile.cli", "generate", str(out), *GENERATE_SLOWLY, "--timeout", "20"]
+    nodes = [_Launcher(cmd, prefix=[]) for _ in range(2)]
+    deadline = time.monotonic() + 180
+    while not any("".join(n.out).count(" ") >= 2 for n in nodes):
+        assert all(n.proc.poll() is None for n in nodes), ["".join(n.err)[-2000:] for n in nodes]
+        assert time.monotonic() < deadline, "no text streamed"
+        time.sleep(0.1)
+    quiet = next(n for n in nodes if "".join(n.out).count(" ") < 2)
+    (worker,) = quiet.children("helix_compile.cli")
+    t0 = time.monotonic()
+    os.kill(worker, signal.SIGKILL)
+    codes = [n.proc.wait(timeout=60) for n in nodes]
+    assert time.monotonic() - t0 < 60 and all(c != 0 for c in codes), codes
+    streaming = next(n for n in nodes if n is not quiet)
+    err = "".join(streaming.err)
+    assert "helix generate: rank 0: " in err and ("a collective failed" in err or "no progress for" in err), err[-3000:]
