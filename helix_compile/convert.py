@@ -164,14 +164,17 @@ def _config(folder: Path, **kw):
 
     try:
         config = AutoConfig.from_pretrained(folder, **kw)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, OSError) as e:
+        if kw:  # a GGUF: transformers names the architecture it does not map
+            raise ValueError(f"{folder / kw['gguf_file']}: transformers {__version__} cannot read it ({e}); helix "
+                             f"supports {SUPPORTED}") from None
         raw = folder / "config.json"
-        model_type = json.loads(raw.read_text()).get("model_type") if raw.exists() and not kw else None
-        if model_type is None and not kw:
-            raise ValueError(f"{folder}: cannot read its config.json ({e})")
+        model_type = json.loads(raw.read_text()).get("model_type") if raw.exists() else None
+        if model_type is None:
+            raise ValueError(f"{folder}: cannot read a config.json with a model_type ({e})") from None
         raise ValueError(
-            f"{folder / kw.get('gguf_file', 'config.json')}: unknown model type {model_type!r}: transformers "
-            f"{__version__} does not know it. helix supports {SUPPORTED}"
+            f"{raw}: unknown model type {model_type!r}: transformers {__version__} does not know it. helix "
+            f"supports {SUPPORTED}"
         ) from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"model type {config.model_type!r} is not a causal LM; helix supports {SUPPORTED}")

@@ -128,6 +128,8 @@ def resolve(args, world: int | None):
         from .planner import choose_layout
 
         text = AutoConfig.from_pretrained(path).get_text_config(decoder=True)
+        # the context is not known before tokenising; 4096 prompt tokens is a generous bound, and the choice
+        # depends on it only through the KV bytes
         chosen = choose_layout(text, n, args.max_new_tokens + 4096, batch_size=1)
         chosen.update({k: v for k, v in fields.items() if k == "kv_block"})
         return path, Layout(**chosen), n
@@ -136,6 +138,9 @@ def resolve(args, world: int | None):
                          "with helix convert, whose plan.json holds the layout)")
     layout = Layout(**fields)
     n = world or args.nproc or layout.world_size
+    if n != layout.world_size:
+        raise ValueError(f"kvp={layout.kvp} x tpa={layout.tpa} needs {layout.world_size} ranks but "
+                         f"{'torchrun started' if world else '--nproc asks for'} {n}")
     return path, layout, n
 
 
@@ -269,6 +274,10 @@ def _rank_entry(args, path, layout, rank: int, world: int) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
+        inner = getattr(e, "inner_exception", None)  # Dynamo wraps the backend's refusals
+        if isinstance(inner, (ValueError, NotImplementedError)):
+            print(f"helix generate: error: rank {rank}: {inner}", file=sys.stderr, flush=True)
+            return 2
         if not _lost_peer(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

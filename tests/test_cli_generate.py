@@ -202,3 +202,27 @@ def test_rank_killed_across_nodes(converted):
     streaming = next(n for n in nodes if n is not quiet)
     err = "".join(streaming.err)
     assert "helix generate: rank 0: " in err and ("a collective failed" in err or "no progress for" in err), err[-3000:]
+
+
+def test_gguf_file_generates_like_transformers(tmp_path):
+    """A GGUF given to `helix generate`: de-quantised and converted once by the launcher (into a temp dir that
+    is removed afterwards), tokenizer from the GGUF; greedy text equal to transformers on the same file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cli_checkpoint import write_gguf
+
+    gguf_file = write_gguf(tmp_path / "tiny.gguf")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    done = subprocess.run(CLI + ["generate", str(gguf_file), "--kvp", "2", "--prompt", "w1 w2 w3",
+                                 "--max-new-tokens", "8", "--executor", "eager"], capture_output=True, text=True,
+                          env={**ENV, "TMPDIR": str(scratch)}, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    ids = tok("w1 w2 w3", return_tensors="pt").input_ids
+    ref = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    want = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert len(want) >= 5 and done.stdout == want + "\n"
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("helix-gguf-")] == []
