@@ -66,9 +66,6 @@ def _inductor(gm: fx.GraphModule, args: list):
     return compile_fx(gm, args, config_patches={"fx_graph_cache": False})
 
 
-_POOL = None  # one memory pool for every captured step of the process: steps replay one at a time
-
-
 class GraphedStep:
     """A compiled local step replayed as one CUDA graph (see the module docstring for the protocol)."""
 
@@ -92,9 +89,6 @@ class GraphedStep:
         return self._capture(args)
 
     def _capture(self, args):
-        global _POOL
-        if _POOL is None:
-            _POOL = torch.cuda.graph_pool_handle()
         # inputs that changed since call 1 get a buffer of their own, refreshed before each replay
         self.dynamic = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a is not self.first[i]}
         self.static = list(args)
@@ -103,7 +97,7 @@ class GraphedStep:
         self.first = None
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=_POOL):
+        with torch.cuda.graph(graph):  # a private pool per graph: graphs are freed with their Dynamo entries
             outputs = self.fn(*self.static)
         self.graph, self.outputs = graph, outputs
         graph.replay()
