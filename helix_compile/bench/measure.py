@@ -154,6 +154,7 @@ def helix_rows(model, name, cfg, layout, strategy, batch, contexts, steps, bw, c
     from .. import StaticCache
 
     torch._dynamo.reset()
+    torch.cuda.reset_peak_memory_stats()  # mem_gb is this configuration's peak
     max_len = max(contexts) + 8 * steps
     rows = [Row(name, cfg.num_key_value_heads, cfg.num_hidden_layers, n, strategy, layout.kvp, layout.tpa,
                 layout.hopb_chunks, batch, c) for c in contexts]
@@ -222,6 +223,7 @@ def transformers_rows(model, name, cfg, batch, contexts, steps, bw) -> list[Row]
         row = Row(name, cfg.num_key_value_heads, cfg.num_hidden_layers, 1, "single-transformers", 1, 1, 1, batch, context)
         rows.append(row)
         torch._dynamo.reset()
+        torch.cuda.reset_peak_memory_stats()
         try:
             cache = HFStaticCache(cfg, max_cache_len=context + 8 * steps)
             cache.early_initialization(batch, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16, torch.device("cuda"))

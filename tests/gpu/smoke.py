@@ -116,11 +116,13 @@ def _first_divergence(r):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--quick", action="store_true", help="the first two configurations only (fp32 and bf16 llama)")
     parser.add_argument("--world", type=int, default=min(2, torch.cuda.device_count()))
     args = parser.parse_args()
     if torch.cuda.device_count() < args.world or args.world not in (1, 2):
         sys.exit(f"--world {args.world}: needs 1 or 2 GPUs, found {torch.cuda.device_count()}")
-    per_rank = run_ranks(args.world, body, CONFIGS, args.world, backend="nccl")
+    configs = CONFIGS[:2] if args.quick else CONFIGS
+    per_rank = run_ranks(args.world, body, configs, args.world, backend="nccl")
     rows = per_rank[0]
     for i, row in enumerate(rows):
         row["ranks_agree"] = all(r[i]["logits"] == row["logits"] for r in per_rank[1:])
