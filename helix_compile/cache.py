@@ -2,7 +2,8 @@
 
 The cache looks global to the model (``layers[i].keys`` is a virtual (B, K, max_cache_len, D) tensor, so the HF
 program traces unchanged), while the rank stores ``ceil(K/tpa)`` KV heads of the positions it owns
-(``Layout.owner``), in ``layers[i].local_keys`` / ``local_values`` of shape (B, K/tpa, capacity + 1, D). The
+(``Layout.owner``), in ``layers[i].local_keys`` / ``local_values`` of shape (B, K/tpa, capacity + 1, D) (one
+head when tpa > K: ``Layout.kv_heads``, so ``nbytes`` shows the TP baseline's duplication). The
 extra slot takes the writes of positions owned by other KVP ranks and is never read.
 """
 
@@ -22,7 +23,8 @@ class HelixLayer(StaticLayer):
     def __init__(self, cache: "StaticCache", max_cache_len: int, batch: int, heads: int, head_dim: int, dtype, device):
         super().__init__(max_cache_len=max_cache_len)
         layout, rank = cache.layout, cache.rank
-        local_heads = heads // layout.tpa
+        first, stop = layout.kv_heads(heads, rank)
+        local_heads = stop - first  # K/tpa; 1 when tpa > K (the TP baseline duplicates that head)
         capacity = layout.local_capacity(max_cache_len)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.batch_size, self.num_heads, self.k_head_dim, self.v_head_dim = batch, heads, head_dim, head_dim
