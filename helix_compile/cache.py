@@ -77,10 +77,14 @@ class StaticCache(Cache):
 
         text = config.get_text_config(decoder=True)
         self.rank, world = current_world()
+        dtype = dtype or getattr(text, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         if layout == "auto":
             from .planner import choose_layout
 
-            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size))
+            # the cache's dtype sizes the KV the planner costs (an fp32 cache is twice a bf16 one)
+            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size, dtype=dtype))
         layout.validate(text, world_size=world)
         window = getattr(text, "sliding_window", None)
         if window is not None and getattr(text, "use_sliding_window", True) and window < max_cache_len:
@@ -96,9 +100,6 @@ class StaticCache(Cache):
         self.host_length = 0  # tokens written, tracked on the host so the bound is checked without a device sync
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        dtype = dtype or getattr(text, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
         layers = [
             HelixLayer(self, max_cache_len, max_batch_size, heads, head_dim, dtype, device)
             for _ in range(text.num_hidden_layers)

@@ -40,7 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print every evaluated layout as JSON on stdout")
     p.add_argument("--png", help="write the Pareto plot here")
     p.add_argument("--top", type=int, default=25, help="rows of the frontier table (default 25)")
-    p.add_argument("--paper", metavar="DIR", help="reproduce Figure 1 and the paper's comparisons into DIR")
+    p.add_argument("--paper", metavar="DIR", help="reproduce Figure 1, the paper's comparisons and Figure 7 into DIR")
+    p.add_argument("--fit", action="store_true", help="with --paper: first refit the per-layer fixed cost to the "
+                                                       "paper's four headline ratios")
     p.add_argument("--calibrate", metavar="RESULTS", help="fit the hardware model to a helix-bench/1 results file")
     p.add_argument("--save-hw", metavar="FILE", help="with --calibrate: write the calibrated hardware JSON")
     p.set_defaults(func=run)
@@ -51,7 +53,7 @@ def run(args) -> int:
     if args.paper:
         from .paper import run as run_paper
 
-        run_paper(args.paper)
+        run_paper(args.paper, fit=args.fit)
         return 0
     if args.calibrate:
         return _calibrate(args)
