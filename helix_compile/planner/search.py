@@ -205,8 +205,9 @@ def choose_layout(config, world_size: int, context_len, batch_size: int | None =
         reasons = {backend_error(m, world_size // t, t, world_size) for t in range(1, world_size + 1)
                    if world_size % t == 0}
         raise ValueError(f"no layout of {m.name} runs on {world_size} GPUs: " + "; ".join(sorted(r for r in reasons if r)))
+    # hopb=False: the returned layout carries no hopb_chunks, so the backend runs it with HOP-B off
     p = plan(m, world_size, context_len, batch=batch_size or 1, dtype=dtype, hw=hwo, strategies=BACKEND_STRATEGIES,
-             replicas=False)
+             replicas=False, hopb=False)
     fits = [e for e in p.evaluations if e.feasible]
     if not fits:
         least = min(p.evaluations, key=lambda e: e.memory_gb)

@@ -105,3 +105,20 @@ def test_every_chosen_layout_compiles():
         text = str(done.stages["schedule"].graph)
         assert text.count("helix.partial_attention") == 2, (q, k, kvp, tpa)  # one per layer
         assert ("all_to_all_single" in text) == (kvp > 1), (q, k, kvp, tpa)
+
+
+def test_static_cache_auto_passes_its_dtype(monkeypatch):
+    """StaticCache(layout="auto") sizes the KV the planner costs with the cache's own dtype."""
+    import helix_compile.planner
+
+    seen = {}
+
+    def spy(config, world, context, batch_size=None, dtype="bf16", hw="h200"):
+        seen.update(world=world, context=context, batch=batch_size, dtype=dtype)
+        return {"kvp": 1, "tpa": 1, "tpf": 1, "ep": 1}
+
+    monkeypatch.setattr(helix_compile.planner, "choose_layout", spy)
+    cache = StaticCache(_config(8, 4), 3, 40, "auto", dtype=torch.float32)
+    assert seen == {"world": 1, "context": 40, "batch": 3, "dtype": torch.float32} and cache.layout == Layout(1)
+    StaticCache(_config(8, 4), 3, 40, "auto", dtype=torch.bfloat16)
+    assert seen["dtype"] == torch.bfloat16
