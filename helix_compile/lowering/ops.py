@@ -1,7 +1,4 @@
-"""Helix custom ops (``torch.library``): fake implementations for tracing and a reference torch implementation.
-
-On CUDA, partial_attention runs the Triton split-S kernel of ``triton_attention.py`` for queries of up to
-TRITON_MAX_QUERY positions (decode), the reference otherwise.
+"""Helix ops (``torch.library``): what the partitioned program calls, and how each one lowers.
 
 Global op (what the user-visible program calls; the partition pass replaces it):
     helix::kv_write(keys, values, k, v, pos)                      write new K/V at global positions ``pos``
@@ -11,20 +8,33 @@ Rank-local ops (what the partitioned program calls):
         owner-only write: position p goes to slot (p // kv_block // kvp) * kv_block + p % kv_block of the rank
         with kvp_rank == (p // kv_block) % kvp; every other rank writes it to its spare last slot (never read),
         so the op needs no data-dependent shapes and no host sync.
-    helix::partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale) -> packed
-        attention of the local query heads over the local keys, masked causally by *global* positions. Returns
-        ``packed`` of shape (Hq_local, B, L, D + e): the output o_r in q's dtype with its natural-log LSE
-        (fp32, bit-cast into the last e = 4 / itemsize elements). Head-major so that the all-to-all over query
-        heads splits dim 0. A row with no visible key has lse = -inf and o = 0.
+    helix::partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale,
+                             softcap=0.0, window=0, key_mask=None) -> packed
+        attention of the local query heads over the local keys. Key at global position p is visible to the query
+        at position t when p <= t, and t - p < window (window > 0: sliding window), and key_mask[b, p] != 0
+        (key_mask given: the 2-D HF attention mask over global positions; p >= its length is not visible).
+        Scores are q.k * scale, then softcap * tanh(score / softcap) when softcap > 0 (Gemma 2).
+        Returns ``packed`` of shape (Hq_local, B, L, D + e): the output o_r in q's dtype with its natural-log
+        LSE (fp32, bit-cast into the last e = 4 / itemsize elements). Head-major so that the all-to-all over
+        query heads splits dim 0. A row with no visible key has lse = -inf and o = 0.
     helix::lse_merge(recv, kvp, head_dim) -> o
         recv (kvp * Hn, B, L, D + e), the partials of this rank's Hn heads from every KVP rank;
         lse = logsumexp_r(lse_r), o = sum_r exp(lse_r - lse) * o_r in fp32; all -inf -> 0. Returns (B, Hn, L, D).
+
+Lowering (no Python of ours runs per step under Inductor):
+    partial_attention is a ``triton_op``: under Inductor its body is traced, so on CUDA the Triton kernels of
+        ``triton_attention.py`` appear in the generated code (and in its CUDA graph), and on CPU the reference
+        torch math below becomes Inductor C++. The eager executor calls the same body directly.
+    kv_write_local and lse_merge are CompositeImplicitAutograd: AOTAutograd decomposes them into aten ops that
+        Inductor fuses (the KV write becomes an in-place index_put into the cache shard, as in gpt-fast).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-from torch.library import custom_op
+from torch.library import Library, custom_op, triton_op
 
 
 class ShardedEagerError(RuntimeError):
@@ -55,7 +65,7 @@ def _(keys, values, k, v, pos):
     return None
 
 
-# -- rank-local ops -------------------------------------------------------------------------------------------
+# -- KV ownership -----------------------------------------------------------------------------------------------
 def local_slots(pos: torch.Tensor, kvp_rank: int, kvp: int, kv_block: int, capacity: int) -> torch.Tensor:
     """Local slot of every global position; ``capacity`` (the spare slot) where this rank is not the owner."""
     block = torch.div(pos, kv_block, rounding_mode="floor")
@@ -69,80 +79,24 @@ def slot_positions(capacity: int, kvp_rank: int, kvp: int, kv_block: int, device
     return torch.div(s, kv_block, rounding_mode="floor") * (kv_block * kvp) + kvp_rank * kv_block + s % kv_block
 
 
-@custom_op("helix::kv_write_local", mutates_args=("k_shard", "v_shard"))
-def kv_write_local(
-    k_shard: torch.Tensor,
-    v_shard: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pos: torch.Tensor,
-    kvp_rank: int,
-    kvp: int,
-    kv_block: int,
-) -> None:
+# -- rank-local ops: composite (decomposed into aten ops that Inductor fuses) ------------------------------------
+_lib = Library("helix", "FRAGMENT")
+_lib.define(
+    "kv_write_local(Tensor(a!) k_shard, Tensor(b!) v_shard, Tensor k, Tensor v, Tensor pos, int kvp_rank, int kvp, "
+    "int kv_block) -> ()"
+)
+_lib.define("lse_merge(Tensor recv, int kvp, int head_dim) -> Tensor")
+
+
+@torch.library.impl(_lib, "kv_write_local", "CompositeImplicitAutograd")
+def kv_write_local(k_shard, v_shard, k, v, pos, kvp_rank, kvp, kv_block):
     slots = local_slots(pos, kvp_rank, kvp, kv_block, k_shard.shape[2] - 1)
     k_shard.index_copy_(2, slots, k.to(k_shard.dtype))
     v_shard.index_copy_(2, slots, v.to(v_shard.dtype))
 
 
-@kv_write_local.register_fake
-def _(k_shard, v_shard, k, v, pos, kvp_rank, kvp, kv_block):
-    return None
-
-
-@custom_op("helix::partial_attention", mutates_args=())
-def partial_attention(
-    q: torch.Tensor,
-    k_shard: torch.Tensor,
-    v_shard: torch.Tensor,
-    pos: torch.Tensor,
-    kvp_rank: int,
-    kvp: int,
-    kv_block: int,
-    scale: float,
-) -> torch.Tensor:
-    return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale)
-
-
-TRITON_MAX_QUERY = 16  # the split-S kernel re-reads the shard per query row: decode and short chunks only
-
-
-@partial_attention.register_kernel("cuda")
-def _(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale):
-    if q.shape[2] <= TRITON_MAX_QUERY:
-        from .triton_attention import partial_attention as triton_partial_attention
-
-        return triton_partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale)
-    return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale)
-
-
-def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale):
-    """Reference (any device): scores in fp32 over the whole local shard, masked by global position."""
-    b, hq, length, d = q.shape
-    hk = k_shard.shape[1]
-    capacity = k_shard.shape[2] - 1
-    k = k_shard[:, :, :capacity].float()
-    v = v_shard[:, :, :capacity].float()
-    qf = q.float().reshape(b, hk, hq // hk, length, d)  # query head h reads KV head h // (hq / hk)
-    scores = torch.einsum("bkgld,bksd->bkgls", qf, k) * scale
-    visible = slot_positions(capacity, kvp_rank, kvp, kv_block, q.device)[None, :] <= pos[:, None]  # (L, S_local)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    o = torch.einsum("bkgls,bksd->bkgld", torch.exp(scores - finite[..., None]), v)
-    o = o.reshape(b, hq, length, v.shape[-1]).permute(1, 0, 2, 3)
-    lse = lse.reshape(b, hq, length).permute(1, 0, 2).to(_lse_dtype(q.dtype))
-    return torch.cat([o.to(q.dtype), lse.unsqueeze(-1).contiguous().view(q.dtype)], dim=-1)
-
-
-@partial_attention.register_fake
-def _(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale):
-    b, hq, length, _ = q.shape
-    return q.new_empty((hq, b, length, v_shard.shape[-1] + lse_elems(q.dtype)))
-
-
-@custom_op("helix::lse_merge", mutates_args=())
-def lse_merge(recv: torch.Tensor, kvp: int, head_dim: int) -> torch.Tensor:
+@torch.library.impl(_lib, "lse_merge", "CompositeImplicitAutograd")
+def lse_merge(recv, kvp, head_dim):
     rows, b, length, _ = recv.shape
     parts = recv.reshape(kvp, rows // kvp, b, length, -1)
     o = parts[..., :head_dim].float()
@@ -155,7 +109,57 @@ def lse_merge(recv: torch.Tensor, kvp: int, head_dim: int) -> torch.Tensor:
     return merged.permute(1, 0, 2, 3).to(recv.dtype).contiguous()
 
 
-@lse_merge.register_fake
-def _(recv, kvp, head_dim):
-    rows, b, length, _ = recv.shape
-    return recv.new_empty((b, rows // kvp, length, head_dim))
+# -- rank-local ops: partial attention ---------------------------------------------------------------------------
+@triton_op("helix::partial_attention", mutates_args=())
+def partial_attention(
+    q: torch.Tensor,
+    k_shard: torch.Tensor,
+    v_shard: torch.Tensor,
+    pos: torch.Tensor,
+    kvp_rank: int,
+    kvp: int,
+    kv_block: int,
+    scale: float,
+    softcap: float = 0.0,
+    window: int = 0,
+    key_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    if q.device.type == "cuda":
+        from .triton_attention import partial_attention as triton_partial_attention
+
+        return triton_partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask)
+    return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask)
+
+
+def visible_keys(pos, key_pos, window=0, key_mask=None):
+    """(B or 1, L, S) bool: key at global ``key_pos[s]`` visible to the query at ``pos[l]`` (see the module doc)."""
+    seen = key_pos[None, None, :] <= pos[None, :, None]
+    if window > 0:
+        seen = seen & (pos[None, :, None] - key_pos[None, None, :] < window)
+    if key_mask is not None:
+        inside = key_pos < key_mask.shape[1]
+        allowed = key_mask.gather(1, key_pos.clamp(max=key_mask.shape[1] - 1).expand(key_mask.shape[0], -1)) != 0
+        seen = seen & (allowed & inside)[:, None, :]
+    return seen
+
+
+def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap=0.0, window=0,
+                                key_mask=None):
+    """Reference (any device): scores in fp32 over the whole local shard, masked by global position."""
+    b, hq, length, d = q.shape
+    hk = k_shard.shape[1]
+    capacity = k_shard.shape[2] - 1
+    k = k_shard[:, :, :capacity].float()
+    v = v_shard[:, :, :capacity].float()
+    qf = q.float().reshape(b, hk, hq // hk, length, d)  # query head h reads KV head h // (hq / hk)
+    scores = torch.einsum("bkgld,bksd->bkgls", qf, k) * scale
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    visible = visible_keys(pos, slot_positions(capacity, kvp_rank, kvp, kv_block, q.device), window, key_mask)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    o = torch.einsum("bkgls,bksd->bkgld", torch.exp(scores - finite[..., None]), v)
+    o = o.reshape(b, hq, length, v.shape[-1]).permute(1, 0, 2, 3)
+    lse = lse.reshape(b, hq, length).permute(1, 0, 2).to(_lse_dtype(q.dtype))
+    return torch.cat([o.to(q.dtype), lse.unsqueeze(-1).contiguous().view(q.dtype)], dim=-1)
