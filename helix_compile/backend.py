@@ -8,6 +8,10 @@ and the helix cache's virtual tensors. The passes turn it into this rank's local
 ``Runtime`` swaps every sharded input for this rank's piece (a registered shard, or a slice of a materialised
 parameter, made once) and checks the cache bound on the host before anything is written.
 
+Helix is inference-only: the local program always runs without autograd. Called in grad mode (parameters that
+require grad, no ``torch.no_grad()``), the outputs still require grad, and a ``backward`` through them raises an
+error saying so.
+
 Options: ``layout`` (a ``Layout``, a dict of its fields, or "auto": the planner picks), ``executor``
 ("inductor", default, or "eager": run the local FX graph without Inductor), ``dump`` (a folder: the graph
 text before and after each pass, and plan.json, per rank).
@@ -23,10 +27,11 @@ import torch
 import torch.fx as fx
 
 from . import shards
+from .cache import FIX as cache_fix
 from .graph_text import graph_text
 from .layout import Layout, current_world
 from .lowering.compile import Lowered
-from .passes.detect import Regions, detect
+from .passes.detect import KV_WRITE, Regions, detect
 from .passes.partition import partition
 from .passes.plan import Plan
 from .passes.plan import plan as make_plan
@@ -44,6 +49,7 @@ class Compiled:
 
 def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
     """capture -> detect -> plan -> partition -> schedule, for this rank."""
+    _check_cache_fits(gm)
     cache = _find_cache(example_inputs)
     config = cache.config
     layout = _layout(layout_option, cache)
@@ -51,6 +57,12 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
     layout.validate(config, world_size=world)
     if layout != cache.layout:
         raise ValueError(f"the StaticCache was built for {cache.layout} but the backend was given {layout}")
+    writes = sum(n.op == "call_function" and n.target in KV_WRITE for n in gm.graph.nodes)
+    if writes and writes != len(cache.layers):
+        raise ValueError(
+            f"helix StaticCache does not fit the model: the model has {writes} attention layers but the cache has "
+            f"{len(cache.layers)} (num_hidden_layers={config.num_hidden_layers}). {cache_fix}"
+        )
     regions = detect(gm)
     the_plan = make_plan(gm, regions, config, layout, rank)
     local = partition(gm, regions, the_plan)
@@ -92,9 +104,12 @@ class Runtime:
                 f"helix StaticCache holds {cache.host_length} tokens and max_cache_len={cache.max_cache_len}: "
                 f"{q_len} more do not fit; nothing was written"
             )
-        local = [self._swap(i, a) for i, a in enumerate(args)]
-        out = self.lowered(local)
+        with torch.no_grad():  # inference only: parameter slices and the local program never record autograd
+            local = [self._swap(i, a) for i, a in enumerate(args)]
+            out = self.lowered(local)
         cache.host_length += q_len
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            out = _inference_only(out)
         return out
 
     def _swap(self, i, arg):
@@ -121,6 +136,43 @@ class Runtime:
                 raise RuntimeError(f"cache input '{self.names[i]}' has no local shard for {self.plan.layout} on rank {self.plan.rank}")
             return piece
         return shards.local_piece(arg, placement, self.names[i])
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Identity whose backward refuses: outputs of a grad-mode call require grad, as the user expects, but helix
+    has no backward."""
+
+    @staticmethod
+    def forward(ctx, anchor, *outs):
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "helix is inference-only: the helix backend compiles no backward pass, so its outputs cannot be "
+            "differentiated. Call the compiled model under torch.no_grad() / torch.inference_mode() for generation."
+        )
+
+
+def _inference_only(out):
+    """``out`` (the graph's tuple of outputs) with its floating tensors routed through ``_InferenceOnly``."""
+    items = list(out)
+    where = [i for i, t in enumerate(items) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not where:
+        return out
+    anchor = torch.zeros((), requires_grad=True)  # gives the Function's outputs a grad_fn
+    for i, t in zip(where, _InferenceOnly.apply(anchor, *(items[i] for i in where))):
+        items[i] = t
+    return type(out)(items) if isinstance(out, tuple) else items
+
+
+def _check_cache_fits(gm: fx.GraphModule) -> None:
+    """Raise the first mismatch between model and cache that ``HelixLayer.update`` recorded while Dynamo traced."""
+    from .cache import cache_mismatch  # noqa: F401  the op's registration
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.helix.cache_mismatch, torch.ops.helix.cache_mismatch.default):
+            raise ValueError(node.args[2])
 
 
 def _find_cache(example_inputs):
