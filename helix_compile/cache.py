@@ -62,6 +62,7 @@ class HelixLayer(StaticLayer):
         self.values = shards.virtual((batch, heads, max_cache_len, head_dim), dtype, self.device)
         self.local_keys = torch.zeros((batch, local_heads, capacity + 1, head_dim), dtype=dtype, device=self.device)
         self.local_values = torch.zeros_like(self.local_keys)
+        self.dtype, self.device = dtype, self.local_keys.device  # "cuda" resolved to "cuda:<current>"
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         shards.register(self.keys, ("kv", cache.layout, rank), self.local_keys)
         shards.register(self.values, ("kv", cache.layout, rank), self.local_values)
@@ -90,17 +91,18 @@ class HelixLayer(StaticLayer):
         """What about the model's new keys/values disagrees with this cache (static facts at trace time), or None."""
         b, heads, _, k_dim = key_states.shape
         v_dim = value_states.shape[-1]
-        # Each message is built only when its check fails: formatting a symbolic size would specialise it.
+        # Each message is built only when its check fails: formatting a symbolic size would specialise it. The
+        # checks read plain attributes, not self.keys: what the trace touches first orders the graph's inputs.
         if b > self.batch_size:
             what = f"the batch has {b} rows but the cache's max_batch_size is {self.batch_size}"
         elif heads != self.num_heads:
             what = f"the model has {heads} KV heads per layer but the cache {self.num_heads}"
         elif (k_dim, v_dim) != (self.k_head_dim, self.v_head_dim):
             what = f"the model's key/value head_dim is {k_dim}/{v_dim} but the cache's {self.k_head_dim}/{self.v_head_dim}"
-        elif key_states.dtype != self.keys.dtype:
-            what = f"the model computes in {key_states.dtype} but the cache holds {self.keys.dtype}"
-        elif key_states.device != self.keys.device:
-            what = f"the model computes on {key_states.device} but the cache is on {self.keys.device}"
+        elif key_states.dtype != self.dtype:
+            what = f"the model computes in {key_states.dtype} but the cache holds {self.dtype}"
+        elif key_states.device != self.device:
+            what = f"the model computes on {key_states.device} but the cache is on {self.device}"
         else:
             return None
         return f"helix StaticCache does not fit the model: {what}. {FIX}"
