@@ -145,8 +145,8 @@ def _linear_ancestor(start: fx.Node, attention_module: str, what: str) -> fx.Nod
         if node.op == "call_function" and node.target is LINEAR:
             found.append(node)
             continue
-        if node.op in ("placeholder", "get_attr"):
-            continue
+        if node.op in ("placeholder", "get_attr") or _is_method(node, {"size"}):
+            continue  # a size (dynamic batch or length) carries no values
         if not module_path(node).startswith(attention_module):
             continue  # e.g. RoPE cos/sin computed at model level: replicated, broadcast over heads
         _check_per_head(node, what)
