@@ -81,14 +81,15 @@ def helix_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         write_stages(Path(options["dump"]) / f"rank{done.plan.rank}", done)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     lowered = Lowered(done.stages["schedule"], options.get("executor", "inductor"))
-    return Runtime(placeholders, done.plan, lowered, done.regions)
+    return Runtime(placeholders, done.plan, lowered, done.regions, _key_mask_padding(placeholders, done))
 
 
 class Runtime:
     """Called by Dynamo with the global inputs; runs the local program on this rank's pieces."""
 
-    def __init__(self, placeholders, the_plan, lowered: Lowered, regions):
+    def __init__(self, placeholders, the_plan, lowered: Lowered, regions, mask_padding=None):
         self.plan, self.lowered = the_plan, lowered
+        self.mask_padding = mask_padding  # (mask input index, its length's SymInt input index) or None
         self.placements = [the_plan.inputs[p.name] for p in placeholders]
         self.names = [p.name for p in placeholders]
         self._seen = [None] * len(placeholders)
@@ -104,6 +105,8 @@ class Runtime:
                 f"helix StaticCache holds {cache.host_length} tokens and max_cache_len={cache.max_cache_len}: "
                 f"{q_len} more do not fit; nothing was written"
             )
+        if self.mask_padding is not None:
+            args = _pad_key_mask(args, *self.mask_padding, cache.max_cache_len)
         with torch.no_grad():  # inference only: parameter slices and the local program never record autograd
             local = [self._swap(i, a) for i, a in enumerate(args)]
             out = self.lowered(local)
@@ -164,6 +167,45 @@ def _inference_only(out):
     for i, t in zip(where, _InferenceOnly.apply(anchor, *(items[i] for i in where))):
         items[i] = t
     return type(out)(items) if isinstance(out, tuple) else items
+
+
+def _key_mask_padding(placeholders, done: Compiled):
+    """(mask index, length index) when the 2-D attention mask has a symbolic length that nothing else uses.
+
+    ``generate`` grows the mask by one column per step, so Dynamo makes its length a SymInt input; the local
+    program would then be compiled anew for every step (Inductor compiles per value of the SymInt inputs). After
+    the partition the mask feeds only partial attention, for which columns at or beyond max_cache_len and zero
+    columns are the same (no visible key): the Runtime pads it with zeros to max_cache_len and passes that length,
+    so every step runs one compiled program. None when the length is static or used by anything else.
+    """
+    masks = {a.key_mask.name for a in done.regions.attention if a.key_mask is not None}
+    if len(masks) != 1:
+        return None
+    names = [p.name for p in placeholders]
+    mask_index = names.index(masks.pop())
+    length = placeholders[mask_index].meta["example_value"].shape[1]
+    if isinstance(length, int):
+        return None
+    symbol = str(length)
+    sources = [i for i, p in enumerate(placeholders) if str(p.meta.get("example_value")) == symbol]
+    sharing = [p for p in placeholders if isinstance(p.meta.get("example_value"), torch.Tensor)
+               and any(symbol in str(s) for s in p.meta["example_value"].shape) and p is not placeholders[mask_index]]
+    local = {n.name: n for n in done.stages["schedule"].graph.nodes}
+    if len(sources) != 1 or sharing or local[names[sources[0]]].users:
+        return None
+    return mask_index, sources[0]
+
+
+def _pad_key_mask(args, mask_index: int, length_index: int, max_cache_len: int):
+    """args with the mask cut or zero-padded to max_cache_len columns, and that length as its SymInt value."""
+    args = list(args)
+    mask = args[mask_index]
+    if mask.shape[1] >= max_cache_len:
+        mask = mask[:, :max_cache_len]
+    else:
+        mask = torch.nn.functional.pad(mask, (0, max_cache_len - mask.shape[1]))
+    args[mask_index], args[length_index] = mask, max_cache_len
+    return args
 
 
 def _check_cache_fits(gm: fx.GraphModule) -> None:

@@ -40,7 +40,12 @@ def _generate(m, ids, mask, sample, cache=None):
     return out.sequences, torch.stack(out.logits, 1)
 
 
-def _generate_body(rank, cases, executor):
+def _generate_body(rank, cases, executor, paddings):
+    import helix_compile.lowering.compile as lowering
+
+    compiles = []  # Inductor compiles of local programs on this rank
+    inductor = lowering._inductor
+    lowering._inductor = lambda *a: compiles.append(1) or inductor(*a)
     results = []
     for family, layouts in cases:
         ref = model(family)
@@ -49,7 +54,7 @@ def _generate_body(rank, cases, executor):
             layout = Layout(kvp, tpa, kv_block=KV_BLOCK)
             m = model(family)
             m.forward = torch.compile(m.forward, backend="helix", options={"layout": layout, "executor": executor})
-            for padded in (True, False):
+            for padded in paddings:
                 ids, mask = padded_prompts() if padded else padded_prompts(lengths=(7, 7, 7))  # one prefill graph
                 for sample in (False, True):
                     tokens, logits = _generate(m, ids, mask, sample, StaticCache(m, 3, MAX_LEN, layout))
@@ -57,11 +62,17 @@ def _generate_body(rank, cases, executor):
                     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
                     results.append(((family, kvp, tpa, padded, sample), tokens.tolist(), ref_tokens.tolist(), err,
                                     bool(torch.isfinite(logits).all())))
-    return results
+    return results, len(compiles)
 
 
-def check_generate(world, cases, executor="eager"):
-    per_rank = run_ranks(world, _generate_body, cases, executor)
+def check_generate(world, cases, executor="eager", paddings=(True, False)):
+    per_rank = run_ranks(world, _generate_body, cases, executor, paddings)
+    compiles = per_rank[0][1]
+    per_rank = [results for results, _ in per_rank]
+    if executor == "inductor":
+        # at most the prefill, a first decode step and one program for all later steps per layout (the mask's
+        # growing length is padded away), not one compile per generated token
+        assert compiles <= 3 * sum(len(layouts) for _, layouts in cases), compiles
     for i, (case, tokens, ref_tokens, err, finite) in enumerate(per_rank[0]):
         print(f"generate {case} world={world} {executor}: max rel err of the logits {err:.2e}")
         assert finite, case
@@ -77,6 +88,10 @@ def test_generate_two_ranks():
 
 def test_generate_four_ranks():
     check_generate(4, [("llama", [(2, 2)]), ("qwen2", [(4, 1)])])
+
+
+def test_generate_inductor():
+    check_generate(2, [("llama", [(2, 1)])], executor="inductor", paddings=(True,))
 
 
 def test_padding_changes_the_answer():
@@ -98,7 +113,7 @@ def _forward_body(rank, cases):
         torch._dynamo.reset()
         m = model(case["family"], attn=case.get("attn", "sdpa"))
         layout = Layout(*case["layout"], kv_block=KV_BLOCK, hopb_chunks=case.get("hopb", 1))
-        options = {"layout": layout, "executor": case.get("executor", "eager")}
+        options = {"layout": layout, "executor": "eager"}
         compiled = torch.compile(m, backend="helix", options=options, fullgraph=True)
         ids, mask = padded_prompts(case.get("lengths", (7, 4, 1)))
         cache = StaticCache(m, case.get("max_batch", len(ids)), MAX_LEN, layout)
@@ -107,10 +122,8 @@ def _forward_body(rank, cases):
         worst, finite = 0.0, True
         with torch.no_grad():
             for step in range(6):
-                # fixed_mask: the mask padded with zeros to max_cache_len, so its shape never changes (one graph)
-                given = torch.nn.functional.pad(mask, (0, MAX_LEN - mask.shape[1])) if case.get("fixed_mask") else mask
-                out = compiled(input_ids=ids, attention_mask=given, past_key_values=cache).logits
-                ref = m(input_ids=ids, attention_mask=given, past_key_values=ref_cache).logits
+                out = compiled(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+                ref = m(input_ids=ids, attention_mask=mask, past_key_values=ref_cache).logits
                 finite &= bool(torch.isfinite(out).all())  # pad rows included: nothing may be NaN
                 diff, scale = (out - ref).abs()[keep], ref.abs()[keep].max()
                 worst = max(worst, (diff.max() / scale).item())
@@ -137,10 +150,6 @@ def test_padded_forward():
         dict(family="qwen2", layout=(1, 2), attn="eager"),
         dict(family="llama", layout=(2, 1), hopb=2, lengths=(7, 2, 5, 1)),
     ])
-
-
-def test_padded_forward_inductor():
-    check_forward(2, [dict(family="llama", layout=(2, 1), executor="inductor", max_batch=4, fixed_mask=True)])
 
 
 # -- grad mode --------------------------------------------------------------------------------------------------
