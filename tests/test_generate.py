@@ -94,6 +94,21 @@ def test_generate_inductor():
     check_generate(2, [("llama", [(2, 1)])], executor="inductor", paddings=(True,))
 
 
+def test_generate_batch_sizes_vary():
+    """generate with batches of 3 and 2 rows on one compiled forward (Dynamo makes the batch symbolic) and one
+    cache size (max_batch_size 4: the smaller batches use its first rows)."""
+    ref, m = model("llama"), model("llama")
+    layout = Layout(1, kv_block=KV_BLOCK)
+    torch._dynamo.reset()
+    m.forward = torch.compile(m.forward, backend="helix", options={"layout": layout, "executor": "eager"})
+    for lengths in ((7, 4, 1), (3, 7)):
+        ids, mask = padded_prompts(lengths)
+        tokens, logits = _generate(m, ids, mask, False, StaticCache(m, 4, MAX_LEN, layout))
+        ref_tokens, ref_logits = _generate(ref, ids, mask, False)
+        assert torch.equal(tokens, ref_tokens), lengths
+        assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < 1e-5
+
+
 def test_padding_changes_the_answer():
     """The padded prompts above test something: without the mask, the reference's first tokens differ."""
     ref = model("llama")
