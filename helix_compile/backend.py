@@ -202,7 +202,7 @@ def _pad_key_mask(args, mask_index: int, length_index: int, max_cache_len: int):
     args = list(args)
     mask = args[mask_index]
     if mask.shape[1] >= max_cache_len:
-        mask = mask[:, :max_cache_len]
+        mask = mask[:, :max_cache_len].contiguous()
     else:
         mask = torch.nn.functional.pad(mask, (0, max_cache_len - mask.shape[1]))
     args[mask_index], args[length_index] = mask, max_cache_len
