@@ -81,7 +81,10 @@ def helix_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     if options.get("dump"):
         write_stages(Path(options["dump"]) / f"rank{done.plan.rank}", done)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    lowered = Lowered(done.stages["schedule"], options.get("executor", "inductor"), options.get("cudagraphs"))
+    executor = options.get("executor", "inductor")
+    examples = _local_examples(placeholders, done.plan, example_inputs) if executor == "inductor" else None
+    with torch.no_grad():  # inference only: Inductor compiles no backward, even for a grad-mode call
+        lowered = Lowered(done.stages["schedule"], executor, options.get("cudagraphs"), examples)
     return Runtime(placeholders, done.plan, lowered, done.regions, _key_mask_padding(placeholders, done))
 
 
@@ -173,11 +176,11 @@ def _inference_only(out):
 def _key_mask_padding(placeholders, done: Compiled):
     """(mask index, length index) when the 2-D attention mask has a symbolic length that nothing else uses.
 
-    ``generate`` grows the mask by one column per step, so Dynamo makes its length a SymInt input; the local
-    program would then be compiled anew for every step (Inductor compiles per value of the SymInt inputs). After
+    ``generate`` grows the mask by one column per step, so Dynamo makes its length a SymInt input; with CUDA graphs
+    (captured per value of the SymInt inputs, ``lowering/compile.py``) every step would capture a new graph. After
     the partition the mask feeds only partial attention, for which columns at or beyond max_cache_len and zero
     columns are the same (no visible key): the Runtime pads it with zeros to max_cache_len and passes that length,
-    so every step runs one compiled program. None when the length is static or used by anything else.
+    so every decode step replays one program. None when the length is static or used by anything else.
     """
     masks = {a.key_mask.name for a in done.regions.attention if a.key_mask is not None}
     if len(masks) != 1:
@@ -216,6 +219,26 @@ def _check_cache_fits(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (torch.ops.helix.cache_mismatch, torch.ops.helix.cache_mismatch.default):
             raise ValueError(node.args[2])
+
+
+def _local_examples(placeholders, the_plan, example_inputs) -> list:
+    """Example inputs of the local program for Inductor: Dynamo's own (SymInts and symbolic fakes included) where
+    the input is replicated, fake tensors of the local shapes where it is sharded."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    kv_key = ("kv", the_plan.layout, the_plan.rank)
+    out = []
+    for node, example in zip(placeholders, example_inputs):
+        placement = the_plan.inputs[node.name]
+        if placement == "replicate":
+            out.append(example)
+        elif placement == "kv":
+            out.append(fake_mode.from_tensor(shards.lookup(example, kv_key), static_shapes=True))
+        else:
+            with fake_mode:
+                out.append(placement.take(fake_mode.from_tensor(example, static_shapes=True)).contiguous())
+    return out
 
 
 def _find_cache(example_inputs):

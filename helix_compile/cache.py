@@ -2,7 +2,8 @@
 
 The cache looks global to the model (``layers[i].keys`` is a virtual (B, K, max_cache_len, D) tensor, so the HF
 program traces unchanged), while the rank stores ``ceil(K/tpa)`` KV heads of the positions it owns
-(``Layout.owner``), in ``layers[i].local_keys`` / ``local_values`` of shape (B, K/tpa, capacity + 1, D). The
+(``Layout.owner``), in ``layers[i].local_keys`` / ``local_values`` of shape (B, K/tpa, capacity + 1, D) (one
+head when tpa > K: ``Layout.kv_heads``, so ``nbytes`` shows the TP baseline's duplication). The
 extra slot takes the writes of positions owned by other KVP ranks and is never read.
 
 A batch smaller than ``max_batch_size`` uses the first rows (``update`` returns ``keys[:b]``; the partition pass
@@ -54,7 +55,8 @@ class HelixLayer(StaticLayer):
     def __init__(self, cache: "StaticCache", max_cache_len: int, batch: int, heads: int, head_dim: int, dtype, device):
         super().__init__(max_cache_len=max_cache_len)
         layout, rank = cache.layout, cache.rank
-        local_heads = heads // layout.tpa
+        first, stop = layout.kv_heads(heads, rank)
+        local_heads = stop - first  # K/tpa; 1 when tpa > K (the TP baseline duplicates that head)
         capacity = layout.local_capacity(max_cache_len)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.batch_size, self.num_heads, self.k_head_dim, self.v_head_dim = batch, heads, head_dim, head_dim
@@ -158,10 +160,14 @@ class StaticCache(Cache):
             config = config.config
         text = config.get_text_config(decoder=True)
         self.rank, world = current_world()
+        dtype = dtype or getattr(text, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         if layout == "auto":
             from .planner import choose_layout
 
-            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size))
+            # the cache's dtype sizes the KV the planner costs (an fp32 cache is twice a bf16 one)
+            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size, dtype=dtype))
         layout.validate(text, world_size=world)
         window = getattr(text, "sliding_window", None)
         if window is not None and getattr(text, "use_sliding_window", True) and window < max_cache_len:
@@ -177,9 +183,6 @@ class StaticCache(Cache):
         self.host_length = 0  # tokens written, tracked on the host so the bound is checked without a device sync
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        dtype = dtype or getattr(text, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
         layers = [
             HelixLayer(self, max_cache_len, max_batch_size, heads, head_dim, dtype, device)
             for _ in range(text.num_hidden_layers)

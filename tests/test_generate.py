@@ -41,11 +41,13 @@ def _generate(m, ids, mask, sample, cache=None):
 
 
 def _generate_body(rank, cases, executor, paddings):
+    import helix_compile.backend as backend
     import helix_compile.lowering.compile as lowering
 
-    compiles = []  # Inductor compiles of local programs on this rank
-    inductor = lowering._inductor
+    compiles, pads = [], []  # Inductor compiles of local programs, key masks padded to max_cache_len, on this rank
+    inductor, pad = lowering._inductor, backend._pad_key_mask
     lowering._inductor = lambda *a: compiles.append(1) or inductor(*a)
+    backend._pad_key_mask = lambda *a: pads.append(1) or pad(*a)
     results = []
     for family, layouts in cases:
         ref = model(family)
@@ -62,16 +64,19 @@ def _generate_body(rank, cases, executor, paddings):
                     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
                     results.append(((family, kvp, tpa, padded, sample), tokens.tolist(), ref_tokens.tolist(), err,
                                     bool(torch.isfinite(logits).all())))
-    return results, len(compiles)
+    return results, len(compiles), len(pads)
 
 
 def check_generate(world, cases, executor="eager", paddings=(True, False)):
     per_rank = run_ranks(world, _generate_body, cases, executor, paddings)
-    compiles = per_rank[0][1]
-    per_rank = [results for results, _ in per_rank]
+    _, compiles, pads = per_rank[0]
+    per_rank = [results for results, _, _ in per_rank]
+    runs = 2 * len(paddings) * sum(len(layouts) for _, layouts in cases)
+    # the growing mask is padded to max_cache_len on the decode steps after the first (one CUDA graph for them all)
+    assert pads >= runs * (NEW_TOKENS - 2), pads
     if executor == "inductor":
-        # at most the prefill, a first decode step and one program for all later steps per layout (the mask's
-        # growing length is padded away), not one compile per generated token
+        # at most the prefill, a first decode step and one program for all later steps per layout, not one
+        # compile per generated token
         assert compiles <= 3 * sum(len(layouts) for _, layouts in cases), compiles
     for i, (case, tokens, ref_tokens, err, finite) in enumerate(per_rank[0]):
         print(f"generate {case} world={world} {executor}: max rel err of the logits {err:.2e}")

@@ -1,12 +1,14 @@
 """Lowering: hand the rank-local graph to Inductor (``compile_fx``), or run it as is; on CUDA, replay it as a CUDA graph.
 
 Contract
-    in:  the partitioned (and scheduled) rank-local GraphModule; the executor name; whether to use CUDA graphs.
-    out: a callable over the *local* inputs. ``inductor`` compiles once per distinct value of the graph's SymInt
-         inputs (Dynamo guards everything else), lazily at the first call with real local tensors,
-         outside Dynamo's tracing context; functional collectives and the helix ops go to Inductor as nodes it
-         schedules (partial attention as the Triton kernels of its triton_op, the merge and the KV write as aten
-         code it fuses). ``eager`` runs the FX graph directly (fast to start; used for the big test matrix).
+    in:  the partitioned (and scheduled) rank-local GraphModule; the executor name; whether to use CUDA graphs;
+         example local inputs (fake tensors of the local shapes, Dynamo's SymInts for its dynamic sizes).
+    out: a callable over the *local* inputs. ``inductor`` compiles once, at backend time inside Dynamo's tracing
+         context, with the graph's dynamic sizes symbolic: once Dynamo has made the prompt length dynamic, every
+         later prompt length runs the same Inductor program (no recompile). Functional collectives and the helix
+         ops go to Inductor as nodes it schedules (partial attention as the Triton kernels of its triton_op, the
+         merge and the KV write as aten code it fuses). ``eager`` runs the FX graph directly (fast to start; used
+         for the big test matrix).
 
 CUDA graphs (``cudagraphs=True``, the default for ``inductor`` on CUDA): the whole local step, collectives
 included, is captured once and replayed, so a decode step costs one graph launch on the host.
@@ -30,40 +32,35 @@ import torch.fx as fx
 
 
 class Lowered:
-    def __init__(self, gm: fx.GraphModule, executor: str, cudagraphs: bool | None = None):
+    def __init__(self, gm: fx.GraphModule, executor: str, cudagraphs: bool | None = None, examples=None):
         if executor not in ("inductor", "eager"):
             raise ValueError(f"executor must be 'inductor' or 'eager', got {executor!r}")
         if cudagraphs and executor != "inductor":
             raise ValueError("cudagraphs=True needs executor='inductor'")
-        self.gm, self.executor, self.cudagraphs = gm, executor, cudagraphs
-        self.compiled: dict[tuple, object] = {}
+        self.gm, self.executor = gm, executor
+        self.fn = _inductor(gm, examples) if executor == "inductor" else None
+        tensors = [a for a in examples or [] if isinstance(a, torch.Tensor)]
+        self.cudagraphs = cudagraphs if cudagraphs is not None else bool(tensors) and all(t.is_cuda for t in tensors)
+        self.graphed: dict[tuple, GraphedStep] = {}  # one captured graph per value of the SymInt inputs
 
     def __call__(self, args: list):
         if self.executor == "eager":
             return self.gm(*args)
-        # Dynamo guards the tensor shapes of this graph; only its SymInt inputs can change between calls.
+        if not self.cudagraphs:
+            return self.fn(*args)
         key = tuple(a for a in args if not isinstance(a, torch.Tensor))
-        fn = self.compiled.get(key)
-        if fn is None:
-            fn = _inductor(self.gm, args)
-            use_graphs = self.cudagraphs if self.cudagraphs is not None else _all_cuda(args)
-            if use_graphs:
-                fn = GraphedStep(fn)
-            self.compiled[key] = fn
-        return fn(*args)
+        step = self.graphed.get(key)
+        if step is None:
+            step = self.graphed[key] = GraphedStep(self.fn)
+        return step(*args)
 
 
-def _all_cuda(args) -> bool:
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    return bool(tensors) and all(t.is_cuda for t in tensors)
-
-
-def _inductor(gm: fx.GraphModule, args: list):
+def _inductor(gm: fx.GraphModule, examples: list):
     from torch._inductor.compile_fx import compile_fx
 
     # Rank and layout are baked into the graph (owner ranks, group names) while the shapes of different ranks
     # can coincide: the FX graph cache stays off so ranks never load each other's artifacts (pytorch #192042).
-    return compile_fx(gm, args, config_patches={"fx_graph_cache": False})
+    return compile_fx(gm, examples, config_patches={"fx_graph_cache": False})
 
 
 class GraphedStep:

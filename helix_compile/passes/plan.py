@@ -8,7 +8,9 @@ Contract
 
 Placements (rank r, kvp_rank = r // tpa, tpa_rank = r % tpa, D = head_dim, N = kvp*tpa):
     q_proj rows      query heads of the TPA slice:   [tpa_rank*Q/tpa, (tpa_rank+1)*Q/tpa) * D  (+bias)
-    k_proj, v_proj   KV heads of the TPA slice:      [tpa_rank*K/tpa, (tpa_rank+1)*K/tpa) * D  (+bias)
+    k_proj, v_proj   KV heads of the TPA slice:      [tpa_rank*K/tpa, (tpa_rank+1)*K/tpa) * D  (+bias);
+                     tpa > K (TP baseline): the one head its query heads read, tpa_rank // (tpa/K)
+                     (Layout.kv_heads), duplicated over tpa/K slices as vLLM/SGLang do
     o_proj columns   the heads r holds after the all-to-all: its TPA slice split over KVP ranks
                      (Layout.head_split: Q/N each when N divides Q), h0 = tpa_rank*Q/tpa + heads of lower
                      kvp ranks, columns [h0, h0 + split[kvp_rank]) * D; bias after the all-reduce
@@ -56,8 +58,8 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
         per = heads.q // layout.tpa * heads.d
         return Shard(0, tpa_rank * per, (tpa_rank + 1) * per)
     if role in ("k", "v"):
-        per = heads.k // layout.tpa * heads.d
-        return Shard(0, tpa_rank * per, (tpa_rank + 1) * per)
+        first, stop = layout.kv_heads(heads.k, rank)
+        return Shard(0, first * heads.d, stop * heads.d)
     if role == "o":
         if kind == "bias":
             return None
