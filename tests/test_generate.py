@@ -71,8 +71,9 @@ def check_generate(world, cases, executor="eager", paddings=(True, False)):
     per_rank = run_ranks(world, _generate_body, cases, executor, paddings)
     _, compiles, pads = per_rank[0]
     per_rank = [results for results, _, _ in per_rank]
-    runs = 2 * len(paddings) * sum(len(layouts) for _, layouts in cases)
-    # the growing mask is padded to max_cache_len on the decode steps after the first (one CUDA graph for them all)
+    # the growing mask is padded to max_cache_len on the decode steps (one CUDA graph for them all); generate
+    # passes no mask to the model when no row is padded
+    runs = 2 * sum(paddings) * sum(len(layouts) for _, layouts in cases)
     assert pads >= runs * (NEW_TOKENS - 2), pads
     if executor == "inductor":
         # at most the prefill, a first decode step and one program for all later steps per layout, not one
