@@ -8,6 +8,10 @@ and the helix cache's virtual tensors. The passes turn it into this rank's local
 ``Runtime`` swaps every sharded input for this rank's piece (a registered shard, or a slice of a materialised
 parameter, made once) and checks the cache bound on the host before anything is written.
 
+Helix is inference-only: the local program always runs without autograd. Called in grad mode (parameters that
+require grad, no ``torch.no_grad()``), the outputs still require grad, and a ``backward`` through them raises an
+error saying so.
+
 Options: ``layout`` (a ``Layout``, a dict of its fields, or "auto": the planner picks), ``executor``
 ("inductor", default, or "eager": run the local FX graph without Inductor), ``dump`` (a folder: the graph
 text before and after each pass, and plan.json, per rank), ``cudagraphs`` (replay each compiled step as one CUDA
@@ -24,10 +28,11 @@ import torch
 import torch.fx as fx
 
 from . import shards
+from .cache import FIX as cache_fix
 from .graph_text import graph_text
 from .layout import Layout, current_world
 from .lowering.compile import Lowered
-from .passes.detect import Regions, detect
+from .passes.detect import KV_WRITE, Regions, detect
 from .passes.partition import partition
 from .passes.plan import Plan
 from .passes.plan import plan as make_plan
@@ -45,6 +50,7 @@ class Compiled:
 
 def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
     """capture -> detect -> plan -> partition -> schedule, for this rank."""
+    _check_cache_fits(gm)
     cache = _find_cache(example_inputs)
     config = cache.config
     layout = _layout(layout_option, cache)
@@ -52,6 +58,12 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
     layout.validate(config, world_size=world)
     if layout != cache.layout:
         raise ValueError(f"the StaticCache was built for {cache.layout} but the backend was given {layout}")
+    writes = sum(n.op == "call_function" and n.target in KV_WRITE for n in gm.graph.nodes)
+    if writes and writes != len(cache.layers):
+        raise ValueError(
+            f"helix StaticCache does not fit the model: the model has {writes} attention layers but the cache has "
+            f"{len(cache.layers)} (num_hidden_layers={config.num_hidden_layers}). {cache_fix}"
+        )
     regions = detect(gm)
     the_plan = make_plan(gm, regions, config, layout, rank)
     local = partition(gm, regions, the_plan)
@@ -71,15 +83,17 @@ def helix_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     executor = options.get("executor", "inductor")
     examples = _local_examples(placeholders, done.plan, example_inputs) if executor == "inductor" else None
-    lowered = Lowered(done.stages["schedule"], executor, options.get("cudagraphs"), examples)
-    return Runtime(placeholders, done.plan, lowered, done.regions)
+    with torch.no_grad():  # inference only: Inductor compiles no backward, even for a grad-mode call
+        lowered = Lowered(done.stages["schedule"], executor, options.get("cudagraphs"), examples)
+    return Runtime(placeholders, done.plan, lowered, done.regions, _key_mask_padding(placeholders, done))
 
 
 class Runtime:
     """Called by Dynamo with the global inputs; runs the local program on this rank's pieces."""
 
-    def __init__(self, placeholders, the_plan, lowered: Lowered, regions):
+    def __init__(self, placeholders, the_plan, lowered: Lowered, regions, mask_padding=None):
         self.plan, self.lowered = the_plan, lowered
+        self.mask_padding = mask_padding  # (mask input index, its length's SymInt input index) or None
         self.placements = [the_plan.inputs[p.name] for p in placeholders]
         self.names = [p.name for p in placeholders]
         self._seen = [None] * len(placeholders)
@@ -95,9 +109,14 @@ class Runtime:
                 f"helix StaticCache holds {cache.host_length} tokens and max_cache_len={cache.max_cache_len}: "
                 f"{q_len} more do not fit; nothing was written"
             )
-        local = [self._swap(i, a) for i, a in enumerate(args)]
-        out = self.lowered(local)
+        if self.mask_padding is not None:
+            args = _pad_key_mask(args, *self.mask_padding, cache.max_cache_len)
+        with torch.no_grad():  # inference only: parameter slices and the local program never record autograd
+            local = [self._swap(i, a) for i, a in enumerate(args)]
+            out = self.lowered(local)
         cache.host_length += q_len
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            out = _inference_only(out)
         return out
 
     def _swap(self, i, arg):
@@ -124,6 +143,82 @@ class Runtime:
                 raise RuntimeError(f"cache input '{self.names[i]}' has no local shard for {self.plan.layout} on rank {self.plan.rank}")
             return piece
         return shards.local_piece(arg, placement, self.names[i])
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Identity whose backward refuses: outputs of a grad-mode call require grad, as the user expects, but helix
+    has no backward."""
+
+    @staticmethod
+    def forward(ctx, anchor, *outs):
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "helix is inference-only: the helix backend compiles no backward pass, so its outputs cannot be "
+            "differentiated. Call the compiled model under torch.no_grad() / torch.inference_mode() for generation."
+        )
+
+
+def _inference_only(out):
+    """``out`` (the graph's tuple of outputs) with its floating tensors routed through ``_InferenceOnly``."""
+    items = list(out)
+    where = [i for i, t in enumerate(items) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not where:
+        return out
+    anchor = torch.zeros((), requires_grad=True)  # gives the Function's outputs a grad_fn
+    for i, t in zip(where, _InferenceOnly.apply(anchor, *(items[i] for i in where))):
+        items[i] = t
+    return type(out)(items) if isinstance(out, tuple) else items
+
+
+def _key_mask_padding(placeholders, done: Compiled):
+    """(mask index, length index) when the 2-D attention mask has a symbolic length that nothing else uses.
+
+    ``generate`` grows the mask by one column per step, so Dynamo makes its length a SymInt input; with CUDA graphs
+    (captured per value of the SymInt inputs, ``lowering/compile.py``) every step would capture a new graph. After
+    the partition the mask feeds only partial attention, for which columns at or beyond max_cache_len and zero
+    columns are the same (no visible key): the Runtime pads it with zeros to max_cache_len and passes that length,
+    so every decode step replays one program. None when the length is static or used by anything else.
+    """
+    masks = {a.key_mask.name for a in done.regions.attention if a.key_mask is not None}
+    if len(masks) != 1:
+        return None
+    names = [p.name for p in placeholders]
+    mask_index = names.index(masks.pop())
+    length = placeholders[mask_index].meta["example_value"].shape[1]
+    if isinstance(length, int):
+        return None
+    symbol = str(length)
+    sources = [i for i, p in enumerate(placeholders) if str(p.meta.get("example_value")) == symbol]
+    sharing = [p for p in placeholders if isinstance(p.meta.get("example_value"), torch.Tensor)
+               and any(symbol in str(s) for s in p.meta["example_value"].shape) and p is not placeholders[mask_index]]
+    local = {n.name: n for n in done.stages["schedule"].graph.nodes}
+    if len(sources) != 1 or sharing or local[names[sources[0]]].users:
+        return None
+    return mask_index, sources[0]
+
+
+def _pad_key_mask(args, mask_index: int, length_index: int, max_cache_len: int):
+    """args with the mask cut or zero-padded to max_cache_len columns, and that length as its SymInt value."""
+    args = list(args)
+    mask = args[mask_index]
+    if mask.shape[1] >= max_cache_len:
+        mask = mask[:, :max_cache_len].contiguous()
+    else:
+        mask = torch.nn.functional.pad(mask, (0, max_cache_len - mask.shape[1]))
+    args[mask_index], args[length_index] = mask, max_cache_len
+    return args
+
+
+def _check_cache_fits(gm: fx.GraphModule) -> None:
+    """Raise the first mismatch between model and cache that ``HelixLayer.update`` recorded while Dynamo traced."""
+    from .cache import cache_mismatch  # noqa: F401  the op's registration
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.helix.cache_mismatch, torch.ops.helix.cache_mismatch.default):
+            raise ValueError(node.args[2])
 
 
 def _local_examples(placeholders, the_plan, example_inputs) -> list:

@@ -5,6 +5,12 @@ program traces unchanged), while the rank stores ``ceil(K/tpa)`` KV heads of the
 (``Layout.owner``), in ``layers[i].local_keys`` / ``local_values`` of shape (B, K/tpa, capacity + 1, D) (one
 head when tpa > K: ``Layout.kv_heads``, so ``nbytes`` shows the TP baseline's duplication). The
 extra slot takes the writes of positions owned by other KVP ranks and is never read.
+
+A batch smaller than ``max_batch_size`` uses the first rows (``update`` returns ``keys[:b]``; the partition pass
+narrows the shards the same way). Anything else about the model that disagrees with the cache (layers, KV heads,
+head_dim, a larger batch, dtype, device) is found while Dynamo traces ``update``: instead of letting the trace
+fail inside fake-tensor propagation, ``update`` returns stand-ins made by ``helix::cache_mismatch(..., message)``
+and the backend raises ``message`` before any pass runs.
 """
 
 from __future__ import annotations
@@ -14,11 +20,37 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from . import shards
 from .layout import Layout
-from .lowering import ops as _ops  # noqa: F401  registers helix::kv_write, which HelixLayer.update calls
+from .lowering.ops import ShardedEagerError  # importing ops registers helix::kv_write, which HelixLayer.update calls
+
+
+@torch.library.custom_op("helix::cache_mismatch", mutates_args=())
+def cache_mismatch(like: torch.Tensor, length: int, message: str) -> torch.Tensor:
+    """Trace-time stand-in for the keys (or values) of a cache that does not fit the model; never runs."""
+    raise ValueError(message)
+
+
+@cache_mismatch.register_fake
+def _(like, length, message):
+    return like.new_empty((*like.shape[:2], length, like.shape[-1]))
+
+
+EAGER_MESSAGE = (
+    "this helix StaticCache keeps its {shape} keys/values in rank-local shards, so the model cannot run eagerly "
+    "(uncompiled) on it. Compile the model's forward:\n"
+    "    model.forward = torch.compile(model.forward, backend='helix', options={{'layout': layout}})\n"
+    "and then call model(...) or model.generate(..., past_key_values=cache) as usual. "
+    "(torch.compile(model, ...).generate(...) runs the *uncompiled* forward: generate is a method of the original "
+    "model, not of the compiled wrapper.)"
+)
 
 
 class HelixLayer(StaticLayer):
     """One decoder layer's cache: global virtual ``keys``/``values``, rank-local ``local_keys``/``local_values``."""
+
+    # Not "compileable" for transformers' generate: it would then (1) turn the 2-D attention mask into a 4-D one
+    # outside the model, hiding the per-key padding mask that helix passes to partial attention, and (2) on CUDA wrap
+    # the model in its own torch.compile (Inductor), around the helix-compiled forward.
+    is_compileable = False
 
     def __init__(self, cache: "StaticCache", max_cache_len: int, batch: int, heads: int, head_dim: int, dtype, device):
         super().__init__(max_cache_len=max_cache_len)
@@ -32,6 +64,7 @@ class HelixLayer(StaticLayer):
         self.values = shards.virtual((batch, heads, max_cache_len, head_dim), dtype, self.device)
         self.local_keys = torch.zeros((batch, local_heads, capacity + 1, head_dim), dtype=dtype, device=self.device)
         self.local_values = torch.zeros_like(self.local_keys)
+        self.dtype, self.device = dtype, self.local_keys.device  # "cuda" resolved to "cuda:<current>"
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         shards.register(self.keys, ("kv", cache.layout, rank), self.local_keys)
         shards.register(self.values, ("kv", cache.layout, rank), self.local_values)
@@ -42,11 +75,39 @@ class HelixLayer(StaticLayer):
         return None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            raise ShardedEagerError(EAGER_MESSAGE.format(shape=tuple(self.keys.shape)))
+        problem = self.mismatch(key_states, value_states)
+        if problem is not None:
+            return stand_ins(key_states, value_states, self.max_cache_len, problem)
         kv_length = key_states.shape[-2]
         cache_position = torch.arange(kv_length, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(kv_length)
         torch.ops.helix.kv_write(self.keys, self.values, key_states, value_states, cache_position)
+        batch = key_states.shape[0]
+        if batch < self.batch_size:  # the rows beyond the batch stay unused (Dynamo guards on the batch size)
+            return self.keys[:batch], self.values[:batch]
         return self.keys, self.values
+
+    def mismatch(self, key_states: torch.Tensor, value_states: torch.Tensor) -> str | None:
+        """What about the model's new keys/values disagrees with this cache (static facts at trace time), or None."""
+        b, heads, _, k_dim = key_states.shape
+        v_dim = value_states.shape[-1]
+        # Each message is built only when its check fails: formatting a symbolic size would specialise it. The
+        # checks read plain attributes, not self.keys: what the trace touches first orders the graph's inputs.
+        if b > self.batch_size:
+            what = f"the batch has {b} rows but the cache's max_batch_size is {self.batch_size}"
+        elif heads != self.num_heads:
+            what = f"the model has {heads} KV heads per layer but the cache {self.num_heads}"
+        elif (k_dim, v_dim) != (self.k_head_dim, self.v_head_dim):
+            what = f"the model's key/value head_dim is {k_dim}/{v_dim} but the cache's {self.k_head_dim}/{self.v_head_dim}"
+        elif key_states.dtype != self.dtype:
+            what = f"the model computes in {key_states.dtype} but the cache holds {self.dtype}"
+        elif key_states.device != self.device:
+            what = f"the model computes on {key_states.device} but the cache is on {self.device}"
+        else:
+            return None
+        return f"helix StaticCache does not fit the model: {what}. {FIX}"
 
     def reset(self) -> None:
         self.local_keys.zero_()
@@ -64,17 +125,39 @@ class HelixLayer(StaticLayer):
         return self.local_keys.nbytes + self.local_values.nbytes
 
 
+FIX = (
+    "Build the cache for this model: StaticCache(model, max_batch_size, max_cache_len, layout) takes its config, "
+    "dtype and device from the model (or pass config, dtype= and device= explicitly)."
+)
+
+
+def stand_ins(key_states, value_states, length: int, problem: str):
+    """Keys/values of the shape the model expects, so the trace completes and the backend can raise ``problem``."""
+    return (torch.ops.helix.cache_mismatch(key_states, length, problem),
+            torch.ops.helix.cache_mismatch(value_states, length, problem))
+
+
 class StaticCache(Cache):
     """Rank-local static KV cache for Helix (see module docstring).
 
     Same arguments as transformers' ``StaticCache`` plus the ``layout``; the rank is the default process
     group's; ``layout="auto"`` lets the planner pick one for this world size, context and batch. Its bytes per
     rank are about 1/(kvp*tpa) of transformers' ``StaticCache``.
+
+    ``config`` may be the model itself: then dtype and device default to the model's. Otherwise dtype defaults
+    to ``config.dtype`` (set by ``from_pretrained(dtype=...)``), else float32, and device to the CPU; a cache that
+    does not fit the model is a clear error at the first call. A batch smaller than ``max_batch_size`` is fine.
     """
 
     def __init__(self, config, max_batch_size: int, max_cache_len: int, layout: Layout | str, dtype=None, device=None):
         from .layout import current_world
 
+        if isinstance(config, torch.nn.Module):  # the model: its dtype and device, unless given
+            first = next(config.parameters(), None)
+            if first is not None:
+                dtype = dtype or first.dtype
+                device = device or first.device
+            config = config.config
         text = config.get_text_config(decoder=True)
         self.rank, world = current_world()
         dtype = dtype or getattr(text, "dtype", None) or torch.float32
@@ -114,6 +197,15 @@ class StaticCache(Cache):
     @property
     def max_cache_len(self) -> int:
         return self._max_cache_len
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            problem = (
+                f"helix StaticCache does not fit the model: the model asks for cache layer {layer_idx} but the cache "
+                f"has {len(self.layers)} layers (num_hidden_layers={self.config.num_hidden_layers}). {FIX}"
+            )
+            return stand_ins(key_states, value_states, self.max_cache_len, problem)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def reset(self):
         super().reset()

@@ -124,12 +124,19 @@ def test_unsupported_structure_is_refused(model_type, kw, message):
         compiled(m)(input_ids=prompt(batch=1), past_key_values=cache)
 
 
-def test_attention_mask_refused():
+def test_attention_mask_2d_accepted_4d_refused():
+    """The 2-D padding mask is applied by partial attention (exactness: tests/test_generate.py); a 4-D mask, which
+    could say anything about each (query, key) pair, is refused."""
     m = model("llama")
-    cache = StaticCache(m.config, 2, 16, Layout(1))
     ids = prompt()
-    with pytest.raises(Exception, match="attention_mask input .* is not supported yet"):
-        compiled(m)(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache)
+    with torch.no_grad():
+        out = compiled(m)(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=StaticCache(m, 2, 16, Layout(1)))
+        ref = m(input_ids=ids).logits
+        assert ((out.logits - ref).abs().max() / ref.abs().max()).item() < 1e-5
+        mask = torch.ones(2, 1, 7, 16, dtype=torch.bool).tril(diagonal=0)
+        with pytest.raises(Exception, match="is built from \\['l_kwargs_attention_mask_ \\(2, 1, 7, 16\\)'\\]; helix "
+                                            "supports only the 2-D \\(batch, length\\) attention_mask"):
+            compiled(m)(input_ids=ids, attention_mask=mask, past_key_values=StaticCache(m, 2, 16, Layout(1)))
 
 
 def test_transformers_cache_refused():

@@ -5,7 +5,10 @@ Contract
     out: ``Regions`` (attention and FFN regions, in graph order); the graph is not changed.
     refuses (``UnsupportedModelError`` naming the node and module path): attention that does not read the
     helix cache, fused qkv / gate_up projections, ops that mix heads between the projections and attention,
-    anything but elementwise ops inside the FFN, MoE, and user attention masks (padded batches).
+    anything but elementwise ops inside the FFN, MoE, and attention masks other than HF's 2-D padding mask.
+    key mask: when the model is called with a 2-D ``attention_mask`` (B, S_m) (padded batches, ``generate``), HF
+    builds its 4-D mask from it inside the graph (causal & mask[b, p]); ``AttentionRegion.key_mask`` is that
+    placeholder, which partial attention applies by global key position itself.
 
 Pseudo-code
     for each helix::kv_write(keys, values, k, v, pos):          # the cache write of one attention layer
@@ -65,6 +68,7 @@ class AttentionRegion:
     query: fx.Node  # (B, Hq, L, D) after RoPE
     core: fx.Node  # node whose output is the attention output (B, Hq, L, D)
     scale: float
+    key_mask: fx.Node | None = None  # the 2-D (B, S_m) attention_mask placeholder HF's mask is built from
 
 
 @dataclasses.dataclass
@@ -141,8 +145,8 @@ def _linear_ancestor(start: fx.Node, attention_module: str, what: str) -> fx.Nod
         if node.op == "call_function" and node.target is LINEAR:
             found.append(node)
             continue
-        if node.op in ("placeholder", "get_attr"):
-            continue
+        if node.op in ("placeholder", "get_attr") or _is_method(node, {"size"}):
+            continue  # a size (dynamic batch or length) carries no values
         if not module_path(node).startswith(attention_module):
             continue  # e.g. RoPE cos/sin computed at model level: replicated, broadcast over heads
         _check_per_head(node, what)
@@ -266,14 +270,51 @@ def _first_linear_after(node: fx.Node, region: str) -> fx.Node:
         between.append(node)
 
 
+def _mask_operand(form: str, core: fx.Node) -> fx.Node | None:
+    """The mask the attention core applies: SDPA's attn_mask, or the addend of the eager scores."""
+    if form == "sdpa":
+        mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
+        return mask if isinstance(mask, fx.Node) else None
+    node = core.args[0]  # eager: walk back from the probabilities to ``scores + mask``
+    while isinstance(node, fx.Node) and node.op != "placeholder":
+        if node.op == "call_function" and node.target in (operator.add, torch.add):
+            return node.args[1] if isinstance(node.args[1], fx.Node) else None
+        if node.op == "call_function" and node.target is torch.matmul:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _key_mask(form: str, core: fx.Node) -> fx.Node | None:
+    """The 2-D attention_mask placeholder the core's mask is built from (None: no user mask); refuses others."""
+    mask = _mask_operand(form, core)
+    if mask is None:
+        return None
+    found, stack, seen = [], [mask], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        val = node.meta.get("example_value")
+        if not isinstance(val, torch.Tensor):
+            continue  # a size (SymInt) read from some input carries no mask values
+        if node.op == "placeholder":
+            if val.dim() >= 2:
+                found.append(node)
+            continue
+        stack.extend(node.all_input_nodes)
+    if any(_shape(n) is not None and len(_shape(n)) != 2 for n in found) or len(found) > 1:
+        raise UnsupportedModelError(
+            f"the attention mask of {_where(core)} is built from {[f'{n.name} {_shape(n)}' for n in found]}; helix "
+            f"supports only the 2-D (batch, length) attention_mask of padded batches"
+        )
+    return found[0] if found else None
+
+
 def detect(gm: fx.GraphModule) -> Regions:
     graph = gm.graph
     for node in graph.nodes:
-        if node.op == "placeholder" and "attention_mask" in node.name:
-            raise UnsupportedModelError(
-                f"an attention_mask input ('{node.name}') is not supported yet: helix batches must be unpadded "
-                f"(every row has the same length); call without attention_mask"
-            )
         if node.op == "call_method" and node.target == "index_copy_" and node.args[0].op == "placeholder":
             raise UnsupportedModelError(
                 f"{_where(node)} writes a transformers cache; pass past_key_values=helix_compile.StaticCache(...)"
@@ -296,7 +337,15 @@ def detect(gm: fx.GraphModule) -> Regions:
                 f"{module}: fused q/k/v projection ({q_lin.name}) is not supported yet; it needs a per-rank regroup"
             )
         o_lin = _first_linear_after(core, f"attention output of {module}")
-        attention.append(AttentionRegion(module, form, q_lin, k_lin, v_lin, o_lin, write, keys, values, pos, query, core, scale))
+        attention.append(AttentionRegion(
+            module, form, q_lin, k_lin, v_lin, o_lin, write, keys, values, pos, query, core, scale, _key_mask(form, core)
+        ))
+    for node in graph.nodes:  # never a silent wrong answer: a user mask that no attention applies is refused
+        if node.op == "placeholder" and "attention_mask" in node.name and any(a.key_mask is not node for a in attention):
+            raise UnsupportedModelError(
+                f"the attention_mask input '{node.name}' {_shape(node)} does not reach every attention layer as HF's "
+                f"2-D padding mask; helix cannot apply it"
+            )
     return Regions(attention, _detect_ffn(graph))
 
 

@@ -10,7 +10,8 @@ Rewrites, per attention region (pattern ... into ...):
     kv_write(keys, values, k, v, pos)
         into  kv_write_local(keys, values, k, v, pos, kvp_rank, kvp, kv_block)          # owner-only write
     core = sdpa(q, repeat_kv(keys), repeat_kv(values), mask)   (or the eager matmul-softmax-matmul chain)
-        into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale)
+        into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale,
+                                         key_mask=attention_mask)                      # 2-D mask, if any
               recv   = wait(all_to_all_single(packed, out=[h]*kvp, in=split, kvp_group))  # kvp > 1 only
               core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
           split = Layout.head_split(Q/tpa): the heads of each KVP rank (Q/N each when N divides Q);
@@ -20,6 +21,9 @@ Rewrites, per attention region (pattern ... into ...):
 per FFN region:
     out = linear(h, Wdown, b)  into  wait(all_reduce(linear(h, Wdown_shard), "sum", world)) [+ b]
 then dead code (HF's mask construction, repeat_kv) is removed.
+
+Batch: a call with b < max_batch_size rows reads and writes the first b rows of the cache shards
+(``keys`` above is then ``narrow(keys, 0, 0, b)``); the rows beyond stay unused.
 
 The model's reshapes use -1 for the head dimension, so the local head counts flow through unchanged; the
 detect pass has already refused graphs where that does not hold.
@@ -49,7 +53,9 @@ def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModul
     for a in regions.attention:
         keys, values, k, v, pos = (by_name[x.name] for x in a.kv_write.args)
         write, core, query = by_name[a.kv_write.name], by_name[a.core.name], by_name[a.query.name]
+        key_mask = by_name[a.key_mask.name] if a.key_mask is not None else None
         with graph.inserting_before(write):
+            keys, values = _batch_rows(graph, keys, values, k)
             graph.call_function(
                 torch.ops.helix.kv_write_local.default, (keys, values, k, v, pos, kvp_rank, layout.kvp, layout.kv_block)
             )
@@ -58,6 +64,7 @@ def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModul
             packed = graph.call_function(
                 torch.ops.helix.partial_attention.default,
                 (query, keys, values, pos, kvp_rank, layout.kvp, layout.kv_block, a.scale),
+                {"key_mask": key_mask} if key_mask is not None else {},
             )
             recv = packed
             if layout.kvp > 1:
@@ -90,6 +97,16 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
     graph.eliminate_dead_code(
         is_impure_node=lambda node: node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
     )
+
+
+def _batch_rows(graph: fx.Graph, keys: fx.Node, values: fx.Node, k: fx.Node):
+    """The cache shards narrowed to the batch of the new keys ``k`` when it is smaller than the cache's."""
+    rows, capacity = k.meta["example_value"].shape[0], keys.meta["example_value"].shape[0]
+    if isinstance(rows, int) and rows == capacity:
+        return keys, values
+    if not isinstance(rows, int):  # a symbolic batch: read it from k at run time
+        rows = graph.call_method("size", (k, 0))
+    return tuple(graph.call_function(torch.narrow, (t, 0, 0, rows)) for t in (keys, values))
 
 
 def _row_parallel(graph: fx.Graph, linear: fx.Node, world_group: str | None, n: int) -> None:

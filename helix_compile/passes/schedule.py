@@ -16,7 +16,7 @@ into
     for i in 0..C-1:  p_i = partial_attention(q[i], K[i], V[i], pos); s_i = a2a(p_i)     # issue
     for i in 0..C-1:  o_i = lse_merge(wait(s_i))                                        # drain
     o = cat(o_0 .. o_{C-1}, dim=0)
-where x[i] = x.narrow(0, i*B/C, B/C) (batch rows; the cache shards are sliced the same way).
+where x[i] = x.narrow(0, i*B/C, B/C) (batch rows; the cache shards and the key mask are sliced the same way).
 """
 
 from __future__ import annotations
@@ -73,7 +73,11 @@ def _chunk(graph: fx.Graph, partial: fx.Node, chunks: int) -> None:
     with graph.inserting_before(partial):
         for i in range(chunks):
             q_i, k_i, v_i = (graph.call_function(torch.narrow, (x, 0, i * rows, rows)) for x in (query, keys, values))
-            p_i = graph.call_function(PARTIAL, (q_i, k_i, v_i, pos, *rest))
+            kwargs_i = {
+                name: graph.call_function(torch.narrow, (x, 0, i * rows, rows)) if name == "key_mask" else x
+                for name, x in partial.kwargs.items()
+            }
+            p_i = graph.call_function(PARTIAL, (q_i, k_i, v_i, pos, *rest), kwargs_i)
             sent.append(graph.call_function(A2A, (p_i, *a2a.args[1:])))
     with graph.inserting_before(merge):
         outs = [graph.call_function(MERGE, (graph.call_function(WAIT, (s,)), *merge.args[1:])) for s in sent]
