@@ -82,7 +82,7 @@ class Runtime:
         self._seen = [None] * len(placeholders)
         self.kv_key = ("kv", the_plan.layout, the_plan.rank)
         self.cache_index = self.placements.index("kv")
-        self.q_len = _q_len_source(placeholders, regions.attention[0].kv_write.args[2])
+        self.q_len = _q_len_source(placeholders, regions.writes()[0].args[2])
 
     def __call__(self, *args):
         cache = shards.lookup(args[self.cache_index], "helix_cache")

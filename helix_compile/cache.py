@@ -4,6 +4,10 @@ The cache looks global to the model (``layers[i].keys`` is a virtual (B, K, max_
 program traces unchanged), while the rank stores ``ceil(K/tpa)`` KV heads of the positions it owns
 (``Layout.owner``), in ``layers[i].local_keys`` / ``local_values`` of shape (B, K/tpa, capacity + 1, D). The
 extra slot takes the writes of positions owned by other KVP ranks and is never read.
+
+MLA (DeepSeek-V2/V3): transformers 5.x caches the compressed latent, one KV "head": ``keys`` holds the normalised
+compressed kv (D = kv_lora_rank) and ``values`` the rotary key (D = qk_rope_head_dim); tpa = 1, so each rank
+holds (B, 1, capacity + 1, kv_lora_rank) and (B, 1, capacity + 1, qk_rope_head_dim).
 """
 
 from __future__ import annotations
@@ -12,24 +16,25 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from . import shards
-from .layout import Layout
+from .layout import Layout, mla_latent
 from .lowering import ops as _ops  # noqa: F401  registers helix::kv_write, which HelixLayer.update calls
 
 
 class HelixLayer(StaticLayer):
     """One decoder layer's cache: global virtual ``keys``/``values``, rank-local ``local_keys``/``local_values``."""
 
-    def __init__(self, cache: "StaticCache", max_cache_len: int, batch: int, heads: int, head_dim: int, dtype, device):
+    def __init__(self, cache: "StaticCache", max_cache_len: int, batch: int, heads: int, k_dim: int, v_dim: int,
+                 dtype, device):
         super().__init__(max_cache_len=max_cache_len)
         layout, rank = cache.layout, cache.rank
         local_heads = heads // layout.tpa
         capacity = layout.local_capacity(max_cache_len)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.batch_size, self.num_heads, self.k_head_dim, self.v_head_dim = batch, heads, head_dim, head_dim
-        self.keys = shards.virtual((batch, heads, max_cache_len, head_dim), dtype, self.device)
-        self.values = shards.virtual((batch, heads, max_cache_len, head_dim), dtype, self.device)
-        self.local_keys = torch.zeros((batch, local_heads, capacity + 1, head_dim), dtype=dtype, device=self.device)
-        self.local_values = torch.zeros_like(self.local_keys)
+        self.batch_size, self.num_heads, self.k_head_dim, self.v_head_dim = batch, heads, k_dim, v_dim
+        self.keys = shards.virtual((batch, heads, max_cache_len, k_dim), dtype, self.device)
+        self.values = shards.virtual((batch, heads, max_cache_len, v_dim), dtype, self.device)
+        self.local_keys = torch.zeros((batch, local_heads, capacity + 1, k_dim), dtype=dtype, device=self.device)
+        self.local_values = torch.zeros((batch, local_heads, capacity + 1, v_dim), dtype=dtype, device=self.device)
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         shards.register(self.keys, ("kv", cache.layout, rank), self.local_keys)
         shards.register(self.values, ("kv", cache.layout, rank), self.local_values)
@@ -94,11 +99,15 @@ class StaticCache(Cache):
         self.host_length = 0  # tokens written, tracked on the host so the bound is checked without a device sync
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        k_dim = v_dim = head_dim
+        latent = mla_latent(text)
+        if latent is not None:  # MLA caches one latent "head": keys = the compressed kv, values = the rotary key
+            heads, (k_dim, v_dim) = 1, latent
         dtype = dtype or getattr(text, "dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         layers = [
-            HelixLayer(self, max_cache_len, max_batch_size, heads, head_dim, dtype, device)
+            HelixLayer(self, max_cache_len, max_batch_size, heads, k_dim, v_dim, dtype, device)
             for _ in range(text.num_hidden_layers)
         ]
         super().__init__(layers=layers)

@@ -5,7 +5,8 @@ Contract
     out: ``Regions`` (attention and FFN regions, in graph order); the graph is not changed.
     refuses (``UnsupportedModelError`` naming the node and module path): attention that does not read the
     helix cache, fused qkv / gate_up projections, ops that mix heads between the projections and attention,
-    anything but elementwise ops inside the FFN, MoE, and user attention masks (padded batches).
+    anything but elementwise ops inside the FFN, and user attention masks (padded batches). MoE blocks and MLA
+    attention are matched (or refused) by their own matchers, `moe.py` and `mla.py`.
 
 Pseudo-code
     for each helix::kv_write(keys, values, k, v, pos):          # the cache write of one attention layer
@@ -33,6 +34,7 @@ class UnsupportedModelError(ValueError):
     """The model structure is not one helix can partition exactly."""
 
 
+
 LINEAR = torch._C._nn.linear
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 KV_WRITE = {torch.ops.helix.kv_write, torch.ops.helix.kv_write.default}  # Dynamo records the packet
@@ -48,6 +50,10 @@ _ELEMENTWISE_FUNCS = {
     torch.nn.functional.sigmoid, torch.nn.functional.tanh, torch.pow, torch.clamp, torch.where,
 }
 _REDUCE_METHODS = {"mean", "sum", "var", "norm"}
+
+# The matchers of MoE blocks and MLA attention, one file each; they import the names above from here.
+from . import mla as _mla  # noqa: E402
+from . import moe as _moe  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -78,9 +84,15 @@ class FFNRegion:
 class Regions:
     attention: list[AttentionRegion]
     ffn: list[FFNRegion]
+    moe: list = dataclasses.field(default_factory=list)  # moe.MoERegion
+    mla: list = dataclasses.field(default_factory=list)  # mla.MLARegion
+
+    def writes(self) -> list[fx.Node]:
+        """Every cache write (standard attention and MLA), in graph order."""
+        return [r.kv_write for r in self.attention] + [r.kv_write for r in self.mla]
 
     def describe(self) -> str:
-        lines = []
+        lines = [m.describe() for m in self.mla]
         for a in self.attention:
             lines.append(
                 f"attention {a.module} [{a.form}] q={a.q_linear.name} k={a.k_linear.name} v={a.v_linear.name} "
@@ -88,6 +100,7 @@ class Regions:
             )
         for f in self.ffn:
             lines.append(f"ffn {f.module} ins={[n.name for n in f.ins]} out={f.out.name}")
+        lines += [m.describe() for m in self.moe]
         return "\n".join(lines)
 
 
@@ -283,10 +296,13 @@ def detect(gm: fx.GraphModule) -> Regions:
         raise UnsupportedModelError(
             "no helix cache write in the graph: call the compiled model with past_key_values=helix_compile.StaticCache(...)"
         )
-    attention = []
+    attention, mla = [], []
     for write in writes:
         keys, values, k, v, pos = write.args
         module = module_path(write)
+        if _mla.is_mla(keys, write):
+            mla.append(_mla.match(write, module, _where, _first_linear_after))
+            continue
         form, core, query, scale = _find_core(keys, values, write)
         q_lin = _linear_ancestor(query, module, f"query of {module}")
         k_lin = _linear_ancestor(k, module, f"key of {module}")
@@ -297,34 +313,38 @@ def detect(gm: fx.GraphModule) -> Regions:
             )
         o_lin = _first_linear_after(core, f"attention output of {module}")
         attention.append(AttentionRegion(module, form, q_lin, k_lin, v_lin, o_lin, write, keys, values, pos, query, core, scale))
-    return Regions(attention, _detect_ffn(graph))
+    ffn, moe = _detect_ffn(graph)
+    return Regions(attention, ffn, moe, mla)
 
 
-def _detect_ffn(graph: fx.Graph) -> list[FFNRegion]:
+def _detect_ffn(graph: fx.Graph) -> tuple[list[FFNRegion], list]:
     groups: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
         parts = module_path(node).split(".")
         if node.op in ("call_function", "call_method") and "mlp" in parts:
             groups.setdefault(".".join(parts[: parts.index("mlp") + 1]), []).append(node)
-    regions = []
+    regions, moe = [], []
     for mlp, nodes in groups.items():
-        classes = {getattr(cls, "__name__", str(cls)) for _, cls in (nodes[0].meta.get("nn_module_stack") or {}).values()}
-        if any(n.target is torch.topk or "expert" in module_path(n) for n in nodes) or any(
-            "moe" in c.lower() or "sparse" in c.lower() for c in classes
-        ):
-            raise UnsupportedModelError(f"{mlp}: mixture-of-experts FFNs are not supported yet (a later issue)")
-        linears = [n for n in nodes if n.op == "call_function" and n.target is LINEAR]
-        outs = [n for n in linears if any(not module_path(u).startswith(mlp) for u in n.users)]
-        if len(outs) != 1 or len(linears) < 2:
-            raise UnsupportedModelError(
-                f"{mlp}: expected input projections and one output projection, found linears "
-                f"{[n.name for n in linears]} with outputs {[n.name for n in outs]}"
-            )
-        out = outs[0]
-        ins = [n for n in linears if n is not out]
-        _check_ffn_body(mlp, ins, out)
-        regions.append(FFNRegion(mlp, ins, out))
-    return regions
+        if _moe.is_moe(mlp, nodes, module_path):
+            moe.append(_moe.match(mlp, nodes, module_path, _where, _match_dense))
+        else:
+            regions.append(_match_dense(mlp, nodes))
+    return regions, moe
+
+
+def _match_dense(mlp: str, nodes: list[fx.Node]) -> FFNRegion:
+    """A dense MLP: column-parallel input projections, elementwise ops, one row-parallel output projection."""
+    linears = [n for n in nodes if n.op == "call_function" and n.target is LINEAR]
+    outs = [n for n in linears if any(not module_path(u).startswith(mlp) for u in n.users)]
+    if len(outs) != 1 or len(linears) < 2:
+        raise UnsupportedModelError(
+            f"{mlp}: expected input projections and one output projection, found linears "
+            f"{[n.name for n in linears]} with outputs {[n.name for n in outs]}"
+        )
+    out = outs[0]
+    ins = [n for n in linears if n is not out]
+    _check_ffn_body(mlp, ins, out)
+    return FFNRegion(mlp, ins, out)
 
 
 def _check_ffn_body(mlp: str, ins: list[fx.Node], out: fx.Node) -> None:

@@ -17,8 +17,10 @@ Rewrites, per attention region (pattern ... into ...):
           h = split[kvp_rank], the heads this rank holds
     o = linear(x, Wo, b)
         into  o' = wait(all_reduce(linear(x, Wo_shard), "sum", world)) [+ b]           # N > 1 only
-per FFN region:
+per MLA region (``mla.py``): the same, with keys/values = this rank's up-projected latent shard and D = v_head_dim
+per FFN region (and per shared-expert MLP of a MoE block):
     out = linear(h, Wdown, b)  into  wait(all_reduce(linear(h, Wdown_shard), "sum", world)) [+ b]
+per MoE block (``moe.py``): routed experts over the local experts only, their output all-reduced over the world
 then dead code (HF's mask construction, repeat_kv) is removed.
 
 The model's reshapes use -1 for the head dimension, so the local head counts flow through unchanged; the
@@ -31,6 +33,8 @@ import torch
 import torch.fx as fx
 
 from ..lowering import ops as _ops  # noqa: F401  registers the helix:: ops this pass emits
+from . import mla as _mla
+from . import moe as _moe
 from .detect import Regions
 from .plan import Plan
 
@@ -46,7 +50,7 @@ def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModul
     kvp_rank = layout.kvp_rank(rank)
     split = layout.head_split(heads.q // layout.tpa)  # query heads each KVP rank holds after the all-to-all
 
-    for a in regions.attention:
+    for a in regions.attention + regions.mla:
         keys, values, k, v, pos = (by_name[x.name] for x in a.kv_write.args)
         write, core, query = by_name[a.kv_write.name], by_name[a.core.name], by_name[a.query.name]
         with graph.inserting_before(write):
@@ -55,9 +59,12 @@ def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModul
             )
         graph.erase_node(write)
         with graph.inserting_before(core):
+            k_read, v_read = keys, values
+            if isinstance(a, _mla.MLARegion):  # up-project this rank's latent shard only
+                k_read, v_read = _mla.local_keys_values(graph, a, keys, values, by_name[a.kv_b_weight.name])
             packed = graph.call_function(
                 torch.ops.helix.partial_attention.default,
-                (query, keys, values, pos, kvp_rank, layout.kvp, layout.kv_block, a.scale),
+                (query, k_read, v_read, pos, kvp_rank, layout.kvp, layout.kv_block, a.scale),
             )
             recv = packed
             if layout.kvp > 1:
@@ -67,10 +74,15 @@ def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModul
                 recv = graph.call_function(funcol.wait_tensor.default, (sent,))
             merged = graph.call_function(torch.ops.helix.lse_merge.default, (recv, layout.kvp, heads.d))
         core.replace_all_uses_with(merged)
+        if isinstance(a, _mla.MLARegion):
+            graph.erase_node(core)
+            _mla.erase_expand(graph, a, by_name)
         _row_parallel(graph, by_name[a.o_linear.name], world_group, layout.world_size)
 
-    for f in regions.ffn:
+    for f in regions.ffn + [s for m in regions.moe for s in m.shared]:
         _row_parallel(graph, by_name[f.out.name], world_group, layout.world_size)
+    for m in regions.moe:
+        _moe.rewrite(graph, m, by_name, layout, rank, world_group)
 
     eliminate_dead_code(graph)
     graph.lint()

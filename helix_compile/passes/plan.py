@@ -12,8 +12,12 @@ Placements (rank r, kvp_rank = r // tpa, tpa_rank = r % tpa, D = head_dim, N = k
     o_proj columns   the heads r holds after the all-to-all: its TPA slice split over KVP ranks
                      (Layout.head_split: Q/N each when N divides Q), h0 = tpa_rank*Q/tpa + heads of lower
                      kvp ranks, columns [h0, h0 + split[kvp_rank]) * D; bias after the all-reduce
-    FFN in (gate/up) rows    [r*I/N, (r+1)*I/N) (tpf = N, ep = 1)
+    FFN in (gate/up) rows    [r*I/N, (r+1)*I/N): a dense FFN is TP over all N ranks (also the dense layers and
+                             shared experts of a MoE model, whose ep > 1 applies to the routed experts only)
     FFN out (down) columns   [r*I/N, (r+1)*I/N); bias after the all-reduce
+    routed experts           experts split over ep, each TP-split over tpf (``moe.expert_shard``)
+    MLA (tpa = 1)            q/kv projections replicated; o_proj columns as above with D = v_head_dim;
+                             the latent cache ``kv``
     everything else          replicated
 """
 
@@ -22,25 +26,30 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from ..layout import Layout
+from ..layout import Layout, mla_latent
 from ..shards import Shard
+from . import moe as _moe
 from .detect import Regions
 
 ROLE_BY_NAME = {  # HF parameter names (for loading checkpoints before any graph exists)
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
     "gate_proj": "ffn_in", "up_proj": "ffn_in", "down_proj": "ffn_out",
 }
+EXPERT_ROLES = _moe.ROLES  # fused expert weights, by parameter name: experts.gate_up_proj / experts.down_proj
 
 
 @dataclasses.dataclass(frozen=True)
 class Heads:
     q: int  # num_attention_heads
-    k: int  # num_key_value_heads
-    d: int  # head_dim
+    k: int  # num_key_value_heads (1 for MLA: one latent head)
+    d: int  # head_dim of the attention output (v_head_dim for MLA)
+    latent: bool = False  # MLA: q/kv projections stay whole (tpa = 1)
 
     @classmethod
     def of(cls, config) -> "Heads":
         q = config.num_attention_heads
+        if mla_latent(config) is not None:
+            return cls(q, 1, config.v_head_dim, True)
         k = getattr(config, "num_key_value_heads", None) or q
         d = getattr(config, "head_dim", None) or config.hidden_size // q
         return cls(q, k, d)
@@ -49,9 +58,12 @@ class Heads:
 def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: int) -> Shard | None:
     """The shard of a parameter with this role ('q', 'k', 'v', 'o', 'ffn_in', 'ffn_out') on ``rank``.
 
-    ``kind`` is 'weight' or 'bias'; ``shape`` its global shape. None means replicated.
+    ``kind`` is 'weight' or 'bias'; ``shape`` its global shape. None means replicated. Also the roles of fused
+    expert weights, 'experts_gate_up' and 'experts_down' (``moe.expert_shard``).
     """
     tpa_rank, kvp_rank = layout.tpa_rank(rank), layout.kvp_rank(rank)
+    if role in ("q", "k", "v") and heads.latent:
+        return None  # MLA: tpa = 1, every rank projects all heads (its own KV lives in the latent cache shard)
     if role == "q":
         per = heads.q // layout.tpa * heads.d
         return Shard(0, tpa_rank * per, (tpa_rank + 1) * per)
@@ -67,12 +79,13 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
     if role in ("ffn_in", "ffn_out"):
         if role == "ffn_out" and kind == "bias":
             return None
-        inter = shape[0] if role == "ffn_in" else shape[1]
-        if inter % layout.tpf:
-            raise ValueError(f"tpf={layout.tpf} does not divide the FFN intermediate size {inter}")
-        per = inter // layout.tpf
-        r = rank % layout.tpf
-        return Shard(0 if role == "ffn_in" else 1, r * per, (r + 1) * per)
+        inter, n = (shape[0] if role == "ffn_in" else shape[1]), layout.world_size
+        if inter % n:
+            raise ValueError(f"N={n} ranks do not divide the dense FFN intermediate size {inter}")
+        per = inter // n
+        return Shard(0 if role == "ffn_in" else 1, rank * per, (rank + 1) * per)
+    if role in ("experts_gate_up", "experts_down"):
+        return _moe.expert_shard(role, shape, layout, rank)
     raise KeyError(role)
 
 
@@ -86,13 +99,17 @@ class Plan:
 
     def to_json(self) -> str:
         def enc(p):
-            return dataclasses.asdict(p) if isinstance(p, Shard) else p
+            return dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p
+
+        heads = dataclasses.asdict(self.heads)
+        if not heads["latent"]:
+            del heads["latent"]  # the dense plans read as before
 
         return json.dumps(
             {
                 "layout": dataclasses.asdict(self.layout),
                 "rank": self.rank,
-                "heads": dataclasses.asdict(self.heads),
+                "heads": heads,
                 "inputs": {k: enc(v) for k, v in self.inputs.items() if v != "replicate"},
                 "roles": self.roles,
             },
@@ -133,8 +150,15 @@ def plan(gm, regions: Regions, config, layout: Layout, rank: int) -> Plan:
         for lin, role in ((a.q_linear, "q"), (a.k_linear, "k"), (a.v_linear, "v"), (a.o_linear, "o")):
             place(lin, role)
         inputs[a.keys.name] = inputs[a.values.name] = "kv"
-    for f in regions.ffn:
+    for m in regions.mla:
+        place(m.o_linear, "o")
+        inputs[m.keys.name] = inputs[m.values.name] = "kv"
+    for f in regions.ffn + [s for m in regions.moe for s in m.shared]:
         for lin in f.ins:
             place(lin, "ffn_in")
         place(f.out, "ffn_out")
+    for m in regions.moe:
+        for node, role in ((m.gate_up, "experts_gate_up"), (m.down, "experts_down")):
+            inputs[node.name] = role_shard(role, "weight", _example_shape(node), heads, layout, rank)
+            roles[node.name] = f"{role}.weight"
     return Plan(layout, rank, heads, inputs, roles)
