@@ -38,7 +38,7 @@ from .common import (
     ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, REDUCE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_call,
     is_method, module_path, shape, where,
 )
-from .projection import FusedSplit, Projection, find_split, is_projection, projection_of
+from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 KV_WRITE = {torch.ops.helix.kv_write, torch.ops.helix.kv_write.default}  # Dynamo records the packet
@@ -113,6 +113,13 @@ class AttentionMatch:
             rows, want = self.q.out_features, (heads.q + 2 * heads.k) * heads.d
             if rows != want:
                 raise ValueError(f"{self.module}: the fused qkv projection has {rows} rows, the config says {want}")
+            if self.fused == "qkv_heads" and (
+                self.split.width != 3 * heads.d or any(not is_method(c, {"chunk"}) or c.args[1] != 3 for c in self.split.cuts)
+            ):
+                raise UnsupportedModelError(
+                    f"{self.module}: fused qkv {self.q.name} is cut at width {self.split.width} by "
+                    f"{[c.name for c in self.split.cuts]}: neither stacked q|k|v nor per-head [q k v] of {heads.d}"
+                )
             out = list(self.q.placements(self.fused))
         out += self.o.placements("o")
         for norm in self.norms:
@@ -186,7 +193,14 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
     kp = _projection_ancestor(k, module, f"key of {module}", norms, "k_norm")
     vp = _projection_ancestor(v, module, f"value of {module}", norms, None)
     fused, split = None, None
-    if len({q.node, kp.node, vp.node}) != 3:
+    if len({q.node, kp.node, vp.node}) == 3:
+        for proj in (q, kp, vp):  # a cut of a projection's whole feature width would need a fused rewrite
+            cut = find_split(proj, f"projection of {module}")
+            if cut is not None and cut.width == proj.out_features:
+                raise UnsupportedModelError(
+                    f"{module}: {where(cut.cuts[0])} cuts the features of {proj.name} before they split into heads"
+                )
+    else:
         if not (q.node is kp.node is vp.node):
             raise UnsupportedModelError(f"{module}: two of q/k/v share projection '{q.name}' and the third does not")
         split = find_split(q, f"fused qkv of {module}")
@@ -275,6 +289,10 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
         return None
     if node.op == "call_function" and node.target in ELEMENTWISE_FUNCS:
         return None
+    if is_method(node, SPLIT_METHODS):  # cuts of the last dim: a fused qkv (checked by FusedSplit) or within a head
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        if dim in (-1, len(shape(node.args[0]) or ()) - 1):
+            return None
     reduces = (node.op == "call_method" and node.target in REDUCE_METHODS) or is_call(node, {torch.mean, torch.sum})
     if reduces:
         in_shape = shape(node.args[0])
