@@ -23,12 +23,17 @@ ADDMM = torch.addmm  # transformers' Conv1D (GPT-2): view(-1, in) -> addmm(bias,
 # Ops that act on each element or only reshape: safe on a head-sharded or column-sharded tensor.
 SHAPE_METHODS = {"view", "reshape", "transpose", "contiguous", "unsqueeze", "squeeze", "permute", "flatten", "expand"}
 ELEMENTWISE_METHODS = {"to", "float", "type_as", "half", "bfloat16", "neg", "mul", "add", "sub", "div", "pow", "rsqrt",
-                       "sigmoid", "tanh", "exp", "clamp"}
+                       "sigmoid", "tanh", "exp", "clamp", "square", "abs", "relu", "sqrt", "erf", "clamp_min",
+                       "clamp_max", "sin", "cos", "log", "reciprocal", "mul_", "add_", "div_"}
+_F = torch.nn.functional
 ELEMENTWISE_FUNCS = {
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow, operator.getitem,
-    torch.mul, torch.add, torch.sub, torch.neg, torch.rsqrt, torch.tanh, torch.sigmoid, torch.exp, torch.cat,
-    torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.relu, torch.nn.functional.dropout,
-    torch.nn.functional.sigmoid, torch.nn.functional.tanh, torch.pow, torch.clamp, torch.where,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.rsqrt, torch.tanh, torch.sigmoid, torch.exp, torch.cat,
+    torch.square, torch.abs, torch.relu, torch.sqrt, torch.erf, torch.sin, torch.cos, torch.log, torch.reciprocal,
+    torch.clamp_min, torch.clamp_max, torch.minimum, torch.maximum,
+    _F.silu, _F.gelu, _F.relu, _F.dropout, _F.sigmoid, _F.tanh, _F.leaky_relu, _F.elu, _F.softplus, _F.mish,
+    _F.hardswish, _F.hardsigmoid, _F.relu6, _F.selu, _F.celu, _F.gelu, torch._C._nn.gelu, torch._C._nn.silu,
+    torch.pow, torch.clamp, torch.where,
 }
 REDUCE_METHODS = {"mean", "sum", "var", "norm"}
 
