@@ -94,13 +94,13 @@ class StaticCache(Cache):
         from .layout import current_world
 
         text = config.get_text_config(decoder=True)
+        _refuse_without_kv_attention(text)
         self.rank, world = current_world()
         if layout == "auto":
             from .planner import choose_layout
 
             layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size))
         layout.validate(text, world_size=world)
-        _refuse_without_kv_attention(text)
         # Sliding-window layers (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) keep every position too: the
         # partial attention masks keys older than the window by their global position, which is exact, at the
         # cost of max_cache_len positions per layer instead of the window (transformers' rolling cache keeps

@@ -48,13 +48,14 @@ def small_config(model_type: str):
     default = cls()
     text = default.get_text_config(decoder=True)
     kw = {k: v for k, v in SMALL.items() if hasattr(text, k)}
-    if text is default:
-        cfg = cls(**kw)
-    else:  # a composite (multimodal) config: size its text part
-        sub = {k: v for k, v in vars(default).items() if v is text}
-        key = next(iter(sub)) if sub else "text_config"
-        cfg = cls(**{key: {**text.to_dict(), **kw}})
-    return cfg
+    if getattr(default, "is_encoder_decoder", False):
+        raise NotImplementedError("an encoder-decoder model: helix parallelises decoder-only causal LMs")
+    sub = [k for k, v in vars(default).items() if v is text and k != "self"]
+    if text is default or not sub:
+        return cls(**kw)
+    base = {k: v for k, v in text.to_dict().items() if k not in ("layer_types", "model_type") or k == "model_type"}
+    base.pop("layer_types", None)  # recomputed for the new layer count
+    return cls(**{sub[0]: {**base, **kw}})  # a composite (multimodal) config: size its text part
 
 
 def build(model_type: str, seed: int = 0):
@@ -156,7 +157,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(families, world, steps, per_family_s=600, log=print):
+def run_world(families, world, steps, per_family_s=240, log=print):
     """{family: [result of each rank]}; a family that hangs or crashes a rank gets {"status": "crash"}."""
     import torch.multiprocessing as mp
 
@@ -244,7 +245,7 @@ def render(results: dict, worlds, steps, seconds) -> str:
 
     kinds = {}
     for fam, per_world in results.items():
-        kinds[fam] = classify(per_world[worlds[0]])
+        kinds[fam] = classify(per_world[worlds[0]]) if worlds[0] in per_world else "build"
     attention = [f for f, k in kinds.items() if k not in ("build", "refused-no-kv-cache")]
     exact = [f for f in attention if kinds[f] == "exact"]
     count = {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))}
@@ -302,27 +303,33 @@ def main():
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", type=int, action="append", help="ranks (repeatable; default 2)")
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--only", help="comma-separated model types")
     p.add_argument("--out", default="docs/coverage.md")
-    p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--json", help="also write the raw results here (default: --out with .json)")
+    p.add_argument("--merge", help="results of an earlier run (its --json): re-run only --only, keep the rest")
     args = p.parse_args()
     worlds = args.world or [2]
     families = args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     start = time.time()
     results = {f: {} for f in families}
+    if args.merge:
+        import json
+
+        old = {f: {int(w): per for w, per in v.items()} for f, v in json.loads(Path(args.merge).read_text()).items()}
+        results = {**old, **results}
     for world in worlds:
-        todo = families if world == worlds[0] else [f for f in families if classify(results[f][worlds[0]]) == "exact"]
+        todo = families if world == worlds[0] else [
+            f for f in families if worlds[0] in results[f] and classify(results[f][worlds[0]]) == "exact"]
         for fam, per in run_world(todo, world, args.steps, log=lambda s: print(s, flush=True)).items():
             for r in per:
                 for c in r.get("cells", {}).values():
                     c.pop("trace", None) if c.get("status") != "error" else None
             results[fam][world] = per
     Path(args.out).write_text(render(results, worlds, args.steps, time.time() - start) + "\n")
-    if args.json:
-        import json
+    import json
 
-        Path(args.json).write_text(json.dumps(results, default=str))
+    Path(args.json or str(Path(args.out).with_suffix(".json"))).write_text(json.dumps(results, default=str))
     print(f"wrote {args.out}")
 
 

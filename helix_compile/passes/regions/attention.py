@@ -417,7 +417,11 @@ def _first_projection_after(node: fx.Node, region: str) -> Projection:
     while True:
         users = list(node.users)
         if len(users) != 1:
-            raise UnsupportedModelError(f"{region}: attention output used by {len(users)} nodes at {where(node)}")
+            raise UnsupportedModelError(
+                f"{region}: {where(node)} is used by {len(users)} nodes {[u.name for u in users]}; between the "
+                f"attention and its output projection helix expects reshapes only (each rank holds some heads there; "
+                f"an op over all heads, such as a norm, is not supported)"
+            )
         node = users[0]
         if is_projection(node):
             proj = projection_of(node)
