@@ -51,7 +51,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
     layout.validate(config, world_size=world)
     if layout != cache.layout:
         raise ValueError(f"the StaticCache was built for {cache.layout} but the backend was given {layout}")
-    regions = detect(gm)
+    regions = detect(gm, config)
     the_plan = make_plan(gm, regions, config, layout, rank)
     local = partition(gm, regions, the_plan)
     scheduled = schedule(local, the_plan)

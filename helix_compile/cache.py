@@ -67,6 +67,26 @@ class HelixLayer(StaticLayer):
         return self.local_keys.nbytes + self.local_values.nbytes
 
 
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def _refuse_without_kv_attention(text) -> None:
+    """Refuse, saying so, a model without softmax attention over a KV cache in every layer (state-space,
+    RWKV-like, linear attention, hybrids of them)."""
+    name = type(text).__name__
+    if not getattr(text, "num_attention_heads", None) or not getattr(text, "hidden_size", None):
+        raise ValueError(
+            f"{name} has no softmax attention over a KV cache (no num_attention_heads: a state-space or RWKV-like "
+            f"model); helix parallelises attention over a KV cache and cannot run it"
+        )
+    other = sorted({t for t in getattr(text, "layer_types", None) or [] if t not in _ATTENTION_LAYER_TYPES})
+    if other:
+        raise ValueError(
+            f"{name} has layers without softmax attention over a KV cache (layer_types {other}); helix supports "
+            f"full and sliding-window attention layers only"
+        )
+
+
 class StaticCache(Cache):
     """Rank-local static KV cache for Helix (see module docstring).
 
@@ -79,18 +99,17 @@ class StaticCache(Cache):
         from .layout import current_world
 
         text = config.get_text_config(decoder=True)
+        _refuse_without_kv_attention(text)
         self.rank, world = current_world()
         if layout == "auto":
             from .planner import choose_layout
 
             layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size))
         layout.validate(text, world_size=world)
-        window = getattr(text, "sliding_window", None)
-        if window is not None and getattr(text, "use_sliding_window", True) and window < max_cache_len:
-            raise ValueError(
-                f"{type(text).__name__} uses sliding-window attention (sliding_window={window} < "
-                f"max_cache_len={max_cache_len}); helix supports full attention only for now"
-            )
+        # Sliding-window layers (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) keep every position too: the
+        # partial attention masks keys older than the window by their global position, which is exact, at the
+        # cost of max_cache_len positions per layer instead of the window (transformers' rolling cache keeps
+        # only the window; a rolling shard over kvp ranks is a later optimisation).
         if max_batch_size < 1 or max_cache_len < 1:
             raise ValueError(f"max_batch_size={max_batch_size} and max_cache_len={max_cache_len} must be >= 1")
         self.config = text

@@ -135,13 +135,18 @@ class Layout:
 
         Built once per (kvp, tpa) and process; every rank must call it in the same order (it is collective).
         """
-        return _group_names(self.kvp, self.tpa)
+        return _group_names(self.kvp, self.tpa)[:2]
+
+    def tpa_group_name(self) -> str:
+        """Name of this rank's TPA group (the ranks with the same ``kvp_rank``), from the same DeviceMesh: the
+        all-reduce of a norm over all heads' features (OLMo2's q/k norm) runs over it."""
+        return _group_names(self.kvp, self.tpa)[2]
 
 
-_GROUPS: dict[tuple[int, int], tuple[str, str]] = {}
+_GROUPS: dict[tuple[int, int], tuple[str, str, str]] = {}
 
 
-def _group_names(kvp: int, tpa: int) -> tuple[str, str]:
+def _group_names(kvp: int, tpa: int) -> tuple[str, str, str]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -156,7 +161,9 @@ def _group_names(kvp: int, tpa: int) -> tuple[str, str]:
             )
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
         mesh = init_device_mesh(device_type, (kvp, tpa), mesh_dim_names=("kvp", "tpa"))
-        _GROUPS[(kvp, tpa)] = (mesh.get_group("kvp").group_name, dist.group.WORLD.group_name)
+        _GROUPS[(kvp, tpa)] = (
+            mesh.get_group("kvp").group_name, dist.group.WORLD.group_name, mesh.get_group("tpa").group_name
+        )
     return _GROUPS[(kvp, tpa)]
 
 

@@ -2,7 +2,8 @@
 
 The model is built without parameter storage (``accelerate.init_empty_weights``; buffers such as RoPE's
 ``inv_freq`` stay real), then every checkpoint tensor is read with safetensors' ``get_slice``: sharded ones
-(``plan.role_shard`` by HF name: q/k/v/o_proj, gate/up/down_proj) as this rank's slice only, registered behind
+(``regions.roles.role_shard`` by HF name, ``role_by_name``: q/k/v/o_proj, gate/up/down_proj, the fused
+qkv_proj / query_key_value / c_attn and gate_up_proj, GPT-2's Conv1D c_attn / c_proj / c_fc) as this rank's slice only, registered behind
 a global-shaped virtual parameter; the rest in full. Each tensor's file is opened for that tensor alone, so the
 pages of a column slice are unmapped again right away: peak memory is about the shards plus one tensor.
 
@@ -20,7 +21,7 @@ from safetensors import safe_open
 from . import shards
 from .layout import Layout, current_world
 from .lowering.ops import ShardedEagerError
-from .passes.plan import ROLE_BY_NAME, Heads, role_shard
+from .passes.regions.roles import Heads, Pieces, role_by_name, role_shard
 
 
 def _files(path: Path) -> list[Path]:
@@ -33,9 +34,13 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
-def _role(name: str) -> tuple[str | None, str]:
-    parts = name.split(".")
-    return (ROLE_BY_NAME.get(parts[-2]) if len(parts) >= 2 else None), parts[-1]
+def _read(piece, shape, spec) -> torch.Tensor:
+    """This rank's slice of a safetensors tensor: one range (``Shard``) or several concatenated (``Pieces``)."""
+    ranges = spec.ranges if isinstance(spec, Pieces) else ((spec.start, spec.stop),)
+    parts = [
+        piece[tuple(slice(a, b) if d == spec.dim else slice(None) for d in range(len(shape)))] for a, b in ranges
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
 
 def _refuse_eager(module, args, kwargs):
@@ -74,13 +79,12 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None):
                 shape = tuple(piece.get_shape())
                 if shape != tuple(params[name].shape):
                     raise ValueError(f"{file.name}: {name} has shape {shape}, the model expects {tuple(params[name].shape)}")
-                role, kind = _role(name)
+                role, kind = role_by_name(name)
                 spec = role_shard(role, kind, shape, heads, layout, rank) if role else None
                 if spec is None:
                     value = piece[:].to(device=device, dtype=dtype, copy=True)  # owned, not a view of the mmap
                 else:
-                    index = tuple(slice(spec.start, spec.stop) if d == spec.dim else slice(None) for d in range(len(shape)))
-                    local = piece[index].to(device=device, dtype=dtype, copy=True).contiguous()
+                    local = _read(piece, shape, spec).to(device=device, dtype=dtype, copy=True).contiguous()
                     value = shards.virtual(shape, dtype, device)
             param = _set_param(model, name, value)
             if spec is not None:

@@ -23,7 +23,8 @@ GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("HELIX_UPDATE_GOLDEN") == "1"
 VERSIONS = f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
 CASES = [("llama", "decode"), ("llama", "prefill"), ("llama", "decode-hopb2"), ("qwen2", "decode"),
-         ("mistral", "decode"), ("phi", "decode"), ("mqa", "decode")]
+         ("mistral", "decode"), ("phi", "decode"), ("mqa", "decode"),
+         ("gpt2", "decode"), ("phi3", "decode"), ("gemma2", "decode")]
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
-"""The MoE matcher: a mixture-of-experts FFN (router + fused experts + shared experts) as TPF x EP.
+"""Region matcher: a mixture-of-experts FFN (router + fused experts + shared experts) as TPF x EP.
 
-Contract
-    in:  the nodes of one ``...mlp`` module of the global Dynamo graph whose module holds an ``experts`` child
-         (transformers 5.x: fused 3-D expert weights ``experts.gate_up_proj`` (E, 2I, H) and
-         ``experts.down_proj`` (E, H, I), run by the ``grouped_mm`` or ``batched_mm`` experts implementation).
-    out: a ``MoERegion`` (detect); the placements of the expert weights (``expert_shard``, used by
-         ``plan.role_shard``); the rank-local rewrite (``rewrite``, used by partition).
+Match (pattern): one FFN module of the global Dynamo graph that holds an ``experts`` child (transformers 5.x:
+fused 3-D expert weights ``experts.gate_up_proj`` (E, 2I, H) and ``experts.down_proj`` (E, H, I), run by the
+``grouped_mm`` (default) or ``batched_mm`` experts implementation), a router (a projection with E outputs, then
+any replicated ops: softmax or sigmoid, correction bias, grouped top-k), optional shared-expert MLPs (matched as
+dense FFNs) and a shared-expert gate (a projection with 1 output).
+Placements: ``placements`` (roles ``experts_gate_up`` / ``experts_down``: ``expert_shard``, asked by
+``roles.role_shard``); the rewrite: ``replace_with``.
     refuses (``UnsupportedModelError`` naming the node): experts with biases, transposed or unfused expert
          weights, ops inside the experts module other than the two known implementations' (e.g. the ``eager``
          implementation's ``nonzero`` loop), other linears in the block than a router, a shared-expert gate
@@ -39,12 +40,12 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..layout import Layout
-from ..shards import ExpertShard
-from .detect import UnsupportedModelError
+from ...layout import Layout
+from ...shards import ExpertShard
+from .common import UnsupportedModelError, module_path, where
+from .projection import is_projection, projection_of
 
 funcol = torch.ops._c10d_functional
-LINEAR = torch._C._nn.linear
 
 # What the grouped_mm and batched_mm experts implementations of transformers 5.x trace to (and nothing else).
 _EXPERT_METHODS = {"reshape", "view", "float", "to", "type", "transpose", "chunk", "unsqueeze", "squeeze", "sum",
@@ -57,7 +58,7 @@ _EXPERT_FUNCS = {
 
 
 @dataclasses.dataclass
-class MoERegion:
+class MoEMatch:
     module: str  # e.g. "model.layers.1.mlp"
     experts: str  # e.g. "model.layers.1.mlp.experts"
     count: int  # routed experts E
@@ -68,16 +69,34 @@ class MoERegion:
     histc: list[fx.Node]  # grouped_mm: tokens per expert, bins = E
     out: fx.Node  # the experts module's output (T, H)
     nodes: list[fx.Node]  # every node of the experts module
-    shared: list  # FFNRegions of the shared-expert MLPs (dense, TP over N)
+    shared: list  # DenseFFNMatch of the shared-expert MLPs (TP over N)
+    replicated: list  # router and shared-expert gate projections: every rank computes them whole
+
+    kind = "moe"
 
     def describe(self) -> str:
-        shared = [f"{s.module} ins={[n.name for n in s.ins]} out={s.out.name}" for s in self.shared]
+        shared = "".join(f"; shared {s.describe()}" for s in self.shared)
         return (f"moe {self.module} experts={self.count} ids={self.ids.name} weights={self.weights.name} "
-                f"gate_up={self.gate_up.name} down={self.down.name} out={self.out.name} shared={shared}")
+                f"gate_up={self.gate_up.name} down={self.down.name} out={self.out.name} "
+                f"replicated={[p.name for p in self.replicated]}{shared}")
+
+    def projections(self) -> set:
+        """The projection nodes this match claims (detect reports unclaimed ones as left whole)."""
+        return {p.node for p in self.replicated} | {p.node for s in self.shared for p in (*s.ins, s.out)}
+
+    def placements(self, heads):
+        out = [(self.gate_up, "experts_gate_up", "weight"), (self.down, "experts_down", "weight")]
+        return out + [pl for s in self.shared for pl in s.placements(heads)]
+
+    def replace_with(self, graph: fx.Graph, env: dict, ctx) -> None:
+        for s in self.shared:
+            s.replace_with(graph, env, ctx)
+        rewrite(graph, self, env, ctx.layout, ctx.rank, ctx.world_group)
 
 
-def is_moe(mlp: str, nodes: list[fx.Node], module_path) -> bool:
-    """A block is MoE when it has an ``experts`` child, a top-k, or a MoE-looking class: then this matcher owns it."""
+def is_moe(mlp: str, nodes: list[fx.Node]) -> bool:
+    """A block is MoE when it has an ``experts`` child, a top-k, or a MoE-looking class: then this matcher owns it
+    (and matches or refuses it: it is never handed to the dense matcher nor left replicated)."""
     classes = {getattr(cls, "__name__", str(cls)) for n in nodes for _, cls in (n.meta.get("nn_module_stack") or {}).values()}
     return any(_inside(module_path(n), mlp + ".experts") or n.target is torch.topk or n.target == "topk" for n in nodes) or any(
         "moe" in c.lower() or "sparse" in c.lower() or "expert" in c.lower() for c in classes
@@ -88,8 +107,19 @@ def _inside(path: str, module: str) -> bool:
     return path == module or path.startswith(module + ".")
 
 
-def match(mlp: str, nodes: list[fx.Node], module_path, where, match_dense) -> MoERegion:
-    """Match one MoE block (see the module docstring); ``match_dense(module, nodes)`` matches a shared-expert MLP."""
+def match_moe(graph: fx.Graph, ffn_modules) -> list[MoEMatch]:
+    """One ``MoEMatch`` per FFN module (named as in ``ffn_modules``) that is a mixture of experts, in graph order."""
+    groups: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        parts = module_path(node).split(".")
+        hit = [i for i, p in enumerate(parts) if p in ffn_modules]
+        if node.op in ("call_function", "call_method") and hit:
+            groups.setdefault(".".join(parts[: hit[0] + 1]), []).append(node)
+    return [match(module, nodes) for module, nodes in groups.items() if is_moe(module, nodes)]
+
+
+def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
+    """Match one MoE block (see the module docstring)."""
     experts_path = mlp + ".experts"
     experts = [n for n in nodes if _inside(module_path(n), experts_path)]
     if not experts:
@@ -148,20 +178,22 @@ def match(mlp: str, nodes: list[fx.Node], module_path, where, match_dense) -> Mo
     outs = [n for n in experts if any(u not in inside for u in n.users)]
     if len(outs) != 1:
         raise UnsupportedModelError(f"{experts_path}: expected one output, found {[n.name for n in outs]}")
-    shared, rest = _shared(mlp, nodes, inside, module_path, match_dense)
+    shared, rest = _shared(mlp, nodes, inside)
+    replicated = []
     for n in rest:
-        if n.op == "call_function" and n.target is LINEAR:
+        if is_projection(n):
             rows = _shape(n)[-1] if _shape(n) else None
             if rows not in (count, 1):  # the router (E logits) or a shared-expert gate (one scalar per token)
                 raise UnsupportedModelError(
                     f"{mlp}: {where(n)} is neither the router ({count} outputs), a shared-expert gate (1 output) nor "
                     f"inside an experts / shared-expert module; helix would not know how to split it"
                 )
-    return MoERegion(mlp, experts_path, count, ids, weights[0], by_role["gate_up"], by_role["down"], histc, outs[0],
-                     experts, shared)
+            replicated.append(projection_of(n))
+    return MoEMatch(mlp, experts_path, count, ids, weights[0], by_role["gate_up"], by_role["down"], histc, outs[0],
+                    experts, shared, replicated)
 
 
-def _shared(mlp, nodes, experts, module_path, match_dense):
+def _shared(mlp, nodes, experts):
     """Shared-expert MLPs (Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``): matched as dense FFNs."""
     groups: dict[str, list[fx.Node]] = {}
     rest = []
@@ -174,7 +206,12 @@ def _shared(mlp, nodes, experts, module_path, match_dense):
             groups.setdefault(f"{mlp}.{child}", []).append(n)
         else:
             rest.append(n)
-    return [match_dense(module, group) for module, group in groups.items()], rest
+    from .dense_ffn import match_one  # the dense matcher, on the shared expert's own projections
+
+    shared = []
+    for module, group in groups.items():
+        shared.append(match_one(module, [projection_of(n) for n in group if is_projection(n)]))
+    return shared, rest
 
 
 def _shape(node):
@@ -208,7 +245,7 @@ def expert_shard(role: str, shape, layout: Layout, rank: int) -> ExpertShard:
 
 
 # -- partition -------------------------------------------------------------------------------------------------------
-def rewrite(graph: fx.Graph, region: MoERegion, by_name: dict, layout: Layout, rank: int, world_group) -> None:
+def rewrite(graph: fx.Graph, region: MoEMatch, by_name: dict, layout: Layout, rank: int, world_group) -> None:
     """The rank-local experts (see the module docstring): remap the router's ids, zero the weights of other ranks'
     experts, count tokens over the local experts, all-reduce the partial output over the world."""
     local_count = region.count // layout.ep

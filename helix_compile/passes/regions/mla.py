@@ -1,13 +1,11 @@
-"""The MLA matcher: DeepSeek-V2/V3 multi-head latent attention over a sequence-sharded latent cache.
+"""Region matcher: DeepSeek-V2/V3 multi-head latent attention (MLA) over a sequence-sharded latent cache.
 
-Contract
-    in:  one helix cache write of the global Dynamo graph whose cached ``keys`` feed a linear (``kv_b_proj``)
-         instead of the attention: transformers 5.x caches the compressed latent of MLA, one KV "head":
-         ``keys`` = the normalised compressed kv (B, 1, S, kv_lora_rank), ``values`` = the rotary key
-         (B, 1, S, qk_rope_head_dim), and up-projects the *whole* cache every step (``expand_kv``).
-    out: an ``MLARegion`` (detect) and its rank-local rewrite (``rewrite``, used by partition). The layout has
-         tpa = 1 and kvp = N (``Layout.validate``): each rank holds 1/N of the latent cache along the sequence
-         and, after the all-to-all, H/N query heads.
+Match (pattern): a helix cache write whose cached ``keys`` feed a projection (``kv_b_proj``) instead of the
+attention: transformers 5.x caches the compressed latent of MLA, one KV "head": ``keys`` = the normalised
+compressed kv (B, 1, S, kv_lora_rank), ``values`` = the rotary key (B, 1, S, qk_rope_head_dim), and
+up-projects the *whole* cache every step (``expand_kv``). The layout has tpa = 1 and kvp = N
+(``Layout.validate``): each rank holds 1/N of the latent cache along the sequence and, after the all-to-all,
+H/N query heads. The q / kv projections stay whole (replicated): with tpa = 1 every rank needs all heads.
     refuses (``UnsupportedModelError`` naming the node): an up-projection whose result is used by anything but
          the attention, a key assembly other than [k_nope, k_rot], eager (matmul-softmax) MLA attention.
 
@@ -34,11 +32,15 @@ import operator
 import torch
 import torch.fx as fx
 
-from .detect import LINEAR, SDPA_TARGETS, UnsupportedModelError
+from .attention import KV_WRITE, SDPA_TARGETS, _first_projection_after
+from .common import LINEAR, UnsupportedModelError, module_path, where
+from .projection import Projection, is_projection, projection_of
+
+funcol = torch.ops._c10d_functional
 
 
 @dataclasses.dataclass
-class MLARegion:
+class MLAMatch:
     module: str  # e.g. "model.layers.0.self_attn"
     kv_write: fx.Node
     keys: fx.Node  # cache placeholders: the compressed kv latent and the rotary key
@@ -46,7 +48,7 @@ class MLARegion:
     pos: fx.Node
     query: fx.Node  # (B, H, L, dn + dr)
     core: fx.Node  # the SDPA node
-    o_linear: fx.Node
+    o: Projection
     kv_b_weight: fx.Node  # placeholder (H*(dn+dv), kv_lora_rank)
     expand: list[fx.Node]  # HF's up-projection of the whole cache (removed by the rewrite)
     heads: int
@@ -54,11 +56,55 @@ class MLARegion:
     rope: int  # dr
     v_dim: int  # dv
     scale: float
+    replicated: list  # the q / kv projections of the module (whole on every rank: tpa = 1)
+
+    kind = "mla"
 
     def describe(self) -> str:
         return (f"mla {self.module} heads={self.heads} nope={self.nope} rope={self.rope} v={self.v_dim} "
-                f"kv_b={self.kv_b_weight.name} write={self.kv_write.name} core={self.core.name} o={self.o_linear.name} "
-                f"scale={self.scale:g}")
+                f"kv_b={self.kv_b_weight.name} write={self.kv_write.name} core={self.core.name} o={self.o.name} "
+                f"scale={self.scale:g} replicated={[p.name for p in self.replicated]}")
+
+    def projections(self) -> set:
+        return {self.o.node} | {p.node for p in self.replicated}
+
+    def placements(self, heads):
+        if heads.d != self.v_dim or heads.q != self.heads:
+            raise ValueError(f"{self.module}: {self.heads} heads of v_head_dim {self.v_dim}, but the config says {heads}")
+        return [*self.o.placements("o"), (self.keys, "kv", "cache"), (self.values, "kv", "cache")]
+
+    def replace_with(self, graph: fx.Graph, env: dict, ctx) -> None:
+        layout = ctx.layout
+        keys, values, k, v, pos = (env[x.name] for x in self.kv_write.args)
+        write, core, query = env[self.kv_write.name], env[self.core.name], env[self.query.name]
+        with graph.inserting_before(write):
+            graph.call_function(
+                torch.ops.helix.kv_write_local.default, (keys, values, k, v, pos, ctx.kvp_rank, layout.kvp, layout.kv_block)
+            )
+        graph.erase_node(write)
+        with graph.inserting_before(core):
+            k_local, v_local = local_keys_values(graph, self, keys, values, env[self.kv_b_weight.name])
+            packed = graph.call_function(
+                torch.ops.helix.partial_attention.default,
+                (query, k_local, v_local, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, self.scale),
+            )
+            recv = packed
+            if layout.kvp > 1:
+                sent = graph.call_function(
+                    funcol.all_to_all_single.default, (packed, [ctx.split[ctx.kvp_rank]] * layout.kvp, ctx.split, ctx.kvp_group)
+                )
+                recv = graph.call_function(funcol.wait_tensor.default, (sent,))
+            merged = graph.call_function(torch.ops.helix.lse_merge.default, (recv, layout.kvp, self.v_dim))
+        core.replace_all_uses_with(merged)
+        graph.erase_node(core)
+        erase_expand(graph, self, env)
+        self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * self.v_dim)
+
+
+def match_mla(graph: fx.Graph) -> list[MLAMatch]:
+    """One ``MLAMatch`` per helix cache write whose latent keys are up-projected, in graph order."""
+    writes = [n for n in graph.nodes if n.op == "call_function" and n.target in KV_WRITE]
+    return [match(w, module_path(w)) for w in writes if is_mla(w.args[0], w)]
 
 
 def is_mla(keys: fx.Node, write: fx.Node) -> bool:
@@ -66,7 +112,7 @@ def is_mla(keys: fx.Node, write: fx.Node) -> bool:
     return any(u.op == "call_function" and u.target is LINEAR for u in keys.users if u is not write)
 
 
-def match(write: fx.Node, module: str, where, first_linear_after) -> MLARegion:
+def match(write: fx.Node, module: str) -> MLAMatch:
     keys, values, _, _, pos = write.args
     readers = [u for u in keys.users if u is not write]
     if len(readers) != 1 or readers[0].target is not LINEAR or readers[0].args[0] is not keys:
@@ -96,7 +142,7 @@ def match(write: fx.Node, module: str, where, first_linear_after) -> MLARegion:
         )
     core = cores[0]
     for node in expand:
-        if node.op in ("placeholder", "output") or not _module(node).startswith(module):
+        if node.op in ("placeholder", "output") or not module_path(node).startswith(module):
             raise UnsupportedModelError(f"{module}: the up-projected cache is used outside the attention: {where(node)}")
     query = core.args[0]
     key, value = core.args[1], core.args[2]
@@ -116,9 +162,11 @@ def match(write: fx.Node, module: str, where, first_linear_after) -> MLARegion:
     scale = core.kwargs.get("scale")
     if scale is None:
         scale = q_shape[-1] ** -0.5
-    o_lin = first_linear_after(core, f"attention output of {module}")
-    return MLARegion(module, write, keys, values, pos, query, core, o_lin, kv_b.args[1], expand, heads, nope, rope,
-                     v_dim, float(scale))
+    o = _first_projection_after(core, f"attention output of {module}")
+    replicated = [projection_of(n) for n in write.graph.nodes
+                  if is_projection(n) and n is not o.node and module_path(n).startswith(module + ".")]
+    return MLAMatch(module, write, keys, values, pos, query, core, o, kv_b.args[1], expand, heads, nope, rope,
+                    v_dim, float(scale), replicated)
 
 
 def _check_key_assembly(module, expand, key, nope, where):
@@ -135,19 +183,13 @@ def _check_key_assembly(module, expand, key, nope, where):
         )
 
 
-def _module(node):
-    from .detect import module_path
-
-    return module_path(node)
-
-
 def _shape(node):
     val = node.meta.get("example_value")
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 # -- partition -------------------------------------------------------------------------------------------------------
-def local_keys_values(graph: fx.Graph, region: MLARegion, keys: fx.Node, values: fx.Node, weight: fx.Node):
+def local_keys_values(graph: fx.Graph, region: MLAMatch, keys: fx.Node, values: fx.Node, weight: fx.Node):
     """Insert the up-projection of this rank's latent shard; return (k, v) of shape (B, H, C+1, dk / dv)."""
     kv = graph.call_function(LINEAR, (keys, weight, None))
     kv = graph.call_method("unflatten", (kv, -1, (region.heads, region.nope + region.v_dim)))
@@ -160,7 +202,7 @@ def local_keys_values(graph: fx.Graph, region: MLARegion, keys: fx.Node, values:
     return k, v
 
 
-def erase_expand(graph: fx.Graph, region: MLARegion, by_name: dict) -> None:
+def erase_expand(graph: fx.Graph, region: MLAMatch, by_name: dict) -> None:
     """Remove HF's up-projection of the whole (global) cache: its in-place copy_ would survive dead-code removal."""
     nodes = [by_name[n.name] for n in region.expand]
     order = {n: i for i, n in enumerate(graph.nodes)}
