@@ -1,0 +1,73 @@
+"""Mixture-of-experts FFNs as TPF x EP: exact against single-device transformers on real gloo ranks.
+
+Families: Mixtral, Qwen2-MoE (shared expert and its sigmoid gate), Qwen3-MoE, OLMoE (q/k norms over all heads),
+DeepSeek (in test_mla.py); transformers' grouped_mm (default) and batched_mm experts implementations. CI runs a
+representative subset of layouts (ep > 1 in most); ``HELIX_FULL_MATRIX=1`` runs every valid layout of 2 and 4 ranks.
+"""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from helix_compile import Layout
+from helix_compile.passes.regions.moe import expert_shard
+from layouts import check, valid_layouts
+from models import config
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+def test_moe_two_ranks():
+    check(2, [
+        ("mixtral", dict(kvp=2, ep=2), None),  # tpf=1: each rank holds 2 whole experts
+        ("mixtral", dict(kvp=1, tpa=2, ep=2), "batched_mm"),
+        ("qwen2_moe", dict(kvp=1, tpa=2, ep=2), None),
+        ("qwen3_moe", dict(kvp=2, ep=1), None),  # tpf=2: every expert split in two
+        ("olmoe", dict(kvp=2, ep=2), None),
+    ])
+
+
+def test_moe_four_ranks():
+    check(4, [
+        ("mixtral", dict(kvp=2, tpa=2, ep=2), None),  # tpf=2 x ep=2
+        ("qwen2_moe", dict(kvp=4, ep=4), "batched_mm"),  # one expert per rank; shared expert over 4
+    ])
+
+
+FULL = [(f, w, fields) for f in FAMILIES for w in (2, 4) for fields in valid_layouts(f, w)]
+
+
+@pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")
+@pytest.mark.parametrize("family,world", sorted({(f, w) for f, w, _ in FULL}))
+@pytest.mark.parametrize("experts", [None, "batched_mm"])
+def test_moe_every_layout(family, world, experts):
+    check(world, [(family, fields, experts) for f, w, fields in FULL if (f, w) == (family, world)])
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_expert_shards_tile_the_experts(world):
+    """Over every (tpf, ep) of the world, the ranks' expert pieces cover each weight element exactly once."""
+    for ep in (e for e in (1, 2, 4, 8) if world % e == 0):
+        layout = Layout(kvp=world, ep=ep)
+        for role, shape in (("experts_gate_up", (8, 2 * 16, 4)), ("experts_down", (8, 4, 16))):
+            ids = torch.arange(torch.Size(shape).numel()).reshape(shape)
+            seen = torch.cat([expert_shard(role, shape, layout, r).take(ids).flatten() for r in range(world)])
+            assert torch.equal(seen.sort().values, ids.flatten()), (world, ep, role)
+            if role == "experts_gate_up":  # a rank's rows are the same columns of the gate and the up half
+                piece = expert_shard(role, shape, layout, world - 1).take(ids)
+                gate, up = piece.chunk(2, dim=1)
+                assert torch.equal(up - gate, torch.full_like(gate, 16 * 4))
+
+
+def test_layout_rules_for_moe():
+    mixtral = config("mixtral")
+    assert {(l["tpa"], l["ep"]) for l in valid_layouts("mixtral", 4)} == set(itertools.product((1, 2, 4), (1, 2, 4)))
+    with pytest.raises(ValueError, match=r"ep=3 does not divide the 4 routed experts of MixtralConfig"):
+        Layout(kvp=3, ep=3).validate(mixtral)
+    with pytest.raises(ValueError, match=r"tpf=4 does not divide the expert intermediate size 30"):
+        Layout(kvp=4).validate(config("mixtral", intermediate_size=30))
+    with pytest.raises(ValueError, match=r"ep=2 needs a mixture-of-experts FFN; LlamaConfig has a dense FFN"):
+        Layout(kvp=2, ep=2).validate(config("llama"))
