@@ -161,7 +161,7 @@ def test_linear_attention_layers_refused():
 
 
 @pytest.mark.parametrize("model_type,kw,message", [
-    ("bloom", dict(n_head=4, n_layer=1, attn="eager"), "not followed by an attention helix understands"),  # ALiBi via baddbmm
+    ("camembert", dict(num_key_value_heads=4), "attends without a mask over the cache \\(bidirectional attention"),  # encoder, no is_decoder
     ("bitnet", dict(), "between the attention and its output projection helix expects reshapes only"),  # sub-norm
 ])
 def test_unsupported_attention_refused_by_name(model_type, kw, message):

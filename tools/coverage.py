@@ -307,18 +307,21 @@ def main():
     p.add_argument("--only", help="comma-separated model types")
     p.add_argument("--out", default="docs/coverage.md")
     p.add_argument("--json", help="also write the raw results here (default: --out with .json)")
-    p.add_argument("--merge", help="results of an earlier run (its --json): re-run only --only, keep the rest")
+    p.add_argument("--merge", action="append", default=[],
+                   help="results of an earlier run (its --json; repeatable): re-run only --only, keep the rest")
     args = p.parse_args()
     worlds = args.world or [2]
-    families = args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    families = [f for f in args.only.split(",") if f] if args.only is not None else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     start = time.time()
-    results = {f: {} for f in families}
-    if args.merge:
+    results = {}
+    for earlier in args.merge:
         import json
 
-        old = {f: {int(w): per for w, per in v.items()} for f, v in json.loads(Path(args.merge).read_text()).items()}
-        results = {**old, **results}
+        results.update({f: {int(w): per for w, per in v.items()} for f, v in json.loads(Path(earlier).read_text()).items()})
+    results.update({f: {} for f in families})
     for world in worlds:
+        if not families:
+            break
         todo = families if world == worlds[0] else [
             f for f in families if worlds[0] in results[f] and classify(results[f][worlds[0]]) == "exact"]
         for fam, per in run_world(todo, world, args.steps, log=lambda s: print(s, flush=True)).items():

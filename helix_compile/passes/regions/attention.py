@@ -35,8 +35,8 @@ import torch
 import torch.fx as fx
 
 from .common import (
-    ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, REDUCE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_call,
-    is_method, module_path, shape, where,
+    REDUCE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_call, is_method, is_pointwise, module_path,
+    shape, where,
 )
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 
@@ -197,9 +197,10 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
     if len({q.node, kp.node, vp.node}) == 3:
         for proj in (q, kp, vp):  # a cut of a projection's whole feature width would need a fused rewrite
             cut = find_split(proj, f"projection of {module}")
-            if cut is not None and cut.width == proj.out_features:
+            flat = [c for c in (cut.cuts if cut else []) if len(shape(c.args[0]) or ()) < 4]  # (B, L, features)
+            if flat and cut.width == proj.out_features:
                 raise UnsupportedModelError(
-                    f"{module}: {where(cut.cuts[0])} cuts the features of {proj.name} before they split into heads"
+                    f"{module}: {where(flat[0])} cuts the features of {proj.name} before they split into heads"
                 )
     else:
         if not (q.node is kp.node is vp.node):
@@ -286,9 +287,7 @@ def _projection_ancestor(start: fx.Node, attention_module: str, what: str, norms
 
 def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
     """Allow only ops that keep heads independent between a projection and attention (or a cross-head norm)."""
-    if node.op == "call_method" and node.target in SHAPE_METHODS | ELEMENTWISE_METHODS:
-        return None
-    if node.op == "call_function" and node.target in ELEMENTWISE_FUNCS:
+    if node.op == "call_method" and node.target in SHAPE_METHODS or is_pointwise(node):
         return None
     if is_method(node, SPLIT_METHODS):  # cuts of the last dim: a fused qkv (checked by FusedSplit) or within a head
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
@@ -329,6 +328,8 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
                 raise UnsupportedModelError(f"attention reads keys of one cache layer and values of another: {where(user)}")
             if user.kwargs.get("dropout_p", 0.0) not in (0.0, 0):
                 raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(user)}")
+            mask = user.kwargs.get("attn_mask", user.args[3] if len(user.args) > 3 else None)
+            _check_causal_mask(mask, user)
             scale = user.kwargs.get("scale")
             if scale is None:
                 scale = 1.0 / math.sqrt(shape(query)[-1])
@@ -341,6 +342,49 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
         f"the cache write {where(write)} is not followed by an attention helix understands (SDPA or "
         f"matmul-softmax-matmul over the whole cache)"
     )
+
+
+_COMPARISONS = {operator.le, operator.lt, operator.ge, operator.gt, torch.le, torch.lt, torch.ge, torch.gt}
+
+
+def _check_causal_mask(mask, attention: fx.Node) -> None:
+    """Refuse attention whose mask is not transformers' causal (or sliding-window) mask over positions.
+
+    helix masks keys by their global position (p <= t, and the layer's window), so the model's own mask must mean
+    exactly that: built from a comparison of positions, carrying no additive bias (ALiBi, relative positions).
+    No mask at all over a static cache means bidirectional attention (an encoder used as a decoder) or torch's
+    top-left ``is_causal``; neither is what helix computes.
+    """
+    if mask is None:
+        raise UnsupportedModelError(
+            f"{where(attention)} attends without a mask over the cache (bidirectional attention, e.g. an encoder "
+            f"model without is_decoder=True); helix computes causal attention only"
+        )
+    if not isinstance(mask, fx.Node):
+        raise UnsupportedModelError(f"{where(attention)}: a constant attention mask helix does not understand")
+    seen, stack, causal = set(), [mask], False
+    while stack and len(seen) < 400:
+        node = stack.pop()
+        if node in seen or not isinstance(node, fx.Node):
+            continue
+        seen.add(node)
+        if is_call(node, _COMPARISONS) or is_method(node, {"le", "lt", "ge", "gt", "tril", "triu"}):
+            causal = True
+            continue  # positions compared: what lies before is index arithmetic
+        val = node.meta.get("example_value")
+        floating = isinstance(val, torch.Tensor) and val.is_floating_point()
+        arithmetic = is_call(node, {operator.add, operator.sub, operator.mul, torch.add, torch.mul, torch.sub, torch.baddbmm})
+        if floating and (arithmetic or is_method(node, {"add", "mul", "sub", "baddbmm"})):
+            raise UnsupportedModelError(
+                f"{where(attention)}: its mask carries a bias ({where(node)}), e.g. ALiBi; helix masks by position "
+                f"only"
+            )
+        stack.extend(node.all_input_nodes)
+    if not causal:
+        raise UnsupportedModelError(
+            f"{where(attention)}: its mask is not built from a comparison of positions (not a causal mask helix "
+            f"understands)"
+        )
 
 
 def _repeat_kv_users(placeholder: fx.Node):
@@ -368,7 +412,7 @@ def _dropout_is_identity(node: fx.Node) -> bool:
 
 def _eager_core(matmul: fx.Node, values: fx.Node):
     """matmul(q, k^T) -> *scale -> [/c -> tanh -> *c] -> [+mask] -> softmax -> [to] -> [dropout] -> matmul(., v)."""
-    query, node, scale, softcap, capping = matmul.args[0], matmul, None, 0.0, None
+    query, node, scale, softcap, capping, masked = matmul.args[0], matmul, None, 0.0, None, False
     while True:
         users = list(node.users)
         if len(users) != 1:
@@ -394,7 +438,10 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
         elif capping is not None:
             raise UnsupportedModelError(f"eager attention: incomplete soft-capping before {where(nxt)}")
         elif is_call(nxt, {operator.add, torch.add}):
-            pass  # the causal mask; helix masks by global positions itself
+            if masked:
+                raise UnsupportedModelError(f"eager attention adds to its scores twice (a bias such as ALiBi?): {where(nxt)}")
+            masked = True  # the causal mask; helix masks by global positions itself
+            _check_causal_mask(nxt.args[1] if nxt.args[0] is node else nxt.args[0], nxt)
         elif is_call(nxt, {torch.nn.functional.softmax, torch.softmax}):
             pass
         elif is_method(nxt, {"to", "float", "type_as"}):
@@ -403,6 +450,8 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
             if not _dropout_is_identity(nxt):
                 raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(nxt)}")
         elif is_call(nxt, {torch.matmul}):
+            if not masked:
+                _check_causal_mask(None, nxt)
             if _cache_source(nxt.args[1]) is not values:
                 raise UnsupportedModelError(f"eager attention does not read the cache values: {where(nxt)}")
             if scale is None:

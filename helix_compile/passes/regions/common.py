@@ -30,12 +30,28 @@ ELEMENTWISE_FUNCS = {
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow, operator.getitem,
     torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.rsqrt, torch.tanh, torch.sigmoid, torch.exp, torch.cat,
     torch.square, torch.abs, torch.relu, torch.sqrt, torch.erf, torch.sin, torch.cos, torch.log, torch.reciprocal,
-    torch.clamp_min, torch.clamp_max, torch.minimum, torch.maximum,
+    torch.clamp_min, torch.clamp_max, torch.minimum, torch.maximum, torch.expm1, torch.log1p, torch.sign,
     _F.silu, _F.gelu, _F.relu, _F.dropout, _F.sigmoid, _F.tanh, _F.leaky_relu, _F.elu, _F.softplus, _F.mish,
     _F.hardswish, _F.hardsigmoid, _F.relu6, _F.selu, _F.celu, _F.gelu, torch._C._nn.gelu, torch._C._nn.silu,
     torch.pow, torch.clamp, torch.where,
 }
 REDUCE_METHODS = {"mean", "sum", "var", "norm"}
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    """An op on each element: in the lists above, or an aten op of the same name tagged pointwise."""
+    if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
+        return True
+    if node.op == "call_function" and node.target in ELEMENTWISE_FUNCS:
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if node.target in (torch.min, torch.max, "min", "max") and len(node.args) == 2 and not node.kwargs:
+        return isinstance(node.args[1], fx.Node)  # the binary form (minimum / maximum), not a reduction
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    packet = getattr(torch.ops.aten, str(name).rstrip("_"), None) if name else None
+    overload = getattr(packet, "default", None) or getattr(packet, "Tensor", None)
+    return overload is not None and torch.Tag.pointwise in overload.tags
 
 
 def module_path(node: fx.Node) -> str:
@@ -70,11 +86,12 @@ def shape(node: fx.Node):
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def check_only(nodes, allowed, region: str) -> None:
-    """Refuse any node whose target is not in ``allowed`` (methods by name, functions by identity)."""
+def check_only(nodes, allowed, region: str, pointwise: bool = False) -> None:
+    """Refuse any node whose target is not in ``allowed`` (methods by name, functions by identity), nor, with
+    ``pointwise``, an op on each element (``is_pointwise``)."""
     for node in nodes:
         ok = (node.op == "call_method" and node.target in allowed) or (
             node.op == "call_function" and node.target in allowed
-        )
+        ) or (pointwise and is_pointwise(node))
         if not ok:
             raise UnsupportedModelError(f"{region}: {where(node)} is not supported on a sharded tensor")

@@ -126,7 +126,7 @@ def _upstream(proj: Projection, by_out: dict, module: str) -> list[fx.Node]:
         stack.extend(node.all_input_nodes)
     if found:
         allowed = ELEMENTWISE_METHODS | ELEMENTWISE_FUNCS | SHAPE_METHODS | {"chunk", "split", torch.chunk, torch.split}
-        check_only(ops, allowed - {torch.cat}, module)
+        check_only(ops, allowed - {torch.cat}, module, pointwise=True)
         for node in ops:
             if is_method(node, SHAPE_METHODS) and node.target not in ("contiguous", "to"):
                 if _last(node) != _last(node.args[0]):
