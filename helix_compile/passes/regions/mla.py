@@ -32,7 +32,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .attention import KV_WRITE, SDPA_TARGETS, _first_projection_after
+from .attention import KV_WRITE, SDPA_TARGETS, _check_causal_mask, _first_projection_after
 from .common import LINEAR, UnsupportedModelError, module_path, where
 from .projection import Projection, is_projection, projection_of
 
@@ -150,6 +150,7 @@ def match(write: fx.Node, module: str) -> MLAMatch:
         raise UnsupportedModelError(f"{module}: SDPA {where(core)} does not read the up-projected latent cache")
     if core.kwargs.get("dropout_p", 0.0) not in (0.0, 0) or core.kwargs.get("enable_gqa", False):
         raise UnsupportedModelError(f"{module}: unsupported SDPA arguments {where(core)}")
+    _check_causal_mask(core.kwargs.get("attn_mask", core.args[3] if len(core.args) > 3 else None), core)
     q_shape, v_shape = _shape(query), _shape(value)
     rope = _shape(values)[-1]
     heads, nope, v_dim = q_shape[1], q_shape[-1] - rope, v_shape[-1]
