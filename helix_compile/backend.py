@@ -10,7 +10,8 @@ parameter, made once) and checks the cache bound on the host before anything is 
 
 Options: ``layout`` (a ``Layout``, a dict of its fields, or "auto": the planner picks), ``executor``
 ("inductor", default, or "eager": run the local FX graph without Inductor), ``dump`` (a folder: the graph
-text before and after each pass, and plan.json, per rank).
+text before and after each pass, and plan.json, per rank), ``cudagraphs`` (replay each compiled step as one CUDA
+graph; default: on for the inductor executor on CUDA; see ``lowering/compile.py``).
 """
 
 from __future__ import annotations
@@ -61,14 +62,16 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
 def helix_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_unused):
     """The Dynamo backend (entry point ``helix``): the passes now, Inductor lazily at the first call."""
     options = dict(options or {})
-    unknown = set(options) - {"layout", "executor", "dump"}
+    unknown = set(options) - {"layout", "executor", "dump", "cudagraphs"}
     if unknown:
-        raise ValueError(f"unknown helix options {sorted(unknown)}; known: layout, executor, dump")
+        raise ValueError(f"unknown helix options {sorted(unknown)}; known: layout, executor, dump, cudagraphs")
     done = run_passes(gm, example_inputs, options.get("layout"))
     if options.get("dump"):
         write_stages(Path(options["dump"]) / f"rank{done.plan.rank}", done)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    lowered = Lowered(done.stages["schedule"], options.get("executor", "inductor"))
+    executor = options.get("executor", "inductor")
+    examples = _local_examples(placeholders, done.plan, example_inputs) if executor == "inductor" else None
+    lowered = Lowered(done.stages["schedule"], executor, options.get("cudagraphs"), examples)
     return Runtime(placeholders, done.plan, lowered, done.regions)
 
 
@@ -121,6 +124,26 @@ class Runtime:
                 raise RuntimeError(f"cache input '{self.names[i]}' has no local shard for {self.plan.layout} on rank {self.plan.rank}")
             return piece
         return shards.local_piece(arg, placement, self.names[i])
+
+
+def _local_examples(placeholders, the_plan, example_inputs) -> list:
+    """Example inputs of the local program for Inductor: Dynamo's own (SymInts and symbolic fakes included) where
+    the input is replicated, fake tensors of the local shapes where it is sharded."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    kv_key = ("kv", the_plan.layout, the_plan.rank)
+    out = []
+    for node, example in zip(placeholders, example_inputs):
+        placement = the_plan.inputs[node.name]
+        if placement == "replicate":
+            out.append(example)
+        elif placement == "kv":
+            out.append(fake_mode.from_tensor(shards.lookup(example, kv_key), static_shapes=True))
+        else:
+            with fake_mode:
+                out.append(placement.take(fake_mode.from_tensor(example, static_shapes=True)).contiguous())
+    return out
 
 
 def _find_cache(example_inputs):
