@@ -71,3 +71,4 @@ def test_layout_rules_for_moe():
         Layout(kvp=4).validate(config("mixtral", intermediate_size=30))
     with pytest.raises(ValueError, match=r"ep=2 needs a mixture-of-experts FFN; LlamaConfig has a dense FFN"):
         Layout(kvp=2, ep=2).validate(config("llama"))
+

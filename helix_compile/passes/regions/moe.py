@@ -5,12 +5,12 @@ fused 3-D expert weights ``experts.gate_up_proj`` (E, 2I, H) and ``experts.down_
 ``grouped_mm`` (default) or ``batched_mm`` experts implementation), a router (a projection with E outputs, then
 any replicated ops: softmax or sigmoid, correction bias, grouped top-k), optional shared-expert MLPs (matched as
 dense FFNs) and a shared-expert gate (a projection with 1 output).
-Placements: ``placements`` (roles ``experts_gate_up`` / ``experts_down``: ``expert_shard``, asked by
-``roles.role_shard``); the rewrite: ``replace_with``.
-    refuses (``UnsupportedModelError`` naming the node): experts with biases, transposed or unfused expert
-         weights, ops inside the experts module other than the two known implementations' (e.g. the ``eager``
-         implementation's ``nonzero`` loop), other linears in the block than a router, a shared-expert gate
-         and shared-expert MLPs. A block is never left replicated without saying so: it is matched or refused.
+``placements`` gives the roles ``experts_gate_up`` / ``experts_down`` (``expert_shard``, asked by
+``roles.role_shard``, which ``loading.from_pretrained`` shares); ``replace_with`` is the rewrite below.
+Refuses (``UnsupportedModelError`` naming the node): experts with biases, transposed or unfused expert weights,
+ops inside the experts module other than the two known implementations' (e.g. the ``eager`` implementation's
+``nonzero`` loop), and projections in the block other than a router (E outputs), a shared-expert gate (1 output)
+and shared-expert MLPs. A MoE block is never handed to the dense matcher nor left replicated: matched or refused.
 
 Placement (rank r, ``ep_rank = r // tpf``, ``tpf_rank = r % tpf``, El = E / ep, Il = I / tpf):
     experts.gate_up_proj   experts [ep_rank*El, (ep_rank+1)*El), rows [tpf_rank*Il, (tpf_rank+1)*Il) of the gate
