@@ -15,6 +15,7 @@ from helix_compile import Layout
 from helix_compile.passes.regions.moe import expert_shard
 from layouts import check, valid_layouts
 from models import config
+from models import model as model_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -72,3 +73,21 @@ def test_layout_rules_for_moe():
     with pytest.raises(ValueError, match=r"ep=2 needs a mixture-of-experts FFN; LlamaConfig has a dense FFN"):
         Layout(kvp=2, ep=2).validate(config("llama"))
 
+
+
+def test_experts_with_biases_refused_by_name():
+    """Experts with biases (gpt-oss's layout) are refused naming the parameter, never run replicated or as dense."""
+    from helix_compile import StaticCache
+
+    torch._dynamo.reset()
+    m = model_of("mixtral")
+    for layer in m.model.layers:  # what transformers' has_bias=True experts hold
+        experts = layer.mlp.experts
+        experts.has_bias = True
+        experts.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(experts.gate_up_proj.shape[:2]))
+        experts.down_proj_bias = torch.nn.Parameter(torch.zeros(experts.down_proj.shape[:2]))
+    cache = StaticCache(m.config, 2, 16, Layout(1))
+    compiled = torch.compile(m, backend="helix", options={"layout": Layout(1), "executor": "eager"}, fullgraph=True)
+    with pytest.raises(Exception, match=r"mlp.experts: parameter '.*_proj_bias_' is not one of the fused "
+                                        r"gate_up_proj / down_proj weights"):
+        compiled(input_ids=torch.zeros((2, 3), dtype=torch.long), past_key_values=cache)

@@ -128,16 +128,7 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
             f"experts with 3-D gate_up_proj/down_proj); helix cannot partition it"
         )
     inside = set(experts)
-    for n in experts:
-        ok = (n.op == "call_method" and n.target in _EXPERT_METHODS) or (
-            n.op == "call_function" and (n.target in _EXPERT_FUNCS or "grouped_mm" in str(n.target))
-        )
-        if not ok:
-            raise UnsupportedModelError(
-                f"{experts_path}: {where(n)} is not an op of transformers' grouped_mm or batched_mm experts; "
-                f"compile the model with experts_implementation='grouped_mm' (default) or 'batched_mm'"
-            )
-    params = {p for n in experts for p in n.all_input_nodes if p.op == "placeholder"}
+    params = dict.fromkeys(p for n in experts for p in n.all_input_nodes if p.op == "placeholder")  # graph order
     by_role = {}
     for p in params:
         role = "gate_up" if p.name.endswith("gate_up_proj_") else "down" if p.name.endswith("down_proj_") else None
@@ -149,6 +140,15 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
         by_role[role] = p
     if set(by_role) != {"gate_up", "down"}:
         raise UnsupportedModelError(f"{experts_path}: expected gate_up_proj and down_proj, found {sorted(by_role)}")
+    for n in experts:
+        ok = (n.op == "call_method" and n.target in _EXPERT_METHODS) or (
+            n.op == "call_function" and (n.target in _EXPERT_FUNCS or "grouped_mm" in str(n.target))
+        )
+        if not ok:
+            raise UnsupportedModelError(
+                f"{experts_path}: {where(n)} is not an op of transformers' grouped_mm or batched_mm experts; "
+                f"compile the model with experts_implementation='grouped_mm' (default) or 'batched_mm'"
+            )
     gu, dn = (tuple(by_role[r].meta["example_value"].shape) for r in ("gate_up", "down"))
     if len(gu) != 3 or len(dn) != 3 or gu[0] != dn[0] or gu[2] != dn[1] or gu[1] != 2 * dn[2]:
         raise UnsupportedModelError(
