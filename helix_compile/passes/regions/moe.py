@@ -115,7 +115,15 @@ def match_moe(graph: fx.Graph, ffn_modules) -> list[MoEMatch]:
         hit = [i for i, p in enumerate(parts) if p in ffn_modules]
         if node.op in ("call_function", "call_method") and hit:
             groups.setdefault(".".join(parts[: hit[0] + 1]), []).append(node)
-    return [match(module, nodes) for module, nodes in groups.items() if is_moe(module, nodes)]
+    matches = [match(module, nodes) for module, nodes in groups.items() if is_moe(module, nodes)]
+    for node in graph.nodes:  # experts outside an FFN module helix knows by name: refused, never left replicated
+        path = module_path(node)
+        if "experts" in path.split(".") and not any(_inside(path, m.module) for m in matches):
+            raise UnsupportedModelError(
+                f"{where(node)} belongs to experts outside a module named {'/'.join(ffn_modules)}; helix does not "
+                f"know this mixture-of-experts block"
+            )
+    return matches
 
 
 def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
