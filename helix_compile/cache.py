@@ -2,7 +2,8 @@
 
 The cache looks global to the model (``layers[i].keys`` is a virtual (B, K, max_cache_len, D) tensor, so the HF
 program traces unchanged), while the rank stores ``ceil(K/tpa)`` KV heads of the positions it owns
-(``Layout.owner``), in ``layers[i].local_keys`` / ``local_values`` of shape (B, K/tpa, capacity + 1, D). The
+(``Layout.owner``), in ``layers[i].local_keys`` / ``local_values`` of shape (B, K/tpa, capacity + 1, D) (one
+head when tpa > K: ``Layout.kv_heads``, so ``nbytes`` shows the TP baseline's duplication). The
 extra slot takes the writes of positions owned by other KVP ranks and is never read.
 
 MLA (DeepSeek-V2/V3): transformers 5.x caches the compressed latent, one KV "head": ``keys`` holds the normalised
@@ -27,7 +28,8 @@ class HelixLayer(StaticLayer):
                  dtype, device):
         super().__init__(max_cache_len=max_cache_len)
         layout, rank = cache.layout, cache.rank
-        local_heads = heads // layout.tpa
+        first, stop = layout.kv_heads(heads, rank)
+        local_heads = stop - first  # K/tpa; 1 when tpa > K (the TP baseline duplicates that head)
         capacity = layout.local_capacity(max_cache_len)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.batch_size, self.num_heads, self.k_head_dim, self.v_head_dim = batch, heads, k_dim, v_dim
@@ -101,10 +103,14 @@ class StaticCache(Cache):
         text = config.get_text_config(decoder=True)
         _refuse_without_kv_attention(text)
         self.rank, world = current_world()
+        dtype = dtype or getattr(text, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         if layout == "auto":
             from .planner import choose_layout
 
-            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size))
+            # the cache's dtype sizes the KV the planner costs (an fp32 cache is twice a bf16 one)
+            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size, dtype=dtype))
         layout.validate(text, world_size=world)
         # Sliding-window layers (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) keep every position too: the
         # partial attention masks keys older than the window by their global position, which is exact, at the
@@ -122,9 +128,6 @@ class StaticCache(Cache):
         latent = mla_latent(text)
         if latent is not None:  # MLA caches one latent "head": keys = the compressed kv, values = the rotary key
             heads, (k_dim, v_dim) = 1, latent
-        dtype = dtype or getattr(text, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
         layers = [
             HelixLayer(self, max_cache_len, max_batch_size, heads, k_dim, v_dim, dtype, device)
             for _ in range(text.num_hidden_layers)

@@ -17,7 +17,10 @@ class Layout:
     """A Helix layout: ``N = kvp * tpa = tpf * ep``.
 
     kvp: ranks that share the KV cache along the sequence (KV-parallel attention).
-    tpa: ranks that split the KV heads (tensor-parallel attention); ``tpa <= num_key_value_heads``.
+    tpa: ranks that split the attention heads (tensor-parallel attention). Helix proper has ``tpa <= K``
+        (``num_key_value_heads``; tpa divides K, no KV byte duplicated). ``tpa > K`` (a multiple of K) is the
+        tensor-parallel baseline of vLLM/SGLang: each TPA slice stores the one KV head its query heads read, so
+        that head is duplicated over ``tpa // K`` slices (``kv_heads``).
     tpf: tensor-parallel width of the FFN; defaults to ``kvp * tpa // ep``.
     ep: expert-parallel width of an MoE FFN (1 for dense models).
     kv_block: tokens per round-robin KV block; block ``b = pos // kv_block`` lives on KVP rank ``b % kvp``, at
@@ -78,6 +81,19 @@ class Layout:
         base, extra = divmod(slice_heads, self.kvp)
         return [base + (1 if j < extra else 0) for j in range(self.kvp)]
 
+    def kv_heads(self, num_kv_heads: int, rank: int) -> tuple[int, int]:
+        """[first, stop) of the KV heads that ``rank`` stores and reads (the same for its whole KVP group).
+
+        tpa <= K: the TPA slice's K/tpa heads. tpa > K (TP baseline, tpa % K == 0): the one KV head read by the
+        slice's query heads, head ``tpa_rank // (tpa // K)``, duplicated over ``tpa // K`` slices.
+        """
+        t = self.tpa_rank(rank)
+        if self.tpa <= num_kv_heads:
+            per = num_kv_heads // self.tpa
+            return t * per, (t + 1) * per
+        head = t // (self.tpa // num_kv_heads)
+        return head, head + 1
+
     # -- KV ownership ------------------------------------------------------------------------------------------
     def local_capacity(self, max_cache_len: int) -> int:
         """Positions a KVP rank can hold: ``ceil(S / (kv_block*kvp)) * kv_block``."""
@@ -95,10 +111,15 @@ class Layout:
                 f"Layout kvp={self.kvp} x tpa={self.tpa} needs N={n} ranks, but the default process group has "
                 f"world size {world_size}"
             )
-        if self.tpa > k:
-            raise ValueError(f"tpa={self.tpa} exceeds num_key_value_heads={k} of {cls}")
-        if k % self.tpa:
+        if self.tpa > k and self.tpa % k:
+            raise ValueError(
+                f"tpa={self.tpa} exceeds num_key_value_heads={k} of {cls} and is not a multiple of it: a TPA slice's "
+                f"query heads would read parts of two KV heads (use tpa dividing {k}, or a multiple of {k})"
+            )
+        if self.tpa <= k and k % self.tpa:
             raise ValueError(f"tpa={self.tpa} does not divide num_key_value_heads={k} of {cls}")
+        if q % self.tpa:
+            raise ValueError(f"tpa={self.tpa} does not divide num_attention_heads={q} of {cls}")
         if q // self.tpa < self.kvp:
             raise ValueError(
                 f"kvp={self.kvp} exceeds the {q // self.tpa} query heads of a TPA slice (num_attention_heads={q} / "

@@ -28,7 +28,9 @@ def test_invalid_layout(kwargs, message):
 
 
 @pytest.mark.parametrize("layout,message", [
-    (Layout(1, 8), "tpa=8 exceeds num_key_value_heads=4 of LlamaConfig"),
+    (Layout(1, 6), "tpa=6 exceeds num_key_value_heads=4 of LlamaConfig and is not a multiple of it"),
+    (Layout(1, 8), None),  # the tensor-parallel baseline: each KV head stored on two ranks
+    (Layout(1, 16), "tpa=16 does not divide num_attention_heads=8 of LlamaConfig"),
     (Layout(1, 3), "tpa=3 does not divide num_key_value_heads=4 of LlamaConfig"),
     (Layout(16, 1), "kvp=16 exceeds the 8 query heads of a TPA slice"),
     (Layout(1, 1, ep=1, tpf=1, kv_block=4), None),

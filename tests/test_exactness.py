@@ -58,7 +58,14 @@ def test_families(family, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_mqa(world):
-    check(world, "mqa", splits(world, 1))
+    """Helix (kvp = N) and the tensor-parallel baseline tpa = N > K = 1 (vLLM/SGLang TP: every rank stores the
+    one KV head); on 4 ranks also kvp=2 x tpa=2, where each KVP group shards its duplicate of the head."""
+    check(world, "mqa", splits(world, 1) + [(1, world)] + ([(2, 2)] if world == 4 else []))
+
+
+def test_tensor_parallel_baseline_gqa():
+    """Q=8, K=2, tpa=4: ranks 0,1 store KV head 0 and ranks 2,3 KV head 1, two query heads each."""
+    check(4, "llama", [(1, 4)], num_key_value_heads=2)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma", "olmo", "granite"])

@@ -35,6 +35,27 @@ def test_cache_bytes_per_rank(kvp, tpa):
     assert cache.nbytes <= hf_bytes / (kvp * tpa) * 1.001
 
 
+@pytest.mark.parametrize("kvp,tpa", [(1, 8), (2, 8)])
+def test_cache_bytes_tensor_parallel_baseline(kvp, tpa):
+    """tpa = 8 > K = 4: each rank stores one KV head, duplicated on tpa/K = 2 ranks: 1/(K*kvp) of transformers'
+    cache, twice what Helix's 1/N would be."""
+    from transformers import StaticCache as HFStaticCache
+
+    cfg = config("llama", num_hidden_layers=3, num_attention_heads=16, head_dim=8)  # 2 query heads per TPA slice
+    batch, length, layout = 2, 4096, Layout(kvp, tpa)
+    dist.init_process_group("fake", store=FakeStore(), rank=5, world_size=kvp * tpa)
+    try:
+        cache = StaticCache(cfg, batch, length, layout)
+    finally:
+        dist.destroy_process_group()
+    hf = HFStaticCache(cfg, max_cache_len=length)
+    hf.early_initialization(batch, 4, 8, torch.float32, torch.device("cpu"))
+    hf_bytes = sum(l.keys.nbytes + l.values.nbytes for l in hf.layers)
+    assert cache.nbytes == 3 * 2 * batch * 1 * (layout.local_capacity(length) + 1) * 8 * 4
+    assert cache.nbytes > 1.9 * hf_bytes / (kvp * tpa)  # the duplication Helix avoids
+    assert cache.nbytes <= hf_bytes / (4 * kvp) * 1.01
+
+
 def _save_checkpoint(folder, family, **extra):
     m = model(family, **extra)
     m.save_pretrained(folder)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 
 from .collectives import fit_collectives
-from .cost import Candidate, evaluate
+from .cost import STRATEGIES, Candidate, evaluate
 from .hardware import Hardware, get_hardware
 from .model import get_model
 from .search import parse_context
@@ -48,16 +48,25 @@ def load_results(path: str) -> dict:
             raise ValueError(f"{path}: collectives[{i}] lacks {', '.join(sorted(missing))}")
     for i, r in enumerate(data.get("decode", [])):
         missing = {"model", "context", "batch", "dtype", "layout", "ttl_ms"} - set(r)
-        if missing:
+        if missing and not r.get("error"):
             raise ValueError(f"{path}: decode[{i}] lacks {', '.join(sorted(missing))}")
+    # rows that failed (out of memory, ...) carry an error and no time: nothing to fit
+    data["decode"] = [r for r in data.get("decode", []) if not r.get("error") and r.get("ttl_ms") is not None]
     return data
 
 
 def _candidate(row: dict) -> Candidate:
+    """The cost model's Candidate for a decode row. A one-GPU row of another program (``single-transformers``:
+    transformers + torch.compile) is costed as helix on one GPU: the same reads, no collectives."""
     lay = dict(row["layout"])
     strategy = lay.pop("strategy", "helix")
     kvp, tpa, dp = lay.get("kvp", 1), lay.get("tpa", 1), lay.get("dp", 1)
     gpus = kvp * tpa * dp
+    if strategy not in STRATEGIES:
+        if gpus != 1:
+            raise ValueError(f"decode row with strategy {strategy!r} on {gpus} GPUs: the cost model knows "
+                             f"{', '.join(STRATEGIES)} (and any one-GPU program)")
+        strategy = "helix"
     return Candidate(strategy, gpus, kvp, tpa, lay.get("tpf", gpus), lay.get("ep", 1), int(row["batch"]), dp=dp,
                      hopb_chunks=lay.get("hopb_chunks", 0), kv_block=lay.get("kv_block", 16))
 
@@ -71,9 +80,16 @@ def predict(rows: list, hw: Hardware) -> list:
     return out
 
 
+def _modelled(row: dict) -> bool:
+    return row["layout"].get("strategy", "helix") in STRATEGIES
+
+
 def calibrate(data: dict, hw=None, fit_overhead: bool = True) -> tuple:
-    """(calibrated Hardware, table rows) from a loaded results dict."""
-    hw = get_hardware(hw or data["hardware"]["preset"])
+    """(calibrated Hardware, table rows) from a loaded results dict. Each row has the prediction of the preset
+    before calibration (``preset_ms``) and after (``predicted_ms``); ``fitted`` says whether it took part in the
+    fit (rows of programs the cost model does not describe are only tabulated)."""
+    hw_in = hw or data["hardware"]["preset"]
+    hw = get_hardware(hw_in)
     tag = f"measured ({data['hardware'].get('card', hw.name)}, {data['hardware'].get('date', 'undated')})"
     if "hbm_read_gbs" in data.get("memory", {}):
         hw.mem_bw_gbs = float(data["memory"]["hbm_read_gbs"])
@@ -85,9 +101,13 @@ def calibrate(data: dict, hw=None, fit_overhead: bool = True) -> tuple:
         hw.collectives = fit_collectives(data["collectives"], hw.link_bw_gbs, base=hw.collectives)
         hw.sources["collectives"] = "fit of " + tag
     decode = data.get("decode", [])
-    if decode and fit_overhead:
+    before = {id(r): e.ttl_s * 1e3 for r, e in predict(decode, get_hardware(hw_in))}
+    # Only rows of programs the cost model describes are fitted: a one-GPU transformers run (HF attention over the
+    # whole static cache, GQA heads repeated in memory) is tabulated for comparison but would bias the fit.
+    fitted = [r for r in decode if _modelled(r)]
+    if fitted and fit_overhead:
         hw.per_layer_overhead_us = 0.0
-        preds = predict(decode, hw)
+        preds = predict(fitted, hw)
         # minimise sum(((pred + L*o) - meas) / meas)^2 over o >= 0
         num = sum(get_model(r["model"]).layers / r["ttl_ms"] * (r["ttl_ms"] - e.ttl_s * 1e3) / r["ttl_ms"]
                   for r, e in preds)
@@ -100,7 +120,8 @@ def calibrate(data: dict, hw=None, fit_overhead: bool = True) -> tuple:
         err = (pred - r["ttl_ms"]) / r["ttl_ms"]
         table.append({"model": get_model(r["model"]).name, "context": parse_context(r["context"]), "batch": r["batch"],
                       "dtype": r["dtype"], "layout": r["layout"], "measured_ms": r["ttl_ms"], "predicted_ms": pred,
-                      "error": err, "within_20pct": abs(err) <= TOLERANCE})
+                      "error": err, "within_20pct": abs(err) <= TOLERANCE, "fitted": _modelled(r),
+                      "preset_ms": before[id(r)], "preset_error": (before[id(r)] - r["ttl_ms"]) / r["ttl_ms"]})
     return hw, table
 
 
@@ -110,10 +131,12 @@ def table_markdown(hw: Hardware, rows: list) -> str:
         lines.append(f"| {op} | {c.alpha_us:.1f} | {c.alpha_peer_us:.2f} | {c.bw_gbs:.0f} | {c.source} |")
     lines += ["", f"HBM {hw.mem_bw_gbs:.0f} GB/s, matmul {hw.flops_tflops} TFLOP/s, "
                   f"per-layer overhead {hw.per_layer_overhead_us:.1f} us", ""]
-    lines += ["| model | context | batch | dtype | layout | measured ms | predicted ms | error | within 20% |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | context | batch | dtype | layout | measured ms | preset ms (error) | calibrated ms | error | "
+              "within 20% |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lay = ",".join(f"{k}={v}" for k, v in r["layout"].items())
+        ok = ("yes" if r["within_20pct"] else "NO") if r["fitted"] else "not fitted"
         lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['dtype']} | {lay} | {r['measured_ms']:.3f} | "
-                     f"{r['predicted_ms']:.3f} | {r['error'] * 100:+.1f}% | {'yes' if r['within_20pct'] else 'NO'} |")
+                     f"{r['preset_ms']:.3f} ({r['preset_error'] * 100:+.1f}%) | {r['predicted_ms']:.3f} | "
+                     f"{r['error'] * 100:+.1f}% | {ok} |")
     return "\n".join(lines) + "\n"

@@ -6,7 +6,13 @@ Per GPU and layer (all times are per decode step; the batch decodes one token pe
     attention GEMMs max(W_qkv + W_o bytes / MemBW, 2*tokens*params / peak)
     FFN GEMMs       max(W_ffn bytes / MemBW, FLOPs / peak)                 MoE: only the experts the batch hits
     comm            collectives of the strategy; Helix's KVP all-to-all is hidden under attention by HOP-B
-    total           attention core + attention GEMMs + FFN GEMMs + exposed comm (+ a fitted per-layer overhead)
+    total           attention core + attention GEMMs + FFN GEMMs + exposed comm + a fitted per-layer fixed cost
+                    (hw.per_layer_overhead_us: launches, synchronisation, kernel tails the roofline leaves out)
+
+What is costed (``Costing``): BACKEND, the program our backend emits today (a replicated LM head; MLA
+up-projected over the whole cache as transformers runs it; every collective exposed), or PAPER, the target the
+paper simulates (absorbed MLA, vocab-parallel LM head, TP baselines overlapping their all-reduces with GEMMs).
+Collective payloads are in the configuration's precision (``dtype``); the LSE stays fp32.
 
 The five strategies differ only in how they split heads, tokens, sequence and experts (see STRATEGIES):
   tp     attention TP over N (KV heads duplicated once N > K), FFN TP over N; 2 all-reduces.
@@ -20,12 +26,31 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from ..layout import Layout
 from .collectives import collective_us
 from .hardware import ACT_BYTES, DTYPE_BYTES, Hardware
 from .model import ModelSpec
 
 STRATEGIES = ("helix", "tp", "tp_ep", "dp_ep", "medha")
 BASELINES = ("tp", "tp_ep", "dp_ep", "medha")
+BACKEND_STRATEGIES = ("helix", "tp")  # what helix_compile runs: Layout(kvp, tpa) with tpa <= K, or kvp=1 tpa=N
+
+
+@dataclass(frozen=True)
+class Costing:
+    """Which program is costed. mla: 'up-projected' (transformers' code: kv_b_proj over the whole local cache
+    every step, as the backend runs it) or 'absorbed' (attention over the latent, W_UK/W_UV folded in).
+    lm_head: 'replicated' (every rank computes all logits, as the backend does) or 'vocab-parallel' (+ an
+    all-gather of each rank's best token). tp_overlap: the TP baselines hide the bandwidth part of their
+    all-reduces under the layer's GEMMs (the paper's TP baseline overlaps communication with compute); their
+    latency stays exposed."""
+    mla: str = "up-projected"
+    lm_head: str = "replicated"
+    tp_overlap: bool = False
+
+
+BACKEND = Costing()
+PAPER = Costing(mla="absorbed", lm_head="vocab-parallel", tp_overlap=True)
 
 
 @dataclass(frozen=True)
@@ -43,17 +68,19 @@ class Candidate:
     kv_block: int = 16
 
 
-def attention_params(m: ModelSpec, q_loc=None, k_loc=None, o_split=1) -> float:
-    """Attention weights held (and read) by one GPU with q_loc query and k_loc KV heads, W_o split o_split ways."""
+def attention_params(m: ModelSpec, q_loc=None, k_loc=None, o_heads=None) -> float:
+    """Attention weights held (and read) by one GPU with q_loc query and k_loc KV heads and the W_o columns of
+    o_heads query heads."""
     q_loc = m.q_heads if q_loc is None else q_loc
     k_loc = m.kv_heads if k_loc is None else k_loc
+    o_heads = m.q_heads if o_heads is None else o_heads
     H = m.hidden
     if m.is_mla:
         qk = m.nope_dim + m.rope_dim
         q = H * m.q_lora + m.q_lora * q_loc * qk if m.q_lora else H * q_loc * qk
         kv = H * (m.kv_lora + m.rope_dim) + m.kv_lora * q_loc * (m.nope_dim + m.v_dim)
-        return q + kv + m.q_heads * m.v_dim * H / o_split
-    return H * q_loc * m.head_dim + 2 * H * k_loc * m.head_dim + m.q_heads * m.head_dim * H / o_split
+        return q + kv + o_heads * m.v_dim * H
+    return H * q_loc * m.head_dim + 2 * H * k_loc * m.head_dim + o_heads * m.head_dim * H
 
 
 def ffn_params(m: ModelSpec, moe: bool) -> float:
@@ -114,33 +141,47 @@ class LayerCost:
 
 
 def _shape(m: ModelSpec, c: Candidate):
-    """Per-GPU attention shape: requests, query heads, KV heads, W_o split, FFN group size."""
+    """Per-GPU attention shape: requests, query heads, KV heads, W_o heads, FFN group size.
+
+    Helix's W_o heads are the busiest rank's share after the all-to-all, from the backend's own
+    ``Layout.head_split`` (uneven when kvp does not divide Q/tpa)."""
     b_att = math.ceil(c.batch / c.dp)
     q_loc = m.q_heads / c.tpa
-    k_loc = math.ceil(m.kv_heads / c.tpa)  # tpa > K duplicates KV heads (tp baseline)
-    o_split = c.gpus if c.strategy == "helix" else c.tpa
+    k_loc = math.ceil(m.kv_heads / c.tpa)  # tpa > K duplicates KV heads (tp baseline, Layout.kv_heads)
+    if c.strategy == "helix":
+        o_heads = max(Layout(c.kvp, c.tpa).head_split(m.q_heads // c.tpa))
+    else:
+        o_heads = q_loc
     ffn_group = c.tpa if c.strategy == "medha" else c.gpus
-    return b_att, q_loc, k_loc, o_split, ffn_group
+    return b_att, q_loc, k_loc, o_heads, ffn_group
 
 
-def layer_cost(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, moe: bool) -> LayerCost:
+def layer_cost(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, moe: bool,
+               costing: Costing = BACKEND) -> LayerCost:
     """Cost of one layer (attention + FFN) on one GPU for candidate c, in seconds."""
     wb, kvb = DTYPE_BYTES[dtype], DTYPE_BYTES[dtype]
+    pb = DTYPE_BYTES[dtype]  # collective payloads travel in the configuration's precision
     H, B = m.hidden, c.batch
-    b_att, q_loc, k_loc, o_split, ffn_group = _shape(m, c)
+    b_att, q_loc, k_loc, o_heads, ffn_group = _shape(m, c)
     tokens = b_att  # tokens through this GPU's attention projections (all B except data-parallel attention)
 
     # Attention core: read the local KV shard, attend with the local query heads.
     s_loc = S / c.kvp
     kv_read = b_att * k_loc * s_loc * kv_bytes_per_token_head(m, kvb)
-    if m.is_mla:  # absorbed MLA: MQA over the (kv_lora + rope) latent, output in the kv_lora space
-        att_flops = 2 * b_att * q_loc * s_loc * (2 * m.kv_lora + m.rope_dim)
+    extra_bytes = 0.0
+    if m.is_mla and costing.mla == "absorbed":  # MQA over the (kv_lora + rope) latent, then W_UV per head
+        att_flops = 2 * b_att * q_loc * s_loc * (2 * m.kv_lora + m.rope_dim) + 2 * b_att * q_loc * m.kv_lora * m.v_dim
+    elif m.is_mla:  # transformers: kv_b_proj over every cached position, K/V materialised, then attention
+        qk = m.nope_dim + m.rope_dim
+        att_flops = (2 * b_att * s_loc * m.kv_lora * q_loc * (m.nope_dim + m.v_dim)
+                     + 2 * b_att * q_loc * s_loc * (qk + m.v_dim))
+        extra_bytes = 2 * b_att * s_loc * q_loc * (qk + m.v_dim) * kvb  # write K/V, read them back
     else:
         att_flops = 4 * b_att * q_loc * m.head_dim * s_loc
-    core = _roof(kv_read, att_flops, hw, dtype)
+    core = _roof(kv_read + extra_bytes, att_flops, hw, dtype)
 
     # Attention projections.
-    w_att = attention_params(m, q_loc, k_loc, o_split)
+    w_att = attention_params(m, q_loc, k_loc, o_heads)
     att_gemm = _roof(w_att * wb, 2 * tokens * w_att, hw, dtype)
 
     # FFN.
@@ -158,9 +199,10 @@ def layer_cost(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, m
         ffn_flops = 2 * (B * m.top_k / c.ep) * 3 * H * m.expert_ffn / c.tpf + 2 * tokens * (w_shared + w_router)
     ffn_gemm = _roof(w_ffn * wb, ffn_flops, hw, dtype)
 
-    # Collectives.
-    dv = m.kv_lora if m.is_mla else m.head_dim  # per-head partial output exchanged
-    partial_bytes = B * q_loc * (dv * ACT_BYTES + 4)  # outputs + fp32 lse
+    # Collectives. The per-head partial output exchanged is v_dim wide for MLA in both forms: W_UV is linear and
+    # per head, so it commutes with the LSE merge and is applied before the exchange.
+    dv = m.v_dim if m.is_mla else m.head_dim
+    partial_bytes = B * q_loc * (dv * pb + 4)  # outputs + fp32 lse
     comm_raw = exposed = 0.0
     chunks = 1
     if c.strategy == "helix":
@@ -171,19 +213,22 @@ def layer_cost(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, m
             chunks = best
             comm_raw += a2a(partial_bytes)
             exposed += hopb_exposed(core, a2a, partial_bytes, best)
-        post = 2 * _coll(hw, "all_reduce", c.gpus, B * H * ACT_BYTES)  # after W_o and after the FFN
+        post = 2 * _coll(hw, "all_reduce", c.gpus, B * H * pb)  # after W_o and after the FFN
         comm_raw += post
         exposed += post
     elif c.strategy in ("tp", "tp_ep"):
-        t = 2 * _coll(hw, "all_reduce", c.gpus, B * H * ACT_BYTES)
+        t = 2 * _coll(hw, "all_reduce", c.gpus, B * H * pb)
         comm_raw, exposed = t, t
+        if costing.tp_overlap:  # the bandwidth part hides under the GEMMs; the latency cannot
+            latency = 2 * _coll(hw, "all_reduce", c.gpus, 0.0)
+            exposed = latency + max(0.0, t - latency - (att_gemm + ffn_gemm))
     elif c.strategy == "medha":
-        t = _coll(hw, "all_reduce", c.kvp, partial_bytes) + 2 * _coll(hw, "all_reduce", c.tpa, B * H * ACT_BYTES)
+        t = _coll(hw, "all_reduce", c.kvp, partial_bytes) + 2 * _coll(hw, "all_reduce", c.tpa, B * H * pb)
         comm_raw, exposed = t, t
     elif c.strategy == "dp_ep":
-        t = _coll(hw, "all_reduce", c.tpa, b_att * H * ACT_BYTES)
+        t = _coll(hw, "all_reduce", c.tpa, b_att * H * pb)
         if moe:  # dispatch and combine of the routed tokens
-            t += 2 * _coll(hw, "all_to_all", c.gpus, b_att * m.top_k * H * ACT_BYTES)
+            t += 2 * _coll(hw, "all_to_all", c.gpus, b_att * m.top_k * H * pb)
         comm_raw, exposed = t, t
     else:
         raise ValueError(f"unknown strategy {c.strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -195,23 +240,24 @@ def layer_cost(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, m
                      compute=flops_t, comm=exposed, comm_raw=comm_raw, total=total, hopb_chunks=chunks)
 
 
-def memory_per_gpu(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str) -> dict:
+def memory_per_gpu(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, costing: Costing = BACKEND) -> dict:
     """Bytes held per GPU (GB): weights, KV cache at capacity S, activations, reserved."""
     wb = DTYPE_BYTES[dtype]
     H = m.hidden
-    b_att, q_loc, k_loc, o_split, ffn_group = _shape(m, c)
-    att = attention_params(m, q_loc, k_loc, o_split)
+    b_att, q_loc, k_loc, o_heads, ffn_group = _shape(m, c)
+    att = attention_params(m, q_loc, k_loc, o_heads)
     dense_split = 1 if c.strategy == "dp_ep" else ffn_group
     dense = 3 * H * m.ffn / dense_split
     moe = 0.0
     if m.is_moe:
         moe = m.experts / c.ep * 3 * H * m.expert_ffn / c.tpf + 3 * H * m.shared_ffn / dense_split + H * m.experts
-    emb = m.vocab * H * (1 if m.tie_embeddings else 2) / ffn_group  # vocab-parallel embedding and LM head
+    head_split = 1 if costing.lm_head == "replicated" else ffn_group  # the backend replicates embedding and head
+    emb = m.vocab * H * (1 if m.tie_embeddings else 2) / head_split
     weights = (m.layers * att + (m.layers - m.moe_layers) * dense + m.moe_layers * moe + emb) * wb
     cap = math.ceil(S / (c.kv_block * c.kvp)) * c.kv_block  # staggered blocks: the busiest rank's slots
     kv = m.layers * b_att * k_loc * cap * kv_bytes_per_token_head(m, wb)
     ffn_loc = m.ffn / dense_split if not m.is_moe else max(m.ffn / dense_split, m.top_k * m.expert_ffn)
-    act = c.batch * (8 * H + 3 * ffn_loc) * ACT_BYTES + c.batch * m.vocab / ffn_group * 4
+    act = c.batch * (8 * H + 3 * ffn_loc) * ACT_BYTES + c.batch * m.vocab / head_split * 4
     return {"weights": weights / 1e9, "kv": kv / 1e9, "activations": act / 1e9, "reserved": hw.reserved_gb}
 
 
@@ -251,7 +297,8 @@ class Evaluation:
                 "feasible": self.feasible}
 
 
-def evaluate(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, replicas: int = 1) -> Evaluation:
+def evaluate(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, replicas: int = 1,
+             costing: Costing = BACKEND) -> Evaluation:
     """Time one decode step (TTL) and memory for candidate c."""
     kinds = [(m.layers - m.moe_layers, False), (m.moe_layers, True)]
     per_layer = {"kv_read": 0.0, "weight_read": 0.0, "compute": 0.0, "comm": 0.0, "total": 0.0}
@@ -259,17 +306,19 @@ def evaluate(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, rep
     for count, moe in kinds:
         if count == 0:
             continue
-        lc = layer_cost(m, hw, c, S, dtype, moe)
+        lc = layer_cost(m, hw, c, S, dtype, moe, costing)
         for k in per_layer:
             per_layer[k] += getattr(lc, k) * count / m.layers
         layers_s += lc.total * count
         chunks = max(chunks, lc.hopb_chunks)
-    # LM head (vocab-parallel) and the all-gather of each rank's best token.
+    # LM head: replicated (every rank computes all logits: the backend), or vocab-parallel plus the all-gather
+    # of each rank's best token.
     _, _, _, _, ffn_group = _shape(m, c)
-    w_head = m.vocab * m.hidden / ffn_group
+    split = 1 if costing.lm_head == "replicated" else ffn_group
+    w_head = m.vocab * m.hidden / split
     head = _roof(w_head * DTYPE_BYTES[dtype], 2 * c.batch * w_head, hw, dtype)
-    head += _coll(hw, "all_gather", ffn_group, c.batch * 8)
-    mem = memory_per_gpu(m, hw, c, S, dtype)
+    head += _coll(hw, "all_gather", split, c.batch * 8)
+    mem = memory_per_gpu(m, hw, c, S, dtype, costing)
     return Evaluation(candidate=c, replicas=replicas, per_layer=per_layer, head_s=head, ttl_s=layers_s + head,
                       memory=mem, feasible=sum(mem.values()) <= hw.memory_gb, hopb_chunks=chunks)
 

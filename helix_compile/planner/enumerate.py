@@ -1,16 +1,35 @@
 """Enumerate the layouts of each strategy that are valid for a model, over GPU counts and batch sizes.
 
-Validity (the same rules the compiler enforces for Helix layouts):
-  attention  tpa divides K (no head straddles two GPUs; MLA has K = 1 so tpa = 1); Q divisible by the attention
-             TP width and, for Helix, by N (after the all-to-all every GPU owns Q/N heads for W_o);
-  FFN        dense: intermediate size divisible by its TP width; MoE: experts divisible by ep, expert
-             intermediate size divisible by tpf; dense layers of a MoE model TP over the whole FFN group.
+Validity is the backend's own: the attention rules come from ``Layout.validate`` (tpa divides K, or for the TP
+baseline is a multiple of K; tpa divides Q; every rank holds at least one query head after the all-to-all, the
+split being ``Layout.head_split``, uneven when kvp does not divide Q/tpa), and so do the dense FFN rules (tpf
+divides the intermediate size). MoE layouts, which the backend does not run yet, add: experts divisible by ep,
+expert intermediate size divisible by tpf, dense layers of a MoE model TP over the whole FFN group. Helix proper
+keeps tpa <= K (no KV duplicated); the "tp" strategy is ``Layout(kvp=1, tpa=n)``.
 With replicas, a layout on n GPUs (n dividing the GPU budget) runs budget/n times; tokens/s/GPU is unchanged.
 """
 from __future__ import annotations
 
+from ..layout import Layout
 from .cost import STRATEGIES, Candidate
 from .model import ModelSpec
+
+
+def _config(m: ModelSpec):
+    """The HF config fields Layout.validate reads, in an object named after the model (for its messages)."""
+    fields = {"num_attention_heads": m.q_heads, "num_key_value_heads": m.kv_heads}
+    if not m.is_moe:
+        fields["intermediate_size"] = m.ffn
+    return type(m.name, (), fields)()
+
+
+def backend_error(m: ModelSpec, kvp: int, tpa: int, tpf: int | None = None) -> str | None:
+    """Why ``Layout.validate`` refuses (kvp, tpa[, tpf]) for m, or None. MoE FFN splits are checked elsewhere."""
+    try:
+        Layout(kvp, tpa, tpf=tpf if not m.is_moe else None).validate(_config(m))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def divisors(n: int) -> list:
@@ -41,11 +60,12 @@ def layout_error(m: ModelSpec, n: int, kvp: int, tpa: int, tpf: int, ep: int) ->
         return f"kvp*tpa = {kvp}*{tpa} = {kvp * tpa} but the layout must cover {n} GPUs"
     if tpf * ep != n:
         return f"tpf*ep = {tpf}*{ep} = {tpf * ep} but the layout must cover {n} GPUs"
-    if m.kv_heads % tpa:
+    if m.kv_heads % tpa:  # Helix proper: no KV head duplicated (tpa > K is the "tp" strategy)
         return (f"tpa = {tpa} does not divide the {m.kv_heads} KV heads of {m.name}"
                 + (" (MLA caches one latent head, so tpa must be 1)" if m.is_mla else ""))
-    if m.q_heads % n:
-        return f"{m.q_heads} attention heads are not divisible by N = {n}"
+    err = backend_error(m, kvp, tpa, tpf if not m.is_moe else None)
+    if err:
+        return err
     if (not m.is_moe or m.dense_layers) and m.ffn % n:
         return f"intermediate size {m.ffn} is not divisible by N = {n} (dense FFN is TP over all GPUs)"
     if not m.is_moe and ep != 1:
@@ -76,8 +96,8 @@ def strategy_layouts(m: ModelSpec, strategy: str, n: int) -> list:
     """(kvp, tpa, dp, tpf, ep) tuples of one strategy on n GPUs."""
     if strategy == "helix":
         return [(kvp, tpa, 1, tpf, ep) for kvp, tpa, tpf, ep in helix_layouts(m, n)]
-    if strategy == "tp":
-        if m.q_heads % n:
+    if strategy == "tp":  # Layout(kvp=1, tpa=n): KV heads duplicated once n > K
+        if backend_error(m, 1, n, n if not m.is_moe else None):
             return []
         splits = [(n, 1)] if _ffn_ok(m, n, n, 1) else []
         return [(1, n, 1, tpf, ep) for tpf, ep in splits]

@@ -16,8 +16,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-DTYPE_BYTES = {"bf16": 2.0, "fp8": 1.0, "fp4": 0.5}  # fp4 without block scales (the paper's Figure 1 uses 0.5)
-ACT_BYTES = 2.0  # activations and collective payloads stay bf16 whatever the weight/KV dtype
+# fp4 without block scales (the paper's Figure 1 uses 0.5); fp32 for models and caches kept in fp32 (CPU tests,
+# exactness runs), whose math runs on the CUDA cores.
+DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "fp4": 0.5}
+ACT_BYTES = 2.0  # activation memory (not traffic) is sized as bf16; collective payloads use the config's dtype
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Hardware:
     max_gpus: int  # GPUs in one NVLink domain
     collectives: dict  # op -> Collective
     reserved_gb: float = 2.0  # CUDA context, NCCL buffers, allocator slack (assumed)
-    per_layer_overhead_us: float = 0.0  # launch/sync cost per layer; fitted by calibration, 0 in presets
+    per_layer_overhead_us: float = 0.0  # fixed cost per layer; fitted by calibration (H200) or to the paper (GB200)
     sources: dict = field(default_factory=dict)  # field -> "measured" / "spec" / "derived" / "assumed"
 
     def flops(self, dtype: str) -> float:
@@ -73,11 +75,13 @@ MEASURED_H200 = {
 }
 
 # Vendor spec sheets (dense, no sparsity).
-SPEC = {
-    "h100": dict(hbm_tbs=3.35, mem_gb=80, tflops={"bf16": 989, "fp8": 1979}, link=450, gpus=8),
-    "h200": dict(hbm_tbs=4.8, mem_gb=141, tflops={"bf16": 989, "fp8": 1979}, link=450, gpus=8),
-    "b200": dict(hbm_tbs=8.0, mem_gb=180, tflops={"bf16": 2250, "fp8": 4500, "fp4": 9000}, link=900, gpus=8),
-    "gb200": dict(hbm_tbs=8.0, mem_gb=186, tflops={"bf16": 2500, "fp8": 5000, "fp4": 10000}, link=900, gpus=72),
+SPEC = {  # fp32: CUDA-core FP32 of the spec sheets (H100/H200 SXM 67, Blackwell 80 TFLOP/s)
+    "h100": dict(hbm_tbs=3.35, mem_gb=80, tflops={"fp32": 67, "bf16": 989, "fp8": 1979}, link=450, gpus=8),
+    "h200": dict(hbm_tbs=4.8, mem_gb=141, tflops={"fp32": 67, "bf16": 989, "fp8": 1979}, link=450, gpus=8),
+    "b200": dict(hbm_tbs=8.0, mem_gb=180, tflops={"fp32": 80, "bf16": 2250, "fp8": 4500, "fp4": 9000}, link=900,
+                 gpus=8),
+    "gb200": dict(hbm_tbs=8.0, mem_gb=186, tflops={"fp32": 80, "bf16": 2500, "fp8": 5000, "fp4": 10000}, link=900,
+                  gpus=72),
 }
 
 
@@ -91,9 +95,11 @@ def _hopper(name: str, description: str) -> Hardware:
     coll = fit_collectives(MEASURED_H200["collectives"], link_bw_gbs=spec["link"])
     if name == "h200":
         mem_bw = MEASURED_H200["hbm_copy_tbs"] * 1000
-        flops = {"bf16": MEASURED_H200["bf16_matmul_tflops"], "fp8": spec["tflops"]["fp8"] * mm_eff}
+        flops = {"fp32": spec["tflops"]["fp32"] * mm_eff, "bf16": MEASURED_H200["bf16_matmul_tflops"],
+                 "fp8": spec["tflops"]["fp8"] * mm_eff}
         sources = {"mem_bw_gbs": "measured (HBM copy 4.19 TB/s)", "flops_tflops.bf16": "measured (782 TFLOP/s)",
                    "flops_tflops.fp8": "derived (spec x measured bf16 efficiency)",
+                   "flops_tflops.fp32": "derived (CUDA-core spec x measured bf16 efficiency)",
                    "collectives": "measured (fit of DESIGN.md all_to_all / all_reduce on 4 x H200)"}
     else:
         mem_bw = spec["hbm_tbs"] * 1000 * mem_eff
@@ -117,10 +123,18 @@ def _blackwell(name: str, description: str) -> Hardware:
     coll = {op: _coll(5.0, spec["link"] * 0.8, "assumed (5 us, 80% of NVLink spec)")
             for op in ("all_to_all", "all_reduce", "all_gather")}
     sources = {"mem_bw_gbs": "spec", "flops_tflops": "spec (dense)", "memory_gb": "spec", "link_bw_gbs": "spec",
-               "max_gpus": "spec", "collectives": "assumed", "reserved_gb": "assumed"}
+               "max_gpus": "spec", "collectives": "assumed", "reserved_gb": "assumed",
+               "per_layer_overhead_us": f"fitted ({BLACKWELL_FIXED_COST_US:g} us): least squares on ln of the paper's "
+                                        "four headline ratios, `helix plan --paper DIR --fit`"}
     return Hardware(name=name, description=description, memory_gb=spec["mem_gb"], mem_bw_gbs=spec["hbm_tbs"] * 1000,
                     flops_tflops=dict(spec["tflops"]), link_bw_gbs=spec["link"], max_gpus=spec["gpus"],
-                    collectives=coll, sources=sources)
+                    collectives=coll, per_layer_overhead_us=BLACKWELL_FIXED_COST_US, sources=sources)
+
+
+# The one fitted term for Blackwell: the per-layer fixed cost (launches, synchronisation, kernel tails, everything
+# the roofline and the collective model leave out) that brings the paper's four headline ratios closest
+# (`helix plan --paper docs/planner --fit`, 2026-11-29: grid 0..60 us, best 35 us; see docs/planner.md).
+BLACKWELL_FIXED_COST_US = 35.0
 
 
 _BUILDERS = {

@@ -132,7 +132,9 @@ def get_model(model) -> ModelSpec:
     """A ModelSpec from a preset name, a config.json path (or a directory holding one), a dict or a config."""
     if isinstance(model, ModelSpec):
         return model
-    if isinstance(model, dict) or not isinstance(model, (str, os.PathLike)):
+    if isinstance(model, dict):
+        return from_config(model, name=str(model.get("name", "config")))  # helix bench names its configs
+    if not isinstance(model, (str, os.PathLike)):
         return from_config(model)
     key = str(model).lower()
     key = ALIASES.get(key, key)

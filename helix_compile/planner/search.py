@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from .cost import STRATEGIES, Candidate, evaluate
-from .enumerate import candidates, helix_layouts, layout_error
+from .cost import BACKEND, BACKEND_STRATEGIES, STRATEGIES, Candidate, Costing, evaluate
+from .enumerate import backend_error, candidates, helix_layouts, layout_error, strategy_layouts
 from .hardware import DTYPE_BYTES, Hardware, get_hardware
 from .model import ModelSpec, get_model
 from .pareto import frontier
@@ -57,9 +57,15 @@ def parse_layout(text) -> dict:
 
 
 def batch_sweep(max_batch: int) -> list:
-    """1, 2, 3, 4, 6, 8, 12, ... up to max_batch: two points per doubling."""
-    out = {b for i in range(max_batch.bit_length() + 1) for b in (2 ** i, 3 * 2 ** i // 2) if 1 <= b <= max_batch}
-    return sorted(out)
+    """Every batch 1..64, then 8 points per doubling (72, 80, ..., 128, 144, ...) up to max_batch, max_batch
+    included. Fine enough that neither the "up to" ratios nor Figure 7's curves are artefacts of the grid (with
+    only powers of two above 64, a jump from batch 256 to 512 read as a 40% HOP-B loss)."""
+    out = set(range(1, min(64, max_batch) + 1))
+    base = 64
+    while base < max_batch:
+        out |= {base * (8 + j) // 8 for j in range(1, 9) if base * (8 + j) // 8 <= max_batch}
+        base *= 2
+    return sorted(out | {max_batch})
 
 
 @dataclass
@@ -97,10 +103,11 @@ def _check_inputs(m: ModelSpec, hw: Hardware, gpus: int, dtype: str):
 
 def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16", hw="h200", layout=None,
          ttl_ms: float | None = None, strategies=STRATEGIES, replicas: bool = True, max_batch: int = 4096,
-         hopb: bool = True) -> Plan:
+         hopb: bool = True, costing: Costing = BACKEND) -> Plan:
     """Evaluate layouts x batches for `model` on up to `gpus` GPUs at `context` tokens; return a Plan.
 
-    batch None sweeps 1, 2, 4, ... max_batch (stopping per layout once memory runs out). layout (a dict or a
+    batch None sweeps 1..64 then powers of two up to max_batch (stopping per layout once memory runs out).
+    costing: BACKEND (what helix_compile runs) or cost.PAPER (the paper's target system). layout (a dict or a
     'kvp=..,tpa=..' string) restricts the search to that Helix layout on exactly `gpus` GPUs. ttl_ms keeps only
     layouts whose time per token is within it. best: the highest tokens/s/GPU within ttl_ms if given, else the
     lowest TTL. hopb False runs Helix without HOP-B (one exchange per layer, fully exposed).
@@ -122,7 +129,7 @@ def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16
         key = (c.strategy, c.gpus, c.kvp, c.tpa, c.dp, c.tpf, c.ep)
         if key in dead:  # memory grows with batch: once a batch does not fit, larger ones do not either
             continue
-        e = evaluate(m, hw, c, S, dtype, reps)
+        e = evaluate(m, hw, c, S, dtype, reps, costing)
         if not e.feasible and batch is None:
             dead.add(key)
         evals.append(e)
@@ -161,29 +168,52 @@ def _layout_candidates(m: ModelSpec, gpus: int, lay: dict, batches):
                             kv_block=lay.get("kv_block", 16)), 1
 
 
-def choose_layout(config, world_size: int, context_len, batch_size: int | None = None, dtype: str = "bf16",
-                  hw="h200") -> dict:
-    """The Helix layout with the lowest predicted time per token on exactly world_size GPUs.
+_TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16", "float8_e4m3fn": "fp8",
+                 "float8_e5m2": "fp8"}
 
-    config: an HF PretrainedConfig, a config dict, a preset name or a config.json path. Returns plain ints
-    {kvp, tpa, tpf, ep} with kvp*tpa = tpf*ep = world_size, valid for the config (tpa divides the KV heads,
-    attention heads divisible by N, intermediate size divisible by tpf, experts divisible by ep). batch_size
-    None plans for one request. Raises ValueError naming the reason when no layout is valid or fits in memory.
+
+def planner_dtype(dtype) -> str:
+    """'fp32' | 'bf16' | 'fp8' | 'fp4' from a planner name or a torch dtype (float16 costs as bf16: same bytes)."""
+    name = str(dtype).removeprefix("torch.")
+    name = _TORCH_DTYPES.get(name, name)
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)} or a torch dtype "
+                         f"({', '.join(_TORCH_DTYPES)})")
+    return name
+
+
+def choose_layout(config, world_size: int, context_len, batch_size: int | None = None, dtype="bf16",
+                  hw="h200") -> dict:
+    """The layout the backend should run: the lowest predicted time per token on exactly world_size GPUs.
+
+    config: an HF PretrainedConfig, a config dict, a preset name or a config.json path. dtype: the weights' and
+    the cache's dtype (a planner name or a torch dtype; ``StaticCache(layout="auto")`` passes its own).
+    Candidates are Helix layouts (kvp x tpa, tpa dividing K) and the tensor-parallel baseline (kvp=1, tpa=N),
+    each accepted by the backend's ``Layout.validate`` and costed as the backend runs it (replicated LM head, all
+    collectives exposed). Returns plain ints {kvp, tpa, tpf, ep} with kvp*tpa = tpf*ep = world_size. batch_size
+    None plans for one request. Raises ValueError naming the reason when the backend cannot run the model (MoE,
+    MLA), no layout is valid or none fits in memory.
     """
     m, hwo = get_model(config), get_hardware(hw)
+    dtype = planner_dtype(dtype)
     _check_inputs(m, hwo, world_size, dtype)
-    if not helix_layouts(m, world_size):
-        reasons = {layout_error(m, world_size, world_size // t, t, world_size, 1)
-                   for t in range(1, world_size + 1) if world_size % t == 0}
-        raise ValueError(f"no valid Helix layout for {m.name} on {world_size} GPUs: "
-                         + "; ".join(sorted(r for r in reasons if r)))
-    p = plan(m, world_size, context_len, batch=batch_size or 1, dtype=dtype, hw=hwo, strategies=("helix",),
-             replicas=False)
+    if m.is_moe or m.is_mla:
+        kind = " and ".join(k for k, on in (("mixture-of-experts FFN", m.is_moe), ("MLA attention", m.is_mla)) if on)
+        raise ValueError(f"{m.name} has a {kind}, which the helix backend does not run yet, so there is no layout "
+                         f"to choose (plan it with `helix plan`, which models the target)")
+    if not any(strategy_layouts(m, s, world_size) for s in BACKEND_STRATEGIES):
+        reasons = {backend_error(m, world_size // t, t, world_size) for t in range(1, world_size + 1)
+                   if world_size % t == 0}
+        raise ValueError(f"no layout of {m.name} runs on {world_size} GPUs: " + "; ".join(sorted(r for r in reasons if r)))
+    # hopb=False: the returned layout carries no hopb_chunks, so the backend runs it with HOP-B off
+    p = plan(m, world_size, context_len, batch=batch_size or 1, dtype=dtype, hw=hwo, strategies=BACKEND_STRATEGIES,
+             replicas=False, hopb=False)
     fits = [e for e in p.evaluations if e.feasible]
     if not fits:
         least = min(p.evaluations, key=lambda e: e.memory_gb)
-        raise ValueError(f"no Helix layout of {m.name} fits on {world_size} x {hwo.name} at context {p.context} and "
+        raise ValueError(f"no layout of {m.name} fits on {world_size} x {hwo.name} at context {p.context} and "
                          f"batch {batch_size or 1}: the smallest needs {least.memory_gb:.1f} GB per GPU "
                          f"(of {hwo.memory_gb:.0f} GB); use more GPUs, a smaller batch/context or a narrower dtype")
-    c = min(fits, key=lambda e: (round(e.ttl_s, 12), e.candidate.kvp, e.candidate.ep)).candidate
+    # Ties (e.g. kvp=1 Helix and TP when N <= K: the same program) go to less KV sharding, then to Helix.
+    c = min(fits, key=lambda e: (round(e.ttl_s, 12), e.candidate.kvp, e.candidate.strategy != "helix")).candidate
     return {"kvp": int(c.kvp), "tpa": int(c.tpa), "tpf": int(c.tpf), "ep": int(c.ep)}

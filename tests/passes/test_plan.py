@@ -18,7 +18,7 @@ CASES = [(8, 4, 16), (9, 3, 64), (12, 4, 8), (16, 1, 8), (6, 6, 4)]  # (Q, K, he
 def layouts(q, k):
     for n in (1, 2, 3, 4, 6, 8):
         for tpa in range(1, n + 1):
-            if n % tpa == 0 and k % tpa == 0 and q // tpa >= n // tpa:
+            if n % tpa == 0 and (k % tpa == 0 or tpa % k == 0) and q % tpa == 0 and q // tpa >= n // tpa:
                 yield Layout(n // tpa, tpa)
 
 
@@ -51,6 +51,12 @@ def test_qkv_rows_replicated_over_kvp_and_split_over_tpa(q, k, d):
             assert all(len(v) == 1 for v in by_tpa.values())  # the same rows across the KVP group
             rows = sorted(next(iter(v)) for v in by_tpa.values())
             assert rows[0][0] == 0 and rows[-1][1] == total
+            if role != "q" and layout.tpa > k:  # TP baseline: each KV head on tpa/k consecutive TPA slices
+                assert rows == [(h * d, (h + 1) * d) for h in range(k) for _ in range(layout.tpa // k)]
+                for t in range(layout.tpa):  # and it is the head that slice's query heads read
+                    (start, _), = by_tpa[t]
+                    assert start // d == (t * (q // layout.tpa)) // (q // k)
+                continue
             assert all(a[1] == b[0] for a, b in itertools.pairwise(rows))
 
 

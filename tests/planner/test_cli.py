@@ -84,12 +84,13 @@ def _synthetic_results():
     coll = [{"op": op, "group_size": 4, "bytes_per_rank": b, "us": collective_us(hw.collectives[op], op, 4, b)}
             for op in ("all_to_all", "all_reduce", "all_gather") for b in (4096, 65536, 1 << 20, 4 << 20)]
     decode = []
-    for lay, b in [((2, 2), 8), ((4, 1), 1), ((1, 4), 16)]:
-        c = Candidate("helix", 4, lay[0], lay[1], 4, 1, b, hopb_chunks=1)
+    # helix rows, and the TP baseline as `helix bench` emits it (strategy "tp", kvp=1, tpa=N)
+    for strategy, lay, b in [("helix", (2, 2), 8), ("helix", (4, 1), 1), ("helix", (1, 4), 16), ("tp", (1, 4), 4)]:
+        c = Candidate(strategy, 4, lay[0], lay[1], 4, 1, b, hopb_chunks=1)
         e = evaluate(get_model("llama-3.1-8b"), hw, c, 131072, "bf16")
         decode.append({"model": "llama-3.1-8b", "context": 131072, "batch": b, "dtype": "bf16",
-                       "layout": {"kvp": lay[0], "tpa": lay[1], "tpf": 4, "ep": 1, "hopb_chunks": 1},
-                       "ttl_ms": e.ttl_s * 1e3})
+                       "layout": {"strategy": strategy, "kvp": lay[0], "tpa": lay[1], "tpf": 4, "ep": 1,
+                                  "hopb_chunks": 1}, "ttl_ms": e.ttl_s * 1e3})
     return {"schema": "helix-bench/1", "hardware": {"preset": "h200", "card": "synthetic", "gpus": 4},
             "collectives": coll, "decode": decode}
 

@@ -3,7 +3,7 @@
 import pytest
 
 from helix_compile.planner import appendix_a, evaluate, get_hardware, get_model
-from helix_compile.planner.cost import Candidate, busiest_experts, hopb_exposed
+from helix_compile.planner.cost import PAPER, Candidate, busiest_experts, hopb_exposed
 from helix_compile.planner.paper import FIG1, figure1
 
 
@@ -75,4 +75,44 @@ def test_memory_grows_with_context_and_batch():
     small = evaluate(m, hw, c(1), 8192, "bf16")
     big = evaluate(m, hw, c(8), 131072, "bf16")
     assert big.memory["kv"] == pytest.approx(small.memory["kv"] * 8 * 16, rel=1e-3)
-    assert small.memory["weights"] == pytest.approx(70.55e9 * 2 / 4 / 1e9, rel=0.02)
+    emb = 2 * m.vocab * m.hidden * 2 / 1e9  # embedding + LM head, bf16: replicated on every rank by the backend
+    assert small.memory["weights"] == pytest.approx((70.55e9 * 2 / 1e9 - emb) / 4 + emb, rel=0.02)
+    target = evaluate(m, hw, c(1), 8192, "bf16", costing=PAPER)  # vocab-parallel head: 1/4 of everything
+    assert target.memory["weights"] == pytest.approx(70.55e9 * 2 / 4 / 1e9, rel=0.02)
+
+
+def test_lm_head_costed_as_the_backend_runs_it():
+    """The backend replicates the LM head: each rank reads all vocab x hidden weights and gathers nothing."""
+    m, hw = get_model("llama-3.1-8b"), get_hardware("h200")
+    c = Candidate("helix", 4, 4, 1, 4, 1, 1)
+    head = evaluate(m, hw, c, 8192, "bf16").head_s
+    assert head == pytest.approx(m.vocab * m.hidden * 2 / (hw.mem_bw_gbs * 1e9), rel=1e-6)  # ~250 us at 4.19 TB/s
+    # vocab-parallel: a quarter of the read plus the all-gather of each rank's best token (the old 121 us)
+    assert evaluate(m, hw, c, 8192, "bf16", costing=PAPER).head_s < head / 2
+
+
+def test_mla_costed_up_projected_for_the_backend():
+    """transformers up-projects the whole latent cache every step (what the backend runs); absorbed MLA reads only
+    the latent. Both exchange v_dim-wide partial outputs (W_UV commutes with the LSE merge)."""
+    m, hw = get_model("deepseek-v2-lite"), get_hardware("h200")
+    c = Candidate("helix", 4, 4, 1, 4, 1, 8)
+    up, absorbed = evaluate(m, hw, c, 131072, "bf16"), evaluate(m, hw, c, 131072, "bf16", costing=PAPER)
+    assert up.per_layer["kv_read"] == absorbed.per_layer["kv_read"]  # the same latent cache
+    assert up.per_layer["total"] > 5 * absorbed.per_layer["total"]
+
+
+def test_collective_payload_in_the_config_precision():
+    m, hw = get_model("llama-3.1-405b"), get_hardware("gb200")
+    c = Candidate("tp", 8, 1, 8, 8, 1, 4096)
+    hw.per_layer_overhead_us = 0.0
+    comm = {d: evaluate(m, hw, c, 8192, d).per_layer["comm"] for d in ("bf16", "fp4")}
+    alpha = 2 * hw.collectives["all_reduce"].alpha_us * 1e-6
+    assert (comm["bf16"] - alpha) == pytest.approx(4 * (comm["fp4"] - alpha), rel=1e-6)
+
+
+def test_tp_overlap_hides_only_the_bandwidth_part():
+    m, hw = get_model("llama-3.1-405b"), get_hardware("gb200")
+    c = Candidate("tp", 8, 1, 8, 8, 1, 64)
+    exposed = evaluate(m, hw, c, 8192, "fp4").per_layer["comm"]
+    hidden = evaluate(m, hw, c, 8192, "fp4", costing=PAPER).per_layer["comm"]
+    assert hidden == pytest.approx(2 * hw.collectives["all_reduce"].alpha_us * 1e-6) and hidden < exposed

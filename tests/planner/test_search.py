@@ -5,13 +5,13 @@ import types
 import pytest
 
 from helix_compile.planner import choose_layout, get_model, parse_context, plan
-from helix_compile.planner.enumerate import helix_layouts, layout_error
+from helix_compile.planner.enumerate import backend_error, helix_layouts, layout_error
 from helix_compile.planner.pareto import frontier, headline
 
 
-def _pt(user, gpu, batch=1):
-    return types.SimpleNamespace(tokens_per_s_per_user=user, tokens_per_s_per_gpu=gpu,
-                                 candidate=types.SimpleNamespace(batch=batch))
+def _pt(user, gpu, batch=1, gpus=1):
+    return types.SimpleNamespace(tokens_per_s_per_user=user, tokens_per_s_per_gpu=gpu, ttl_s=1.0 / user,
+                                 candidate=types.SimpleNamespace(batch=batch, gpus=gpus))
 
 
 def test_frontier_small_case():
@@ -20,26 +20,49 @@ def test_frontier_small_case():
     assert [(p.tokens_per_s_per_user, p.tokens_per_s_per_gpu) for p in f] == [(10, 1), (8, 3), (4, 5)]
 
 
-def test_headline_ratios():
-    helix = [_pt(15, 1, 1), _pt(10, 8, 32)]
-    base = [_pt(10, 2, 4), _pt(5, 4, 8)]
+def test_headline_ratios_take_each_sides_best_config_per_budget():
+    """No interpolation: at each budget the baseline reaches, each side's best real configuration."""
+    helix = [_pt(15, 1, 1, 1), _pt(10, 8, 32, 4), _pt(6, 9, 64, 8)]
+    base = [_pt(12, 2, 4, 2), _pt(5, 4, 16, 4)]
     h = headline(helix, base)
-    assert h["interactivity_ratio"] == pytest.approx(1.5)
-    assert h["throughput_ratio"] == pytest.approx(4.0)  # 8 vs 2 at 10 tokens/s/user
-    assert h["batch_ratio"] == pytest.approx(8.0)
+    assert h["interactivity_ratio"] == pytest.approx(15 / 12)
+    # budget 1/12 s: Helix's best within it is (15, 1) -> 0.5x; budget 1/5 s: (6, 9) vs (5, 4) -> 2.25x
+    assert h["throughput_ratio"] == pytest.approx(9 / 4) and h["throughput_budget_ms"] == pytest.approx(200)
+    assert h["batch_ratio"] == pytest.approx((64 / 8) / (16 / 4))  # batch per GPU
+    # over every budget (incl. Helix's 1/6 s, where the baseline still has only (12, 2)): 9 / 2
+    assert h["throughput_ratio_any_budget"] == pytest.approx(4.5)
 
 
-@pytest.mark.parametrize("model,n", [("llama-3.1-8b", 4), ("llama-3.1-405b", 64), ("deepseek-r1", 8),
-                                     ("qwen3-235b-a22b", 16), ("qwen3-30b-a3b", 4), ("deepseek-v2-lite", 4)])
+def test_batch_grid_is_fine():
+    from helix_compile.planner.search import batch_sweep
+
+    b = batch_sweep(4096)
+    assert b[:64] == list(range(1, 65)) and b[64:72] == [72, 80, 88, 96, 104, 112, 120, 128] and b[-1] == 4096
+
+
+def test_hopb_ablation_reads_the_curves_at_fixed_throughput():
+    from helix_compile.planner.pareto import hopb_ablation
+
+    on = [_pt(100, 10), _pt(50, 20)]
+    off = [_pt(90, 10), _pt(40, 20)]
+    a = hopb_ablation(on, off)
+    assert a["loss"] == pytest.approx(0.2) and a["at_tokens_per_s_per_gpu"] == 20
+
+
+@pytest.mark.parametrize("model,n", [("llama-3.1-8b", 4), ("llama-3.1-405b", 64), ("llama-3.1-70b", 8),
+                                     ("qwen3-8b", 2)])
 def test_choose_layout_valid(model, n):
     m = get_model(model)
     lay = choose_layout(model, n, 131072, batch_size=4, dtype="fp8", hw="gb200")
     assert set(lay) == {"kvp", "tpa", "tpf", "ep"} and all(type(v) is int for v in lay.values())
     assert lay["kvp"] * lay["tpa"] == n == lay["tpf"] * lay["ep"]
-    assert m.kv_heads % lay["tpa"] == 0 and m.q_heads % n == 0
-    assert m.ffn % lay["tpf"] == 0 if not m.is_moe else (m.experts % lay["ep"] == 0 and
-                                                          m.expert_ffn % lay["tpf"] == 0)
-    assert layout_error(m, n, **lay) is None
+    assert backend_error(m, lay["kvp"], lay["tpa"], lay["tpf"]) is None
+
+
+@pytest.mark.parametrize("model", ["deepseek-r1", "qwen3-30b-a3b", "deepseek-v2-lite"])
+def test_choose_layout_refuses_what_the_backend_refuses(model):
+    with pytest.raises(ValueError, match="which the helix backend does not run yet"):
+        choose_layout(model, 4, 131072)
 
 
 def test_choose_layout_accepts_hf_config_and_dict():
@@ -47,15 +70,29 @@ def test_choose_layout_accepts_hf_config_and_dict():
 
     cfg = LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                       intermediate_size=512, vocab_size=1000)
-    a = choose_layout(cfg, 4, 1_000_000, batch_size=2)
-    b = choose_layout(cfg.to_dict(), 4, 1_000_000, batch_size=2)
-    assert a == b and a["tpa"] in (1, 2) and a["kvp"] * a["tpa"] == 4
-    # Long context, few KV heads: the planner shards the sequence.
+    a = choose_layout(cfg, 4, 1_000_000, batch_size=8)
+    b = choose_layout(cfg.to_dict(), 4, 1_000_000, batch_size=8)
+    assert a == b and a["kvp"] * a["tpa"] == 4
+    # Long context, few KV heads, 8 requests: the KV read outweighs the all-to-all, so the sequence is sharded.
     assert a["kvp"] >= 2
+    # One request: 64 MB of KV per layer reads in 15 us, less than the all-to-all (40 us on H200): the TP
+    # baseline (each rank one duplicated KV head) wins, and the backend runs it.
+    assert choose_layout(cfg, 4, 1_000_000, batch_size=1) == {"kvp": 1, "tpa": 4, "tpf": 4, "ep": 1}
+
+
+def test_choose_layout_uses_the_cache_dtype():
+    """An fp32 cache holds twice the bytes of a bf16 one: a context that fits in bf16 may not in fp32."""
+    import torch
+
+    kw = dict(context_len=300_000, batch_size=2, hw="h200")  # bf16: 79 GB of KV + 16 GB weights; fp32 twice
+    assert choose_layout("llama-3.1-8b", 1, dtype=torch.bfloat16, **kw)
+    with pytest.raises(ValueError, match="fits on 1 x h200"):
+        choose_layout("llama-3.1-8b", 1, dtype=torch.float32, **kw)
 
 
 def test_choose_layout_errors_name_the_numbers():
-    with pytest.raises(ValueError, match=r"32 attention heads are not divisible by N = 3"):
+    with pytest.raises(ValueError, match=r"no layout of llama-3.1-8b runs on 3 GPUs: tpa=3 does not divide "
+                                         r"num_key_value_heads=8.*tpf=3 does not divide intermediate_size=14336"):
         choose_layout("llama-3.1-8b", 3, 4096)
     with pytest.raises(ValueError, match=r"fits on 1 x h100.*GB per GPU"):
         choose_layout("llama-3.1-405b", 1, 4096, dtype="fp8", hw="h100")

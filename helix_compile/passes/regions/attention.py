@@ -149,7 +149,8 @@ class AttentionMatch:
                 recv = graph.call_function(funcol.wait_tensor.default, (sent,))
             merged = graph.call_function(torch.ops.helix.lse_merge.default, (recv, layout.kvp, heads.d))
         core.replace_all_uses_with(merged)
-        q_local, k_local = heads.q // layout.tpa * heads.d, heads.k // layout.tpa * heads.d
+        first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
+        q_local, k_local = heads.q // layout.tpa * heads.d, (stop - first) * heads.d
         if self.fused is None:
             for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, k_local)):
                 proj.column_parallel(env, width)

@@ -98,8 +98,9 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
     k_rows = (tpa_rank * heads.k // layout.tpa * d, (tpa_rank + 1) * heads.k // layout.tpa * d)
     if role == "q":
         return Shard(0, *q_rows)
-    if role in ("k", "v"):
-        return Shard(0, *k_rows)
+    if role in ("k", "v"):  # tpa > K (TP baseline): the one KV head the slice reads (Layout.kv_heads)
+        first, stop = layout.kv_heads(heads.k, rank)
+        return Shard(0, first * d, stop * d)
     if role in ("q_norm", "k_norm"):
         rows = q_rows if role == "q_norm" else k_rows
         full = (heads.q if role == "q_norm" else heads.k) * d
