@@ -95,12 +95,12 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
         return None  # MLA: tpa = 1, every rank projects all heads (its own KV lives in the latent cache shard)
     d = heads.d
     q_rows = (tpa_rank * heads.q // layout.tpa * d, (tpa_rank + 1) * heads.q // layout.tpa * d)
-    k_rows = (tpa_rank * heads.k // layout.tpa * d, (tpa_rank + 1) * heads.k // layout.tpa * d)
+    first, stop = layout.kv_heads(heads.k, rank)  # tpa > K (TP baseline): the one KV head the slice reads
+    k_rows = (first * d, stop * d)
     if role == "q":
         return Shard(0, *q_rows)
-    if role in ("k", "v"):  # tpa > K (TP baseline): the one KV head the slice reads (Layout.kv_heads)
-        first, stop = layout.kv_heads(heads.k, rank)
-        return Shard(0, first * d, stop * d)
+    if role in ("k", "v"):
+        return Shard(0, *k_rows)
     if role in ("q_norm", "k_norm"):
         rows = q_rows if role == "q_norm" else k_rows
         full = (heads.q if role == "q_norm" else heads.k) * d
