@@ -25,8 +25,11 @@ def test_mla_two_ranks():
     ])
 
 
-def test_mla_four_ranks():
-    check(4, [("deepseek_v3", dict(kvp=4, ep=2), "batched_mm")])  # tpf=2 x ep=2; 2 query heads per rank
+def test_mla_and_moe_four_ranks():
+    check(4, [
+        ("deepseek_v3", dict(kvp=4, ep=2), "batched_mm"),  # tpf=2 x ep=2; 2 query heads per rank
+        ("mixtral", dict(kvp=2, tpa=2, ep=2), None),  # MoE on the 2 x 2 attention grid, tpf=2 x ep=2
+    ])
 
 
 FULL = [(f, w, fields) for f in ("deepseek_v3", "deepseek_v2") for w in (2, 4) for fields in valid_layouts(f, w)]

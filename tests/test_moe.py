@@ -30,11 +30,7 @@ def test_moe_two_ranks():
     ])
 
 
-def test_moe_four_ranks():
-    check(4, [
-        ("mixtral", dict(kvp=2, tpa=2, ep=2), None),  # tpf=2 x ep=2
-        ("qwen2_moe", dict(kvp=4, ep=4), "batched_mm"),  # one expert per rank; shared expert over 4
-    ])
+# 4 ranks: test_mla.test_mla_and_moe_four_ranks (Mixtral tpf=2 x ep=2 with DeepSeek-V3, one spawn for both)
 
 
 FULL = [(f, w, fields) for f in FAMILIES for w in (2, 4) for fields in valid_layouts(f, w)]
