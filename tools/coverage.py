@@ -135,6 +135,33 @@ def run_family(model_type: str, world: int, steps: int):
     return res
 
 
+def probe(model_type: str) -> dict:
+    """One process, no ranks: build the family and compile it under helix with Layout(1) (detection and planning
+    run as on N ranks; layout-independent refusals show here), prefill + 2 decode steps against transformers."""
+    import torch
+
+    from helix_compile import Layout
+    from helix_compile.verify import compare
+
+    try:
+        model, attn = build(model_type)
+    except Exception as e:  # noqa: BLE001  recorded in the table
+        return {"status": "build", "message": short(e)}
+    text = model.config.get_text_config(decoder=True)
+    ids = torch.randint(3, text.vocab_size, (BATCH, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = compare(model, Layout(1, kv_block=KV_BLOCK), ids, 2, PROMPT_LEN + 3)
+    except Exception as e:  # noqa: BLE001
+        return {"status": "refused", "message": short(e), "class": type(model).__name__, "attn": attn}
+    if r.max_rel_err >= TOL or not r.tokens_equal:
+        return {"status": "WRONG", "message": f"WRONG on one rank: max rel err {r.max_rel_err:.1e}, tokens equal "
+                f"{r.tokens_equal}", "class": type(model).__name__, "attn": attn}
+    return {"status": "ok"}
+
+
 def worker(rank, world, port, families, steps, queue):
     import datetime as dt
 
@@ -226,7 +253,7 @@ def classify(per_rank) -> str:
         return "error"
     cells = [cell(per_rank, k) for k in r["cells"]]
     ran = [c for c in cells if c["status"] != "n/a"]
-    if any(c["status"] == "WRONG" for c in ran):
+    if any(c["status"] == "WRONG" or c.get("message", "").startswith("WRONG") for c in ran):
         return "wrong"
     if not ran:
         return "n/a"
@@ -272,7 +299,8 @@ def render(results: dict, worlds, steps, seconds) -> str:
         "",
     ]
     for world in worlds:
-        keys = sorted({k for per in results.values() for r in per.get(world, [{}])[:1] for k in r.get("cells", {})})
+        keys = sorted({k for per in results.values() for r in per.get(world, [{}])[:1] for k in r.get("cells", {})}
+                      - {"probe"})
         lines += [f"## {world} ranks", "", "| model type | class (attention) | verdict | " + " | ".join(keys) + " |",
                   "|---|---|---|" + "---|" * len(keys)]
         for fam in sorted(results):
@@ -280,8 +308,9 @@ def render(results: dict, worlds, steps, seconds) -> str:
             if per is None:
                 continue
             r = per[0]
-            if r["status"] != "ok":
-                lines.append(f"| {fam} | | {classify(per)} | {r['message']} |" + " |" * (len(keys) - 1))
+            if r["status"] != "ok" or "probe" in r["cells"]:
+                what = f"{r['class']} ({r['attn']})" if "class" in r else ""
+                lines.append(f"| {fam} | {what} | {classify(per)} | {r['message']} |" + " |" * (len(keys) - 1))
                 continue
             row = [fam, f"{r['class']} ({r['attn']})", classify(per)]
             for k in keys:
@@ -319,6 +348,15 @@ def main():
 
         results.update({f: {int(w): per for w, per in v.items()} for f, v in json.loads(Path(earlier).read_text()).items()})
     results.update({f: {} for f in families})
+    probed = {}
+    for fam in families:  # layout-independent refusals and build failures, without spawning ranks
+        probed[fam] = probe(fam)
+        if probed[fam]["status"] != "ok":
+            print(f"{fam}: {probed[fam]['status']}: {probed[fam]['message'][:120]}", flush=True)
+            cells = {} if probed[fam]["status"] == "build" else {"probe": {**probed[fam], "status": "error"}}
+            results[fam] = {w: [{**probed[fam], "status": "build" if not cells else "ok", "cells": cells}]
+                            for w in worlds}
+    families = [f for f in families if probed[f]["status"] == "ok"]
     for world in worlds:
         if not families:
             break
