@@ -10,7 +10,8 @@ parameter, made once) and checks the cache bound on the host before anything is 
 
 Options: ``layout`` (a ``Layout``, a dict of its fields, or "auto": the planner picks), ``executor``
 ("inductor", default, or "eager": run the local FX graph without Inductor), ``dump`` (a folder: the graph
-text before and after each pass, and plan.json, per rank).
+text before and after each pass, and plan.json, per rank), ``cudagraphs`` (replay each compiled step as one CUDA
+graph; default: on for the inductor executor on CUDA; see ``lowering/compile.py``).
 """
 
 from __future__ import annotations
@@ -61,14 +62,14 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
 def helix_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_unused):
     """The Dynamo backend (entry point ``helix``): the passes now, Inductor lazily at the first call."""
     options = dict(options or {})
-    unknown = set(options) - {"layout", "executor", "dump"}
+    unknown = set(options) - {"layout", "executor", "dump", "cudagraphs"}
     if unknown:
-        raise ValueError(f"unknown helix options {sorted(unknown)}; known: layout, executor, dump")
+        raise ValueError(f"unknown helix options {sorted(unknown)}; known: layout, executor, dump, cudagraphs")
     done = run_passes(gm, example_inputs, options.get("layout"))
     if options.get("dump"):
         write_stages(Path(options["dump"]) / f"rank{done.plan.rank}", done)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    lowered = Lowered(done.stages["schedule"], options.get("executor", "inductor"))
+    lowered = Lowered(done.stages["schedule"], options.get("executor", "inductor"), options.get("cudagraphs"))
     return Runtime(placeholders, done.plan, lowered, done.regions)
 
 

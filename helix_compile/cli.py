@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["helix_compile.planner.command"]  # module paths, each with add_parser(subparsers)
+SUBCOMMANDS = ["helix_compile.planner.command", "helix_compile.bench.command"]  # module paths, each with add_parser(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,13 +1,26 @@
-"""Lowering: hand the rank-local graph to Inductor (``compile_fx``), or run it as is.
+"""Lowering: hand the rank-local graph to Inductor (``compile_fx``), or run it as is; on CUDA, replay it as a CUDA graph.
 
 Contract
-    in:  the partitioned (and scheduled) rank-local GraphModule; the executor name.
+    in:  the partitioned (and scheduled) rank-local GraphModule; the executor name; whether to use CUDA graphs.
     out: a callable over the *local* inputs. ``inductor`` compiles once per distinct value of the graph's SymInt
          inputs (Dynamo guards everything else), lazily at the first call with real local tensors,
-         outside Dynamo's tracing context; functional collectives and the helix custom ops go to Inductor as
-         nodes it schedules. ``eager`` runs the FX graph directly (fast to start; used for the big test matrix).
+         outside Dynamo's tracing context; functional collectives and the helix ops go to Inductor as nodes it
+         schedules (partial attention as the Triton kernels of its triton_op, the merge and the KV write as aten
+         code it fuses). ``eager`` runs the FX graph directly (fast to start; used for the big test matrix).
 
-The helix ops have reference torch implementations on every device; Inductor treats them as extern kernels.
+CUDA graphs (``cudagraphs=True``, the default for ``inductor`` on CUDA): the whole local step, collectives
+included, is captured once and replayed, so a decode step costs one graph launch on the host.
+    call 1 of a compiled program runs normally: it is the warm-up (Triton and cuBLAS initialisation, the NCCL
+        communicators' first use). Every rank makes the same calls in the same order, so every rank warms up the
+        same programs before any capture, and capture (which launches nothing) cannot wait on another rank.
+    call 2 captures the program on its arguments, then replays it: no step runs twice, so the in-place state of
+        the step (KV writes, the cache's position counter) advances exactly once per call.
+    later calls replay. An argument that is the same tensor object as at capture (parameters, cache shards,
+        position counters) is read in place; one that changed between calls 1 and 2 (input ids) is copied into
+        the captured buffer. Outputs are cloned, so a caller may keep them across steps.
+    what invalidates a captured graph: any other input tensor becoming a new object (a new StaticCache, a reloaded
+        parameter); then the call runs without the graph and the next call captures again. A new shape or batch is
+        a different Dynamo graph with its own capture.
 """
 
 from __future__ import annotations
@@ -17,10 +30,12 @@ import torch.fx as fx
 
 
 class Lowered:
-    def __init__(self, gm: fx.GraphModule, executor: str):
+    def __init__(self, gm: fx.GraphModule, executor: str, cudagraphs: bool | None = None):
         if executor not in ("inductor", "eager"):
             raise ValueError(f"executor must be 'inductor' or 'eager', got {executor!r}")
-        self.gm, self.executor = gm, executor
+        if cudagraphs and executor != "inductor":
+            raise ValueError("cudagraphs=True needs executor='inductor'")
+        self.gm, self.executor, self.cudagraphs = gm, executor, cudagraphs
         self.compiled: dict[tuple, object] = {}
 
     def __call__(self, args: list):
@@ -30,8 +45,17 @@ class Lowered:
         key = tuple(a for a in args if not isinstance(a, torch.Tensor))
         fn = self.compiled.get(key)
         if fn is None:
-            fn = self.compiled[key] = _inductor(self.gm, args)
+            fn = _inductor(self.gm, args)
+            use_graphs = self.cudagraphs if self.cudagraphs is not None else _all_cuda(args)
+            if use_graphs:
+                fn = GraphedStep(fn)
+            self.compiled[key] = fn
         return fn(*args)
+
+
+def _all_cuda(args) -> bool:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(t.is_cuda for t in tensors)
 
 
 def _inductor(gm: fx.GraphModule, args: list):
@@ -40,3 +64,58 @@ def _inductor(gm: fx.GraphModule, args: list):
     # Rank and layout are baked into the graph (owner ranks, group names) while the shapes of different ranks
     # can coincide: the FX graph cache stays off so ranks never load each other's artifacts (pytorch #192042).
     return compile_fx(gm, args, config_patches={"fx_graph_cache": False})
+
+
+class GraphedStep:
+    """A compiled local step replayed as one CUDA graph (see the module docstring for the protocol)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = 0
+        self.graph = None
+        self.first: list | None = None  # the tensor arguments of call 1, by identity
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.graph is not None:
+            if self._bind(args):
+                self.graph.replay()
+                return self._results()
+            self.graph = None  # an input is a new object: run plainly now, capture again next time
+            self.first = None
+        if self.first is None:
+            self.first = list(args)
+            return self.fn(*args)
+        return self._capture(args)
+
+    def _capture(self, args):
+        # inputs that changed since call 1 get a buffer of their own, refreshed before each replay
+        self.dynamic = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a is not self.first[i]}
+        self.static = list(args)
+        for i in self.dynamic:
+            self.static[i] = args[i].clone()
+        self.first = None
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # a private pool per graph: graphs are freed with their Dynamo entries
+            outputs = self.fn(*self.static)
+        self.graph, self.outputs = graph, outputs
+        graph.replay()
+        return self._results()
+
+    def _results(self):
+        cloned = [o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs]
+        return tuple(cloned) if isinstance(self.outputs, tuple) else cloned
+
+    def _bind(self, args) -> bool:
+        """Copy the changing inputs into the captured buffers; False if a captured-in-place input is a new object."""
+        dynamic = self.dynamic
+        for i, a in enumerate(args):
+            s = self.static[i]
+            if a is s or not isinstance(a, torch.Tensor):
+                continue
+            if i not in dynamic:
+                return False
+        for i in dynamic:
+            self.static[i].copy_(args[i])
+        return True

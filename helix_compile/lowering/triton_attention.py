@@ -1,78 +1,196 @@
-"""Triton kernel for ``helix::partial_attention`` on GPU (decode and short queries): split-S flash decoding.
+"""Triton kernels for ``helix::partial_attention`` on CUDA: flash decoding (split-KV) and flash prefill, one code.
 
-Each program takes the query heads that share one KV head (batch b, KV head kh, query position l) and one split
-of the rank's local KV slots, so each K/V tile is read once per group (``tl.dot`` over the group, in
-3-pass TF32, "tf32x3": about fp32 accuracy on tensor cores, exact products for bf16 inputs); it streams
-BLOCK_N slots at a time through an online softmax, masking by *global* position
-(slot -> position as in ``ops.slot_positions``; visible when position <= the query's position). It writes the
-split's running max m, sum l and unnormalised output acc in fp32. The splits are then merged exactly
-(lse_s = m_s + ln l_s; lse = logsumexp_s lse_s; o = sum_s exp(m_s - lse) acc_s), with -inf rows giving o = 0.
-Natural-log LSE, as the merge after the all-to-all expects.
+Rows. For batch row b and local KV head kh the kernel attends the GROUP = Hq/Hk query heads that read kh at every
+query position: row r = l * GROUP + g (query position l, head kh * GROUP + g). A program takes BLOCK_R rows of one
+(b, kh), so each K/V tile is read once for all the query heads that share it (MQA/GQA packing) and, in prefill,
+for BLOCK_R / GROUP query positions at once.
+
+Keys. Local slot s holds global position key_pos(s) = (s // kv_block) * kv_block * kvp + kvp_rank * kv_block
++ s % kv_block (``ops.slot_positions``). Slots are filled in order, so the keys any row of the program can see
+are
+the slots [lo, hi): hi counts the slots below the block's last query position + 1 (and below the key mask's
+length), lo the slots that every row's sliding window has left. Both come from the positions on the device, so a
+half-empty cache is never read and the host never syncs. A program with NUM_SPLITS > 1 takes one of NUM_SPLITS
+equal parts of [lo, hi) (flash decoding: at batch 1 the splits fill the SMs).
+
+Math. Per row: scores = q.k * scale (then softcap * tanh(score / softcap) if softcap > 0), masked by global
+position (causal, window, key mask), online softmax in fp32 with natural exp. Products run on tensor cores:
+exact for 16-bit inputs (fp32 accumulation, as SDPA), "tf32x3" (about fp32 accuracy) for fp32 inputs. One split:
+the program writes o = acc / l and lse = m + ln l straight into the packed output. Several: it writes (m, l, acc)
+and ``_combine`` merges the splits exactly (lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s). A row with
+no visible key gets lse = -inf and o = 0. The LSE is natural-log, bit-cast into the packed tail as ``ops`` says.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 
 @triton.jit
-def _split_kernel(
-    Q, K, V, POS, M_OUT, L_OUT, ACC_OUT,
+def _local_count(p, kvp_rank, kvp, kv_block):
+    """Local slots whose global position is < p (p may be a tensor)."""
+    cycle = kv_block * kvp
+    rem = p % cycle - kvp_rank * kv_block
+    return (p // cycle) * kv_block + tl.minimum(tl.maximum(rem, 0), kv_block)
+
+
+@triton.jit
+def _store_packed(OUT, out_row, o, lse, D, d, d_mask, r_mask, LSE_ELEMS: tl.constexpr):
+    """Write o (BLOCK_R, BLOCK_D) and lse (BLOCK_R,) to packed rows: o in the output dtype, lse's fp32 bits after."""
+    base = OUT + out_row * (D + LSE_ELEMS)
+    tl.store(base[:, None] + d[None, :], o.to(OUT.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
+    if LSE_ELEMS == 1:
+        tl.store(base + D, lse.to(OUT.dtype.element_ty), mask=r_mask)
+    else:  # two 16-bit halves of the fp32 bits, low half first (little-endian, as Tensor.view(float32) reads them)
+        bits = lse.to(tl.int32, bitcast=True)
+        lo = (bits & 0xFFFF).to(tl.uint16).to(OUT.dtype.element_ty, bitcast=True)
+        hi = ((bits >> 16) & 0xFFFF).to(tl.uint16).to(OUT.dtype.element_ty, bitcast=True)
+        tl.store(base + D, lo, mask=r_mask)
+        tl.store(base + D + 1, hi, mask=r_mask)
+
+
+@triton.jit
+def _attention(
+    Q, K, V, POS, MASK, OUT, M_PART, L_PART, ACC_PART,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    HK, LQ, GROUP, CAPACITY, SPLIT_LEN, NUM_SPLITS,
-    kvp_rank, kvp, kv_block, scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_mb,
+    HQ, HK, LQ, GROUP, CAPACITY, MASK_LEN, ROW_BLOCKS, B, D,
+    kvp_rank, kvp, kv_block, scale, softcap, window,
+    NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+    LSE_ELEMS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program: the GROUP query heads that share KV head kh, at query position l of batch row b, over one
-    # split of the local slots. K/V tiles are read once for the whole group (tl.dot over the group).
-    pid = tl.program_id(0)  # (b, kh, l) flattened
+    pid = tl.program_id(0)  # (b, kh, row block)
     split = tl.program_id(1)
-    l_idx = pid % LQ
-    kh = (pid // LQ) % HK
-    b = pid // (LQ * HK)
-    g = tl.arange(0, BLOCK_G)
-    g_mask = g < GROUP
+    rb = pid % ROW_BLOCKS
+    kh = ((pid // ROW_BLOCKS) % HK).to(tl.int64)  # int64: a shard can exceed 2**31 elements
+    b = (pid // (ROW_BLOCKS * HK)).to(tl.int64)
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < GROUP * LQ
+    l_idx = r // GROUP
+    head = kh * GROUP + r % GROUP
     d = tl.arange(0, BLOCK_D)
     d_mask = d < D
-    heads = kh * GROUP + g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + l_idx * stride_ql + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    q_pos = tl.load(POS + l_idx)
-    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    start = split * SPLIT_LEN
-    stop = tl.minimum(start + SPLIT_LEN, CAPACITY)
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + l_idx[:, None] * stride_ql + d[None, :],
+                mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    if PRECISION == "tf32x3":
+        q = q.to(tl.float32)
+    q_pos = tl.load(POS + l_idx, mask=r_mask, other=-1)
+    # the slots [lo, hi) that some row of this program may see
+    hi = _local_count(tl.max(q_pos) + 1, kvp_rank, kvp, kv_block)
+    hi = tl.minimum(hi, CAPACITY)
+    if HAS_MASK:
+        hi = tl.minimum(hi, _local_count(MASK_LEN, kvp_rank, kvp, kv_block))
+    lo = 0
+    if WINDOW:
+        lowest = tl.min(tl.where(r_mask, q_pos, 2147483647))
+        lo = _local_count(tl.maximum(lowest - window + 1, 0), kvp_rank, kvp, kv_block)
+    if NUM_SPLITS > 1:
+        part = tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS * BLOCK_N) * BLOCK_N
+        start = lo + split * part
+        stop = tl.minimum(start + part, hi)
+    else:
+        start = lo
+        stop = hi
+    m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_vb + kh * stride_vh
     for n0 in range(start, stop, BLOCK_N):
         slots = n0 + tl.arange(0, BLOCK_N)
         in_range = slots < stop
         key_pos = (slots // kv_block) * (kv_block * kvp) + kvp_rank * kv_block + slots % kv_block
-        visible = in_range & (key_pos <= q_pos)
-        k = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=in_range[None, :] & d_mask[:, None], other=0.0)
-        # fp32 operands and IEEE products (no TF32): the same scores as the reference's fp32 math
-        s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="tf32x3") * scale
-        s = tl.where(visible[None, :], s, float("-inf"))
+        k = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=in_range[None, :] & d_mask[:, None],
+                    other=0.0)
+        if PRECISION == "tf32x3":
+            s = tl.dot(q, k.to(tl.float32), input_precision="tf32x3")
+        else:
+            s = tl.dot(q, k)
+        s = (s * scale).to(tl.float32)  # Inductor may pass Python floats as fp64 scalars
+        if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
+            s = (softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))).to(tl.float32)
+        visible = in_range[None, :] & (key_pos[None, :] <= q_pos[:, None])
+        if WINDOW:
+            visible = visible & (q_pos[:, None] - key_pos[None, :] < window)
+        if HAS_MASK:
+            allowed = tl.load(MASK + b * stride_mb + key_pos, mask=in_range & (key_pos < MASK_LEN), other=0)
+            visible = visible & (allowed != 0)[None, :]
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=in_range[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
+        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=in_range[:, None] & d_mask[None, :],
+                    other=0.0)
+        if PRECISION == "tf32x3":
+            pv = tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    rows = (b * HK * GROUP + heads) * LQ + l_idx  # (b, h, l) row index of each query head
-    out = rows * NUM_SPLITS + split
-    tl.store(M_OUT + out, m_i, mask=g_mask)
-    tl.store(L_OUT + out, l_i, mask=g_mask)
-    tl.store(ACC_OUT + out[:, None] * D + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
+    # packed output row of (head, b, l); partial buffers are indexed the same way
+    out_row = (head * B + b) * LQ + l_idx
+    if NUM_SPLITS == 1:
+        empty = l_i == 0.0
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        _store_packed(OUT, out_row, o, lse, D, d, d_mask, r_mask, LSE_ELEMS)
+    else:
+        part_row = out_row * NUM_SPLITS + split
+        tl.store(M_PART + part_row, m_i, mask=r_mask)
+        tl.store(L_PART + part_row, l_i, mask=r_mask)
+        tl.store(ACC_PART + part_row[:, None] * BLOCK_D + d[None, :], acc, mask=r_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _combine(
+    M_PART, L_PART, ACC_PART, OUT, D,
+    NUM_SPLITS: tl.constexpr, LSE_ELEMS: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the NUM_SPLITS partial results of one row into the packed output: the peak and the total over all
+    splits first (m and l only), then the weighted sum of the accumulators, CHUNK_S splits at a time."""
+    row = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    c = tl.arange(0, CHUNK_S)
+    base = row.to(tl.int64) * NUM_SPLITS
+    peak = tl.full((CHUNK_S,), float("-inf"), tl.float32)
+    for s0 in range(0, NUM_SPLITS, CHUNK_S):
+        m = tl.load(M_PART + base + s0 + c, mask=s0 + c < NUM_SPLITS, other=float("-inf"))
+        peak = tl.maximum(peak, m)
+    top = tl.max(peak, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros((CHUNK_S,), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(0, NUM_SPLITS, CHUNK_S):
+        inside = s0 + c < NUM_SPLITS
+        m = tl.load(M_PART + base + s0 + c, mask=inside, other=float("-inf"))
+        l_s = tl.load(L_PART + base + s0 + c, mask=inside, other=0.0)
+        w = tl.exp(m - top)  # 0 for empty splits
+        total += w * l_s
+        a = tl.load(ACC_PART + (base + s0 + c)[:, None] * BLOCK_D + d[None, :], mask=inside[:, None] & d_mask[None, :],
+                    other=0.0)
+        acc += tl.sum(w[:, None] * a, axis=0)
+    total_sum = tl.sum(total, axis=0)
+    empty = total_sum == 0.0
+    o = acc / tl.where(empty, 1.0, total_sum)
+    lse = tl.where(empty, float("-inf"), top + tl.log(tl.where(empty, 1.0, total_sum)))
+    one = tl.arange(0, 1)
+    _store_packed(OUT, row + one, o[None, :], lse + tl.zeros((1,), tl.float32), D, d, d_mask, one < 1, LSE_ELEMS)
+
+
+# Triton's CPU interpreter (3.9) multiplies 16-bit dot operands wrongly; there the kernel takes its fp32 path.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,41 +198,66 @@ def _sm_count(device_index) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, block_n=64, split_len=None):
-    """Same contract as the reference ``helix::partial_attention`` (packed (Hq, B, L, D + e) output)."""
-    from .ops import _lse_dtype
+def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: int, dtype):
+    """(BLOCK_R, BLOCK_N, NUM_SPLITS, num_warps, num_stages) for one call.
+
+    Decode (one query position) packs the group's heads into one row block and splits the keys so that about
+    two programs run per SM, each over 1024 slots or more; prefill takes 128-row blocks (64 in fp32) (enough programs already) and no split. A prefill
+    length is symbolic under dynamic shapes: only ``length == 1`` is asked of it, which needs no guard.
+    """
+    if length == 1:
+        block_r = max(16, min(64, triton.next_power_of_2(group)))
+        programs = batch * hk * triton.cdiv(group, block_r)
+        splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(capacity, 1024)))
+        # measured on H200 (docs/perf.md): 8 warps pay once the group fills 32+ rows (MQA), 4 stages without splits
+        return block_r, 64 if dtype.itemsize < 4 else 32, splits, 8 if block_r >= 32 else 4, 3 if splits > 1 else 4
+    if dtype.itemsize < 4:
+        return 128, 64, 1, 8, 3
+    return 64, 32, 1, 4, 2
+
+
+def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap=0.0, window=0, key_mask=None,
+                      config=None):
+    """Same contract as ``ops.partial_attention`` (packed (Hq, B, L, D + e) output). Called inside the op's
+    ``triton_op`` body, so under Inductor the two kernels are emitted into the generated code."""
+    from .ops import lse_elems
 
     b, hq, length, d = q.shape
     hk, capacity = k_shard.shape[1], k_shard.shape[2] - 1
-    q = q.contiguous()
+    group = hq // hk
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     k, v = k_shard, v_shard
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
-    rows, programs = b * hq * length, b * hk * length
-    if split_len is None:  # enough programs to fill the GPU: about 4 per SM
-        sms = _sm_count(q.device.index) if q.is_cuda else 8
-        splits = max(1, min(triton.cdiv(capacity, block_n), triton.cdiv(4 * sms, programs)))
-        split_len = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
-    splits = max(1, triton.cdiv(capacity, split_len))
-    m = torch.empty((rows, splits), device=q.device, dtype=torch.float32)
-    l_sum = torch.empty_like(m)
-    acc = torch.empty((rows, splits, d), device=q.device, dtype=torch.float32)
-    _split_kernel[(programs, splits)](
-        q, k, v, pos, m, l_sum, acc,
+    sms = _sm_count(q.device.index) if q.is_cuda else 8
+    block_r, block_n, splits, warps, stages = config or launch_config(b, hk, group, length, capacity, sms, q.dtype)
+    e = lse_elems(q.dtype)
+    block_d = max(16, triton.next_power_of_2(d))
+    out = torch.empty((hq, b, length, d + e), device=q.device, dtype=q.dtype)
+    rows = hq * b * length
+    if splits > 1:
+        m = torch.empty((rows * splits,), device=q.device, dtype=torch.float32)
+        l_sum = torch.empty_like(m)
+        acc = torch.empty((rows * splits * block_d,), device=q.device, dtype=torch.float32)
+    else:
+        m = l_sum = acc = out  # unused
+    mask = key_mask if key_mask is not None else pos
+    row_blocks = triton.cdiv(group * length, block_r)
+    wrap_triton(_attention)[(b * hk * row_blocks, splits)](
+        q, k, v, pos, mask, out, m, l_sum, acc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        hk, length, hq // hk, capacity, split_len, splits,
-        kvp_rank, kvp, kv_block, scale,
-        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_G=max(16, triton.next_power_of_2(hq // hk)),
-        BLOCK_N=block_n,
+        mask.stride(0) if key_mask is not None else 0,
+        hq, hk, length, group, capacity, key_mask.shape[1] if key_mask is not None else 0, row_blocks, b, d,
+        kvp_rank, kvp, kv_block, scale, softcap, window,
+        NUM_SPLITS=splits, HAS_MASK=key_mask is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
+        LSE_ELEMS=e, PRECISION="tf32x3" if q.dtype == torch.float32 or _INTERPRETED else "native",
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )
-    peak = m.amax(dim=1, keepdim=True)
-    peak_safe = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
-    weight = torch.exp(m - peak_safe)  # 0 for empty splits
-    total = (weight * l_sum).sum(dim=1)
-    o = (weight.unsqueeze(-1) * acc).sum(dim=1) / torch.where(total == 0, torch.ones_like(total), total).unsqueeze(-1)
-    lse = torch.where(total == 0, torch.full_like(total, float("-inf")), peak_safe.squeeze(1) + torch.log(total))
-    o = o.reshape(b, hq, length, d).permute(1, 0, 2, 3)
-    lse = lse.reshape(b, hq, length).permute(1, 0, 2).to(_lse_dtype(q.dtype))
-    return torch.cat([o.to(q.dtype), lse.unsqueeze(-1).contiguous().view(q.dtype)], dim=-1)
+    if splits > 1:
+        wrap_triton(_combine)[(rows,)](
+            m, l_sum, acc, out, d, NUM_SPLITS=splits, LSE_ELEMS=e, CHUNK_S=16, BLOCK_D=block_d, num_warps=4,
+        )
+    return out

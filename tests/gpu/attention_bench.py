@@ -1,10 +1,13 @@
-"""Decode partial attention on one GPU: the Triton kernel vs the reference op vs torch SDPA, checked and timed.
+"""Decode partial attention on one GPU: the Triton kernels vs the reference op vs torch SDPA, checked and timed.
 
-    python3 tests/gpu/attention_bench.py [--out DIR]
+    python3 tests/gpu/attention_bench.py [--out DIR] [--sweep]
 
-For each local shard size it checks the Triton output against the reference (fp32 math) and times both, with
-torch's SDPA (flash, GQA) over the same keys as the single-device yardstick. Bandwidth counts the K and V bytes
-read once. Writes attention_bench.json.
+For each (batch, KV heads, local slots) it checks the Triton output against the reference (fp32 math, on the
+smaller shapes), times the kernel through the op (CUDA-graph captured, so launch overhead is not counted: that is
+how the compiled step runs it) and torch's SDPA flash kernel over the same keys (GQA) as the yardstick, and
+the HBM read bandwidth of the same card in the same run. Bandwidth counts the K and V bytes read once.
+``--sweep`` also times other launch configurations (rows, keys per tile, splits, warps, stages).
+Writes attention_bench.json.
 """
 
 import argparse
@@ -15,54 +18,108 @@ from pathlib import Path
 import torch
 
 from helix_compile.lowering import ops
-from helix_compile.lowering.triton_attention import partial_attention as triton_partial_attention
+from helix_compile.lowering import triton_attention as ta
 
 
-def timed(fn, reps=20):
+def graphed_ms(fn, reps=50):
+    """Milliseconds per call of fn replayed from a CUDA graph of ``reps`` calls."""
     fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps
+    start = time.perf_counter()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (3 * reps) * 1e3
+
+
+def hbm_read_gbs():
+    x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda").view(torch.bfloat16)
+    x.normal_()
+    ms = graphed_ms(lambda: x.sum(dtype=torch.float32), reps=10)
+    return x.nbytes / (ms * 1e-3) / 1e9
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
+    torch.manual_seed(0)
+    bw = hbm_read_gbs()
+    print(f"{torch.cuda.get_device_name(0)}: HBM read {bw:.0f} GB/s")
     rows = []
-    b, hq, hk, d, dtype = 8, 8, 1, 128, torch.bfloat16  # one TPA slice of a GQA-8 model
-    for capacity in (8192, 32768, 131072):
-        for kvp in (1, 4):
-            g = torch.Generator(device="cuda").manual_seed(capacity)
-            q = torch.randn(b, hq, 1, d, device="cuda", dtype=dtype, generator=g)
-            k = torch.randn(b, hk, capacity + 1, d, device="cuda", dtype=dtype, generator=g)
-            v = torch.randn(b, hk, capacity + 1, d, device="cuda", dtype=dtype, generator=g)
-            pos = torch.tensor([capacity * kvp - 1], device="cuda")  # every local slot visible
-            want = ops.partial_attention_reference(q, k, v, pos, 0, kvp, 16, d ** -0.5)
-            got = triton_partial_attention(q, k, v, pos, 0, kvp, 16, d ** -0.5)
-            err = (got[..., :d].float() - want[..., :d].float()).abs().max().item()
-            lse_err = (got[..., d:].contiguous().view(torch.float32) - want[..., d:].contiguous().view(torch.float32)).abs().max().item()
-            t_ref = timed(lambda: ops.partial_attention_reference(q, k, v, pos, 0, kvp, 16, d ** -0.5), reps=5)
-            t_tri = timed(lambda: triton_partial_attention(q, k, v, pos, 0, kvp, 16, d ** -0.5))
-            ks, vs = k[:, :, :capacity], v[:, :, :capacity]
-            q32, k32, v32 = q.float(), k.float(), v.float()  # the fp32 path (tf32x3 products) against fp32 math
-            w32 = ops.partial_attention_reference(q32, k32, v32, pos, 0, kvp, 16, d ** -0.5)
-            g32 = triton_partial_attention(q32, k32, v32, pos, 0, kvp, 16, d ** -0.5)
-            err32 = (g32[..., :d] - w32[..., :d]).abs().max().item()
-            t_sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, ks, vs, enable_gqa=True))
-            kv_bytes = 2 * b * hk * capacity * d * dtype.itemsize
-            row = dict(capacity=capacity, kvp=kvp, batch=b, q_heads=hq, kv_heads=hk, head_dim=d, dtype="bfloat16",
-                       o_err=err, lse_err=lse_err, reference_us=t_ref * 1e6, triton_us=t_tri * 1e6,
-                       sdpa_us=t_sdpa * 1e6, fp32_o_err=err32, triton_GBps=kv_bytes / t_tri / 1e9, sdpa_GBps=kv_bytes / t_sdpa / 1e9)
-            rows.append(row)
-            print(json.dumps(row))
+    hq, d, kvp, rank, block = 32, 128, 4, 1, 16
+    for hk in (1, 8):
+        for batch in (1, 8, 64):
+            for slots in (16384, 65536, 262144):
+                kv_bytes = 2 * batch * hk * slots * d * 2
+                if kv_bytes > 40e9:
+                    continue
+                q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+                k = torch.randn(batch, hk, slots + 1, d, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                last = (slots // block) * block * kvp + rank * block - 1  # query position: every local slot visible
+                pos = torch.tensor([last], device="cuda")
+                row = dict(batch=batch, kv_heads=hk, q_heads=hq, head_dim=d, local_slots=slots, dtype="bf16",
+                           config=list(ta.launch_config(batch, hk, hq // hk, 1, slots, ta._sm_count(0), q.dtype)))
+                call = lambda cfg=None: ta.partial_attention(q, k, v, pos, rank, kvp, block, d ** -0.5, config=cfg)  # noqa: E731
+                if batch * hk * slots <= 8 * 65536:
+                    want = ops.partial_attention_reference(q, k, v, pos, rank, kvp, block, d ** -0.5)
+                    got = call()
+                    row["max_abs_err_vs_fp32_reference"] = (got[..., :d].float() - want[..., :d].float()).abs().max().item()
+                    lse_g, lse_w = (x[..., d:].contiguous().view(torch.float32) for x in (got, want))
+                    row["lse_max_abs_err"] = (lse_g - lse_w).abs().max().item()
+                ms = graphed_ms(call)
+                row.update(triton_us=ms * 1e3, triton_gbs=kv_bytes / (ms * 1e-3) / 1e9)
+                row["triton_pct_hbm"] = 100 * row["triton_gbs"] / bw
+                ks, vs = k[:, :, :slots], v[:, :, :slots]
+                qs = q
+                with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+                                                     torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]):
+                    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)  # noqa: E731
+                    try:
+                        ms_s = graphed_ms(sdpa)
+                        row.update(sdpa_us=ms_s * 1e3, sdpa_gbs=kv_bytes / (ms_s * 1e-3) / 1e9)
+                    except RuntimeError as e:
+                        row["sdpa_error"] = str(e)[:200]
+                if args.sweep and slots == 65536:
+                    best = None
+                    for cfg in _candidates(batch, hk, hq // hk, slots):
+                        try:
+                            t = graphed_ms(lambda: call(cfg), reps=20) * 1e3
+                        except Exception as e:  # a configuration the compiler refuses (shared memory, ...)
+                            t = float("inf")
+                            print("  config", cfg, "failed:", str(e)[:100])
+                        if best is None or t < best[1]:
+                            best = (cfg, t)
+                    row["sweep_best"] = dict(config=list(best[0]), us=best[1], gbs=kv_bytes / (best[1] * 1e-6) / 1e9)
+                print(json.dumps(row))
+                rows.append(row)
+                del q, k, v
+                torch.cuda.empty_cache()
     info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=__import__("triton").__version__,
-                date=time.strftime("%Y-%m-%d"))
-    print(json.dumps(info))
+                hbm_read_gbs=bw, date=time.strftime("%Y-%m-%d"), command="python3 tests/gpu/attention_bench.py"
+                + (" --sweep" if args.sweep else ""))
     Path(args.out, "attention_bench.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
+
+
+def _candidates(batch, hk, group, slots):
+    import triton
+
+    block_r = max(16, min(64, triton.next_power_of_2(group)))
+    programs = batch * hk * triton.cdiv(group, block_r)
+    for block_n in (64, 128):
+        for per_sm in (2, 4):
+            for min_split in (512, 2048):
+                splits = max(1, min(triton.cdiv(per_sm * 132, programs), triton.cdiv(slots, min_split)))
+                for warps, stages in ((4, 3), (8, 3), (4, 4)):
+                    yield (block_r, block_n, splits, warps, stages)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""GPU smoke run: the exactness check on 2 GPUs with NCCL, fp32 and bf16, Inductor and the eager executor.
+"""GPU smoke run: the exactness check on 1 or 2 GPUs with NCCL, fp32 and bf16, Inductor and the eager executor.
 
-    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 python tests/gpu/smoke.py [--out DIR]
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 python tests/gpu/smoke.py [--out DIR] [--world N]
+
+With --world 1 the layouts are kvp = tpa = 1 (kernels, Inductor and CUDA graphs without collectives). Every
+Inductor configuration runs with CUDA graphs (the default on CUDA) and is also checked bitwise against the same
+program without them (``cudagraphs_bitwise``).
 
 Not a pytest module (the CPU CI has no GPU); prints one line per configuration and writes smoke.json.
 """
@@ -32,9 +36,11 @@ CONFIGS = [  # (family, dtype, executor, layouts, hopb_chunks)
 ]
 
 
-def body(rank, configs):
+def body(rank, configs, world):
     rows = []
     for family, dtype, executor, layouts, hopb in configs:
+        if world == 1:
+            layouts, hopb = [(1, 1)], 1
         for kvp, tpa in layouts:
             torch._dynamo.reset()
             fp32 = model(family, hidden_size=256, intermediate_size=512, num_hidden_layers=4, head_dim=32,
@@ -54,12 +60,33 @@ def body(rank, configs):
                 extra = dict(helix_vs_single_device_forced_rel=forced.max_rel_err,
                              helix_vs_fp32_rel=helix_vs_fp32.max_rel_err,
                              single_device_vs_fp32_rel=_single_device_error(m, fp32, ids, 56, 128))
+            if executor == "inductor":
+                extra["cudagraphs_bitwise"] = _cudagraphs_bitwise(m, layout, ids)
             rows.append(dict(family=family, dtype=str(dtype).replace("torch.", ""), executor=executor, kvp=kvp, tpa=tpa, hopb=hopb,
                              max_abs_err=r.max_abs_err, max_rel_err=r.max_rel_err, tokens_equal=r.tokens_equal,
                              first_divergence=_first_divergence(r), cache_bytes=r.cache_bytes,
                              reference_cache_bytes=r.reference_cache_bytes, seconds=time.perf_counter() - t0,
                              logits=r.logits, **extra))
     return rows
+
+
+@torch.no_grad()
+def _cudagraphs_bitwise(m, layout, ids, steps=12):
+    """The same program with and without CUDA graphs: logits bitwise equal at every step (pytorch #113895)."""
+    from helix_compile import StaticCache
+
+    outs = []
+    for graphs in (True, False):
+        torch._dynamo.reset()
+        cache = StaticCache(m.config, ids.shape[0], 64, layout, dtype=next(m.parameters()).dtype, device=ids.device)
+        c = torch.compile(m, backend="helix", options={"layout": layout, "cudagraphs": graphs}, fullgraph=True)
+        tok, steps_out = ids, []
+        for _ in range(steps):
+            logits = c(input_ids=tok, past_key_values=cache).logits[:, -1:]
+            steps_out.append(logits)
+            tok = logits.argmax(-1)
+        outs.append(torch.cat(steps_out, 1))
+    return bool(torch.equal(outs[0], outs[1]))
 
 
 @torch.no_grad()
@@ -89,10 +116,13 @@ def _first_divergence(r):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--quick", action="store_true", help="the first two configurations only (fp32 and bf16 llama)")
+    parser.add_argument("--world", type=int, default=min(2, torch.cuda.device_count()))
     args = parser.parse_args()
-    if torch.cuda.device_count() < 2:
-        sys.exit(f"needs 2 GPUs, found {torch.cuda.device_count()}")
-    per_rank = run_ranks(2, body, CONFIGS, backend="nccl")
+    if torch.cuda.device_count() < args.world or args.world not in (1, 2):
+        sys.exit(f"--world {args.world}: needs 1 or 2 GPUs, found {torch.cuda.device_count()}")
+    configs = CONFIGS[:2] if args.quick else CONFIGS
+    per_rank = run_ranks(args.world, body, configs, args.world, backend="nccl")
     rows = per_rank[0]
     for i, row in enumerate(rows):
         row["ranks_agree"] = all(r[i]["logits"] == row["logits"] for r in per_rank[1:])
@@ -100,7 +130,7 @@ def main():
         for r in per_rank[1:]:
             r[i].pop("logits")
         print(json.dumps(row))
-    info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
+    info = dict(device=torch.cuda.get_device_name(0), world=args.world, torch=torch.__version__, cuda=torch.version.cuda,
                 transformers=__import__("transformers").__version__, date=time.strftime("%Y-%m-%d"))
     print(json.dumps(info))
     Path(args.out, "smoke.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))

@@ -1,38 +1,54 @@
-"""The Triton partial-attention kernel against the reference op, in Triton's interpreter (CPU).
+"""The Triton partial-attention kernels against the reference op, in Triton's interpreter (CPU).
 
-The same kernel runs compiled on the GPU machines (tests/gpu/smoke.py checks it there end to end).
+The same kernels run compiled on the GPU machines (tests/gpu/smoke.py and tests/gpu/attention_bench.py check them
+there). Each case fixes the launch configuration (rows per program, keys per tile, splits) so that both the
+single-split path (prefill, written straight to the packed output) and the split + combine path (decode) run.
 """
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the triton import
+from helix_compile.lowering import ops
+from helix_compile.lowering.triton_attention import partial_attention as triton_partial_attention
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from helix_compile.lowering import ops  # noqa: E402
-from helix_compile.lowering.triton_attention import partial_attention as triton_partial_attention  # noqa: E402
-
-CASES = [  # batch, query heads, kv heads, query len, head dim, local capacity, kvp, kvp_rank, kv_block, dtype
-    (2, 4, 2, 1, 16, 40, 2, 1, 4, torch.float32),
-    (1, 8, 1, 3, 24, 100, 4, 3, 8, torch.float32),  # MQA, head dim not a power of 2, 3 query positions
-    (2, 2, 2, 1, 8, 12, 3, 2, 4, torch.bfloat16),
+CASES = [  # batch, query heads, kv heads, query len, head dim, local capacity, kvp, kvp_rank, kv_block, dtype, config
+    (2, 4, 2, 1, 16, 40, 2, 1, 4, torch.float32, (16, 16, 3, 4, 1)),  # decode, 3 splits + combine
+    (1, 8, 1, 3, 24, 100, 4, 3, 8, torch.float32, (16, 16, 1, 4, 1)),  # MQA, head dim not a power of 2, 3 positions
+    (2, 2, 2, 1, 8, 12, 3, 2, 4, torch.bfloat16, (16, 16, 2, 4, 1)),  # bf16: LSE bits split over two elements
+    (1, 4, 2, 9, 16, 30, 2, 0, 4, torch.float32, (16, 16, 1, 4, 1)),  # prefill: several row blocks per KV head
 ]
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("first_pos", [0, 5, 37])  # 0: some rows see no key at all (lse = -inf, o = 0)
-def test_matches_reference(case, first_pos):
-    b, hq, hk, length, d, capacity, kvp, rank, block, dtype = case
+def _check(case, first_pos, softcap=0.0, window=0, key_mask=None):
+    b, hq, hk, length, d, capacity, kvp, rank, block, dtype, config = case
     g = torch.Generator().manual_seed(first_pos)
     q = torch.randn(b, hq, length, d, generator=g).to(dtype)
     k = torch.randn(b, hk, capacity + 1, d, generator=g).to(dtype)
     v = torch.randn(b, hk, capacity + 1, d, generator=g).to(dtype)
     pos = torch.arange(length) + first_pos
-    want = ops.partial_attention(q, k, v, pos, rank, kvp, block, 0.3)
-    got = triton_partial_attention(q, k, v, pos, rank, kvp, block, 0.3, block_n=8, split_len=16)
-    torch.testing.assert_close(got[..., :d].float(), want[..., :d].float(), rtol=1e-5, atol=1e-5)
+    want = ops.partial_attention_reference(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask)
+    got = triton_partial_attention(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask, config=config)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got[..., :d].float(), want[..., :d].float(), rtol=tol, atol=tol)
     lse_want = want[..., d:].contiguous().view(torch.float32)
     lse_got = got[..., d:].contiguous().view(torch.float32)
     assert torch.equal(torch.isinf(lse_got), torch.isinf(lse_want))
     torch.testing.assert_close(lse_got, lse_want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("first_pos", [0, 5, 37])  # 0: some rows see no key at all (lse = -inf, o = 0)
+def test_matches_reference(case, first_pos):
+    _check(case, first_pos)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_softcap_window_and_key_mask(case):
+    """Gemma 2's logit soft-capping, a sliding window shorter than the keys, and a left-padded key mask."""
+    b = case[0]
+    mask = torch.ones(b, 40, dtype=torch.long)
+    mask[0, :6] = 0  # row 0 is left-padded by 6 positions
+    _check(case, 30, softcap=2.0)
+    _check(case, 30, window=7)
+    _check(case, 30, key_mask=mask)
+    _check(case, 30, softcap=2.0, window=5, key_mask=mask)
