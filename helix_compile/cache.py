@@ -74,6 +74,11 @@ def _refuse_without_kv_attention(text) -> None:
             f"{name} has no softmax attention over a KV cache (no num_attention_heads: a state-space or RWKV-like "
             f"model); helix parallelises attention over a KV cache and cannot run it"
         )
+    if getattr(text, "kv_lora_rank", None):
+        raise ValueError(
+            f"{name} uses multi-head latent attention (kv_lora_rank={text.kv_lora_rank}: a compressed latent KV "
+            f"cache); helix does not support MLA yet"
+        )
     other = sorted({t for t in getattr(text, "layer_types", None) or [] if t not in _ATTENTION_LAYER_TYPES})
     if other:
         raise ValueError(
