@@ -35,7 +35,7 @@ SMALL = dict(
     num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=12, pad_token_id=0,
     bos_token_id=1, eos_token_id=2, ffn_hidden_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=32,
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-    decoder_start_token_id=0, layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+    decoder_start_token_id=0, layer_norm_epsilon=1e-5, tie_word_embeddings=False, rotary_dim=8,
 )
 PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
 
@@ -149,6 +149,14 @@ def probe(model_type: str) -> dict:
         return {"status": "build", "message": short(e)}
     text = model.config.get_text_config(decoder=True)
     ids = torch.randint(3, text.vocab_size, (BATCH, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    try:  # transformers itself, with its own StaticCache
+        from transformers import StaticCache as HFStaticCache
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(input_ids=ids, past_key_values=HFStaticCache(model.config, max_cache_len=PROMPT_LEN + 3))
+    except Exception as e:  # noqa: BLE001
+        return {"status": "build", "message": "transformers cannot run it from this config: " + short(e)}
     torch._dynamo.reset()
     try:
         with warnings.catch_warnings():
