@@ -36,6 +36,7 @@ SMALL = dict(
     bos_token_id=1, eos_token_id=2, ffn_hidden_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=32,
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
     decoder_start_token_id=0, layer_norm_epsilon=1e-5, tie_word_embeddings=False, rotary_dim=8,
+    is_decoder=True,  # encoder families used as causal LMs (BertLMHeadModel ...): transformers asks for it
 )
 PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
 
@@ -236,6 +237,9 @@ def cell(per_rank, key):
     c = cells[0]
     if c is None:
         return None
+    if c["status"] == "ran-log":  # recovered from a log: the verdict only
+        return {"status": c["verdict"] if c["verdict"] != "WRONG" else "WRONG", "message": c["verdict"],
+                "err": float("nan"), "tokens_equal": c["verdict"] == "exact", "same": True}
     if c["status"] != "ran":
         return c
     if any(x is None or x["status"] != "ran" for x in cells):
@@ -335,6 +339,25 @@ def render(results: dict, worlds, steps, seconds) -> str:
     return "\n".join(lines)
 
 
+def from_log(path: str, world: int) -> dict:
+    """Results recovered from a run's log lines (``family: status: message`` / ``family: key=verdict, ...``), for a
+    run cut short: messages are the log's first 120 characters."""
+    results = {}
+    for line in Path(path).read_text().splitlines():
+        fam, sep, rest = line.partition(": ")
+        if not sep or " " in fam or fam.startswith("["):
+            continue
+        if "=" in rest and rest.split("=")[0].startswith("kvp"):
+            cells = {k: {"status": "ran-log", "verdict": v} for k, v in (c.split("=") for c in rest.split(", "))}
+            results[fam] = {world: [{"status": "ok", "class": "", "attn": "", "cells": cells}]}
+        elif rest.startswith(("build:", "refused:", "WRONG:", "crash")):
+            status, _, message = rest.partition(": ")
+            cells = {} if status == "build" else {"probe": {"status": "error", "message": message}}
+            results[fam] = {world: [{"status": "build" if status == "build" else "ok", "message": message,
+                                     "cells": cells}]}
+    return results
+
+
 def main():
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -354,6 +377,9 @@ def main():
     for earlier in args.merge:
         import json
 
+        if earlier.endswith(".log"):
+            results.update(from_log(earlier, worlds[0]))
+            continue
         results.update({f: {int(w): per for w, per in v.items()} for f, v in json.loads(Path(earlier).read_text()).items()})
     results.update({f: {} for f in families})
     probed = {}
