@@ -126,11 +126,12 @@ def run_family(model_type: str, world: int, steps: int):
             continue
         torch._dynamo.reset()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 r = compare(model, Layout(lay[0], lay[1], kv_block=KV_BLOCK), ids, steps, PROMPT_LEN + steps + 1)
+            whole = sorted({str(w.message).split(":")[0] for w in caught if str(w.message).startswith("helix leaves")})
             res["cells"][key] = {"status": "ran", "err": r.max_rel_err, "tokens_equal": r.tokens_equal,
-                                 "logits": r.logits}
+                                 "logits": r.logits, "whole": whole}
         except Exception as e:  # noqa: BLE001
             res["cells"][key] = {"status": "error", "message": short(e), "trace": traceback.format_exc()[-2000:]}
     return res
@@ -246,7 +247,8 @@ def cell(per_rank, key):
         return {"status": "error", "message": "ranks disagree on whether the run succeeded"}
     same = all(x["logits"] == c["logits"] for x in cells)
     exact = c["err"] < TOL and c["tokens_equal"] and same
-    return {"status": "exact" if exact else "WRONG", "err": c["err"], "tokens_equal": c["tokens_equal"], "same": same}
+    return {"status": "exact" if exact else "WRONG", "err": c["err"], "tokens_equal": c["tokens_equal"], "same": same,
+            "whole": c.get("whole", [])}
 
 
 def summary(per_rank) -> str:
@@ -276,6 +278,32 @@ def classify(per_rank) -> str:
     if any(c["status"] == "exact" for c in ran):
         return "partly"
     return "refused"
+
+
+CAUSES = [  # (substring of the error, cause): first match wins
+    ("encoder-decoder", "encoder-decoder model (not a decoder-only causal LM)"),
+    ("transformers cannot run it", "transformers itself fails with the small config"),
+    ("multi-head latent attention", "MLA (a later issue)"),
+    ("mixture-of-experts", "MoE FFN (a later issue)"),
+    ("no softmax attention over a KV cache (no num_attention_heads", "state-space / RWKV-like: no KV cache attention"),
+    ("layers without softmax attention", "hybrid with linear / indexed / state-space layers"),
+    ("without a mask over the cache", "bidirectional attention (an encoder)"),
+    ("mask carries a bias", "additive attention bias (ALiBi, relative positions)"),
+    ("not followed by an attention helix understands", "attention form helix does not recognise (e.g. ALiBi baddbmm)"),
+    ("between the attention and its output projection", "an op over all heads between attention and o_proj"),
+    ("is not a per-head op", "an op mixing heads between the projections and attention"),
+    ("backend='helix'", "other structure helix refuses (see the row)"),
+    ("Dynamo", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("data-dependent", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("Data-dependent", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("unbacked", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("Unsupported", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("fake tensor", "the family's shapes disagree with its config in the traced model (unclear; see the row)"),
+]
+
+
+def _cause(message: str) -> str:
+    return next((c for pattern, c in CAUSES if pattern in message), "other (see the row)")
 
 
 def render(results: dict, worlds, steps, seconds) -> str:
@@ -310,6 +338,15 @@ def render(results: dict, worlds, steps, seconds) -> str:
         "refused on others).",
         "",
     ]
+    causes = {}
+    for fam, kind in kinds.items():
+        if kind in ("refused", "partly", "refused-no-kv-cache", "error", "build"):
+            per = results[fam][worlds[0]]
+            messages = [per[0].get("message", "")] + [c.get("message", "") for c in per[0].get("cells", {}).values()]
+            causes.setdefault(_cause(" ".join(m for m in messages if m)), []).append(fam)
+    lines += ["## What is not exact, by cause", "", "| cause | families |", "|---|---|"]
+    lines += [f"| {c} | {', '.join(sorted(f))} |" for c, f in sorted(causes.items(), key=lambda x: -len(x[1]))]
+    lines.append("")
     for world in worlds:
         keys = sorted({k for per in results.values() for r in per.get(world, [{}])[:1] for k in r.get("cells", {})}
                       - {"probe"})
@@ -331,7 +368,8 @@ def render(results: dict, worlds, steps, seconds) -> str:
                     row.append("")
                 elif c["status"] in ("exact", "WRONG"):
                     row.append(f"{c['status']} {c['err']:.1e}, tokens {'=' if c['tokens_equal'] else '≠'}"
-                               + ("" if c["same"] else ", ranks differ"))
+                               + ("" if c["same"] else ", ranks differ")
+                               + (f"; left whole (replicated): {'; '.join(c['whole'])}" if c.get("whole") else ""))
                 else:
                     row.append(f"{c['status']}: {c['message']}")
             lines.append("| " + " | ".join(row) + " |")

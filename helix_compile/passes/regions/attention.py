@@ -99,6 +99,13 @@ class AttentionMatch:
             f"o={self.o.name} write={self.kv_write.name} core={self.core.name} scale={self.scale:g}{extra}"
         )
 
+    def placements_nodes(self):
+        """The placeholders this region places (whatever the heads): for the report of what is left whole."""
+        projs = [self.q, self.k, self.v, self.o]
+        nodes = [(n, None, None) for p in projs for n in (p.weight, p.bias) if n is not None]
+        return nodes + [(w, None, None) for norm in self.norms for w in norm.weights] + [(self.keys, None, None),
+                                                                                           (self.values, None, None)]
+
     def placements(self, heads):
         """(placeholder, role, kind) of every input this region shards; ``kv`` for the cache."""
         if self.fused is None:
