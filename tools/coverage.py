@@ -421,8 +421,19 @@ def main():
         results.update({f: {int(w): per for w, per in v.items()} for f, v in json.loads(Path(earlier).read_text()).items()})
     results.update({f: {} for f in families})
     probed = {}
+    import signal
+
+    def _timeout(*_):
+        raise TimeoutError("the single-rank probe took over 180 s (the family is too large or hangs)")
+
+    signal.signal(signal.SIGALRM, _timeout)
     for fam in families:  # layout-independent refusals and build failures, without spawning ranks
-        probed[fam] = probe(fam)
+        signal.alarm(180)
+        try:
+            probed[fam] = probe(fam)
+        except TimeoutError as e:
+            probed[fam] = {"status": "build", "message": str(e)}
+        signal.alarm(0)
         if probed[fam]["status"] != "ok":
             print(f"{fam}: {probed[fam]['status']}: {probed[fam]['message'][:120]}", flush=True)
             cells = {} if probed[fam]["status"] == "build" else {"probe": {**probed[fam], "status": "error"}}
