@@ -47,6 +47,8 @@ FAMILIES = {
     "mistral_window": ("mistral", dict(num_attention_heads=8, num_key_value_heads=4, sliding_window=5)),
     "qwen2_window": ("qwen2", dict(num_attention_heads=8, num_key_value_heads=4, use_sliding_window=True,
                                    sliding_window=5, max_window_layers=1)),  # layer 1 slides, layer 0 does not
+    "glm": ("glm", dict(num_attention_heads=8, num_key_value_heads=4, partial_rotary_factor=0.5, pad_token_id=0,
+                        eos_token_id=[1, 2])),  # interleaved RoPE
     "olmo2": ("olmo2", dict(num_attention_heads=8, num_key_value_heads=4, eos_token_id=2)),  # q/k RMSNorm over all heads
 }
 ATTENTION = {"gemma2": "eager"}  # families without SDPA (soft-capping)

@@ -35,7 +35,8 @@ SMALL = dict(
     num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=12, pad_token_id=0,
     bos_token_id=1, eos_token_id=2, ffn_hidden_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=32,
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-    decoder_start_token_id=0, layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+    decoder_start_token_id=0, layer_norm_epsilon=1e-5, tie_word_embeddings=False, rotary_dim=8,
+    is_decoder=True,  # encoder families used as causal LMs (BertLMHeadModel ...): transformers asks for it
 )
 PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
 
@@ -125,14 +126,50 @@ def run_family(model_type: str, world: int, steps: int):
             continue
         torch._dynamo.reset()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 r = compare(model, Layout(lay[0], lay[1], kv_block=KV_BLOCK), ids, steps, PROMPT_LEN + steps + 1)
+            whole = sorted({str(w.message).split(":")[0] for w in caught if str(w.message).startswith("helix leaves")})
             res["cells"][key] = {"status": "ran", "err": r.max_rel_err, "tokens_equal": r.tokens_equal,
-                                 "logits": r.logits}
+                                 "logits": r.logits, "whole": whole}
         except Exception as e:  # noqa: BLE001
             res["cells"][key] = {"status": "error", "message": short(e), "trace": traceback.format_exc()[-2000:]}
     return res
+
+
+def probe(model_type: str) -> dict:
+    """One process, no ranks: build the family and compile it under helix with Layout(1) (detection and planning
+    run as on N ranks; layout-independent refusals show here), prefill + 2 decode steps against transformers."""
+    import torch
+
+    from helix_compile import Layout
+    from helix_compile.verify import compare
+
+    try:
+        model, attn = build(model_type)
+    except Exception as e:  # noqa: BLE001  recorded in the table
+        return {"status": "build", "message": short(e)}
+    text = model.config.get_text_config(decoder=True)
+    ids = torch.randint(3, text.vocab_size, (BATCH, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    try:  # transformers itself, with its own StaticCache
+        from transformers import StaticCache as HFStaticCache
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(input_ids=ids, past_key_values=HFStaticCache(model.config, max_cache_len=PROMPT_LEN + 3))
+    except Exception as e:  # noqa: BLE001
+        return {"status": "build", "message": "transformers cannot run it from this config: " + short(e)}
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = compare(model, Layout(1, kv_block=KV_BLOCK), ids, 2, PROMPT_LEN + 3)
+    except Exception as e:  # noqa: BLE001
+        return {"status": "refused", "message": short(e), "class": type(model).__name__, "attn": attn}
+    if r.max_rel_err >= TOL or not r.tokens_equal:
+        return {"status": "WRONG", "message": f"WRONG on one rank: max rel err {r.max_rel_err:.1e}, tokens equal "
+                f"{r.tokens_equal}", "class": type(model).__name__, "attn": attn}
+    return {"status": "ok"}
 
 
 def worker(rank, world, port, families, steps, queue):
@@ -201,13 +238,17 @@ def cell(per_rank, key):
     c = cells[0]
     if c is None:
         return None
+    if c["status"] == "ran-log":  # recovered from a log: the verdict only
+        return {"status": c["verdict"] if c["verdict"] != "WRONG" else "WRONG", "message": c["verdict"],
+                "err": float("nan"), "tokens_equal": c["verdict"] == "exact", "same": True}
     if c["status"] != "ran":
         return c
     if any(x is None or x["status"] != "ran" for x in cells):
         return {"status": "error", "message": "ranks disagree on whether the run succeeded"}
     same = all(x["logits"] == c["logits"] for x in cells)
     exact = c["err"] < TOL and c["tokens_equal"] and same
-    return {"status": "exact" if exact else "WRONG", "err": c["err"], "tokens_equal": c["tokens_equal"], "same": same}
+    return {"status": "exact" if exact else "WRONG", "err": c["err"], "tokens_equal": c["tokens_equal"], "same": same,
+            "whole": c.get("whole", [])}
 
 
 def summary(per_rank) -> str:
@@ -226,7 +267,7 @@ def classify(per_rank) -> str:
         return "error"
     cells = [cell(per_rank, k) for k in r["cells"]]
     ran = [c for c in cells if c["status"] != "n/a"]
-    if any(c["status"] == "WRONG" for c in ran):
+    if any(c["status"] == "WRONG" or c.get("message", "").startswith("WRONG") for c in ran):
         return "wrong"
     if not ran:
         return "n/a"
@@ -237,6 +278,32 @@ def classify(per_rank) -> str:
     if any(c["status"] == "exact" for c in ran):
         return "partly"
     return "refused"
+
+
+CAUSES = [  # (substring of the error, cause): first match wins
+    ("encoder-decoder", "encoder-decoder model (not a decoder-only causal LM)"),
+    ("transformers cannot run it", "transformers itself fails with the small config"),
+    ("multi-head latent attention", "MLA (a later issue)"),
+    ("mixture-of-experts", "MoE FFN (a later issue)"),
+    ("no softmax attention over a KV cache (no num_attention_heads", "state-space / RWKV-like: no KV cache attention"),
+    ("layers without softmax attention", "hybrid with linear / indexed / state-space layers"),
+    ("without a mask over the cache", "bidirectional attention (an encoder)"),
+    ("mask carries a bias", "additive attention bias (ALiBi, relative positions)"),
+    ("not followed by an attention helix understands", "attention form helix does not recognise (e.g. ALiBi baddbmm)"),
+    ("between the attention and its output projection", "an op over all heads between attention and o_proj"),
+    ("is not a per-head op", "an op mixing heads between the projections and attention"),
+    ("backend='helix'", "other structure helix refuses (see the row)"),
+    ("Dynamo", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("data-dependent", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("Data-dependent", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("unbacked", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("Unsupported", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("fake tensor", "the family's shapes disagree with its config in the traced model (unclear; see the row)"),
+]
+
+
+def _cause(message: str) -> str:
+    return next((c for pattern, c in CAUSES if pattern in message), "other (see the row)")
 
 
 def render(results: dict, worlds, steps, seconds) -> str:
@@ -271,8 +338,18 @@ def render(results: dict, worlds, steps, seconds) -> str:
         "refused on others).",
         "",
     ]
+    causes = {}
+    for fam, kind in kinds.items():
+        if kind in ("refused", "partly", "refused-no-kv-cache", "error", "build"):
+            per = results[fam][worlds[0]]
+            messages = [per[0].get("message", "")] + [c.get("message", "") for c in per[0].get("cells", {}).values()]
+            causes.setdefault(_cause(" ".join(m for m in messages if m)), []).append(fam)
+    lines += ["## What is not exact, by cause", "", "| cause | families |", "|---|---|"]
+    lines += [f"| {c} | {', '.join(sorted(f))} |" for c, f in sorted(causes.items(), key=lambda x: -len(x[1]))]
+    lines.append("")
     for world in worlds:
-        keys = sorted({k for per in results.values() for r in per.get(world, [{}])[:1] for k in r.get("cells", {})})
+        keys = sorted({k for per in results.values() for r in per.get(world, [{}])[:1] for k in r.get("cells", {})}
+                      - {"probe"})
         lines += [f"## {world} ranks", "", "| model type | class (attention) | verdict | " + " | ".join(keys) + " |",
                   "|---|---|---|" + "---|" * len(keys)]
         for fam in sorted(results):
@@ -280,8 +357,9 @@ def render(results: dict, worlds, steps, seconds) -> str:
             if per is None:
                 continue
             r = per[0]
-            if r["status"] != "ok":
-                lines.append(f"| {fam} | | {classify(per)} | {r['message']} |" + " |" * (len(keys) - 1))
+            if r["status"] != "ok" or "probe" in r["cells"]:
+                what = f"{r['class']} ({r['attn']})" if "class" in r else ""
+                lines.append(f"| {fam} | {what} | {classify(per)} | {r['message']} |" + " |" * (len(keys) - 1))
                 continue
             row = [fam, f"{r['class']} ({r['attn']})", classify(per)]
             for k in keys:
@@ -290,12 +368,32 @@ def render(results: dict, worlds, steps, seconds) -> str:
                     row.append("")
                 elif c["status"] in ("exact", "WRONG"):
                     row.append(f"{c['status']} {c['err']:.1e}, tokens {'=' if c['tokens_equal'] else '≠'}"
-                               + ("" if c["same"] else ", ranks differ"))
+                               + ("" if c["same"] else ", ranks differ")
+                               + (f"; left whole (replicated): {'; '.join(c['whole'])}" if c.get("whole") else ""))
                 else:
                     row.append(f"{c['status']}: {c['message']}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def from_log(path: str, world: int) -> dict:
+    """Results recovered from a run's log lines (``family: status: message`` / ``family: key=verdict, ...``), for a
+    run cut short: messages are the log's first 120 characters."""
+    results = {}
+    for line in Path(path).read_text().splitlines():
+        fam, sep, rest = line.partition(": ")
+        if not sep or " " in fam or fam.startswith("["):
+            continue
+        if "=" in rest and rest.split("=")[0].startswith("kvp"):
+            cells = {k: {"status": "ran-log", "verdict": v} for k, v in (c.split("=") for c in rest.split(", "))}
+            results[fam] = {world: [{"status": "ok", "class": "", "attn": "", "cells": cells}]}
+        elif rest.startswith(("build:", "refused:", "WRONG:", "crash")):
+            status, _, message = rest.partition(": ")
+            cells = {} if status == "build" else {"probe": {"status": "error", "message": message}}
+            results[fam] = {world: [{"status": "build" if status == "build" else "ok", "message": message,
+                                     "cells": cells}]}
+    return results
 
 
 def main():
@@ -317,8 +415,31 @@ def main():
     for earlier in args.merge:
         import json
 
+        if earlier.endswith(".log"):
+            results.update(from_log(earlier, worlds[0]))
+            continue
         results.update({f: {int(w): per for w, per in v.items()} for f, v in json.loads(Path(earlier).read_text()).items()})
     results.update({f: {} for f in families})
+    probed = {}
+    import signal
+
+    def _timeout(*_):
+        raise TimeoutError("the single-rank probe took over 180 s (the family is too large or hangs)")
+
+    signal.signal(signal.SIGALRM, _timeout)
+    for fam in families:  # layout-independent refusals and build failures, without spawning ranks
+        signal.alarm(180)
+        try:
+            probed[fam] = probe(fam)
+        except TimeoutError as e:
+            probed[fam] = {"status": "build", "message": str(e)}
+        signal.alarm(0)
+        if probed[fam]["status"] != "ok":
+            print(f"{fam}: {probed[fam]['status']}: {probed[fam]['message'][:120]}", flush=True)
+            cells = {} if probed[fam]["status"] == "build" else {"probe": {**probed[fam], "status": "error"}}
+            results[fam] = {w: [{**probed[fam], "status": "build" if not cells else "ok", "cells": cells}]
+                            for w in worlds}
+    families = [f for f in families if probed[f]["status"] == "ok"]
     for world in worlds:
         if not families:
             break

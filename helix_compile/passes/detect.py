@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import torch
 import torch.fx as fx
 
 from ..lowering import ops as _ops  # noqa: F401  registers helix::kv_write
@@ -97,7 +98,8 @@ def detect(gm: fx.GraphModule, config=None) -> Regions:
     claimed |= {n for m in moe for n in m.projections()}
     ffn = match_dense_ffn(graph, claimed, skip={m.module for m in moe})
     claimed |= {p.node for f in ffn for p in (*f.ins, f.out)}
-    return Regions([*attention, *mla, *ffn, *moe], _left_whole(graph, claimed))
+    matches = [*attention, *mla, *ffn, *moe]
+    return Regions(matches, _left_whole(graph, claimed, matches))
 
 
 def _order(node: fx.Node) -> int:
@@ -105,12 +107,45 @@ def _order(node: fx.Node) -> int:
     return order[node]
 
 
-def _left_whole(graph: fx.Graph, claimed: set) -> list[WholeRegion]:
-    """Projections inside a decoder layer (a numbered module path) that no matcher claimed, by module."""
+def _left_whole(graph: fx.Graph, claimed: set, matches: list) -> list[WholeRegion]:
+    """What inside a decoder layer (a numbered module path) no matcher claimed, by module: projections, and any
+    other parameter of two or more dims (e.g. the experts of an MoE block no matcher recognises)."""
     groups: dict[str, list] = {}
+    taken = set()
     for node in graph.nodes:
         if is_projection(node) and node not in claimed:
             path = module_path(node)
             if re.search(r"\.\d+(\.|$)", path):
-                groups.setdefault(path.rsplit(".", 1)[0] if "." in path else path, []).append(projection_of(node))
+                proj = projection_of(node)
+                groups.setdefault(path.rsplit(".", 1)[0] if "." in path else path, []).append(proj)
+                taken |= {proj.weight, proj.bias}
+    owned = {p.name for m in matches for p, _, _ in m.placements_nodes()} if matches else set()
+    for node in graph.nodes:
+        val = node.meta.get("example_value")
+        if node.op != "placeholder" or node in taken or node.name in owned or not isinstance(val, torch.Tensor):
+            continue
+        module = _parameter_module(node.name)
+        if val.dim() >= 2 and module and re.search(r"\.\d+(\.|$)", module):
+            groups.setdefault(module, []).append(_Param(node))
     return [WholeRegion(module, projs) for module, projs in groups.items()]
+
+
+@dataclasses.dataclass
+class _Param:
+    """A parameter no matcher claimed (reported like a projection: its name and its bytes)."""
+
+    weight: fx.Node
+    bias: None = None
+
+    @property
+    def name(self) -> str:
+        return self.weight.name
+
+
+def _parameter_module(name: str) -> str | None:
+    """Module path of a Dynamo parameter placeholder, e.g. ``..._modules_layers_modules_0_modules_mlp_parameters_w_``
+    -> ``layers.0.mlp``; None for anything else (inputs, buffers, cache tensors)."""
+    if "_parameters_" not in name or "_modules_" not in name:
+        return None
+    modules = name.split("_parameters_")[0].split("_modules_")[1:]
+    return ".".join(modules)

@@ -62,3 +62,10 @@ def test_cross_head_norm_found_and_all_reduced_over_tpa(fake_world):
     assert sum(n.args[2] == tpa_group for n in reduces) == 4
     roles = done.plan.roles
     assert sorted(v for v in roles.values() if "norm" in v) == ["k_norm.weight"] * 2 + ["q_norm.weight"] * 2
+
+
+def test_interleaved_rope_is_per_head(fake_world):
+    """GLM's RoPE interleaves pairs (cos/sin repeat_interleave'd inside the attention module, stack + flatten on
+    q and k): the ops on cos/sin carry no heads, the ones on q and k stay within a head."""
+    done = passes(model("glm"))
+    assert len(done.regions.attention) == 2 and not done.regions.whole

@@ -11,6 +11,7 @@ The interface of a match (a dataclass, in the style of Inductor's ``micro_pipeli
     kind                      "attention", "ffn", ...
     module                    the HF module path it covers
     describe() -> str         one line of detect.txt
+    placements_nodes()        the placeholders it places (detect reports the unplaced ones as left whole)
     placements(heads)         [(placeholder node, role, kind)]: the plan pass resolves each with
                               ``roles.role_shard`` (role "kv" marks a cache tensor)
     replace_with(graph, env, ctx)

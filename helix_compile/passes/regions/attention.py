@@ -99,6 +99,13 @@ class AttentionMatch:
             f"o={self.o.name} write={self.kv_write.name} core={self.core.name} scale={self.scale:g}{extra}"
         )
 
+    def placements_nodes(self):
+        """The placeholders this region places (whatever the heads): for the report of what is left whole."""
+        projs = [self.q, self.k, self.v, self.o]
+        nodes = [(n, None, None) for p in projs for n in (p.weight, p.bias) if n is not None]
+        return nodes + [(w, None, None) for norm in self.norms for w in norm.weights] + [(self.keys, None, None),
+                                                                                           (self.values, None, None)]
+
     def placements(self, heads):
         """(placeholder, role, kind) of every input this region shards; ``kv`` for the cache."""
         if self.fused is None:
@@ -245,8 +252,9 @@ def layer_window(config, layer: int) -> int:
 
 
 def _projection_ancestor(start: fx.Node, attention_module: str, what: str, norms: list, norm_role) -> Projection:
-    """The unique projection among the ancestors of ``start`` reachable through per-head ops of the module."""
-    found, stack, seen = [], [start], set()
+    """The unique projection among the ancestors of ``start`` inside the attention module, every op between them
+    per head (ops that do not depend on the projection, e.g. RoPE's cos/sin, are replicated values: any op)."""
+    found, stack, seen, inner = [], [start], set(), []
     while stack:
         node = stack.pop()
         if node in seen or not isinstance(node, fx.Node):
@@ -261,9 +269,7 @@ def _projection_ancestor(start: fx.Node, attention_module: str, what: str, norms
             continue
         if not module_path(node).startswith(attention_module):
             continue  # e.g. RoPE cos/sin computed at model level: replicated, broadcast over heads
-        norm = _check_per_head(node, what)
-        if norm is not None:
-            norms.append(norm)
+        inner.append(node)
         stack.extend(n for n in node.all_input_nodes)
     if len(found) != 1:
         raise UnsupportedModelError(
@@ -271,6 +277,13 @@ def _projection_ancestor(start: fx.Node, attention_module: str, what: str, norms
             f"{[p.name for p in found]}"
         )
     proj = found[0]
+    sharded = {proj.node, proj.out}  # the nodes whose values depend on the projection: these carry heads
+    for node in sorted(inner, key=_order):
+        if any(n in sharded for n in node.all_input_nodes):
+            sharded.add(node)
+            norm = _check_per_head(node, what)
+            if norm is not None:
+                norms.append(norm)
     for norm in norms:
         if norm.width == proj.out_features and norm.role is None:
             norm.role = norm_role
@@ -280,16 +293,27 @@ def _projection_ancestor(start: fx.Node, attention_module: str, what: str, norms
     for norm in norms:
         if norm.role == norm_role and not norm.weights:
             norm.weights = [
-                p for n in seen if isinstance(n, fx.Node) and n.op != "placeholder"
-                for p in n.all_input_nodes if p.op == "placeholder" and shape(p) == (norm.width,)
+                p for n in sharded - {proj.node} for p in n.all_input_nodes
+                if p.op == "placeholder" and shape(p) == (norm.width,)
             ]
     return proj
+
+
+def _order(node: fx.Node) -> int:
+    """Topological position: FX keeps a graph's nodes in a valid order, and a node's ``_sort_key`` follows it."""
+    return node._sort_key
 
 
 def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
     """Allow only ops that keep heads independent between a projection and attention (or a cross-head norm)."""
     if node.op == "call_method" and node.target in SHAPE_METHODS or is_pointwise(node):
         return None
+    if is_call(node, {torch.stack}) or is_method(node, {"repeat_interleave"}):  # interleaved RoPE: within a head
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and is_call(node, {torch.stack}) else
+                              node.args[2] if len(node.args) > 2 else None)
+        first = node.args[0][0] if is_call(node, {torch.stack}) else node.args[0]
+        if dim == -1 and len(shape(first) or ()) == 4:
+            return None
     if is_method(node, SPLIT_METHODS):  # cuts of the last dim: a fused qkv (checked by FusedSplit) or within a head
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         if dim in (-1, len(shape(node.args[0]) or ()) - 1):

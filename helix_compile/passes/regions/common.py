@@ -50,8 +50,8 @@ def is_pointwise(node: fx.Node) -> bool:
         return isinstance(node.args[1], fx.Node)  # the binary form (minimum / maximum), not a reduction
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     packet = getattr(torch.ops.aten, str(name).rstrip("_"), None) if name else None
-    overload = getattr(packet, "default", None) or getattr(packet, "Tensor", None)
-    return overload is not None and torch.Tag.pointwise in overload.tags
+    overloads = [getattr(packet, o, None) for o in ("Tensor", "Scalar", "default")] if packet is not None else []
+    return any(o is not None and torch.Tag.pointwise in o.tags for o in overloads)
 
 
 def module_path(node: fx.Node) -> str:

@@ -30,7 +30,7 @@ from .common import (
 )
 from .projection import FusedSplit, Projection, find_split, is_projection, projection_of
 
-FFN_MODULES = ("mlp", "feed_forward", "ffn")
+FFN_MODULES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
 
 
 @dataclasses.dataclass
@@ -45,6 +45,9 @@ class DenseFFNMatch:
     def describe(self) -> str:
         fused = " fused=gate_up" if self.split is not None else ""
         return f"ffn {self.module} ins={[p.name for p in self.ins]} out={self.out.name}{fused}"
+
+    def placements_nodes(self):
+        return [(n, None, None) for p in (*self.ins, self.out) for n in (p.weight, p.bias) if n is not None]
 
     def placements(self, heads):
         role = "ffn_in_pair" if self.split is not None else "ffn_in"

@@ -68,6 +68,12 @@ class MLAMatch:
     def projections(self) -> set:
         return {self.o.node} | {p.node for p in self.replicated}
 
+    def placements_nodes(self):
+        """The placeholders this region places or replicates on purpose (q / kv projections, tpa = 1)."""
+        projs = [self.o, *self.replicated]
+        return [(n, None, None) for p in projs for n in (p.weight, p.bias) if isinstance(n, fx.Node)] + [
+            (self.keys, None, None), (self.values, None, None)]
+
     def placements(self, heads):
         if heads.d != self.v_dim or heads.q != self.heads:
             raise ValueError(f"{self.module}: {self.heads} heads of v_head_dim {self.v_dim}, but the config says {heads}")

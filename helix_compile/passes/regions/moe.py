@@ -84,6 +84,13 @@ class MoEMatch:
         """The projection nodes this match claims (detect reports unclaimed ones as left whole)."""
         return {p.node for p in self.replicated} | {p.node for s in self.shared for p in (*s.ins, s.out)}
 
+    def placements_nodes(self):
+        """The placeholders this region places or replicates on purpose (router, shared-expert gate): for the report
+        of what is left whole."""
+        projs = [*self.replicated, *(p for s in self.shared for p in (*s.ins, s.out))]
+        return [(self.gate_up, None, None), (self.down, None, None)] + [
+            (n, None, None) for p in projs for n in (p.weight, p.bias) if isinstance(n, fx.Node)]
+
     def placements(self, heads):
         out = [(self.gate_up, "experts_gate_up", "weight"), (self.down, "experts_down", "weight")]
         return out + [pl for s in self.shared for pl in s.placements(heads)]
