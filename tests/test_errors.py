@@ -156,12 +156,6 @@ def test_state_space_model_refused():
         StaticCache(cfg, 1, 16, Layout(1))
 
 
-def test_latent_attention_refused():
-    cfg = AutoConfig.for_model("deepseek_v3", vocab_size=97, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
-    with pytest.raises(ValueError, match="DeepseekV3Config uses multi-head latent attention .* not support MLA yet"):
-        StaticCache(cfg, 1, 16, Layout(1))
-
-
 def test_linear_attention_layers_refused():
     cfg = config("llama")
     cfg.layer_types = ["full_attention", "linear_attention"]
