@@ -89,7 +89,7 @@ class MoEMatch:
         of what is left whole."""
         projs = [*self.replicated, *(p for s in self.shared for p in (*s.ins, s.out))]
         return [(self.gate_up, None, None), (self.down, None, None)] + [
-            (n, None, None) for p in projs for n in (p.weight, p.bias) if isinstance(n, fx.Node)]
+            (_parameter(n), None, None) for p in projs for n in (p.weight, p.bias) if isinstance(n, fx.Node)]
 
     def placements(self, heads):
         out = [(self.gate_up, "experts_gate_up", "weight"), (self.down, "experts_down", "weight")]
@@ -99,6 +99,13 @@ class MoEMatch:
         for s in self.shared:
             s.replace_with(graph, env, ctx)
         rewrite(graph, self, env, ctx.layout, ctx.rank, ctx.world_group)
+
+
+def _parameter(node: fx.Node) -> fx.Node:
+    """The placeholder behind a weight cast in the graph (DeepSeek's router: ``weight.type(torch.float32)``)."""
+    while node.op == "call_method" and node.target in ("type", "to", "float"):
+        node = node.args[0]
+    return node
 
 
 def is_moe(mlp: str, nodes: list[fx.Node]) -> bool:
