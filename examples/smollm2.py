@@ -13,20 +13,13 @@ texts differ.
 
 import argparse
 import importlib.util
-import os
-import shutil
-import socket
 import sys
-import tempfile
-import time
 import warnings
 from pathlib import Path
-from queue import Empty
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantisation progress bar, once per rank
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from helix_example import add_arguments, check_layout, compare_on_ranks
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,130 +40,21 @@ def load():
     return tok, model.eval()
 
 
-def save_checkpoint(model, folder):
-    """config.json + model.safetensors of the de-quantised weights (transformers refuses to save a GGUF model)."""
-    from safetensors.torch import save_model
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(folder)
-    save_model(model, str(Path(folder) / "model.safetensors"))  # drops the tied lm_head copy
-
-
 def prompt_ids(tok, prompt):
     chat = [{"role": "user", "content": prompt}]
     return tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
 
 
-@torch.no_grad()
-def greedy(model, ids, cache, steps, eos):
-    """Prefill, then q_len=1 decode steps. Returns (new token ids, last-position logits per step, seconds per call)."""
-    tokens, logits, times = [], [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-        times.append(time.perf_counter() - t0)
-        logits.append(out)
-        ids = out.argmax(-1, keepdim=True)
-        tokens.append(ids.item())
-        if tokens[-1] == eos:
-            break
-    return tokens, torch.cat(logits), times
-
-
-def rank_main(rank, args, port, queue, checkpoint, ids, eos):
-    import helix_compile
-    from helix_compile import Layout, StaticCache, shards
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
-    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
-    try:
-        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated")
-        layout = Layout(kvp=args.kvp, tpa=args.tpa, kv_block=args.kv_block)
-        model = helix_compile.from_pretrained(checkpoint, layout)  # this rank's shards only
-        held = sum(p.nbytes if not shards.is_virtual(p) else sum(shards.lookup(p, k).nbytes for k in shards.keys_of(p))
-                   for p in model.parameters())
-        cache = StaticCache(model.config, max_batch_size=1, max_cache_len=ids.shape[1] + args.max_new_tokens,
-                            layout=layout)
-        compiled = torch.compile(model, backend="helix", options={"layout": layout, "executor": args.executor},
-                                 fullgraph=True)
-        tokens, logits, times = greedy(compiled, ids, cache, args.max_new_tokens, eos)
-        if rank == 0:
-            queue.put((tokens, logits.numpy(), times, held, cache.nbytes))  # numpy: no shared-memory handle to outlive us
-    finally:
-        dist.destroy_process_group()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompt", default="What is the capital of France? Tell me about it.")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--ranks", type=int, default=2, help="N = kvp * tpa gloo processes")
-    p.add_argument("--kvp", type=int, help="KV-parallel width (default: ranks // tpa)")
-    p.add_argument("--tpa", type=int, default=1, help="tensor-parallel attention width (divides 3 KV heads)")
-    p.add_argument("--kv-block", type=int, default=16, help="tokens per round-robin KV block")
-    p.add_argument("--executor", choices=["inductor", "eager"], default="inductor")
+    add_arguments(p, tpa_help="tensor-parallel attention width (divides 3 KV heads)")
     args = p.parse_args()
-    args.kvp = args.kvp or args.ranks // args.tpa
-    if args.kvp * args.tpa != args.ranks:
-        p.error(f"kvp*tpa = {args.kvp}*{args.tpa} must equal --ranks {args.ranks}")
-
     tok, model = load()
-    ids = prompt_ids(tok, args.prompt)
-    from helix_compile import Layout
-    try:  # fail here, not in N ranks
-        Layout(kvp=args.kvp, tpa=args.tpa, kv_block=args.kv_block).validate(model.config)
-    except ValueError as e:
-        p.error(str(e))
+    check_layout(p, args, model.config)
     from transformers import DynamicCache
-    t0 = time.perf_counter()
-    ref_tokens, ref_logits, ref_times = greedy(model, ids, DynamicCache(config=model.config),
-                                               args.max_new_tokens, tok.eos_token_id)
-    ref_s = time.perf_counter() - t0
-    full_bytes = sum(p.nbytes for p in model.parameters())
-    checkpoint = tempfile.mkdtemp(prefix="smollm2-")
-    save_checkpoint(model, checkpoint)
-    del model
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").Queue()
-    t0 = time.perf_counter()
-    procs = mp.start_processes(rank_main, args=(args, port, queue, checkpoint, ids, tok.eos_token_id), nprocs=args.ranks, join=False)
-    while True:  # read before joining: rank 0's put blocks until we read; join(0) re-raises a rank's error
-        try:
-            tokens, logits, times, held, cache_bytes = queue.get(timeout=1)
-            break
-        except Empty:
-            if procs.join(timeout=0):
-                sys.exit("helix ranks exited without a result")
-    while not procs.join():
-        pass
-    helix_s = time.perf_counter() - t0
-    logits = torch.from_numpy(logits)
-
-    ref_text, text = tok.decode(ref_tokens), tok.decode(tokens)
-    steps = min(len(ref_tokens), len(tokens))
-    diff = (logits[:steps] - ref_logits[:steps]).abs().max().item()
-
-    def ms(ts):  # mean of the decode steps after the first (the first two calls also compile under helix)
-        return f"{1000 * sum(ts[2:]) / max(1, len(ts[2:])):.0f} ms/token"
-
-    print(f"prompt ({ids.shape[1]} tokens): {args.prompt!r}")
-    print(f"single device : {ref_text!r}")
-    print(f"helix {args.ranks} ranks: {text!r}")
-    print(f"  layout kvp={args.kvp} tpa={args.tpa} kv_block={args.kv_block}, executor={args.executor}")
-    print(f"identical text: {ref_text == text}; max |logit diff| over {steps} steps: {diff:.2e}")
-    print(f"single device: {ref_s:.1f}s for {len(ref_tokens)} tokens, decode {ms(ref_times)}")
-    print(f"rank 0 holds {held / 2**20:.1f} MiB of weights (the model: {full_bytes / 2**20:.1f} MiB; embeddings and "
-          f"norms are replicated) and {cache_bytes / 2**10:.0f} KiB of KV cache")
-    print(f"helix: {helix_s:.1f}s incl. spawn + load; rank 0: prefill+compile {times[0]:.1f}s, first decode step "
-          f"(+compile) {times[1] if len(times) > 1 else 0:.1f}s, decode {ms(times)}")
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    sys.exit(0 if ref_text == text else 1)
+    ids = prompt_ids(tok, args.prompt)
+    sys.exit(compare_on_ranks(model, tok, ids, args, args.prompt, DynamicCache(config=model.config)))
 
 
 if __name__ == "__main__":

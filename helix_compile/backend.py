@@ -64,7 +64,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
             f"helix StaticCache does not fit the model: the model has {writes} attention layers but the cache has "
             f"{len(cache.layers)} (num_hidden_layers={config.num_hidden_layers}). {cache_fix}"
         )
-    regions = detect(gm)
+    regions = detect(gm, config)
     the_plan = make_plan(gm, regions, config, layout, rank)
     local = partition(gm, regions, the_plan)
     scheduled = schedule(local, the_plan)
@@ -99,7 +99,7 @@ class Runtime:
         self._seen = [None] * len(placeholders)
         self.kv_key = ("kv", the_plan.layout, the_plan.rank)
         self.cache_index = self.placements.index("kv")
-        self.q_len = _q_len_source(placeholders, regions.attention[0].kv_write.args[2])
+        self.q_len = _q_len_source(placeholders, regions.writes()[0].args[2])
 
     def __call__(self, *args):
         cache = shards.lookup(args[self.cache_index], "helix_cache")

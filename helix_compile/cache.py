@@ -11,6 +11,10 @@ narrows the shards the same way). Anything else about the model that disagrees w
 head_dim, a larger batch, dtype, device) is found while Dynamo traces ``update``: instead of letting the trace
 fail inside fake-tensor propagation, ``update`` returns stand-ins made by ``helix::cache_mismatch(..., message)``
 and the backend raises ``message`` before any pass runs.
+
+MLA (DeepSeek-V2/V3): transformers 5.x caches the compressed latent, one KV "head": ``keys`` holds the normalised
+compressed kv (D = kv_lora_rank) and ``values`` the rotary key (D = qk_rope_head_dim); tpa = 1, so each rank
+holds (B, 1, capacity + 1, kv_lora_rank) and (B, 1, capacity + 1, qk_rope_head_dim).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from . import shards
-from .layout import Layout
+from .layout import Layout, mla_latent
 from .lowering.ops import ShardedEagerError  # importing ops registers helix::kv_write, which HelixLayer.update calls
 
 
@@ -52,18 +56,19 @@ class HelixLayer(StaticLayer):
     # the model in its own torch.compile (Inductor), around the helix-compiled forward.
     is_compileable = False
 
-    def __init__(self, cache: "StaticCache", max_cache_len: int, batch: int, heads: int, head_dim: int, dtype, device):
+    def __init__(self, cache: "StaticCache", max_cache_len: int, batch: int, heads: int, k_dim: int, v_dim: int,
+                 dtype, device):
         super().__init__(max_cache_len=max_cache_len)
         layout, rank = cache.layout, cache.rank
         first, stop = layout.kv_heads(heads, rank)
         local_heads = stop - first  # K/tpa; 1 when tpa > K (the TP baseline duplicates that head)
         capacity = layout.local_capacity(max_cache_len)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.batch_size, self.num_heads, self.k_head_dim, self.v_head_dim = batch, heads, head_dim, head_dim
-        self.keys = shards.virtual((batch, heads, max_cache_len, head_dim), dtype, self.device)
-        self.values = shards.virtual((batch, heads, max_cache_len, head_dim), dtype, self.device)
-        self.local_keys = torch.zeros((batch, local_heads, capacity + 1, head_dim), dtype=dtype, device=self.device)
-        self.local_values = torch.zeros_like(self.local_keys)
+        self.batch_size, self.num_heads, self.k_head_dim, self.v_head_dim = batch, heads, k_dim, v_dim
+        self.keys = shards.virtual((batch, heads, max_cache_len, k_dim), dtype, self.device)
+        self.values = shards.virtual((batch, heads, max_cache_len, v_dim), dtype, self.device)
+        self.local_keys = torch.zeros((batch, local_heads, capacity + 1, k_dim), dtype=dtype, device=self.device)
+        self.local_values = torch.zeros((batch, local_heads, capacity + 1, v_dim), dtype=dtype, device=self.device)
         self.dtype, self.device = dtype, self.local_keys.device  # "cuda" resolved to "cuda:<current>"
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         shards.register(self.keys, ("kv", cache.layout, rank), self.local_keys)
@@ -137,6 +142,26 @@ def stand_ins(key_states, value_states, length: int, problem: str):
             torch.ops.helix.cache_mismatch(value_states, length, problem))
 
 
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def _refuse_without_kv_attention(text) -> None:
+    """Refuse, saying so, a model without softmax attention over a KV cache in every layer (state-space,
+    RWKV-like, linear attention, hybrids of them)."""
+    name = type(text).__name__
+    if not getattr(text, "num_attention_heads", None) or not getattr(text, "hidden_size", None):
+        raise ValueError(
+            f"{name} has no softmax attention over a KV cache (no num_attention_heads: a state-space or RWKV-like "
+            f"model); helix parallelises attention over a KV cache and cannot run it"
+        )
+    other = sorted({t for t in getattr(text, "layer_types", None) or [] if t not in _ATTENTION_LAYER_TYPES})
+    if other:
+        raise ValueError(
+            f"{name} has layers without softmax attention over a KV cache (layer_types {other}); helix supports "
+            f"full and sliding-window attention layers only"
+        )
+
+
 class StaticCache(Cache):
     """Rank-local static KV cache for Helix (see module docstring).
 
@@ -159,6 +184,7 @@ class StaticCache(Cache):
                 device = device or first.device
             config = config.config
         text = config.get_text_config(decoder=True)
+        _refuse_without_kv_attention(text)
         self.rank, world = current_world()
         dtype = dtype or getattr(text, "dtype", None) or torch.float32
         if isinstance(dtype, str):
@@ -169,12 +195,10 @@ class StaticCache(Cache):
             # the cache's dtype sizes the KV the planner costs (an fp32 cache is twice a bf16 one)
             layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size, dtype=dtype))
         layout.validate(text, world_size=world)
-        window = getattr(text, "sliding_window", None)
-        if window is not None and getattr(text, "use_sliding_window", True) and window < max_cache_len:
-            raise ValueError(
-                f"{type(text).__name__} uses sliding-window attention (sliding_window={window} < "
-                f"max_cache_len={max_cache_len}); helix supports full attention only for now"
-            )
+        # Sliding-window layers (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) keep every position too: the
+        # partial attention masks keys older than the window by their global position, which is exact, at the
+        # cost of max_cache_len positions per layer instead of the window (transformers' rolling cache keeps
+        # only the window; a rolling shard over kvp ranks is a later optimisation).
         if max_batch_size < 1 or max_cache_len < 1:
             raise ValueError(f"max_batch_size={max_batch_size} and max_cache_len={max_cache_len} must be >= 1")
         self.config = text
@@ -183,8 +207,12 @@ class StaticCache(Cache):
         self.host_length = 0  # tokens written, tracked on the host so the bound is checked without a device sync
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        k_dim = v_dim = head_dim
+        latent = mla_latent(text)
+        if latent is not None:  # MLA caches one latent "head": keys = the compressed kv, values = the rotary key
+            heads, (k_dim, v_dim) = 1, latent
         layers = [
-            HelixLayer(self, max_cache_len, max_batch_size, heads, head_dim, dtype, device)
+            HelixLayer(self, max_cache_len, max_batch_size, heads, k_dim, v_dim, dtype, device)
             for _ in range(text.num_hidden_layers)
         ]
         super().__init__(layers=layers)

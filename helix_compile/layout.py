@@ -66,6 +66,12 @@ class Layout:
     def tpa_rank(self, rank: int) -> int:
         return rank % self.tpa
 
+    def ep_rank(self, rank: int) -> int:
+        return rank // self.tpf
+
+    def tpf_rank(self, rank: int) -> int:
+        return rank % self.tpf
+
     def head_split(self, slice_heads: int) -> list[int]:
         """Query heads each KVP rank holds after the all-to-all, out of the ``slice_heads`` of its TPA slice.
 
@@ -119,11 +125,24 @@ class Layout:
                 f"kvp={self.kvp} exceeds the {q // self.tpa} query heads of a TPA slice (num_attention_heads={q} / "
                 f"tpa={self.tpa}) of {cls}: after the all-to-all every rank must hold at least one query head"
             )
-        if self.ep != 1:
-            raise ValueError(f"ep={self.ep} needs a mixture-of-experts FFN; {cls} has a dense FFN (use ep=1)")
-        inter = getattr(config, "intermediate_size", None)
-        if inter is not None and inter % self.tpf:
-            raise ValueError(f"tpf={self.tpf} does not divide intermediate_size={inter} of {cls}")
+        if mla_latent(config) is not None and self.tpa != 1:
+            raise ValueError(
+                f"{cls} uses multi-head latent attention (MLA): its cache holds one latent KV head, so tpa must be 1 "
+                f"(got tpa={self.tpa}); use kvp={n}, tpa=1"
+            )
+        experts = moe_experts(config)
+        if experts is None:
+            if self.ep != 1:
+                raise ValueError(f"ep={self.ep} needs a mixture-of-experts FFN; {cls} has a dense FFN (use ep=1)")
+            inter = getattr(config, "intermediate_size", None)
+            if inter is not None and inter % self.tpf:
+                raise ValueError(f"tpf={self.tpf} does not divide intermediate_size={inter} of {cls}")
+            return
+        count, inter = experts
+        if count % self.ep:
+            raise ValueError(f"ep={self.ep} does not divide the {count} routed experts of {cls}")
+        if inter % self.tpf:
+            raise ValueError(f"tpf={self.tpf} does not divide the expert intermediate size {inter} of {cls}")
 
     def key(self) -> str:
         """A short stable string, used in compiled-artifact keys and file names."""
@@ -137,13 +156,18 @@ class Layout:
 
         Built once per (kvp, tpa) and process; every rank must call it in the same order (it is collective).
         """
-        return _group_names(self.kvp, self.tpa)
+        return _group_names(self.kvp, self.tpa)[:2]
+
+    def tpa_group_name(self) -> str:
+        """Name of this rank's TPA group (the ranks with the same ``kvp_rank``), from the same DeviceMesh: the
+        all-reduce of a norm over all heads' features (OLMo2's q/k norm) runs over it."""
+        return _group_names(self.kvp, self.tpa)[2]
 
 
-_GROUPS: dict[tuple[int, int], tuple[str, str]] = {}
+_GROUPS: dict[tuple[int, int], tuple[str, str, str]] = {}
 
 
-def _group_names(kvp: int, tpa: int) -> tuple[str, str]:
+def _group_names(kvp: int, tpa: int) -> tuple[str, str, str]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -158,7 +182,9 @@ def _group_names(kvp: int, tpa: int) -> tuple[str, str]:
             )
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
         mesh = init_device_mesh(device_type, (kvp, tpa), mesh_dim_names=("kvp", "tpa"))
-        _GROUPS[(kvp, tpa)] = (mesh.get_group("kvp").group_name, dist.group.WORLD.group_name)
+        _GROUPS[(kvp, tpa)] = (
+            mesh.get_group("kvp").group_name, dist.group.WORLD.group_name, mesh.get_group("tpa").group_name
+        )
     return _GROUPS[(kvp, tpa)]
 
 
@@ -188,3 +214,29 @@ def group_ranks(group_name: str) -> list[int]:
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return dist.get_process_group_ranks(_resolve_process_group(group_name))
+
+
+# -- model families whose shapes change the layout rules ----------------------------------------------------------
+def mla_latent(config) -> tuple[int, int] | None:
+    """(kv_lora_rank, qk_rope_head_dim) of a multi-head latent attention model (DeepSeek-V2/V3), else None.
+
+    transformers 5.x caches these two latents per position (one KV "head"), not per-head keys and values.
+    """
+    rank = getattr(config, "kv_lora_rank", None)
+    if not rank:
+        return None
+    return rank, config.qk_rope_head_dim
+
+
+def moe_experts(config) -> tuple[int, int] | None:
+    """(routed experts, intermediate size of one expert) of a mixture-of-experts config, else None.
+
+    Spellings differ by family: ``num_local_experts`` (Mixtral), ``num_experts`` (Qwen-MoE, OLMoE),
+    ``n_routed_experts`` (DeepSeek); ``moe_intermediate_size`` when the family also has dense layers.
+    """
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        count = getattr(config, name, None)
+        if isinstance(count, int) and count > 0:
+            inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+            return count, inter
+    return None

@@ -8,11 +8,21 @@ Two kinds of checkpoint:
   file, after checking its sha256 against the plan, and only if the layout is the plan's.
 
 The model is built without parameter storage (``accelerate.init_empty_weights``; buffers such as RoPE's
-``inv_freq`` stay real). A sharded parameter (``shard_spec``: q/k/v/o_proj, gate/up/down_proj, decided by
-``passes.plan.role_shard`` -- the one place that says which rows or columns a rank owns; ``helix convert`` uses
+``inv_freq`` stay real). A sharded parameter (``shard_spec``: q/k/v/o_proj, gate/up/down_proj, the fused qkv_proj / query_key_value /
+c_attn and gate_up_proj, GPT-2's Conv1D, MoE experts; decided by
+``passes.regions.roles.role_shard`` -- the one place that says which rows or columns a rank owns; ``helix convert`` uses
 it too) becomes a global-shaped virtual parameter with the rank's piece registered behind it. Each tensor's
 file is opened for that tensor alone, so the pages of a column slice are unmapped again right away: peak memory
 is about the shards plus one tensor.
+
+The model can only run through ``torch.compile(model, backend="helix", ...)``: an eager call raises.
+
+Mixture-of-experts weights: the model holds fused 3-D ``experts.gate_up_proj`` (E, 2I, H) and
+``experts.down_proj`` (E, H, I); checkpoints hold either those (read as this rank's ``ExpertShard``) or, as
+transformers 5.x's ``save_pretrained`` writes them, one tensor per expert (``experts.{e}.gate_proj/up_proj/down_proj``,
+Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``): then each rank reads only its experts (ep) and their rows or
+columns (tpf), and stacks them into its local fused piece, which is what ``role_shard`` would cut from the fused
+tensor.
 
 The model can only run through ``torch.compile(model, backend="helix", ...)``: an eager call raises.
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -29,7 +40,9 @@ from safetensors import safe_open
 from . import shards
 from .layout import Layout, current_world
 from .lowering.ops import ShardedEagerError
-from .passes.plan import ROLE_BY_NAME, Heads, role_shard
+from .passes.regions.roles import Heads, Pieces, role_by_name, role_shard
+from .shards import ExpertShard
+
 
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = "helix-convert/1"
@@ -53,14 +66,22 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
-def _role(name: str) -> tuple[str | None, str]:
-    parts = name.split(".")
-    return (ROLE_BY_NAME.get(parts[-2]) if len(parts) >= 2 else None), parts[-1]
+def _read(piece, shape, spec) -> torch.Tensor:
+    """This rank's slice of a safetensors tensor: one range (``Shard``) or several concatenated (``Pieces``,
+    ``ExpertShard``)."""
+    if isinstance(spec, ExpertShard):
+        parts = [piece[index] for index in spec.indices(shape)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
+    ranges = spec.ranges if isinstance(spec, Pieces) else ((spec.start, spec.stop),)
+    parts = [
+        piece[tuple(slice(a, b) if d == spec.dim else slice(None) for d in range(len(shape)))] for a, b in ranges
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
 
 def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int):
     """The ``Shard`` of checkpoint tensor ``name`` (global ``shape``) that ``rank`` holds, or None (replicated)."""
-    role, kind = _role(name)
+    role, kind = role_by_name(name)
     return role_shard(role, kind, tuple(shape), heads, layout, rank) if role else None
 
 
@@ -122,6 +143,14 @@ def _refuse_eager(module, args, kwargs):
         )
 
 
+def _refuse_eager(module, args, kwargs):
+    if not torch.compiler.is_compiling():
+        raise ShardedEagerError(
+            "this model was loaded with helix_compile.from_pretrained: each rank holds only its shards, so it "
+            "cannot run eagerly. Call torch.compile(model, backend='helix', options={'layout': layout})"
+        )
+
+
 def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool = True):
     """Build the HF model of checkpoint ``path`` holding only this rank's shards (see the module docstring).
 
@@ -147,6 +176,9 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     heads = Heads.of(config.get_text_config(decoder=True))
     params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = set()
+    buffers = {n: b for n, b in model.named_buffers() if b.device.type != "meta"}
+    per_expert: dict[str, dict] = {}  # fused parameter -> {(expert, part): (file, checkpoint name)}
     if plan is None:
         files, local_files = _files(path), False
     else:
@@ -155,26 +187,50 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     for file in files:
         with safe_open(file, framework="pt") as f:
             names = list(f.keys())
-        for name in names:
+        for key in names:
+            name = key.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint module name (transformers 5.x renames it)
+            if name in buffers:  # persistent buffers saved with the weights (DeepSeek's e_score_correction_bias)
+                with safe_open(file, framework="pt") as f:
+                    value = f.get_tensor(key)
+                if value.shape != buffers[name].shape:
+                    raise ValueError(f"{file.name}: buffer {key} has shape {tuple(value.shape)}, the model expects {tuple(buffers[name].shape)}")
+                buffers[name].copy_(value)
+                continue
             if name not in params:
+                fused = _per_expert(key)
+                if fused is not None and fused[0] in params:
+                    per_expert.setdefault(fused[0], {})[fused[1:]] = (file, key)
                 continue  # e.g. rotary buffers saved by old checkpoints
-            shape = tuple(params[name].shape)
-            spec = shard_spec(name, shape, heads, layout, rank)
             with safe_open(file, framework="pt") as f:
-                piece = f.get_slice(name)
+                piece = f.get_slice(key)
+                shape = tuple(params[name].shape)
+                spec = shard_spec(name, shape, heads, layout, rank)
                 stored = tuple(piece.get_shape())
-                want = shape if spec is None or not local_files else _local_shape(shape, spec)
-                if stored != want:
-                    raise ValueError(f"{file.name}: {name} has shape {stored}, the model expects {want}")
-                if spec is None:
+                if local_files and spec is not None:  # a helix convert file holds the rank's piece itself
+                    local = piece[:].to(device=device, dtype=dtype, copy=True).contiguous()
+                    if tuple(local.shape) != tuple(spec.take(torch.empty(shape, device="meta")).shape):
+                        raise ValueError(f"{file.name}: {name} has shape {stored}, this rank's piece of {shape} differs")
+                    value = shards.virtual(shape, dtype, device)
+                elif stored != shape:
+                    raise ValueError(f"{file.name}: {name} has shape {stored}, the model expects {shape}")
+                elif spec is None:
                     value = piece[:].to(device=device, dtype=dtype, copy=True)  # owned, not a view of the mmap
                 else:
-                    index = slice(None) if local_files else spec_index(spec, len(shape))
-                    local = piece[index].to(device=device, dtype=dtype, copy=True).contiguous()
+                    local = _read(piece, shape, spec).to(device=device, dtype=dtype, copy=True).contiguous()
                     value = shards.virtual(shape, dtype, device)
             param = _set_param(model, name, value)
             if spec is not None:
                 shards.register(param, spec, local)
+            loaded.add(name)
+    for name, found in per_expert.items():
+        if name in loaded:
+            continue
+        shape = tuple(params[name].shape)
+        role, _ = role_by_name(name)
+        spec = role_shard(role, "weight", shape, heads, layout, rank)
+        local = _stack_experts(name, found, spec, shape).to(device=device, dtype=dtype, copy=True).contiguous()
+        param = _set_param(model, name, shards.virtual(shape, dtype, device))
+        shards.register(param, spec, local)
     if getattr(config, "tie_word_embeddings", False):  # the checkpoint may hold either end of the tie
         inp, out = model.get_input_embeddings(), model.get_output_embeddings()
         if inp.weight.device.type == "meta":
@@ -187,6 +243,43 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     model.eval()
     model.register_forward_pre_hook(_refuse_eager, with_kwargs=True)
     return model
+
+
+_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+def _per_expert(name: str):
+    """(fused parameter name, expert, part) of a per-expert checkpoint tensor, or None."""
+    found = _EXPERT.match(name)
+    if found is None:
+        return None
+    prefix = found.group(1).replace(".block_sparse_moe", ".mlp")  # Mixtral's checkpoint module name
+    part = _PART[found.group(3)]
+    return f"{prefix}.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}", int(found.group(2)), part
+
+
+def _stack_experts(name: str, found: dict, spec: ExpertShard, shape) -> torch.Tensor:
+    """This rank's piece of a fused expert weight, read from one tensor per expert: only its experts, and of each
+    only its rows (gate and up, (I, H)) or columns (down, (H, I)); the same piece ``spec.take`` cuts from the
+    fused (E, 2I, H) / (E, H, I) tensor."""
+    parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
+    experts = []
+    for e in range(spec.e_start, spec.e_stop):
+        pieces = []
+        for part in parts:
+            if (e, part) not in found:
+                raise ValueError(f"checkpoint lacks expert {e}'s {part} projection of {name}")
+            file, key = found[(e, part)]
+            with safe_open(file, framework="pt") as f:
+                piece = f.get_slice(key)
+                want = (shape[1] // len(parts), shape[2])
+                if tuple(piece.get_shape()) != want:
+                    raise ValueError(f"{file.name}: {key} has shape {tuple(piece.get_shape())}, expected {want} for {name}")
+                rows = slice(spec.start, spec.stop)
+                pieces.append(piece[rows, :] if part != "down" else piece[:, rows])
+        experts.append(torch.cat(pieces, dim=0))
+    return torch.stack(experts)
 
 
 def spec_index(spec, ndim: int) -> tuple:

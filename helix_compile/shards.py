@@ -27,6 +27,40 @@ class Shard:
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.narrow(self.dim, self.start, self.stop - self.start)
 
+    def indices(self, shape) -> list[tuple]:
+        """Index tuples whose pieces, concatenated along ``dim``, make this shard (one for a plain narrow)."""
+        return [tuple(slice(self.start, self.stop) if d == self.dim else slice(None) for d in range(len(shape)))]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertShard:
+    """Rank-local piece of a fused 3-D expert tensor (experts first): experts ``[e_start, e_stop)`` on dim 0 and,
+    on ``dim``, rows ``[start, stop)`` of each of its ``parts`` equal parts, concatenated.
+
+    ``gate_up_proj`` (E, 2I, H) packs gate and up along dim 1 (parts=2): a TPF rank's slice keeps the same
+    columns of both halves, so the model's own ``chunk(2, dim=-1)`` still splits gate from up.
+    """
+
+    e_start: int
+    e_stop: int
+    dim: int
+    start: int
+    stop: int
+    parts: int = 1
+
+    def indices(self, shape) -> list[tuple]:
+        size = shape[self.dim] // self.parts
+        out = []
+        for p in range(self.parts):
+            index = [slice(None)] * len(shape)
+            index[0] = slice(self.e_start, self.e_stop)
+            index[self.dim] = slice(p * size + self.start, p * size + self.stop)
+            out.append(tuple(index))
+        return out
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor[index] for index in self.indices(tensor.shape)], dim=self.dim)
+
 
 _SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 

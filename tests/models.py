@@ -16,7 +16,42 @@ FAMILIES = {
     "gemma": ("gemma", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16)),  # MQA family
     "olmo": ("olmo", dict(num_attention_heads=4, num_key_value_heads=4)),  # MHA family
     "granite": ("granite", dict(num_attention_heads=8, num_key_value_heads=4)),  # scaled residuals
+    # mixture of experts: 4 routed experts, top-2, expert intermediate 32 (ep and tpf up to 4)
+    "mixtral": ("mixtral", dict(num_attention_heads=8, num_key_value_heads=4, num_local_experts=4,
+                                num_experts_per_tok=2, intermediate_size=32, sliding_window=None)),
+    "qwen2_moe": ("qwen2_moe", dict(num_attention_heads=8, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, shared_expert_intermediate_size=48)),  # + gated shared expert
+    "qwen3_moe": ("qwen3_moe", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, num_experts=4,
+                                    num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
+    "olmoe": ("olmoe", dict(num_attention_heads=8, num_key_value_heads=8, num_experts=4, num_experts_per_tok=2,
+                            intermediate_size=32, eos_token_id=2)),  # q/k norms over all heads
+    # MLA (one latent KV head) + MoE: grouped router with correction bias, shared expert, dense first layer
+    "deepseek_v3": ("deepseek_v3", dict(num_attention_heads=8, num_key_value_heads=8, n_routed_experts=4,
+                                        num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                                        moe_intermediate_size=32, first_k_dense_replace=1, kv_lora_rank=32,
+                                        q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
+    "deepseek_v2": ("deepseek_v2", dict(num_attention_heads=8, num_key_value_heads=8, n_routed_experts=4,
+                                        num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                                        first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
+    # fused and Conv1D projections
+    "gpt2": ("gpt2", dict(num_attention_heads=4, n_inner=96, bos_token_id=1, eos_token_id=2)),  # Conv1D c_attn (stacked q|k|v), dropout after c_proj
+    "phi3": ("phi3", dict(num_attention_heads=8, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2, sliding_window=None, partial_rotary_factor=0.5)),  # qkv_proj, gate_up_proj
+    "gpt_neox": ("gpt_neox", dict(num_attention_heads=4, rotary_pct=0.5, bos_token_id=1, eos_token_id=2)),  # per-head [q k v] query_key_value
+    # soft-capping, sliding windows, norms over all heads
+    "gemma2": ("gemma2", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, sliding_window=6,
+                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),  # eager only
+    "gemma3": ("gemma3_text", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=6,
+                                   layer_types=["sliding_attention", "full_attention"])),  # MQA, hybrid sliding
+    "mistral_window": ("mistral", dict(num_attention_heads=8, num_key_value_heads=4, sliding_window=5)),
+    "qwen2_window": ("qwen2", dict(num_attention_heads=8, num_key_value_heads=4, use_sliding_window=True,
+                                   sliding_window=5, max_window_layers=1)),  # layer 1 slides, layer 0 does not
+    "glm": ("glm", dict(num_attention_heads=8, num_key_value_heads=4, partial_rotary_factor=0.5, pad_token_id=0,
+                        eos_token_id=[1, 2])),  # interleaved RoPE
+    "olmo2": ("olmo2", dict(num_attention_heads=8, num_key_value_heads=4, eos_token_id=2)),  # q/k RMSNorm over all heads
 }
+ATTENTION = {"gemma2": "eager"}  # families without SDPA (soft-capping)
 
 
 def config(family: str, **extra):
@@ -25,13 +60,19 @@ def config(family: str, **extra):
     return AutoConfig.for_model(model_type, **{**base, **overrides, **extra})
 
 
-def model(family: str, attn="sdpa", seed=0, **extra):
+def model(family: str, attn=None, seed=0, experts=None, **extra):
+    """``experts``: transformers' experts implementation of MoE families ("grouped_mm", default, or "batched_mm")."""
+    attn = attn or ATTENTION.get(family, "sdpa")
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(config(family, **extra), attn_implementation=attn).eval()
+    kw = {} if experts is None else {"experts_implementation": experts}
+    m = AutoModelForCausalLM.from_config(config(family, **extra), attn_implementation=attn, **kw).eval()
     with torch.no_grad():  # random biases (HF initialises them to 0, which would hide a bias added twice)
         for name, p in m.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+        for name, b in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's router bias (a buffer, zeros by default)
+                b.normal_(0, 0.5)
     return m
 
 

@@ -50,9 +50,11 @@ def test_world_size_differs_from_layout():
         StaticCache(config("llama"), 1, 16, Layout(2, 2))
 
 
-def test_sliding_window_refused():
-    with pytest.raises(ValueError, match="sliding_window=8 < max_cache_len=32"):
-        StaticCache(config("mistral", sliding_window=8), 1, 32, Layout(1))
+def test_sliding_window_keeps_every_position():
+    """A window shorter than the cache is exact by masking (partial_attention's window); the cost is that every
+    position stays cached, as for a full-attention layer."""
+    cache = StaticCache(config("mistral", sliding_window=8), 1, 32, Layout(1))
+    assert all(layer.local_keys.shape[2] == 32 + 1 for layer in cache.layers)  # + the spare slot
 
 
 # -- cache bound ------------------------------------------------------------------------------------------------
@@ -104,18 +106,17 @@ def test_virtual_cache_tensor_reads_nan_not_garbage():
 
 
 # -- unsupported structures --------------------------------------------------------------------------------------
-def _tiny(model_type, **kw):
+def _tiny(model_type, attn="sdpa", **kw):
     base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(model_type, **{**base, **kw})
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
 @pytest.mark.parametrize("model_type,kw,message", [
-    ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), "mixture-of-experts FFNs are not supported yet"),
-    ("phi3", dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), "fused q/k/v projection"),
-    ("olmo2", dict(), "node 'variance' .* in module 'model.layers.0.self_attn.q_norm' is not a per-head op"),
+    ("gpt_oss", dict(attn="eager", num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
+                     layer_types=["full_attention"]), "unexpected op in eager attention: node 'combined_logits'"),  # sinks
 ])
 def test_unsupported_structure_is_refused(model_type, kw, message):
     m = _tiny(model_type, **kw)
@@ -153,3 +154,44 @@ def test_unknown_option():
     with pytest.raises(Exception, match="unknown helix options \\['layuot'\\]"):
         torch._dynamo.reset()
         torch.compile(m, backend="helix", options={"layuot": 1})(input_ids=prompt(), past_key_values=cache)
+
+
+# -- families outside what helix parallelises ---------------------------------------------------------------------
+def test_state_space_model_refused():
+    cfg = AutoConfig.for_model("mamba", vocab_size=97, hidden_size=64, num_hidden_layers=1)
+    with pytest.raises(ValueError, match="MambaConfig has no softmax attention over a KV cache"):
+        StaticCache(cfg, 1, 16, Layout(1))
+
+
+def test_linear_attention_layers_refused():
+    cfg = config("llama")
+    cfg.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(ValueError, match="has layers without softmax attention over a KV cache .*'linear_attention'"):
+        StaticCache(cfg, 1, 16, Layout(1))
+
+
+@pytest.mark.parametrize("model_type,kw,message", [
+    ("camembert", dict(num_key_value_heads=4), "attends without a mask over the cache \\(bidirectional attention"),  # encoder, no is_decoder
+    ("bitnet", dict(), "between the attention and its output projection helix expects reshapes only"),  # sub-norm
+])
+def test_unsupported_attention_refused_by_name(model_type, kw, message):
+    m = _tiny(model_type, **kw)
+    cache = StaticCache(m.config, 1, 16, Layout(1))
+    with pytest.raises(Exception, match=message):
+        compiled(m)(input_ids=prompt(batch=1), past_key_values=cache)
+
+
+def test_softcap_in_config_but_not_in_graph_refused():
+    """Gemma 2 under SDPA would drop the soft-capping; transformers refuses it itself, and helix double-checks
+    the config against the graph: a config that says softcap with a graph that has none is refused."""
+    from helix_compile.passes.regions.attention import layer_window
+
+    cfg = config("gemma2")
+    assert [layer_window(cfg, i) for i in range(2)] == [6, 0]
+    assert layer_window(config("mistral_window"), 1) == 5 and layer_window(config("llama"), 0) == 0
+    assert [layer_window(config("qwen2_window"), i) for i in range(2)] == [0, 5]
+    m = model("llama")
+    m.config.attn_logit_softcapping = 5.0
+    cache = StaticCache(m.config, 2, 16, Layout(1))
+    with pytest.raises(Exception, match="attn_logit_softcapping=5.0 but helix found no soft-capping"):
+        compiled(m)(input_ids=prompt(), past_key_values=cache)

@@ -32,7 +32,7 @@ def _body(rank, family, layouts, attn, executor, extra, hopb, batch):
     return reports
 
 
-def check(world, family, layouts, attn="sdpa", executor="eager", hopb=1, batch=2, **extra):
+def check(world, family, layouts, attn=None, executor="eager", hopb=1, batch=2, **extra):
     per_rank = run_ranks(world, _body, family, layouts, attn, executor, extra, hopb, batch)
     for i, (kvp, tpa) in enumerate(layouts):
         r0 = per_rank[0][i]
@@ -71,6 +71,41 @@ def test_tensor_parallel_baseline_gqa():
 @pytest.mark.parametrize("family", ["qwen3", "gemma", "olmo", "granite"])
 def test_more_families(family):
     check(2, family, splits(2, 1 if family == "gemma" else 2))
+
+
+def _families_body(rank, cases, batch):
+    out = []
+    for family, layouts in cases:
+        out.append((family, _body(rank, family, layouts, None, "eager", {}, 1, batch)))
+    return out
+
+
+def check_families(world, cases, batch=2):
+    """``check`` for several families in one set of ranks (one spawn: CI time)."""
+    per_rank = run_ranks(world, _families_body, cases, batch)
+    for (family, layouts), *others in zip(cases, *(r for r in per_rank[1:])):
+        reports = per_rank[0][[c[0] for c in cases].index(family)][1]
+        for i, (kvp, tpa) in enumerate(layouts):
+            r0 = reports[i]
+            print(f"{family} world={world} kvp={kvp} tpa={tpa}: max rel err {r0.max_rel_err:.2e}")
+            assert r0.max_rel_err < 1e-5, (family, kvp, tpa, r0.max_rel_err)
+            assert r0.tokens_equal, (family, r0.tokens, r0.reference_tokens)
+            for other in others:
+                assert other[1][i].logits == r0.logits and other[1][i].tokens == r0.tokens, f"{family}: ranks disagree"
+
+
+def test_fused_windowed_softcapped_families():
+    """Conv1D and fused q|k|v / per-head [q k v] / gate|up projections, partial RoPE, soft-capping (Gemma 2,
+    eager), sliding windows shorter than the 48 positions (Mistral, Qwen2, Gemma 2/3 hybrids), MLP dropout after
+    the down projection (GPT-2); every 2-rank layout."""
+    families = ["gpt2", "phi3", "gpt_neox", "gemma2", "gemma3", "mistral_window", "qwen2_window"]
+    check_families(2, [(f, splits(2, 1 if f == "gemma3" else 2)) for f in families])
+
+
+def test_fused_and_cross_head_norm_on_four_ranks():
+    """kvp=2 x tpa=2: Phi-3's fused projections sliced per TPA rank; OLMo2's q/k norms over all heads, exact by
+    an all-reduce of the partial sums of squares over the TPA group."""
+    check_families(4, [("phi3", [(2, 2)]), ("olmo2", [(2, 2)])])
 
 
 def test_eager_attention_form():

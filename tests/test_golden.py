@@ -1,6 +1,6 @@
 """Graph-diff fixtures: the FX graph before and after each pass, per family, as reviewed text.
 
-Rank 1 of a 4-rank layout (kvp=2, tpa=2; kvp=4 for MQA) on a fake process group, decode step (q_len=1), plus
+Rank 1 of a 4-rank layout (kvp=2, tpa=2; ``LAYOUTS`` for MQA, MoE and MLA) on a fake process group, decode step (q_len=1), plus
 llama's prefill and llama's decode with HOP-B (2 batch chunks: schedule.txt differs from partition.txt). Written
 by ``helix_compile.graph_cmd`` (the code behind `helix graph --out`). Regenerate on purpose with
 ``HELIX_UPDATE_GOLDEN=1 pytest tests/test_golden.py`` and review the diff. Fixtures are tied to the torch and
@@ -26,7 +26,13 @@ GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("HELIX_UPDATE_GOLDEN") == "1"
 VERSIONS = f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
 CASES = [("llama", "decode"), ("llama", "prefill"), ("llama", "decode-hopb2"), ("qwen2", "decode"),
-         ("mistral", "decode"), ("phi", "decode"), ("mqa", "decode")]
+         ("mistral", "decode"), ("phi", "decode"), ("mqa", "decode"),
+         ("gpt2", "decode"), ("phi3", "decode"), ("gemma2", "decode"), ("mixtral", "decode"), ("deepseek_v3", "decode")]
+LAYOUTS = {  # a 4-rank layout per family (default kvp=2 x tpa=2)
+    "mqa": dict(kvp=4, tpa=1),
+    "mixtral": dict(kvp=2, tpa=2, ep=2),  # experts: 2 per rank (ep=2), each split in two (tpf=2)
+    "deepseek_v3": dict(kvp=4, tpa=1, ep=2),  # MLA: the latent cache over kvp=4; MoE tpf=2 x ep=2
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,7 @@ def fake_world():
 def capture(family: str, phase: str, folder: Path):
     """The fixture files of one case, written by the code behind `helix graph ... --out folder`."""
     hopb = 2 if phase.endswith("hopb2") else 1
-    layout = Layout(4, 1, kv_block=4, hopb_chunks=hopb) if family == "mqa" else Layout(2, 2, kv_block=4, hopb_chunks=hopb)
+    layout = Layout(**LAYOUTS.get(family, dict(kvp=2, tpa=2)), kv_block=4, hopb_chunks=hopb)
     done = capture_graphs(model(family), layout, "prefill" if phase == "prefill" else "decode", batch=2, prompt_len=5,
                           max_cache_len=32)
     write_stages(folder, done)

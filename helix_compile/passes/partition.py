@@ -6,79 +6,46 @@ Contract
          tensors (parameter shards, the cache's local shards). Its output (the logits) equals the global
          graph's on every rank. The input graph is not changed.
 
-Rewrites, per attention region (pattern ... into ...):
-    kv_write(keys, values, k, v, pos)
-        into  kv_write_local(keys, values, k, v, pos, kvp_rank, kvp, kv_block)          # owner-only write
-    core = sdpa(q, repeat_kv(keys), repeat_kv(values), mask)   (or the eager matmul-softmax-matmul chain)
-        into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale,
-                                         key_mask=attention_mask)                      # 2-D mask, if any
-              recv   = wait(all_to_all_single(packed, out=[h]*kvp, in=split, kvp_group))  # kvp > 1 only
-              core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
-          split = Layout.head_split(Q/tpa): the heads of each KVP rank (Q/N each when N divides Q);
-          h = split[kvp_rank], the heads this rank holds
-    o = linear(x, Wo, b)
-        into  o' = wait(all_reduce(linear(x, Wo_shard), "sum", world)) [+ b]           # N > 1 only
-per FFN region:
-    out = linear(h, Wdown, b)  into  wait(all_reduce(linear(h, Wdown_shard), "sum", world)) [+ b]
-then dead code (HF's mask construction, repeat_kv) is removed.
+Pseudo-code
+    local = copy of the graph; env = name -> node of the copy
+    for match in regions.matches (attention first, then FFN; graph order within each):
+        match.replace_with(local.graph, env, ctx)      # each region kind owns its rewrite (passes/regions/)
+    dead code (HF's mask construction, repeat_kv) is removed
 
-Batch: a call with b < max_batch_size rows reads and writes the first b rows of the cache shards
-(``keys`` above is then ``narrow(keys, 0, 0, b)``); the rows beyond stay unused.
+The rewrites, in short (each matcher's docstring has the pattern ... into ...):
+    attention  kv_write -> kv_write_local (owner-only); core -> partial_attention (key_mask = the 2-D
+               attention_mask of padded batches, if any) -> all_to_all over the KVP
+               group (kvp > 1) -> lse_merge; o projection row-parallel (all-reduce over the world, bias once);
+               norms over all heads' features -> all-reduce of partial sums over the TPA group (tpa > 1)
+    dense FFN  in projections column-parallel, out projection row-parallel (all-reduce, bias once)
 
-The model's reshapes use -1 for the head dimension, so the local head counts flow through unchanged; the
-detect pass has already refused graphs where that does not hold.
+The model's reshapes use -1 for the head dimension, so the local head counts flow through unchanged; the constant
+widths of Conv1D views and fused-projection cuts are rewritten by their matchers.
+
+Batch: a call with b < max_batch_size rows reads and writes the first b rows of the cache shards (the attention
+matcher narrows them); the rows beyond stay unused.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
-from ..lowering import ops as _ops  # noqa: F401  registers the helix:: ops this pass emits
+from ..lowering import ops as _ops  # noqa: F401  registers the helix:: ops the rewrites emit
 from .detect import Regions
 from .plan import Plan
-
-funcol = torch.ops._c10d_functional
+from .regions import RewriteContext
 
 
 def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModule:
-    layout, rank, heads = plan.layout, plan.rank, plan.heads
+    layout = plan.layout
     local = copy_module(gm)
     graph = local.graph
-    by_name = {n.name: n for n in local.graph.nodes}
-    kvp_group, world_group = layout.group_names() if layout.world_size > 1 else (None, None)
-    kvp_rank = layout.kvp_rank(rank)
-    split = layout.head_split(heads.q // layout.tpa)  # query heads each KVP rank holds after the all-to-all
-
-    for a in regions.attention:
-        keys, values, k, v, pos = (by_name[x.name] for x in a.kv_write.args)
-        write, core, query = by_name[a.kv_write.name], by_name[a.core.name], by_name[a.query.name]
-        key_mask = by_name[a.key_mask.name] if a.key_mask is not None else None
-        with graph.inserting_before(write):
-            keys, values = _batch_rows(graph, keys, values, k)
-            graph.call_function(
-                torch.ops.helix.kv_write_local.default, (keys, values, k, v, pos, kvp_rank, layout.kvp, layout.kv_block)
-            )
-        graph.erase_node(write)
-        with graph.inserting_before(core):
-            packed = graph.call_function(
-                torch.ops.helix.partial_attention.default,
-                (query, keys, values, pos, kvp_rank, layout.kvp, layout.kv_block, a.scale),
-                {"key_mask": key_mask} if key_mask is not None else {},
-            )
-            recv = packed
-            if layout.kvp > 1:
-                sent = graph.call_function(
-                    funcol.all_to_all_single.default, (packed, [split[kvp_rank]] * layout.kvp, split, kvp_group)
-                )
-                recv = graph.call_function(funcol.wait_tensor.default, (sent,))
-            merged = graph.call_function(torch.ops.helix.lse_merge.default, (recv, layout.kvp, heads.d))
-        core.replace_all_uses_with(merged)
-        _row_parallel(graph, by_name[a.o_linear.name], world_group, layout.world_size)
-
-    for f in regions.ffn:
-        _row_parallel(graph, by_name[f.out.name], world_group, layout.world_size)
-
+    env = {n.name: n for n in graph.nodes}
+    groups = layout.group_names() if layout.world_size > 1 else (None, None)
+    tpa_group = layout.tpa_group_name() if layout.tpa > 1 else None
+    ctx = RewriteContext(layout, plan.rank, plan.heads, groups[0], tpa_group, groups[1])
+    for match in regions.matches:
+        match.replace_with(graph, env, ctx)
     eliminate_dead_code(graph)
     graph.lint()
     local.recompile()
@@ -97,30 +64,3 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
     graph.eliminate_dead_code(
         is_impure_node=lambda node: node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
     )
-
-
-def _batch_rows(graph: fx.Graph, keys: fx.Node, values: fx.Node, k: fx.Node):
-    """The cache shards narrowed to the batch of the new keys ``k`` when it is smaller than the cache's."""
-    rows, capacity = k.meta["example_value"].shape[0], keys.meta["example_value"].shape[0]
-    if isinstance(rows, int) and rows == capacity:
-        return keys, values
-    if not isinstance(rows, int):  # a symbolic batch: read it from k at run time
-        rows = graph.call_method("size", (k, 0))
-    return tuple(graph.call_function(torch.narrow, (t, 0, 0, rows)) for t in (keys, values))
-
-
-def _row_parallel(graph: fx.Graph, linear: fx.Node, world_group: str | None, n: int) -> None:
-    """linear(x, W_shard, b) -> all_reduce(linear(x, W_shard)) + b: the partial sums of all N ranks, bias once."""
-    if n == 1:
-        return
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    linear.args = (linear.args[0], linear.args[1], None)
-    linear.kwargs = {}
-    with graph.inserting_after(linear):
-        reduced = graph.call_function(funcol.all_reduce.default, (linear, "sum", world_group))
-    with graph.inserting_after(reduced):
-        result = graph.call_function(funcol.wait_tensor.default, (reduced,))
-    if bias is not None:
-        with graph.inserting_after(result):
-            result = graph.call_function(torch.add, (result, bias))
-    linear.replace_all_uses_with(result, delete_user_cb=lambda user: user is not reduced)

@@ -2,80 +2,31 @@
 
 Contract
     in:  ``Regions`` from detect, the model config, the ``Layout`` and this rank.
-    out: ``Plan``: for every placeholder name either ``replicate``, a ``Shard(dim, start, stop)`` of a parameter,
-         or ``kv`` (a cache tensor whose local shard lives in the helix StaticCache). Serialisable (``to_json``).
-         The graph is not changed.
+    out: ``Plan``: for every placeholder name either ``replicate``, a ``Shard(dim, start, stop)`` / ``Pieces`` of a
+         parameter, or ``kv`` (a cache tensor whose local shard lives in the helix StaticCache); and the regions
+         left whole with their bytes per rank (also warned about). Serialisable (``to_json``). The graph is not
+         changed.
 
-Placements (rank r, kvp_rank = r // tpa, tpa_rank = r % tpa, D = head_dim, N = kvp*tpa):
-    q_proj rows      query heads of the TPA slice:   [tpa_rank*Q/tpa, (tpa_rank+1)*Q/tpa) * D  (+bias)
-    k_proj, v_proj   KV heads of the TPA slice:      [tpa_rank*K/tpa, (tpa_rank+1)*K/tpa) * D  (+bias);
-                     tpa > K (TP baseline): the one head its query heads read, tpa_rank // (tpa/K)
-                     (Layout.kv_heads), duplicated over tpa/K slices as vLLM/SGLang do
-    o_proj columns   the heads r holds after the all-to-all: its TPA slice split over KVP ranks
-                     (Layout.head_split: Q/N each when N divides Q), h0 = tpa_rank*Q/tpa + heads of lower
-                     kvp ranks, columns [h0, h0 + split[kvp_rank]) * D; bias after the all-reduce
-    FFN in (gate/up) rows    [r*I/N, (r+1)*I/N) (tpf = N, ep = 1)
-    FFN out (down) columns   [r*I/N, (r+1)*I/N); bias after the all-reduce
-    everything else          replicated
+Pseudo-code
+    for each match of detect:  for (placeholder, role, kind) in match.placements(heads):
+        inputs[placeholder] = "kv" if role == "kv" else role_shard(role, kind, shape, heads, layout, rank)
+    for each region left whole: warn, and record its parameter bytes (each rank holds all of them)
+
+Which rows and columns each role gets is written once, in ``regions/roles.py`` (``role_shard``): the q/k/v rows
+of the TPA slice, the o_proj columns of the heads after the all-to-all, the FFN's intermediate features, the
+routed experts of a MoE block (ep x tpf), the latent cache of MLA.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 from ..layout import Layout
-from ..shards import Shard
+from ..shards import ExpertShard, Shard
 from .detect import Regions
-
-ROLE_BY_NAME = {  # HF parameter names (for loading checkpoints before any graph exists)
-    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-    "gate_proj": "ffn_in", "up_proj": "ffn_in", "down_proj": "ffn_out",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Heads:
-    q: int  # num_attention_heads
-    k: int  # num_key_value_heads
-    d: int  # head_dim
-
-    @classmethod
-    def of(cls, config) -> "Heads":
-        q = config.num_attention_heads
-        k = getattr(config, "num_key_value_heads", None) or q
-        d = getattr(config, "head_dim", None) or config.hidden_size // q
-        return cls(q, k, d)
-
-
-def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: int) -> Shard | None:
-    """The shard of a parameter with this role ('q', 'k', 'v', 'o', 'ffn_in', 'ffn_out') on ``rank``.
-
-    ``kind`` is 'weight' or 'bias'; ``shape`` its global shape. None means replicated.
-    """
-    tpa_rank, kvp_rank = layout.tpa_rank(rank), layout.kvp_rank(rank)
-    if role == "q":
-        per = heads.q // layout.tpa * heads.d
-        return Shard(0, tpa_rank * per, (tpa_rank + 1) * per)
-    if role in ("k", "v"):
-        first, stop = layout.kv_heads(heads.k, rank)
-        return Shard(0, first * heads.d, stop * heads.d)
-    if role == "o":
-        if kind == "bias":
-            return None
-        split = layout.head_split(heads.q // layout.tpa)
-        h0 = tpa_rank * (heads.q // layout.tpa) + sum(split[:kvp_rank])
-        return Shard(1, h0 * heads.d, (h0 + split[kvp_rank]) * heads.d)
-    if role in ("ffn_in", "ffn_out"):
-        if role == "ffn_out" and kind == "bias":
-            return None
-        inter = shape[0] if role == "ffn_in" else shape[1]
-        if inter % layout.tpf:
-            raise ValueError(f"tpf={layout.tpf} does not divide the FFN intermediate size {inter}")
-        per = inter // layout.tpf
-        r = rank % layout.tpf
-        return Shard(0 if role == "ffn_in" else 1, r * per, (r + 1) * per)
-    raise KeyError(role)
+from .regions.roles import ROLE_BY_NAME, Heads, Pieces, role_shard  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass
@@ -83,24 +34,27 @@ class Plan:
     layout: Layout
     rank: int
     heads: Heads
-    inputs: dict[str, object]  # placeholder name -> "replicate" | "kv" | Shard
+    inputs: dict[str, object]  # placeholder name -> "replicate" | "kv" | Shard | Pieces | ExpertShard
     roles: dict[str, str]  # placeholder name -> role.kind, for the sharded ones
+    whole: dict[str, int] = dataclasses.field(default_factory=dict)  # module left whole -> its bytes on every rank
 
     def to_json(self) -> str:
         def enc(p):
-            return dataclasses.asdict(p) if isinstance(p, Shard) else p
+            return dataclasses.asdict(p) if isinstance(p, (Shard, Pieces, ExpertShard)) else p
 
-        return json.dumps(
-            {
-                "layout": dataclasses.asdict(self.layout),
-                "rank": self.rank,
-                "heads": dataclasses.asdict(self.heads),
-                "inputs": {k: enc(v) for k, v in self.inputs.items() if v != "replicate"},
-                "roles": self.roles,
-            },
-            indent=1,
-            sort_keys=True,
-        )
+        heads = dataclasses.asdict(self.heads)
+        if not heads["latent"]:
+            del heads["latent"]  # plans without MLA read as before
+        data = {
+            "layout": dataclasses.asdict(self.layout),
+            "rank": self.rank,
+            "heads": heads,
+            "inputs": {k: enc(v) for k, v in self.inputs.items() if v != "replicate"},
+            "roles": self.roles,
+        }
+        if self.whole:
+            data["whole"] = {m: {"bytes_per_rank": b} for m, b in self.whole.items()}
+        return json.dumps(data, indent=1, sort_keys=True)
 
 
 def _example_shape(node):
@@ -108,35 +62,32 @@ def _example_shape(node):
     return tuple(val.shape) if val is not None else None
 
 
+def _nbytes(node) -> int:
+    val = node.meta.get("example_value")
+    return int(val.numel() * val.element_size()) if val is not None else 0
+
+
 def plan(gm, regions: Regions, config, layout: Layout, rank: int) -> Plan:
     heads = Heads.of(config)
     inputs = {n.name: "replicate" for n in gm.graph.nodes if n.op == "placeholder"}
     roles: dict[str, str] = {}
-
-    def place(linear, role):
-        for kind, arg in (("weight", linear.args[1]), ("bias", linear.args[2] if len(linear.args) > 2 else None)):
-            if arg is None:
+    for match in regions.matches:
+        for node, role, kind in match.placements(heads):
+            if role == "kv":
+                inputs[node.name] = "kv"
                 continue
-            if arg.op != "placeholder":
-                raise ValueError(f"{role} projection '{linear.name}': its {kind} is computed in the graph, not a parameter")
-            spec = role_shard(role, kind, _example_shape(arg), heads, layout, rank)
-            roles[arg.name] = f"{role}.{kind}"
+            spec = role_shard(role, kind, _example_shape(node), heads, layout, rank)
+            roles[node.name] = f"{role}.{kind}"
             if spec is not None:
-                inputs[arg.name] = spec
-
-    for a in regions.attention:
-        q_rows = _example_shape(a.q_linear.args[1])[0]
-        k_rows = _example_shape(a.k_linear.args[1])[0]
-        if q_rows != heads.q * heads.d or k_rows != heads.k * heads.d:
-            raise ValueError(
-                f"{a.module}: q_proj has {q_rows} rows and k_proj {k_rows}, but the config says "
-                f"{heads.q}x{heads.d} query and {heads.k}x{heads.d} key rows"
+                inputs[node.name] = spec
+    whole = {}
+    for region in regions.whole:
+        size = sum(_nbytes(p) for p in region.parameters())
+        whole[region.module] = size
+        if layout.world_size > 1:
+            warnings.warn(
+                f"helix leaves {region.module} whole: its projections {[p.name for p in region.projections]} are "
+                f"replicated, {size} bytes on every rank (no region matcher claims them)",
+                stacklevel=2,
             )
-        for lin, role in ((a.q_linear, "q"), (a.k_linear, "k"), (a.v_linear, "v"), (a.o_linear, "o")):
-            place(lin, role)
-        inputs[a.keys.name] = inputs[a.values.name] = "kv"
-    for f in regions.ffn:
-        for lin in f.ins:
-            place(lin, "ffn_in")
-        place(f.out, "ffn_out")
-    return Plan(layout, rank, heads, inputs, roles)
+    return Plan(layout, rank, heads, inputs, roles, whole)

@@ -10,6 +10,7 @@ import pytest
 
 from helix_compile import Layout
 from helix_compile.passes.plan import Heads, role_shard
+from helix_compile.shards import Shard
 
 CASES = [(8, 4, 16), (9, 3, 64), (12, 4, 8), (16, 1, 8), (6, 6, 4)]  # (Q, K, head_dim)
 
@@ -72,3 +73,44 @@ def test_head_split():
     assert Layout(2).head_split(9) == [5, 4]
     assert Layout(4).head_split(8) == [2, 2, 2, 2]
     assert Layout(3).head_split(4) == [2, 1, 1]
+
+
+@pytest.mark.parametrize("q,k,d", CASES)
+def test_fused_qkv_pieces_are_the_separate_shards(q, k, d):
+    """A fused [q; k; v] weight's share is exactly the q, k and v shards of the separate projections, and a
+    Conv1D weight (stored (in, out)) gets the same share along its other dim."""
+    heads = Heads(q, k, d)
+    for layout in layouts(q, k):
+        for rank in range(layout.world_size):
+            fused = role_shard("qkv", "weight", ((q + 2 * k) * d, 64), heads, layout, rank)
+            parts = [role_shard(r, "weight", None, heads, layout, rank) for r in ("q", "k", "v")]
+            offsets = [0, q * d, (q + k) * d]
+            assert fused.dim == 0 and fused.ranges == tuple((o + p.start, o + p.stop) for o, p in zip(offsets, parts))
+            conv = role_shard("qkv", "weight_t", (64, (q + 2 * k) * d), heads, layout, rank)
+            assert conv.dim == 1 and conv.ranges == fused.ranges
+            assert role_shard("qkv", "bias", ((q + 2 * k) * d,), heads, layout, rank) == fused
+
+
+def test_per_head_interleaved_qkv_and_gate_up():
+    heads, layout = Heads(4, 4, 8), Layout(1, 2)
+    # GPT-NeoX: rows [h*3D, (h+1)*3D) hold head h's q, k, v: the TPA slice of heads is one range
+    assert [role_shard("qkv_heads", "weight", (96, 64), heads, layout, r) for r in range(2)] == [
+        Shard(0, 0, 48), Shard(0, 48, 96)]
+    # Phi-3 gate_up: [gate; up], each rank its columns of both halves
+    pair = [role_shard("ffn_in_pair", "weight", (192, 64), heads, Layout(2, 2), r).ranges for r in range(4)]
+    assert pair == [((0, 24), (96, 120)), ((24, 48), (120, 144)), ((48, 72), (144, 168)), ((72, 96), (168, 192))]
+    assert role_shard("q_norm", "weight", (32,), heads, layout, 1) == Shard(0, 16, 32)  # over all heads (OLMo2)
+    assert role_shard("q_norm", "weight", (8,), heads, layout, 1) is None  # per head (Qwen3): replicated
+
+
+def test_checkpoint_names_map_to_the_same_roles():
+    from helix_compile.passes.regions.roles import role_by_name
+
+    assert role_by_name("transformer.h.0.attn.c_attn.weight") == ("qkv", "weight_t")
+    assert role_by_name("transformer.h.0.attn.c_proj.weight") == ("o", "weight_t")
+    assert role_by_name("transformer.h.0.mlp.c_proj.bias") == ("ffn_out", "bias")
+    assert role_by_name("model.layers.0.self_attn.qkv_proj.weight") == ("qkv", "weight")
+    assert role_by_name("model.layers.0.mlp.gate_up_proj.weight") == ("ffn_in_pair", "weight")
+    assert role_by_name("gpt_neox.layers.0.attention.query_key_value.weight") == ("qkv_heads", "weight")
+    assert role_by_name("gpt_neox.layers.0.attention.dense.weight") == ("o", "weight")
+    assert role_by_name("model.layers.0.input_layernorm.weight") == (None, "weight")

@@ -1,0 +1,564 @@
+"""Region matcher: softmax attention over the helix KV cache (MHA / GQA / MQA; separate or fused q/k/v).
+
+Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache write of one attention layer):
+    core    the SDPA node, or the final matmul of the eager chain
+            matmul(q, k^T) -> *scale -> [/softcap -> tanh -> *softcap] -> [+mask] -> softmax -> [to] -> [dropout]
+            -> matmul(., v), whose keys/values trace back (through repeat_kv views) to the cache placeholders
+    q, k, v the projection among the ancestors of the query, of k, of v inside the attention module, reached
+            through per-head ops only (reshapes, elementwise ops, RoPE, per-head norms, and norms over all heads'
+            features, which become exact under tpa > 1 by an all-reduce of partial sums of squares); one fused
+            projection for all three (qkv) is cut by ``FusedSplit``
+    o       the first projection after core, only reshapes between them
+    window  per layer from the config (``layer_types`` / ``sliding_window`` / ``use_sliding_window``)
+
+Rewrite (``replace_with``; pattern ... into ...):
+    kv_write(keys, values, k, v, pos)
+        into  kv_write_local(keys, values, k, v, pos, kvp_rank, kvp, kv_block)          # owner-only write
+    core = sdpa(q, repeat_kv(keys), repeat_kv(values), mask)   (or the eager chain)
+        into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale[, softcap, window])
+              recv   = wait(all_to_all_single(packed, out=[h]*kvp, in=split, kvp_group))  # kvp > 1 only
+              core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
+    o = proj(x, Wo, b)   into  wait(all_reduce(proj(x, Wo_shard), "sum", world)) [+ b]  # N > 1 only
+    mean(x*x, -1) over all heads' features (q/k norm)
+        into  wait(all_reduce(sum(x*x, -1), "sum", tpa_group)) / (heads * D)             # tpa > 1 only
+    fused qkv cuts: global offsets (0, Q*D, (Q+K)*D) into the local ones
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+from .common import (
+    REDUCE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_call, is_method, is_pointwise, module_path,
+    shape, where,
+)
+from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
+
+SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+KV_WRITE = {torch.ops.helix.kv_write, torch.ops.helix.kv_write.default}  # Dynamo records the packet
+funcol = torch.ops._c10d_functional
+
+
+@dataclasses.dataclass
+class CrossHeadNorm:
+    """A norm over all heads' features of q or k (OLMo2): its mean over the sharded features, and its width."""
+
+    mean: fx.Node
+    width: int  # global features (heads * D)
+    weights: list  # 1-D parameters of that width (sharded like the projection rows)
+    role: str  # "q_norm" or "k_norm"
+
+
+@dataclasses.dataclass
+class AttentionMatch:
+    module: str  # e.g. "model.layers.0.self_attn"
+    form: str  # "sdpa" or "eager"
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
+    kv_write: fx.Node
+    keys: fx.Node  # cache placeholders
+    values: fx.Node
+    pos: fx.Node  # global positions of the new tokens
+    query: fx.Node  # (B, Hq, L, D) after RoPE
+    core: fx.Node  # node whose output is the attention output (B, Hq, L, D)
+    scale: float
+    softcap: float = 0.0
+    window: int = 0
+    fused: str | None = None  # "qkv" (stacked q|k|v) or "qkv_heads" (per-head interleaved), None: separate
+    split: FusedSplit | None = None
+    norms: list = dataclasses.field(default_factory=list)  # CrossHeadNorm
+    key_mask: fx.Node | None = None  # the 2-D (B, S_m) attention_mask placeholder HF's mask is built from
+
+    kind = "attention"
+
+    # names kept for the backend and the schedule: the o projection's node, the q/k/v nodes
+    @property
+    def q_linear(self):
+        return self.q.node
+
+    @property
+    def o_linear(self):
+        return self.o.node
+
+    def describe(self) -> str:
+        extra = "".join(
+            f" {k}={v}" for k, v in (("fused", self.fused), ("softcap", self.softcap or None), ("window", self.window or None))
+            if v is not None
+        )
+        if self.norms:
+            extra += f" cross_head_norms={[n.mean.name for n in self.norms]}"
+        return (
+            f"attention {self.module} [{self.form}] q={self.q.name} k={self.k.name} v={self.v.name} "
+            f"o={self.o.name} write={self.kv_write.name} core={self.core.name} scale={self.scale:g}{extra}"
+        )
+
+    def placements_nodes(self):
+        """The placeholders this region places (whatever the heads): for the report of what is left whole."""
+        projs = [self.q, self.k, self.v, self.o]
+        nodes = [(n, None, None) for p in projs for n in (p.weight, p.bias) if n is not None]
+        return nodes + [(w, None, None) for norm in self.norms for w in norm.weights] + [(self.keys, None, None),
+                                                                                           (self.values, None, None)]
+
+    def placements(self, heads):
+        """(placeholder, role, kind) of every input this region shards; ``kv`` for the cache."""
+        if self.fused is None:
+            q_rows, k_rows = self.q.out_features, self.k.out_features
+            if q_rows != heads.q * heads.d or k_rows != heads.k * heads.d:
+                raise ValueError(
+                    f"{self.module}: q_proj has {q_rows} rows and k_proj {k_rows}, but the config says "
+                    f"{heads.q}x{heads.d} query and {heads.k}x{heads.d} key rows"
+                )
+            out = [*self.q.placements("q"), *self.k.placements("k"), *self.v.placements("v")]
+        else:
+            rows, want = self.q.out_features, (heads.q + 2 * heads.k) * heads.d
+            if rows != want:
+                raise ValueError(f"{self.module}: the fused qkv projection has {rows} rows, the config says {want}")
+            if self.fused == "qkv_heads" and (
+                self.split.width != 3 * heads.d or any(not is_method(c, {"chunk"}) or c.args[1] != 3 for c in self.split.cuts)
+            ):
+                raise UnsupportedModelError(
+                    f"{self.module}: fused qkv {self.q.name} is cut at width {self.split.width} by "
+                    f"{[c.name for c in self.split.cuts]}: neither stacked q|k|v nor per-head [q k v] of {heads.d}"
+                )
+            out = list(self.q.placements(self.fused))
+        out += self.o.placements("o")
+        for norm in self.norms:
+            out += [(w, norm.role, "weight") for w in norm.weights]
+        out += [(self.keys, "kv", "cache"), (self.values, "kv", "cache")]
+        return out
+
+    def replace_with(self, graph: fx.Graph, env: dict, ctx) -> None:
+        layout, heads = ctx.layout, ctx.heads
+        keys, values, k, v, pos = (env[x.name] for x in self.kv_write.args)
+        write, core, query = env[self.kv_write.name], env[self.core.name], env[self.query.name]
+        with graph.inserting_before(write):
+            keys, values = _batch_rows(graph, keys, values, k)
+            graph.call_function(
+                torch.ops.helix.kv_write_local.default, (keys, values, k, v, pos, ctx.kvp_rank, layout.kvp, layout.kv_block)
+            )
+        graph.erase_node(write)
+        args = (query, keys, values, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, self.scale)
+        if self.softcap or self.window:
+            args += (float(self.softcap), int(self.window))
+        kwargs = {"key_mask": env[self.key_mask.name]} if self.key_mask is not None else {}
+        with graph.inserting_before(core):
+            packed = graph.call_function(torch.ops.helix.partial_attention.default, args, kwargs)
+            recv = packed
+            if layout.kvp > 1:
+                sent = graph.call_function(
+                    funcol.all_to_all_single.default, (packed, [ctx.split[ctx.kvp_rank]] * layout.kvp, ctx.split, ctx.kvp_group)
+                )
+                recv = graph.call_function(funcol.wait_tensor.default, (sent,))
+            merged = graph.call_function(torch.ops.helix.lse_merge.default, (recv, layout.kvp, heads.d))
+        core.replace_all_uses_with(merged)
+        first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
+        q_local, k_local = heads.q // layout.tpa * heads.d, (stop - first) * heads.d
+        if self.fused is None:
+            for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, k_local)):
+                proj.column_parallel(env, width)
+        else:
+            self.q.column_parallel(env, q_local + 2 * k_local)
+            if self.fused == "qkv" and self.split is not None:
+                qd, kd = heads.q * heads.d, heads.k * heads.d
+                self.split.replace_with(env, [0, qd, qd + kd, qd + 2 * kd], [0, q_local, q_local + k_local, q_local + 2 * k_local])
+        for norm in self.norms:
+            if layout.tpa > 1:
+                _all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.tpa_group)
+        self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * heads.d)
+
+
+def _batch_rows(graph: fx.Graph, keys: fx.Node, values: fx.Node, k: fx.Node):
+    """The cache shards narrowed to the batch of the new keys ``k`` when it is smaller than the cache's."""
+    rows, capacity = k.meta["example_value"].shape[0], keys.meta["example_value"].shape[0]
+    if isinstance(rows, int) and rows == capacity:
+        return keys, values
+    if not isinstance(rows, int):  # a symbolic batch: read it from k at run time
+        rows = graph.call_method("size", (k, 0))
+    return tuple(graph.call_function(torch.narrow, (t, 0, 0, rows)) for t in (keys, values))
+
+
+def _mask_operand(form: str, core: fx.Node) -> fx.Node | None:
+    """The mask the attention core applies: SDPA's attn_mask, or the addend of the eager scores."""
+    if form == "sdpa":
+        mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
+        return mask if isinstance(mask, fx.Node) else None
+    node = core.args[0]  # eager: walk back from the probabilities to ``scores + mask``
+    while isinstance(node, fx.Node) and node.op != "placeholder":
+        if node.op == "call_function" and node.target in (operator.add, torch.add):
+            return node.args[1] if isinstance(node.args[1], fx.Node) else None
+        if node.op == "call_function" and node.target is torch.matmul:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _key_mask(form: str, core: fx.Node) -> fx.Node | None:
+    """The 2-D attention_mask placeholder the core's mask is built from (None: no user mask); refuses others.
+
+    When the model is called with a 2-D ``attention_mask`` (B, S_m) (padded batches, ``generate``), HF builds its
+    4-D mask from it inside the graph (causal & mask[b, p]); partial attention applies it by global key position
+    itself (``key_mask``)."""
+    mask = _mask_operand(form, core)
+    if mask is None:
+        return None
+    found, stack, seen = [], [mask], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        val = node.meta.get("example_value")
+        if not isinstance(val, torch.Tensor):
+            continue  # a size (SymInt) read from some input carries no mask values
+        if node.op == "placeholder":
+            if val.dim() >= 2:
+                found.append(node)
+            continue
+        stack.extend(node.all_input_nodes)
+    if any(shape(n) is not None and len(shape(n)) != 2 for n in found) or len(found) > 1:
+        raise UnsupportedModelError(
+            f"the attention mask of {where(core)} is built from {[f'{n.name} {shape(n)}' for n in found]}; helix "
+            f"supports only the 2-D (batch, length) attention_mask of padded batches"
+        )
+    return found[0] if found else None
+
+
+def _all_reduce_mean(graph: fx.Graph, mean: fx.Node, width: int, group: str) -> None:
+    """mean(x, -1, keepdim) over this rank's features into the mean over every rank's (exact up to fp rounding)."""
+    x = mean.args[0]
+    keepdim = mean.kwargs.get("keepdim", mean.args[2] if len(mean.args) > 2 else False)
+    with graph.inserting_before(mean):
+        part = graph.call_function(torch.sum, (x, -1), {"keepdim": keepdim})
+        reduced = graph.call_function(funcol.all_reduce.default, (part, "sum", group))
+        total = graph.call_function(funcol.wait_tensor.default, (reduced,))
+        result = graph.call_function(operator.truediv, (total, float(width)))
+    mean.replace_all_uses_with(result)
+    graph.erase_node(mean)
+
+
+# -- matching ------------------------------------------------------------------------------------------------------
+def match_attention(graph: fx.Graph, config=None, skip=()) -> list[AttentionMatch]:
+    """One ``AttentionMatch`` per helix cache write, in graph order (refuses what it does not understand);
+    ``skip``: writes claimed by another matcher (MLA)."""
+    writes = [n for n in graph.nodes if n.op == "call_function" and n.target in KV_WRITE]
+    return [_match_one(write, i, config) for i, write in enumerate(writes) if write not in skip]
+
+
+def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
+    keys, values, k, v, pos = write.args
+    module = module_path(write)
+    form, core, query, scale, softcap = _find_core(keys, values, write)
+    norms: list[CrossHeadNorm] = []
+    q = _projection_ancestor(query, module, f"query of {module}", norms, "q_norm")
+    kp = _projection_ancestor(k, module, f"key of {module}", norms, "k_norm")
+    vp = _projection_ancestor(v, module, f"value of {module}", norms, None)
+    fused, split = None, None
+    if len({q.node, kp.node, vp.node}) == 3:
+        for proj in (q, kp, vp):  # a cut of a projection's whole feature width would need a fused rewrite
+            cut = find_split(proj, f"projection of {module}")
+            flat = [c for c in (cut.cuts if cut else []) if len(shape(c.args[0]) or ()) < 4]  # (B, L, features)
+            if flat and cut.width == proj.out_features:
+                raise UnsupportedModelError(
+                    f"{module}: {where(flat[0])} cuts the features of {proj.name} before they split into heads"
+                )
+    else:
+        if not (q.node is kp.node is vp.node):
+            raise UnsupportedModelError(f"{module}: two of q/k/v share projection '{q.name}' and the third does not")
+        split = find_split(q, f"fused qkv of {module}")
+        if split is None:
+            raise UnsupportedModelError(f"{module}: fused q/k/v projection {where(q.node)} without a split helix understands")
+        fused = "qkv_heads" if split.width != q.out_features else "qkv"
+    o = _first_projection_after(core, f"attention output of {module}")
+    if config is not None:
+        configured = getattr(config, "attn_logit_softcapping", None) or 0.0
+        if configured and not softcap:
+            raise UnsupportedModelError(
+                f"{module}: the config sets attn_logit_softcapping={configured} but helix found no soft-capping in "
+                f"{where(core)}; use attn_implementation='eager'"
+            )
+    window = layer_window(config, _layer_index(keys, index)) if config is not None else 0
+    return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
+                          fused, split, norms, _key_mask(form, core))
+
+
+def _layer_index(keys: fx.Node, fallback: int) -> int:
+    found = re.search(r"layers_(\d+)_keys$", keys.name)  # helix StaticCache placeholders: ..._layers_{i}_keys
+    return int(found.group(1)) if found else fallback
+
+
+def layer_window(config, layer: int) -> int:
+    """Sliding window of a decoder layer (0: full attention), as transformers' mask functions apply it."""
+    window = getattr(config, "sliding_window", None) or 0
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        kind = types[layer]
+        if kind == "sliding_attention":
+            return int(window)
+        if kind == "full_attention":
+            return 0
+        raise UnsupportedModelError(f"layer {layer} has attention type {kind!r}; helix supports full and sliding attention")
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        return int(window)  # Mistral: every layer slides
+    return 0
+
+
+def _projection_ancestor(start: fx.Node, attention_module: str, what: str, norms: list, norm_role) -> Projection:
+    """The unique projection among the ancestors of ``start`` inside the attention module, every op between them
+    per head (ops that do not depend on the projection, e.g. RoPE's cos/sin, are replicated values: any op)."""
+    found, stack, seen, inner = [], [start], set(), []
+    while stack:
+        node = stack.pop()
+        if node in seen or not isinstance(node, fx.Node):
+            continue
+        seen.add(node)
+        if is_projection(node) or (is_method(node, {"view"}) and is_projection(node.args[0]) and node.args[0].target is torch.addmm):
+            proj = projection_of(node)
+            if all(p.node is not proj.node for p in found):
+                found.append(proj)
+            continue
+        if node.op in ("placeholder", "get_attr") or is_method(node, {"size"}):
+            continue  # a size (dynamic batch or length) carries no values
+        if not module_path(node).startswith(attention_module):
+            continue  # e.g. RoPE cos/sin computed at model level: replicated, broadcast over heads
+        inner.append(node)
+        stack.extend(n for n in node.all_input_nodes)
+    if len(found) != 1:
+        raise UnsupportedModelError(
+            f"{what}: expected exactly one projection feeding it inside '{attention_module}', found "
+            f"{[p.name for p in found]}"
+        )
+    proj = found[0]
+    sharded = {proj.node, proj.out}  # the nodes whose values depend on the projection: these carry heads
+    for node in sorted(inner, key=_order):
+        if any(n in sharded for n in node.all_input_nodes):
+            sharded.add(node)
+            norm = _check_per_head(node, what)
+            if norm is not None:
+                norms.append(norm)
+    for norm in norms:
+        if norm.width == proj.out_features and norm.role is None:
+            norm.role = norm_role
+    if any(n.role is None for n in norms):
+        raise UnsupportedModelError(f"{what}: a norm over all heads' features is only supported on the query and key")
+    # 1-D parameters as wide as the projection (the norm weights) are sharded like its rows
+    for norm in norms:
+        if norm.role == norm_role and not norm.weights:
+            norm.weights = [
+                p for n in sharded - {proj.node} for p in n.all_input_nodes
+                if p.op == "placeholder" and shape(p) == (norm.width,)
+            ]
+    return proj
+
+
+def _order(node: fx.Node) -> int:
+    """Topological position: FX keeps a graph's nodes in a valid order, and a node's ``_sort_key`` follows it."""
+    return node._sort_key
+
+
+def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
+    """Allow only ops that keep heads independent between a projection and attention (or a cross-head norm)."""
+    if node.op == "call_method" and node.target in SHAPE_METHODS or is_pointwise(node):
+        return None
+    if is_call(node, {torch.stack}) or is_method(node, {"repeat_interleave"}):  # interleaved RoPE: within a head
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and is_call(node, {torch.stack}) else
+                              node.args[2] if len(node.args) > 2 else None)
+        first = node.args[0][0] if is_call(node, {torch.stack}) else node.args[0]
+        if dim == -1 and len(shape(first) or ()) == 4:
+            return None
+    if is_method(node, SPLIT_METHODS):  # cuts of the last dim: a fused qkv (checked by FusedSplit) or within a head
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        if dim in (-1, len(shape(node.args[0]) or ()) - 1):
+            return None
+    reduces = (node.op == "call_method" and node.target in REDUCE_METHODS) or is_call(node, {torch.mean, torch.sum})
+    if reduces:
+        in_shape = shape(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", None)
+        if in_shape is not None and dims in (-1, len(in_shape) - 1, (-1,), [-1]):
+            if len(in_shape) == 4:
+                return None  # a per-head norm (q_norm / k_norm over head_dim)
+            if len(in_shape) == 3 and node.target in ("mean", torch.mean):
+                return CrossHeadNorm(node, in_shape[-1], [], None)  # over all heads' features (OLMo2)
+    raise UnsupportedModelError(
+        f"{what}: {where(node)} is not a per-head op; helix shards heads across ranks and would change its result"
+    )
+
+
+def _cache_source(node: fx.Node) -> fx.Node | None:
+    """Follow repeat_kv (getitem None / expand / reshape / contiguous) back to a placeholder."""
+    while node.op != "placeholder":
+        if node.op == "call_method" and node.target in SHAPE_METHODS or (
+            node.op == "call_function" and node.target is operator.getitem
+        ):
+            node = node.args[0]
+        else:
+            return None
+    return node
+
+
+def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
+    """Return (form, core, query, scale, softcap) for the attention that reads the cache placeholders."""
+    for user in _repeat_kv_users(keys):
+        if user.op == "call_function" and user.target in SDPA_TARGETS:
+            query, value = user.args[0], user.args[2] if len(user.args) > 2 else user.kwargs["value"]
+            if _cache_source(value) is not values:
+                raise UnsupportedModelError(f"attention reads keys of one cache layer and values of another: {where(user)}")
+            if user.kwargs.get("dropout_p", 0.0) not in (0.0, 0):
+                raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(user)}")
+            mask = user.kwargs.get("attn_mask", user.args[3] if len(user.args) > 3 else None)
+            _check_causal_mask(mask, user)
+            scale = user.kwargs.get("scale")
+            if scale is None:
+                scale = 1.0 / math.sqrt(shape(query)[-1])
+            return "sdpa", user, query, float(scale), 0.0
+        if user.op == "call_method" and user.target == "transpose":
+            for mm in user.users:
+                if mm.op == "call_function" and mm.target is torch.matmul and mm.args[1] is user:
+                    return _eager_core(mm, values)
+    raise UnsupportedModelError(
+        f"the cache write {where(write)} is not followed by an attention helix understands (SDPA or "
+        f"matmul-softmax-matmul over the whole cache)"
+    )
+
+
+_COMPARISONS = {operator.le, operator.lt, operator.ge, operator.gt, torch.le, torch.lt, torch.ge, torch.gt}
+
+
+def _check_causal_mask(mask, attention: fx.Node) -> None:
+    """Refuse attention whose mask is not transformers' causal (or sliding-window) mask over positions.
+
+    helix masks keys by their global position (p <= t, and the layer's window), so the model's own mask must mean
+    exactly that: built from a comparison of positions, carrying no additive bias (ALiBi, relative positions).
+    No mask at all over a static cache means bidirectional attention (an encoder used as a decoder) or torch's
+    top-left ``is_causal``; neither is what helix computes.
+    """
+    if mask is None:
+        raise UnsupportedModelError(
+            f"{where(attention)} attends without a mask over the cache (bidirectional attention, e.g. an encoder "
+            f"model without is_decoder=True); helix computes causal attention only"
+        )
+    if not isinstance(mask, fx.Node):
+        raise UnsupportedModelError(f"{where(attention)}: a constant attention mask helix does not understand")
+    seen, stack, causal = set(), [mask], False
+    while stack and len(seen) < 400:
+        node = stack.pop()
+        if node in seen or not isinstance(node, fx.Node):
+            continue
+        seen.add(node)
+        if is_call(node, _COMPARISONS) or is_method(node, {"le", "lt", "ge", "gt", "tril", "triu"}):
+            causal = True
+            continue  # positions compared: what lies before is index arithmetic
+        val = node.meta.get("example_value")
+        floating = isinstance(val, torch.Tensor) and val.is_floating_point()
+        arithmetic = is_call(node, {operator.add, operator.sub, operator.mul, torch.add, torch.mul, torch.sub, torch.baddbmm})
+        if floating and (arithmetic or is_method(node, {"add", "mul", "sub", "baddbmm"})):
+            raise UnsupportedModelError(
+                f"{where(attention)}: its mask carries a bias ({where(node)}), e.g. ALiBi; helix masks by position "
+                f"only"
+            )
+        stack.extend(node.all_input_nodes)
+    if not causal:
+        raise UnsupportedModelError(
+            f"{where(attention)}: its mask is not built from a comparison of positions (not a causal mask helix "
+            f"understands)"
+        )
+
+
+def _repeat_kv_users(placeholder: fx.Node):
+    """Nodes that consume the cache (directly or through repeat_kv views), excluding the write itself."""
+    out, frontier = [], [placeholder]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if (user.op == "call_method" and user.target in SHAPE_METHODS - {"transpose"}) or (
+                user.op == "call_function" and user.target is operator.getitem
+            ):
+                frontier.append(user)
+            elif user.op == "call_function" and user.target in KV_WRITE:
+                continue
+            else:
+                out.append(user)
+    return out
+
+
+def _dropout_is_identity(node: fx.Node) -> bool:
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return p in (0.0, 0) or training is False
+
+
+def _eager_core(matmul: fx.Node, values: fx.Node):
+    """matmul(q, k^T) -> *scale -> [/c -> tanh -> *c] -> [+mask] -> softmax -> [to] -> [dropout] -> matmul(., v)."""
+    query, node, scale, softcap, capping, masked = matmul.args[0], matmul, None, 0.0, None, False
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            raise UnsupportedModelError(f"eager attention scores are used more than once: {where(node)}")
+        nxt = users[0]
+        if is_call(nxt, {operator.mul, torch.mul}) and isinstance(nxt.args[1], float):
+            if capping is not None:  # the second half of soft-capping: tanh(s / c) * c
+                if capping[1] != "tanh" or nxt.args[1] != capping[0]:
+                    raise UnsupportedModelError(f"eager attention: soft-capping helix does not understand at {where(nxt)}")
+                softcap, capping = capping[0], None
+            elif scale is None:
+                scale = nxt.args[1]
+            else:
+                raise UnsupportedModelError(f"eager attention scaled twice: {where(nxt)}")
+        elif is_call(nxt, {operator.truediv, torch.div}) and isinstance(nxt.args[1], float) and scale is not None:
+            capping = (nxt.args[1], "div")  # Gemma 2: scores / softcap -> tanh -> * softcap
+        elif is_call(nxt, {operator.truediv, torch.div}) and isinstance(nxt.args[1], float):
+            scale = 1.0 / nxt.args[1]  # scores / sqrt(D)
+        elif is_call(nxt, {torch.tanh}) or is_method(nxt, {"tanh"}):
+            if capping is None or capping[1] != "div":
+                raise UnsupportedModelError(f"eager attention: tanh outside soft-capping at {where(nxt)}")
+            capping = (capping[0], "tanh")
+        elif capping is not None:
+            raise UnsupportedModelError(f"eager attention: incomplete soft-capping before {where(nxt)}")
+        elif is_call(nxt, {operator.add, torch.add}):
+            if masked:
+                raise UnsupportedModelError(f"eager attention adds to its scores twice (a bias such as ALiBi?): {where(nxt)}")
+            masked = True  # the causal mask; helix masks by global positions itself
+            _check_causal_mask(nxt.args[1] if nxt.args[0] is node else nxt.args[0], nxt)
+        elif is_call(nxt, {torch.nn.functional.softmax, torch.softmax}):
+            pass
+        elif is_method(nxt, {"to", "float", "type_as"}):
+            pass
+        elif is_call(nxt, {torch.nn.functional.dropout}):
+            if not _dropout_is_identity(nxt):
+                raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(nxt)}")
+        elif is_call(nxt, {torch.matmul}):
+            if not masked:
+                _check_causal_mask(None, nxt)
+            if _cache_source(nxt.args[1]) is not values:
+                raise UnsupportedModelError(f"eager attention does not read the cache values: {where(nxt)}")
+            if scale is None:
+                raise UnsupportedModelError(f"eager attention without a constant scale: {where(matmul)}")
+            return "eager", nxt, query, float(scale), float(softcap)
+        else:
+            raise UnsupportedModelError(f"unexpected op in eager attention: {where(nxt)}")
+        node = nxt
+
+
+def _first_projection_after(node: fx.Node, region: str) -> Projection:
+    between = []
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            raise UnsupportedModelError(
+                f"{region}: {where(node)} is used by {len(users)} nodes {[u.name for u in users]}; between the "
+                f"attention and its output projection helix expects reshapes only (each rank holds some heads there; "
+                f"an op over all heads, such as a norm, is not supported)"
+            )
+        node = users[0]
+        if is_projection(node):
+            proj = projection_of(node)
+            check_only([b for b in between if b is not proj.in_view], SHAPE_METHODS | {operator.getitem}, region)
+            return proj
+        between.append(node)

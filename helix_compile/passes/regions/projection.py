@@ -1,0 +1,216 @@
+"""Projections, plain or fused: the matcher every region kind builds on.
+
+A projection is ``y = x W^T + b`` (``nn.Linear``: one ``linear`` node) or ``y = x W + b`` (transformers'
+``Conv1D``, GPT-2: ``view(x, (-1, in)) -> addmm(b, ., W) -> view(..., out)``, weight stored (in, out)).
+``Projection`` normalises both, and owns the two rewrites a region asks of it:
+
+    column-parallel (the rank computes some output features):   only the constant output width of a Conv1D's
+        output view changes; the weight and bias arrive already sliced (plan placements).
+    row-parallel (the rank holds some input features):           y = x W + b
+        into  y = wait(all_reduce(x W_shard, "sum", group)) + b    (bias once, after the sum)
+
+A fused projection's output is split by the model into its parts (q|k|v, gate|up) with constant offsets
+(``split``, ``chunk``, slicing ``getitem``): ``FusedSplit`` finds those ops and rewrites each global boundary to
+the local one (Inductor's micro_pipeline_tp style: the match owns its ``replace_with``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+
+from .common import ADDMM, LINEAR, SHAPE_METHODS, UnsupportedModelError, is_call, is_method, shape, where
+
+funcol = torch.ops._c10d_functional
+
+
+@dataclasses.dataclass
+class Projection:
+    node: fx.Node  # the linear / addmm node
+    out: fx.Node  # the node whose value is y, features last: the linear itself, or a Conv1D's output view
+    weight: fx.Node
+    bias: fx.Node | None
+    in_view: fx.Node | None = None  # Conv1D only: view(x, (-1, in))
+
+    @property
+    def transposed(self) -> bool:
+        return self.in_view is not None
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def out_features(self) -> int:
+        return shape(self.weight)[1 if self.transposed else 0]
+
+    @property
+    def in_features(self) -> int:
+        return shape(self.weight)[0 if self.transposed else 1]
+
+    def placements(self, role: str):
+        """(placeholder, role, kind) for the weight and the bias (the plan resolves each with ``role_shard``)."""
+        out = [(self.weight, role, "weight_t" if self.transposed else "weight")]
+        if self.bias is not None:
+            out.append((self.bias, role, "bias"))
+        for node, _, kind in out:
+            if node.op != "placeholder":
+                raise UnsupportedModelError(f"{role} projection {where(self.node)}: its {kind} is computed in the graph")
+        return out
+
+    # -- rewrites (on the partitioned copy: ``env`` maps names to its nodes) ---------------------------------------
+    def column_parallel(self, env: dict, local_out: int) -> None:
+        if self.transposed:
+            _set_last_size(env[self.out.name], local_out)
+
+    def row_parallel(self, graph: fx.Graph, env: dict, group: str | None, n: int, local_in: int) -> None:
+        if n == 1:
+            return
+        node = env[self.node.name]
+        if self.transposed:  # addmm(b, x, W) -> mm(x, W_shard) on the local input features
+            _set_last_size(env[self.in_view.name], local_in)
+            bias = node.args[0]
+            with graph.inserting_before(node):
+                mm = graph.call_function(torch.mm, (node.args[1], node.args[2]))
+            node.replace_all_uses_with(mm)
+            graph.erase_node(node)
+            node = mm
+        else:
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            node.args = (node.args[0], node.args[1], None)
+            node.kwargs = {}
+        with graph.inserting_after(node):
+            reduced = graph.call_function(funcol.all_reduce.default, (node, "sum", group))
+        with graph.inserting_after(reduced):
+            result = graph.call_function(funcol.wait_tensor.default, (reduced,))
+        if bias is not None:
+            with graph.inserting_after(result):
+                result = graph.call_function(torch.add, (result, bias))
+        node.replace_all_uses_with(result, delete_user_cb=lambda user: user is not reduced)
+
+
+def is_projection(node) -> bool:
+    return is_call(node, {LINEAR}) or is_call(node, {ADDMM})
+
+
+def as_projection(node: fx.Node) -> Projection:
+    """Normalise a ``linear`` or a Conv1D ``addmm`` node (refusing any other addmm)."""
+    if node.target is LINEAR:
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return Projection(node, node, node.args[1], bias)
+    bias, x, weight = node.args[:3]
+    users = list(node.users)
+    if (
+        node.kwargs or not is_method(x, {"view"}) or len(users) != 1 or not is_method(users[0], {"view"})
+        or weight.op != "placeholder"
+    ):
+        raise UnsupportedModelError(f"{where(node)}: an addmm that is not a Conv1D projection (view -> addmm -> view)")
+    return Projection(node, users[0], weight, bias, in_view=x)
+
+
+def projection_of(node: fx.Node) -> Projection:
+    """The projection whose ``out`` or ``node`` this is."""
+    if is_projection(node):
+        return as_projection(node)
+    if is_method(node, {"view"}) and is_call(node.args[0], {ADDMM}):
+        return as_projection(node.args[0])
+    raise KeyError(node.name)
+
+
+def _set_last_size(view: fx.Node, size: int) -> None:
+    """view(x, (..., n)) / view(x, ..., n) -> the same with the last size ``size``."""
+    args = list(view.args)
+    if len(args) == 2 and isinstance(args[1], (tuple, list)):
+        args[1] = (*args[1][:-1], size)
+    else:
+        args[-1] = size
+    if not isinstance(view.args[-1] if len(view.args) > 2 else view.args[1][-1], int):
+        raise UnsupportedModelError(f"{where(view)}: expected a constant feature width")
+    view.args = tuple(args)
+
+
+# -- the splits of a fused projection ---------------------------------------------------------------------------
+SPLIT_METHODS = {"split", "chunk", "tensor_split"}
+
+
+@dataclasses.dataclass
+class FusedSplit:
+    """The ops that cut a fused projection's output into its parts along the feature (last) dim.
+
+    ``boundaries`` are the global offsets of the parts (e.g. 0, Q*D, Q*D+K*D, (Q+2K)*D); ``replace_with``
+    rewrites every constant offset to the rank's local one (``local`` boundaries, same count).
+    """
+
+    projection: Projection
+    cuts: list[fx.Node]  # split / chunk / getitem-slice nodes on the last dim
+    width: int  # global feature width at the cut (e.g. (Q+2K)*D, or 3*D for per-head interleaved)
+
+    def replace_with(self, env: dict, global_bounds: list[int], local_bounds: list[int]) -> None:
+        to_local = dict(zip(global_bounds, local_bounds))
+
+        def local(value, node):
+            if value is None:
+                return None
+            value = value + self.width if value < 0 else value
+            if value not in to_local:
+                raise UnsupportedModelError(f"{where(node)}: offset {value} is not a boundary of {global_bounds}")
+            return to_local[value]
+
+        for cut in self.cuts:
+            node = env[cut.name]
+            if node.op == "call_method" and node.target == "chunk":
+                continue  # equal parts of the local width: already right
+            if node.op == "call_method" and node.target == "split":
+                sizes = node.args[1]
+                if isinstance(sizes, int):
+                    parts = [local(sizes * (i + 1), cut) - local(sizes * i, cut) for i in range(self.width // sizes)]
+                    if len(set(parts)) != 1:
+                        raise UnsupportedModelError(f"{where(cut)}: equal global parts become unequal locally {parts}")
+                    new = parts[0]
+                else:
+                    starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+                    new = [local(b, cut) - local(a, cut) for a, b in zip(starts, starts[1:])]
+                node.args = (node.args[0], new, *node.args[2:])
+                continue
+            index = node.args[1]  # getitem(x, (Ellipsis, slice(a, b)))
+            last = index[-1]
+            node.args = (node.args[0], (*index[:-1], slice(local(last.start, cut), local(last.stop, cut), last.step)))
+
+
+def find_split(projection: Projection, region: str) -> FusedSplit | None:
+    """The last-dim cuts of a projection's output reached through reshapes (None: the output is not cut)."""
+    cuts, frontier, width = [], [projection.out], None
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if is_method(user, SHAPE_METHODS) and user.target not in ("transpose", "permute"):
+                frontier.append(user)  # views keep the feature dim last here (checked through the width below)
+            elif is_method(user, {"transpose"}) and {_dim(a, user) for a in user.args[1:3]} & {-1}:
+                raise UnsupportedModelError(f"{region}: {where(user)} moves the fused feature dim")
+            elif is_method(user, {"transpose"}):
+                frontier.append(user)
+            elif is_method(user, SPLIT_METHODS) or is_call(user, {torch.split, torch.chunk}):
+                dim = user.kwargs.get("dim", user.args[2] if len(user.args) > 2 else 0)
+                if _dim(dim, user) != -1:
+                    raise UnsupportedModelError(f"{region}: {where(user)} splits a fused projection along another dim")
+                cuts.append(user)
+                width = shape(node)[-1]
+            elif user.op == "call_function" and user.target is operator.getitem and _is_last_dim_slice(user.args[1]):
+                cuts.append(user)
+                width = shape(node)[-1]
+    return FusedSplit(projection, cuts, width) if cuts else None
+
+
+def _dim(dim, node) -> int:
+    rank = len(shape(node.args[0]) or ())
+    return dim - rank if isinstance(dim, int) and dim >= 0 else dim
+
+
+def _is_last_dim_slice(index) -> bool:
+    return (
+        isinstance(index, tuple) and len(index) >= 2 and index[0] is Ellipsis and isinstance(index[-1], slice)
+        and all(i == slice(None) for i in index[1:-1])
+    )

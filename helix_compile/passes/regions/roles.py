@@ -1,0 +1,151 @@
+"""Roles of parameters and their shards: the single source of truth for which rows or columns a rank holds.
+
+Both the plan pass (parameters found in the graph by the region matchers) and ``loading.from_pretrained``
+(parameters found by name in a checkpoint) ask ``role_shard``; they cannot disagree.
+
+Rank r: kvp_rank = r // tpa, tpa_rank = r % tpa, N = kvp * tpa, D = head_dim, Q / K query / KV heads, I the FFN
+intermediate size. Rows are output features of an ``nn.Linear`` weight (out, in); a Conv1D weight (GPT-2) is
+stored transposed (in, out): its kind is ``weight_t`` and the same rows are its columns.
+
+    q, k, v      rows of the TPA slice's heads: [tpa_rank*Q/tpa, (tpa_rank+1)*Q/tpa) * D (k, v: K instead of Q)
+    qkv          fused [q; k; v] rows (Phi-3 qkv_proj, GPT-2 c_attn): the q, k and v rows above, concatenated
+    qkv_heads    fused per-head [q_h k_h v_h] rows (GPT-NeoX query_key_value, MHA): [h0*3D, h1*3D)
+    q_norm, k_norm  a norm over all heads' features (OLMo2): the same rows as q / k; a per-head norm (Qwen3,
+                 weight of D elements) is replicated
+    o            columns of the heads r holds after the all-to-all (Layout.head_split); its bias is added once,
+                 after the all-reduce
+    ffn_in       rows [r*I/N, (r+1)*I/N) (a dense FFN is TP over all N ranks, also in a MoE model)
+    ffn_in_pair  fused [gate; up] rows (Phi-3 gate_up_proj): that range of each half, concatenated
+    ffn_out      columns [r*I/N, (r+1)*I/N); bias after the all-reduce
+    experts_gate_up, experts_down
+                 fused 3-D routed-expert weights: experts split over ep, each TP-split over tpf (``moe.expert_shard``)
+    MLA (Heads.latent)  q/kv projections replicated (tpa = 1); o as above with D = v_head_dim
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ...layout import Layout, mla_latent
+from ...shards import Shard
+
+# HF parameter names (for loading checkpoints before any graph exists). A "parent.name" key wins over "name".
+ROLE_BY_NAME = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+    "gate_proj": "ffn_in", "up_proj": "ffn_in", "down_proj": "ffn_out",
+    "qkv_proj": "qkv", "gate_up_proj": "ffn_in_pair",  # Phi-3
+    "query_key_value": "qkv_heads", "attention.dense": "o",  # GPT-NeoX
+    "dense_h_to_4h": "ffn_in", "dense_4h_to_h": "ffn_out",
+    "attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "ffn_in", "mlp.c_proj": "ffn_out",  # GPT-2 (Conv1D)
+    "q_norm": "q_norm", "k_norm": "k_norm",
+    "fc1": "ffn_in", "fc2": "ffn_out", "self_attn.dense": "o",  # Phi
+    "experts.gate_up_proj": "experts_gate_up", "experts.down_proj": "experts_down",  # fused MoE experts (5.x)
+}
+CONV1D_NAMES = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}  # weights stored (in, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    q: int  # num_attention_heads
+    k: int  # num_key_value_heads (1 for MLA: one latent head)
+    d: int  # head_dim of the attention output (v_head_dim for MLA)
+    latent: bool = False  # MLA: q/kv projections stay whole (tpa = 1)
+
+    @classmethod
+    def of(cls, config) -> "Heads":
+        q = config.num_attention_heads
+        if mla_latent(config) is not None:
+            return cls(q, 1, config.v_head_dim, True)
+        k = getattr(config, "num_key_value_heads", None) or q
+        d = getattr(config, "head_dim", None) or config.hidden_size // q
+        return cls(q, k, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pieces:
+    """Rank-local piece made of several ranges of one dim, concatenated (a fused projection's share)."""
+
+    dim: int
+    ranges: tuple  # ((start, stop), ...)
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor.narrow(self.dim, a, b - a) for a, b in self.ranges], dim=self.dim)
+
+    @property
+    def size(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+
+def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: int):
+    """The shard (``Shard``, ``Pieces`` or None = replicated) of a parameter with this role on ``rank``.
+
+    ``kind`` is 'weight', 'weight_t' (a Conv1D weight, stored (in, out)) or 'bias'; ``shape`` its global shape.
+    """
+    if kind == "weight_t":
+        spec = role_shard(role, "weight", tuple(reversed(shape)), heads, layout, rank)
+        return None if spec is None else dataclasses.replace(spec, dim=1 - spec.dim)
+    tpa_rank, kvp_rank = layout.tpa_rank(rank), layout.kvp_rank(rank)
+    if role in ("experts_gate_up", "experts_down"):
+        from .moe import expert_shard
+
+        return expert_shard(role, shape, layout, rank)
+    if heads.latent and role in ("q", "k", "v", "qkv", "q_norm", "k_norm"):
+        return None  # MLA: tpa = 1, every rank projects all heads (its own KV lives in the latent cache shard)
+    d = heads.d
+    q_rows = (tpa_rank * heads.q // layout.tpa * d, (tpa_rank + 1) * heads.q // layout.tpa * d)
+    first, stop = layout.kv_heads(heads.k, rank)  # tpa > K (TP baseline): the one KV head the slice reads
+    k_rows = (first * d, stop * d)
+    if role == "q":
+        return Shard(0, *q_rows)
+    if role in ("k", "v"):
+        return Shard(0, *k_rows)
+    if role in ("q_norm", "k_norm"):
+        rows = q_rows if role == "q_norm" else k_rows
+        full = (heads.q if role == "q_norm" else heads.k) * d
+        return Shard(0, *rows) if shape[0] == full and layout.tpa > 1 else None
+    if role == "qkv":
+        qd, kd = heads.q * d, heads.k * d
+        return Pieces(0, (q_rows, (qd + k_rows[0], qd + k_rows[1]), (qd + kd + k_rows[0], qd + kd + k_rows[1])))
+    if role == "qkv_heads":
+        if heads.q != heads.k:
+            raise ValueError(f"a per-head interleaved qkv projection needs as many KV heads as query heads ({heads})")
+        return Shard(0, q_rows[0] * 3, q_rows[1] * 3)
+    if role == "o":
+        if kind == "bias":
+            return None
+        split = layout.head_split(heads.q // layout.tpa)
+        h0 = tpa_rank * (heads.q // layout.tpa) + sum(split[:kvp_rank])
+        return Shard(1, h0 * d, (h0 + split[kvp_rank]) * d)
+    if role in ("ffn_in", "ffn_out", "ffn_in_pair"):
+        if role == "ffn_out" and kind == "bias":
+            return None
+        inter = shape[0] if role != "ffn_out" else shape[1]
+        if role == "ffn_in_pair":
+            inter //= 2
+        n = layout.world_size
+        if inter % n:
+            raise ValueError(f"N={n} ranks do not divide the dense FFN intermediate size {inter}")
+        per = inter // n
+        r = rank
+        if role == "ffn_in_pair":
+            return Pieces(0, ((r * per, (r + 1) * per), (inter + r * per, inter + (r + 1) * per)))
+        return Shard(0 if role == "ffn_in" else 1, r * per, (r + 1) * per)
+    raise KeyError(role)
+
+
+def role_by_name(name: str) -> tuple[str | None, str]:
+    """(role, kind) of a checkpoint parameter by its HF name, e.g. ('q', 'weight'); (None, kind) if unsharded."""
+    parts = name.split(".")
+    if len(parts) < 2:
+        return None, parts[-1]
+    kind = parts[-1]
+    if ".".join(parts[-2:]) in ROLE_BY_NAME:  # a fused expert tensor is a parameter of the experts module itself
+        return ROLE_BY_NAME[".".join(parts[-2:])], "weight"
+    pair = ".".join(parts[-3:-1])
+    role = ROLE_BY_NAME.get(pair) if len(parts) >= 3 else None
+    role = role or ROLE_BY_NAME.get(parts[-2])
+    if role is not None and kind == "weight" and pair in CONV1D_NAMES:
+        kind = "weight_t"
+    return role, kind

@@ -1,0 +1,71 @@
+"""Region matchers: what detect finds and what the plan reports, on the decode graph of rank 1 of 4 (fake group)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from helix_compile import Layout, StaticCache
+from helix_compile.backend import run_passes
+from models import model, prompt
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def fake_world():
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
+    yield
+    dist.destroy_process_group()
+
+
+def passes(m, layout=Layout(2, 2, kv_block=4)):
+    torch._dynamo.reset()
+    cache, seen = StaticCache(m.config, 2, 32, layout), []
+
+    def backend(gm, example_inputs, **_):
+        seen.append(run_passes(gm, example_inputs, layout))
+        return lambda *args: [torch.zeros(()) for _ in gm.graph.output_node().args[0]]
+
+    torch.compile(m, backend=backend, fullgraph=True)(input_ids=prompt(length=5), past_key_values=cache)
+    return seen[-1]
+
+
+def test_projection_no_matcher_claims_is_reported(fake_world):
+    """An extra projection inside a decoder layer stays whole: a warning and plan.json's 'whole', with its bytes."""
+    m = model("llama")
+    norm = m.model.layers[0].input_layernorm
+    m.model.layers[0].input_layernorm = torch.nn.Sequential(norm, torch.nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match=r"helix leaves model.layers.0.input_layernorm whole: .* 16640 bytes on every rank"):
+        done = passes(m)
+    assert done.plan.whole == {"model.layers.0.input_layernorm": (64 * 64 + 64) * 4}
+    assert '"whole"' in done.plan.to_json()
+    assert "whole model.layers.0.input_layernorm" in done.regions.describe()
+
+
+def test_mlp_dropout_after_down_projection(fake_world):
+    """GPT-2's MLP ends in a dropout inside the module: the out projection is found by dataflow, not by being the
+    module's last op."""
+    done = passes(model("gpt2"))
+    ffn = done.regions.ffn
+    assert [f.module for f in ffn] == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
+    assert all(len(f.ins) == 1 and f.out.transposed for f in ffn)  # Conv1D c_fc -> c_proj
+
+
+def test_cross_head_norm_found_and_all_reduced_over_tpa(fake_world):
+    done = passes(model("olmo2"))
+    norms = [n.role for a in done.regions.attention for n in a.norms]
+    assert norms == ["q_norm", "k_norm"] * 2
+    reduces = [n for n in done.stages["partition"].graph.nodes if "all_reduce" in str(n.target)]
+    assert len(reduces) == 2 * 2 + 2 * 2  # o_proj and down_proj, plus the q and k norms, of 2 layers
+    tpa_group = Layout(2, 2).tpa_group_name()
+    assert sum(n.args[2] == tpa_group for n in reduces) == 4
+    roles = done.plan.roles
+    assert sorted(v for v in roles.values() if "norm" in v) == ["k_norm.weight"] * 2 + ["q_norm.weight"] * 2
+
+
+def test_interleaved_rope_is_per_head(fake_world):
+    """GLM's RoPE interleaves pairs (cos/sin repeat_interleave'd inside the attention module, stack + flatten on
+    q and k): the ops on cos/sin carry no heads, the ones on q and k stay within a head."""
+    done = passes(model("glm"))
+    assert len(done.regions.attention) == 2 and not done.regions.whole

@@ -1,0 +1,462 @@
+"""The coverage table: every causal-LM model type of transformers, built from a small config, under helix.
+
+    python tools/coverage.py [--world 2] [--world 4] [--steps 12] [--only llama,gpt2] [--out docs/coverage.md]
+
+For each model type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: build a tiny random fp32 model (2 layers, hidden 64,
+4 query heads, 2 KV heads where the family has the notion, sliding windows of 12 positions where it has them,
+random biases), then on real gloo ranks (``--world``, eager executor) greedy-decode a batch of 2 prompts of 7
+tokens for ``--steps`` steps with every layout (kvp, tpa) that applies, against single-device transformers with
+its own StaticCache, kv_block=4 so the decode steps cross blocks and ranks. A cell says ``exact`` (max relative
+logit error, greedy tokens identical, logits identical on every rank), or the error helix (or transformers)
+raised. ``WRONG`` (tokens or logits differ without an error) must never appear.
+
+Ranks process the families one after another in one process group; a family that hangs or kills a rank is
+recorded as such and the ranks restart after it. Written to ``--out`` with the transformers and torch versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from queue import Empty
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SMALL = dict(
+    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=12, pad_token_id=0,
+    bos_token_id=1, eos_token_id=2, ffn_hidden_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+    decoder_start_token_id=0, layer_norm_epsilon=1e-5, tie_word_embeddings=False, rotary_dim=8,
+    is_decoder=True,  # encoder families used as causal LMs (BertLMHeadModel ...): transformers asks for it
+)
+PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
+
+
+def small_config(model_type: str):
+    """The family's config with the small sizes above, set only where the family has that attribute."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    default = cls()
+    text = default.get_text_config(decoder=True)
+    kw = {k: v for k, v in SMALL.items() if hasattr(text, k)}
+    if getattr(default, "is_encoder_decoder", False):
+        raise NotImplementedError("an encoder-decoder model: helix parallelises decoder-only causal LMs")
+    sub = [k for k, v in vars(default).items() if v is text and k != "self"]
+    if text is default or not sub:
+        return cls(**kw)
+    base = {k: v for k, v in text.to_dict().items() if k not in ("layer_types", "model_type") or k == "model_type"}
+    base.pop("layer_types", None)  # recomputed for the new layer count
+    return cls(**{sub[0]: {**base, **kw}})  # a composite (multimodal) config: size its text part
+
+
+def build(model_type: str, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = small_config(model_type)
+    torch.manual_seed(seed)
+    attn = "sdpa"
+    try:
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    except (ValueError, ImportError) as e:  # no SDPA for this family (e.g. soft-capping): its eager attention
+        if "sdpa" not in str(e).lower() and "scaled_dot_product" not in str(e).lower():
+            raise
+        torch.manual_seed(seed)
+        model, attn = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager"), "eager"
+    model = model.float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)  # HF initialises biases to 0, which would hide a bias added twice
+    return model, attn
+
+
+def layouts(config, world: int):
+    """(kvp, tpa) with kvp * tpa = world that Layout.validate accepts for this config."""
+    from helix_compile import Layout
+
+    text = config.get_text_config(decoder=True)
+    out = []
+    for tpa in (1, 2, 4):
+        if world % tpa:
+            continue
+        try:
+            Layout(world // tpa, tpa, kv_block=KV_BLOCK).validate(text)
+            out.append((world // tpa, tpa))
+        except (ValueError, AttributeError, TypeError) as e:
+            out.append((world // tpa, tpa, f"n/a: {e}"))
+    return out
+
+
+def short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "\\|")
+    for marker in ("Explanation:", "from user code:", "Set TORCHDYNAMO_VERBOSE"):
+        text = text.split(marker)[0]
+    return text.strip()[:300]
+
+
+def run_family(model_type: str, world: int, steps: int):
+    import torch
+
+    from helix_compile import Layout
+    from helix_compile.verify import compare
+
+    try:
+        model, attn = build(model_type)
+    except Exception as e:  # noqa: BLE001  recorded in the table
+        return {"status": "build", "message": short(e)}
+    text = model.config.get_text_config(decoder=True)
+    res = {"status": "ok", "class": type(model).__name__, "attn": attn, "cells": {}}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, text.vocab_size, (BATCH, PROMPT_LEN), generator=g)
+    for lay in layouts(model.config, world):
+        key = f"kvp{lay[0]}-tpa{lay[1]}"
+        if len(lay) == 3:
+            res["cells"][key] = {"status": "n/a", "message": lay[2][5:]}
+            continue
+        torch._dynamo.reset()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                r = compare(model, Layout(lay[0], lay[1], kv_block=KV_BLOCK), ids, steps, PROMPT_LEN + steps + 1)
+            whole = sorted({str(w.message).split(":")[0] for w in caught if str(w.message).startswith("helix leaves")})
+            res["cells"][key] = {"status": "ran", "err": r.max_rel_err, "tokens_equal": r.tokens_equal,
+                                 "logits": r.logits, "whole": whole}
+        except Exception as e:  # noqa: BLE001
+            res["cells"][key] = {"status": "error", "message": short(e), "trace": traceback.format_exc()[-2000:]}
+    return res
+
+
+def probe(model_type: str) -> dict:
+    """One process, no ranks: build the family and compile it under helix with Layout(1) (detection and planning
+    run as on N ranks; layout-independent refusals show here), prefill + 2 decode steps against transformers."""
+    import torch
+
+    from helix_compile import Layout
+    from helix_compile.verify import compare
+
+    try:
+        model, attn = build(model_type)
+    except Exception as e:  # noqa: BLE001  recorded in the table
+        return {"status": "build", "message": short(e)}
+    text = model.config.get_text_config(decoder=True)
+    ids = torch.randint(3, text.vocab_size, (BATCH, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    try:  # transformers itself, with its own StaticCache
+        from transformers import StaticCache as HFStaticCache
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(input_ids=ids, past_key_values=HFStaticCache(model.config, max_cache_len=PROMPT_LEN + 3))
+    except Exception as e:  # noqa: BLE001
+        return {"status": "build", "message": "transformers cannot run it from this config: " + short(e)}
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = compare(model, Layout(1, kv_block=KV_BLOCK), ids, 2, PROMPT_LEN + 3)
+    except Exception as e:  # noqa: BLE001
+        return {"status": "refused", "message": short(e), "class": type(model).__name__, "attn": attn}
+    if r.max_rel_err >= TOL or not r.tokens_equal:
+        return {"status": "WRONG", "message": f"WRONG on one rank: max rel err {r.max_rel_err:.1e}, tokens equal "
+                f"{r.tokens_equal}", "class": type(model).__name__, "attn": attn}
+    return {"status": "ok"}
+
+
+def worker(rank, world, port, families, steps, queue):
+    import datetime as dt
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=dt.timedelta(seconds=180))
+    for fam in families:
+        queue.put((rank, fam, "start", None))
+        queue.put((rank, fam, "done", run_family(fam, world, steps)))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_world(families, world, steps, per_family_s=240, log=print):
+    """{family: [result of each rank]}; a family that hangs or crashes a rank gets {"status": "crash"}."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results, pending = {}, list(families)
+    while pending:
+        queue = ctx.Queue()
+        port = free_port()
+        procs = [ctx.Process(target=worker, args=(r, world, port, pending, steps, queue)) for r in range(world)]
+        for p in procs:
+            p.start()
+        got, current, last = {}, pending[0], time.time()
+        while len(results) < len(families):
+            try:
+                rank, fam, what, value = queue.get(timeout=5)
+            except Empty:
+                dead = [p for p in procs if not p.is_alive()]
+                if time.time() - last > per_family_s or (dead and any(p.exitcode for p in dead)):
+                    results[current] = [{"status": "crash", "message": f"a rank hung or died (exit codes "
+                                         f"{[p.exitcode for p in procs]}) on {current}"}]
+                    log(f"{current}: crash")
+                    break
+                continue
+            last = time.time()
+            if what == "start":
+                current = fam
+                continue
+            got.setdefault(fam, {})[rank] = value
+            if len(got[fam]) == world:
+                results[fam] = [got[fam][r] for r in range(world)]
+                log(f"{fam}: {summary(results[fam])}")
+        for p in procs:
+            p.kill() if p.is_alive() else None
+            p.join()
+        pending = [f for f in families if f not in results]
+    return results
+
+
+def cell(per_rank, key):
+    cells = [r.get("cells", {}).get(key) for r in per_rank]
+    c = cells[0]
+    if c is None:
+        return None
+    if c["status"] == "ran-log":  # recovered from a log: the verdict only
+        return {"status": c["verdict"] if c["verdict"] != "WRONG" else "WRONG", "message": c["verdict"],
+                "err": float("nan"), "tokens_equal": c["verdict"] == "exact", "same": True}
+    if c["status"] != "ran":
+        return c
+    if any(x is None or x["status"] != "ran" for x in cells):
+        return {"status": "error", "message": "ranks disagree on whether the run succeeded"}
+    same = all(x["logits"] == c["logits"] for x in cells)
+    exact = c["err"] < TOL and c["tokens_equal"] and same
+    return {"status": "exact" if exact else "WRONG", "err": c["err"], "tokens_equal": c["tokens_equal"], "same": same,
+            "whole": c.get("whole", [])}
+
+
+def summary(per_rank) -> str:
+    r = per_rank[0]
+    if r["status"] != "ok":
+        return f"{r['status']}: {r['message'][:120]}"
+    return ", ".join(f"{k}={cell(per_rank, k)['status']}" for k in r["cells"])
+
+
+def classify(per_rank) -> str:
+    """exact | refused-no-kv-cache | refused | wrong | build (not counted) | n/a"""
+    r = per_rank[0]
+    if r["status"] == "build":
+        return "build"
+    if r["status"] == "crash":
+        return "error"
+    cells = [cell(per_rank, k) for k in r["cells"]]
+    ran = [c for c in cells if c["status"] != "n/a"]
+    if any(c["status"] == "WRONG" or c.get("message", "").startswith("WRONG") for c in ran):
+        return "wrong"
+    if not ran:
+        return "n/a"
+    if all(c["status"] == "exact" for c in ran):
+        return "exact"
+    if any("softmax attention over a KV cache" in c.get("message", "") for c in ran):
+        return "refused-no-kv-cache"
+    if any(c["status"] == "exact" for c in ran):
+        return "partly"
+    return "refused"
+
+
+CAUSES = [  # (substring of the error, cause): first match wins
+    ("encoder-decoder", "encoder-decoder model (not a decoder-only causal LM)"),
+    ("transformers cannot run it", "transformers itself fails with the small config"),
+    ("multi-head latent attention", "MLA (a later issue)"),
+    ("mixture-of-experts", "MoE FFN (a later issue)"),
+    ("no softmax attention over a KV cache (no num_attention_heads", "state-space / RWKV-like: no KV cache attention"),
+    ("layers without softmax attention", "hybrid with linear / indexed / state-space layers"),
+    ("without a mask over the cache", "bidirectional attention (an encoder)"),
+    ("mask carries a bias", "additive attention bias (ALiBi, relative positions)"),
+    ("not followed by an attention helix understands", "attention form helix does not recognise (e.g. ALiBi baddbmm)"),
+    ("between the attention and its output projection", "an op over all heads between attention and o_proj"),
+    ("is not a per-head op", "an op mixing heads between the projections and attention"),
+    ("backend='helix'", "other structure helix refuses (see the row)"),
+    ("Dynamo", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("data-dependent", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("Data-dependent", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("unbacked", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("Unsupported", "torch.compile(fullgraph=True) cannot trace the family"),
+    ("fake tensor", "the family's shapes disagree with its config in the traced model (unclear; see the row)"),
+]
+
+
+def _cause(message: str) -> str:
+    return next((c for pattern, c in CAUSES if pattern in message), "other (see the row)")
+
+
+def render(results: dict, worlds, steps, seconds) -> str:
+    import torch
+    import transformers
+
+    kinds = {}
+    for fam, per_world in results.items():
+        kinds[fam] = classify(per_world[worlds[0]]) if worlds[0] in per_world else "build"
+    attention = [f for f, k in kinds.items() if k not in ("build", "refused-no-kv-cache")]
+    exact = [f for f in attention if kinds[f] == "exact"]
+    count = {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))}
+    lines = [
+        "# Coverage: transformers' causal-LM families under helix",
+        "",
+        f"Generated by `python tools/coverage.py {' '.join(f'--world {w}' for w in worlds)} --steps {steps}` on "
+        f"{datetime.date.today()} ({seconds / 60:.0f} min on the 2-core CPU machine): transformers "
+        f"{transformers.__version__}, torch {torch.__version__}, gloo, eager executor.",
+        "",
+        "Each model type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` is built from a small random fp32 config (2 layers, "
+        "hidden 64, 4 query heads, 2 KV heads where the family has them, sliding windows of 12 positions where it "
+        "has them, random biases) and greedy-decodes a batch of 2 prompts of 7 tokens for "
+        f"{steps} steps (kv_block=4, so decode crosses blocks and ranks), against single-device transformers. "
+        "**exact**: relative logit error below 1e-5, greedy tokens identical, logits identical on every rank. "
+        "Otherwise the cell shows the error raised. `WRONG` would mean a silent mismatch; there must be none.",
+        "",
+        f"**Summary ({len(kinds)} model types):** " + ", ".join(f"{k}: {v}" for k, v in count.items()) + ".  ",
+        f"**Attention-based families that build: {len(exact)} / {len(attention)} exact "
+        f"({100 * len(exact) / max(1, len(attention)):.0f}%)**; the rest are refused with the error shown "
+        "(`build` = transformers cannot build or run the family from a small config; `refused-no-kv-cache` = no "
+        "softmax attention over a KV cache, e.g. state-space / RWKV-like; `partly` = exact on some layouts, "
+        "refused on others).",
+        "",
+    ]
+    causes = {}
+    for fam, kind in kinds.items():
+        if kind in ("refused", "partly", "refused-no-kv-cache", "error", "build"):
+            per = results[fam][worlds[0]]
+            messages = [per[0].get("message", "")] + [c.get("message", "") for c in per[0].get("cells", {}).values()]
+            causes.setdefault(_cause(" ".join(m for m in messages if m)), []).append(fam)
+    lines += ["## What is not exact, by cause", "", "| cause | families |", "|---|---|"]
+    lines += [f"| {c} | {', '.join(sorted(f))} |" for c, f in sorted(causes.items(), key=lambda x: -len(x[1]))]
+    lines.append("")
+    for world in worlds:
+        keys = sorted({k for per in results.values() for r in per.get(world, [{}])[:1] for k in r.get("cells", {})}
+                      - {"probe"})
+        lines += [f"## {world} ranks", "", "| model type | class (attention) | verdict | " + " | ".join(keys) + " |",
+                  "|---|---|---|" + "---|" * len(keys)]
+        for fam in sorted(results):
+            per = results[fam].get(world)
+            if per is None:
+                continue
+            r = per[0]
+            if r["status"] != "ok" or "probe" in r["cells"]:
+                what = f"{r['class']} ({r['attn']})" if "class" in r else ""
+                lines.append(f"| {fam} | {what} | {classify(per)} | {r['message']} |" + " |" * (len(keys) - 1))
+                continue
+            row = [fam, f"{r['class']} ({r['attn']})", classify(per)]
+            for k in keys:
+                c = cell(per, k)
+                if c is None:
+                    row.append("")
+                elif c["status"] in ("exact", "WRONG"):
+                    row.append(f"{c['status']} {c['err']:.1e}, tokens {'=' if c['tokens_equal'] else '≠'}"
+                               + ("" if c["same"] else ", ranks differ")
+                               + (f"; left whole (replicated): {'; '.join(c['whole'])}" if c.get("whole") else ""))
+                else:
+                    row.append(f"{c['status']}: {c['message']}")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_log(path: str, world: int) -> dict:
+    """Results recovered from a run's log lines (``family: status: message`` / ``family: key=verdict, ...``), for a
+    run cut short: messages are the log's first 120 characters."""
+    results = {}
+    for line in Path(path).read_text().splitlines():
+        fam, sep, rest = line.partition(": ")
+        if not sep or " " in fam or fam.startswith("["):
+            continue
+        if "=" in rest and rest.split("=")[0].startswith("kvp"):
+            cells = {k: {"status": "ran-log", "verdict": v} for k, v in (c.split("=") for c in rest.split(", "))}
+            results[fam] = {world: [{"status": "ok", "class": "", "attn": "", "cells": cells}]}
+        elif rest.startswith(("build:", "refused:", "WRONG:", "crash")):
+            status, _, message = rest.partition(": ")
+            cells = {} if status == "build" else {"probe": {"status": "error", "message": message}}
+            results[fam] = {world: [{"status": "build" if status == "build" else "ok", "message": message,
+                                     "cells": cells}]}
+    return results
+
+
+def main():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--world", type=int, action="append", help="ranks (repeatable; default 2)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--only", help="comma-separated model types")
+    p.add_argument("--out", default="docs/coverage.md")
+    p.add_argument("--json", help="also write the raw results here (default: --out with .json)")
+    p.add_argument("--merge", action="append", default=[],
+                   help="results of an earlier run (its --json; repeatable): re-run only --only, keep the rest")
+    args = p.parse_args()
+    worlds = args.world or [2]
+    families = [f for f in args.only.split(",") if f] if args.only is not None else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    start = time.time()
+    results = {}
+    for earlier in args.merge:
+        import json
+
+        if earlier.endswith(".log"):
+            results.update(from_log(earlier, worlds[0]))
+            continue
+        results.update({f: {int(w): per for w, per in v.items()} for f, v in json.loads(Path(earlier).read_text()).items()})
+    results.update({f: {} for f in families})
+    probed = {}
+    import signal
+
+    def _timeout(*_):
+        raise TimeoutError("the single-rank probe took over 180 s (the family is too large or hangs)")
+
+    signal.signal(signal.SIGALRM, _timeout)
+    for fam in families:  # layout-independent refusals and build failures, without spawning ranks
+        signal.alarm(180)
+        try:
+            probed[fam] = probe(fam)
+        except TimeoutError as e:
+            probed[fam] = {"status": "build", "message": str(e)}
+        signal.alarm(0)
+        if probed[fam]["status"] != "ok":
+            print(f"{fam}: {probed[fam]['status']}: {probed[fam]['message'][:120]}", flush=True)
+            cells = {} if probed[fam]["status"] == "build" else {"probe": {**probed[fam], "status": "error"}}
+            results[fam] = {w: [{**probed[fam], "status": "build" if not cells else "ok", "cells": cells}]
+                            for w in worlds}
+    families = [f for f in families if probed[f]["status"] == "ok"]
+    for world in worlds:
+        if not families:
+            break
+        todo = families if world == worlds[0] else [
+            f for f in families if worlds[0] in results[f] and classify(results[f][worlds[0]]) == "exact"]
+        for fam, per in run_world(todo, world, args.steps, log=lambda s: print(s, flush=True)).items():
+            for r in per:
+                for c in r.get("cells", {}).values():
+                    c.pop("trace", None) if c.get("status") != "error" else None
+            results[fam][world] = per
+    Path(args.out).write_text(render(results, worlds, args.steps, time.time() - start) + "\n")
+    import json
+
+    Path(args.json or str(Path(args.out).with_suffix(".json"))).write_text(json.dumps(results, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
