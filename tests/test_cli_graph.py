@@ -47,5 +47,5 @@ def test_refusals(tmp_path, capsys):
     assert "'lama' is neither a directory nor a transformers model_type (did you mean llama" in capsys.readouterr().err
     assert main(["graph", "llama", "--kvp", "2", "--tpa", "3"]) == 2
     assert "tpa=3 does not divide num_key_value_heads=4" in capsys.readouterr().err
-    assert main(["graph", "phi3", "--kvp", "2"]) == 2
-    assert "fused q/k/v projection" in capsys.readouterr().err
+    assert main(["graph", "diffllama", "--kvp", "2"]) == 2  # differential attention: refused by the matcher
+    assert "attention reads keys of one cache layer and values of another" in capsys.readouterr().err
