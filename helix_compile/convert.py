@@ -196,18 +196,22 @@ def open_source(model) -> _Source:
     raise ValueError(f"{model}: not a checkpoint directory or a .gguf file")
 
 
+DIRECT = ("the backend runs such models: load the HF checkpoint directly with helix_compile.from_pretrained(path, "
+          "layout), which reads only this rank's pieces")
+
+
 def check_supported(config, names) -> None:
     """Refuse checkpoints whose structure the backend would refuse at compile time, naming the tensor."""
     text = config.get_text_config(decoder=True)
     if any(getattr(text, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts")):
-        raise ValueError(f"{config.model_type}: mixture-of-experts FFNs are not supported yet; helix supports {SUPPORTED}")
+        raise ValueError(f"{config.model_type}: helix convert does not write mixture-of-experts checkpoints yet; {DIRECT}")
     if getattr(text, "kv_lora_rank", None):
-        raise ValueError(f"{config.model_type}: multi-head latent attention (MLA) is not supported yet")
+        raise ValueError(f"{config.model_type}: helix convert does not write MLA checkpoints yet; {DIRECT}")
     for name in names:
         if name.split(".")[-2:-1] and name.split(".")[-2] in _FUSED:
             raise ValueError(
-                f"{config.model_type}: tensor {name} is a fused projection; helix needs separate "
-                f"q_proj/k_proj/v_proj (and gate_proj/up_proj). Supported: {SUPPORTED}"
+                f"{config.model_type}: tensor {name} is a fused projection, which helix convert does not split into "
+                f"rank files yet; {DIRECT}"
             )
     if not any(n.endswith("q_proj.weight") for n in names):
         raise ValueError(f"{config.model_type}: no q_proj weights found; helix supports {SUPPORTED}")
