@@ -17,32 +17,14 @@ from pathlib import Path
 
 import torch
 
+from helix_compile.bench import measure
 from helix_compile.lowering import ops
 from helix_compile.lowering import triton_attention as ta
 
 
 def graphed_ms(fn, reps=50):
     """Milliseconds per call of fn replayed from a CUDA graph of ``reps`` calls."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (3 * reps) * 1e3
-
-
-def hbm_read_gbs():
-    x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda").view(torch.bfloat16)
-    x.normal_()
-    ms = graphed_ms(lambda: x.sum(dtype=torch.float32), reps=10)
-    return x.nbytes / (ms * 1e-3) / 1e9
+    return measure.graphed_us(fn, reps) / 1e3
 
 
 def main():
@@ -51,7 +33,7 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    bw = hbm_read_gbs()
+    bw = measure.hbm_read_gbs()
     print(f"{torch.cuda.get_device_name(0)}: HBM read {bw:.0f} GB/s")
     rows = []
     hq, d, kvp, rank, block = 32, 128, 4, 1, 16
