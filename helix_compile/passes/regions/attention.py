@@ -151,13 +151,7 @@ class AttentionMatch:
         kwargs = {"key_mask": env[self.key_mask.name]} if self.key_mask is not None else {}
         with graph.inserting_before(core):
             packed = graph.call_function(torch.ops.helix.partial_attention.default, args, kwargs)
-            recv = packed
-            if layout.kvp > 1:
-                sent = graph.call_function(
-                    funcol.all_to_all_single.default, (packed, [ctx.split[ctx.kvp_rank]] * layout.kvp, ctx.split, ctx.kvp_group)
-                )
-                recv = graph.call_function(funcol.wait_tensor.default, (sent,))
-            merged = graph.call_function(torch.ops.helix.lse_merge.default, (recv, layout.kvp, heads.d))
+            merged = exchange_and_merge(graph, packed, ctx, heads.d)
         core.replace_all_uses_with(merged)
         first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
         q_local, k_local = heads.q // layout.tpa * heads.d, (stop - first) * heads.d
@@ -173,6 +167,18 @@ class AttentionMatch:
             if layout.tpa > 1:
                 _all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.tpa_group)
         self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * heads.d)
+
+
+def exchange_and_merge(graph: fx.Graph, packed: fx.Node, ctx, head_dim: int) -> fx.Node:
+    """packed partials -> wait(all_to_all over the KVP group) (kvp > 1) -> lse_merge: the Helix exchange, shared by
+    every attention kind (GQA/MHA here, MLA in mla.py)."""
+    layout, recv = ctx.layout, packed
+    if layout.kvp > 1:
+        sent = graph.call_function(
+            funcol.all_to_all_single.default, (packed, [ctx.split[ctx.kvp_rank]] * layout.kvp, ctx.split, ctx.kvp_group)
+        )
+        recv = graph.call_function(funcol.wait_tensor.default, (sent,))
+    return graph.call_function(torch.ops.helix.lse_merge.default, (recv, layout.kvp, head_dim))
 
 
 def _batch_rows(graph: fx.Graph, keys: fx.Node, values: fx.Node, k: fx.Node):

@@ -32,11 +32,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from .attention import KV_WRITE, SDPA_TARGETS, _check_causal_mask, _first_projection_after
+from .attention import KV_WRITE, SDPA_TARGETS, _check_causal_mask, _first_projection_after, exchange_and_merge
 from .common import LINEAR, UnsupportedModelError, module_path, where
 from .projection import Projection, is_projection, projection_of
 
-funcol = torch.ops._c10d_functional
 
 
 @dataclasses.dataclass
@@ -94,13 +93,7 @@ class MLAMatch:
                 torch.ops.helix.partial_attention.default,
                 (query, k_local, v_local, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, self.scale),
             )
-            recv = packed
-            if layout.kvp > 1:
-                sent = graph.call_function(
-                    funcol.all_to_all_single.default, (packed, [ctx.split[ctx.kvp_rank]] * layout.kvp, ctx.split, ctx.kvp_group)
-                )
-                recv = graph.call_function(funcol.wait_tensor.default, (sent,))
-            merged = graph.call_function(torch.ops.helix.lse_merge.default, (recv, layout.kvp, self.v_dim))
+            merged = exchange_and_merge(graph, packed, ctx, self.v_dim)
         core.replace_all_uses_with(merged)
         graph.erase_node(core)
         erase_expand(graph, self, env)
