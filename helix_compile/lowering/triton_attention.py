@@ -62,11 +62,11 @@ def _attention(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_mb,
-    HQ, HK, LQ, GROUP, CAPACITY, MASK_LEN, ROW_BLOCKS, B, D,
+    HQ, HK, LQ, GROUP, CAPACITY, MASK_LEN, ROW_BLOCKS, B, D, DV,
     kvp_rank, kvp, kv_block, scale, softcap, window,
     NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
     LSE_ELEMS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b, kh, row block)
     split = tl.program_id(1)
@@ -79,6 +79,8 @@ def _attention(
     head = kh * GROUP + r % GROUP
     d = tl.arange(0, BLOCK_D)
     d_mask = d < D
+    dv = tl.arange(0, BLOCK_DV)  # the value head dim (MLA: DV != D)
+    dv_mask = dv < DV
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + l_idx[:, None] * stride_ql + d[None, :],
                 mask=r_mask[:, None] & d_mask[None, :], other=0.0)
     if PRECISION == "tf32x3":
@@ -102,7 +104,7 @@ def _attention(
         stop = hi
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_vb + kh * stride_vh
     for n0 in range(start, stop, BLOCK_N):
@@ -129,7 +131,7 @@ def _attention(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=in_range[:, None] & d_mask[None, :],
+        v = tl.load(v_base + slots[:, None] * stride_vs + dv[None, :], mask=in_range[:, None] & dv_mask[None, :],
                     other=0.0)
         if PRECISION == "tf32x3":
             pv = tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
@@ -144,12 +146,12 @@ def _attention(
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-        _store_packed(OUT, out_row, o, lse, D, d, d_mask, r_mask, LSE_ELEMS)
+        _store_packed(OUT, out_row, o, lse, DV, dv, dv_mask, r_mask, LSE_ELEMS)
     else:
         part_row = out_row * NUM_SPLITS + split
         tl.store(M_PART + part_row, m_i, mask=r_mask)
         tl.store(L_PART + part_row, l_i, mask=r_mask)
-        tl.store(ACC_PART + part_row[:, None] * BLOCK_D + d[None, :], acc, mask=r_mask[:, None] & d_mask[None, :])
+        tl.store(ACC_PART + part_row[:, None] * BLOCK_DV + dv[None, :], acc, mask=r_mask[:, None] & dv_mask[None, :])
 
 
 @triton.jit
@@ -233,13 +235,15 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
     sms = _sm_count(q.device.index) if q.is_cuda else 8
     block_r, block_n, splits, warps, stages = config or launch_config(b, hk, group, length, capacity, sms, q.dtype)
     e = lse_elems(q.dtype)
+    dv = v_shard.shape[-1]  # MLA: the value head dim differs from the query/key one
     block_d = max(16, triton.next_power_of_2(d))
-    out = torch.empty((hq, b, length, d + e), device=q.device, dtype=q.dtype)
+    block_dv = max(16, triton.next_power_of_2(dv))
+    out = torch.empty((hq, b, length, dv + e), device=q.device, dtype=q.dtype)
     rows = hq * b * length
     if splits > 1:
         m = torch.empty((rows * splits,), device=q.device, dtype=torch.float32)
         l_sum = torch.empty_like(m)
-        acc = torch.empty((rows * splits * block_d,), device=q.device, dtype=torch.float32)
+        acc = torch.empty((rows * splits * block_dv,), device=q.device, dtype=torch.float32)
     else:
         m = l_sum = acc = out  # unused
     mask = key_mask if key_mask is not None else pos
@@ -250,14 +254,14 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0) if key_mask is not None else 0,
-        hq, hk, length, group, capacity, key_mask.shape[1] if key_mask is not None else 0, row_blocks, b, d,
+        hq, hk, length, group, capacity, key_mask.shape[1] if key_mask is not None else 0, row_blocks, b, d, dv,
         kvp_rank, kvp, kv_block, scale, softcap, window,
         NUM_SPLITS=splits, HAS_MASK=key_mask is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
         LSE_ELEMS=e, PRECISION="tf32x3" if q.dtype == torch.float32 or _INTERPRETED else "native",
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         wrap_triton(_combine)[(rows,)](
-            m, l_sum, acc, out, d, NUM_SPLITS=splits, LSE_ELEMS=e, CHUNK_S=16, BLOCK_D=block_d, num_warps=4,
+            m, l_sum, acc, out, dv, NUM_SPLITS=splits, LSE_ELEMS=e, CHUNK_S=16, BLOCK_D=block_dv, num_warps=4,
         )
     return out

@@ -19,11 +19,12 @@ CASES = [  # batch, query heads, kv heads, query len, head dim, local capacity, 
 ]
 
 
-def _check(case, first_pos, softcap=0.0, window=0, key_mask=None):
-    b, hq, hk, length, d, capacity, kvp, rank, block, dtype, config = case
+def _check(case, first_pos, softcap=0.0, window=0, key_mask=None, dv=None):
+    b, hq, hk, length, dk, capacity, kvp, rank, block, dtype, config = case
+    d = dv or dk
     g = torch.Generator().manual_seed(first_pos)
-    q = torch.randn(b, hq, length, d, generator=g).to(dtype)
-    k = torch.randn(b, hk, capacity + 1, d, generator=g).to(dtype)
+    q = torch.randn(b, hq, length, dk, generator=g).to(dtype)
+    k = torch.randn(b, hk, capacity + 1, dk, generator=g).to(dtype)
     v = torch.randn(b, hk, capacity + 1, d, generator=g).to(dtype)
     pos = torch.arange(length) + first_pos
     want = ops.partial_attention_reference(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask)
@@ -52,3 +53,9 @@ def test_softcap_window_and_key_mask(case):
     _check(case, 30, window=7)
     _check(case, 30, key_mask=mask)
     _check(case, 30, softcap=2.0, window=5, key_mask=mask)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_value_head_dim_differs(case):
+    """MLA: keys of dn + dr = 24 dims, values of 16 (decode with splits, and prefill)."""
+    _check(case[:4] + (24,) + case[5:], 9, dv=16)
