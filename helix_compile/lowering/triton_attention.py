@@ -56,14 +56,63 @@ def _store_packed(OUT, out_row, o, lse, D, d, d_mask, r_mask, LSE_ELEMS: tl.cons
 
 
 @triton.jit
+def _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
+          kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
+          MASKED: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile [n0, n0 + BLOCK_N) of the online softmax. MASKED = False: every slot of the tile is below
+    ``stop`` and visible to every row (no bounds, causal, window or key-mask test is needed)."""
+    slots = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        in_range = slots < stop
+        k = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=in_range[None, :] & d_mask[:, None],
+                    other=0.0)
+    else:
+        k = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=d_mask[:, None], other=0.0)
+    if PRECISION == "tf32x3":
+        s = tl.dot(q, k.to(tl.float32), input_precision="tf32x3")
+    else:
+        s = tl.dot(q, k)
+    s = (s * scale).to(tl.float32)  # Inductor may pass Python floats as fp64 scalars
+    if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
+        s = (softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))).to(tl.float32)
+    if MASKED:
+        key_pos = (slots // kv_block) * (kv_block * kvp) + kvp_rank * kv_block + slots % kv_block
+        visible = in_range[None, :] & (key_pos[None, :] <= q_pos[:, None])
+        if WINDOW:
+            visible = visible & (q_pos[:, None] - key_pos[None, :] < window)
+        if HAS_MASK:
+            allowed = tl.load(MASK + mask_row + key_pos, mask=in_range & (key_pos < MASK_LEN), other=0)
+            visible = visible & (allowed != 0)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    if MASKED:
+        v = tl.load(v_base + slots[:, None] * stride_vs + dv[None, :], mask=in_range[:, None] & dv_mask[None, :],
+                    other=0.0)
+    else:
+        v = tl.load(v_base + slots[:, None] * stride_vs + dv[None, :], mask=dv_mask[None, :], other=0.0)
+    if PRECISION == "tf32x3":
+        pv = tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attention(
     Q, K, V, POS, MASK, OUT, M_PART, L_PART, ACC_PART,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_mb,
-    HQ, HK, LQ, GROUP, CAPACITY, MASK_LEN, ROW_BLOCKS, B, D, DV,
+    HQ, HK, LQ, GROUP, CAPACITY, MASK_LEN, ROW_BLOCKS, B,
     kvp_rank, kvp, kv_block, scale, softcap, window,
+    D: tl.constexpr, DV: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
     LSE_ELEMS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -102,44 +151,26 @@ def _attention(
     else:
         start = lo
         stop = hi
+    # [start, bulk): whole tiles that every row sees (below the lowest row's position; no window or key mask),
+    # run without any mask; [bulk, stop): the masked tail (in decode, one partial tile)
+    bulk = start
+    if not WINDOW and not HAS_MASK:
+        seen_by_all = _local_count(tl.min(tl.where(r_mask, q_pos, 2147483647)) + 1, kvp_rank, kvp, kv_block)
+        bulk = start + tl.maximum(tl.minimum(stop, seen_by_all) - start, 0) // BLOCK_N * BLOCK_N
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_vb + kh * stride_vh
-    for n0 in range(start, stop, BLOCK_N):
-        slots = n0 + tl.arange(0, BLOCK_N)
-        in_range = slots < stop
-        key_pos = (slots // kv_block) * (kv_block * kvp) + kvp_rank * kv_block + slots % kv_block
-        k = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=in_range[None, :] & d_mask[:, None],
-                    other=0.0)
-        if PRECISION == "tf32x3":
-            s = tl.dot(q, k.to(tl.float32), input_precision="tf32x3")
-        else:
-            s = tl.dot(q, k)
-        s = (s * scale).to(tl.float32)  # Inductor may pass Python floats as fp64 scalars
-        if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
-            s = (softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))).to(tl.float32)
-        visible = in_range[None, :] & (key_pos[None, :] <= q_pos[:, None])
-        if WINDOW:
-            visible = visible & (q_pos[:, None] - key_pos[None, :] < window)
-        if HAS_MASK:
-            allowed = tl.load(MASK + b * stride_mb + key_pos, mask=in_range & (key_pos < MASK_LEN), other=0)
-            visible = visible & (allowed != 0)[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        v = tl.load(v_base + slots[:, None] * stride_vs + dv[None, :], mask=in_range[:, None] & dv_mask[None, :],
-                    other=0.0)
-        if PRECISION == "tf32x3":
-            pv = tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+    mask_row = b * stride_mb
+    for n0 in range(start, bulk, BLOCK_N):
+        m_i, l_i, acc = _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
+                              kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
+                              False, HAS_MASK, SOFTCAP, WINDOW, PRECISION, BLOCK_N)
+    for n0 in range(bulk, stop, BLOCK_N):
+        m_i, l_i, acc = _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
+                              kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
+                              True, HAS_MASK, SOFTCAP, WINDOW, PRECISION, BLOCK_N)
     # packed output row of (head, b, l); partial buffers are indexed the same way
     out_row = (head * B + b) * LQ + l_idx
     if NUM_SPLITS == 1:
@@ -254,8 +285,8 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0) if key_mask is not None else 0,
-        hq, hk, length, group, capacity, key_mask.shape[1] if key_mask is not None else 0, row_blocks, b, d, dv,
-        kvp_rank, kvp, kv_block, scale, softcap, window,
+        hq, hk, length, group, capacity, key_mask.shape[1] if key_mask is not None else 0, row_blocks, b,
+        kvp_rank, kvp, kv_block, scale, softcap, window, D=d, DV=dv,
         NUM_SPLITS=splits, HAS_MASK=key_mask is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
         LSE_ELEMS=e, PRECISION="tf32x3" if q.dtype == torch.float32 or _INTERPRETED else "native",
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages,

@@ -33,7 +33,18 @@ CONFIGS = [  # (family, dtype, executor, layouts, hopb_chunks)
     ("llama", torch.float32, "inductor", [(2, 1)], 2),
     ("qwen2", torch.bfloat16, "inductor", [(2, 1)], 1),
     ("mqa", torch.float32, "inductor", [(2, 1)], 1),
+    # MoE (TPF x EP), MLA (kvp = N, Dk != Dv), soft-capping, windows, fused and Conv1D projections
+    ("mixtral", torch.float32, "inductor", [(2, 1)], 1),
+    ("mixtral", torch.bfloat16, "inductor", [(2, 1)], 1),
+    ("qwen2_moe", torch.bfloat16, "inductor", [(2, 1)], 1),
+    ("deepseek_v3", torch.float32, "inductor", [(2, 1)], 1),
+    ("deepseek_v3", torch.bfloat16, "inductor", [(2, 1)], 1),
+    ("deepseek_v2", torch.float32, "inductor", [(2, 1)], 1),
+    ("gemma2", torch.bfloat16, "inductor", [(2, 1)], 1),
+    ("gemma3", torch.float32, "inductor", [(2, 1)], 1),
+    ("gpt2", torch.bfloat16, "inductor", [(2, 1)], 1),
 ]
+OWN_HEAD_DIMS = {"deepseek_v3", "deepseek_v2"}  # MLA: qk_nope / qk_rope / v head dims of their own
 
 
 def body(rank, configs, world):
@@ -43,10 +54,11 @@ def body(rank, configs, world):
             layouts, hopb = [(1, 1)], 1
         for kvp, tpa in layouts:
             torch._dynamo.reset()
-            fp32 = model(family, hidden_size=256, intermediate_size=512, num_hidden_layers=4, head_dim=32,
-                         vocab_size=1000).to(device="cuda")
-            m = model(family, hidden_size=256, intermediate_size=512, num_hidden_layers=4, head_dim=32,
-                      vocab_size=1000).to(device="cuda", dtype=dtype)
+            sizes = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, vocab_size=1000)
+            if family not in OWN_HEAD_DIMS:
+                sizes["head_dim"] = 32
+            fp32 = model(family, **sizes).to(device="cuda")
+            m = model(family, **sizes).to(device="cuda", dtype=dtype)
             ids = prompt(batch=4, length=9, vocab=1000).cuda()
             t0 = time.perf_counter()
             layout = Layout(kvp, tpa, kv_block=16, hopb_chunks=hopb)
@@ -117,11 +129,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--quick", action="store_true", help="the first two configurations only (fp32 and bf16 llama)")
+    parser.add_argument("--only", help="comma-separated families (default: all)")
     parser.add_argument("--world", type=int, default=min(2, torch.cuda.device_count()))
     args = parser.parse_args()
     if torch.cuda.device_count() < args.world or args.world not in (1, 2):
         sys.exit(f"--world {args.world}: needs 1 or 2 GPUs, found {torch.cuda.device_count()}")
     configs = CONFIGS[:2] if args.quick else CONFIGS
+    if args.only:
+        configs = [c for c in configs if c[0] in args.only.split(",")]
     per_rank = run_ranks(args.world, body, configs, args.world, backend="nccl")
     rows = per_rank[0]
     for i, row in enumerate(rows):
