@@ -48,8 +48,8 @@ from .projection import is_projection, projection_of
 funcol = torch.ops._c10d_functional
 
 # What the grouped_mm and batched_mm experts implementations of transformers 5.x trace to (and nothing else).
-_EXPERT_METHODS = {"reshape", "view", "float", "to", "type", "transpose", "chunk", "unsqueeze", "squeeze", "sum",
-                   "repeat_interleave", "contiguous", "clamp"}
+_EXPERT_METHODS = {"reshape", "view", "float", "int", "long", "to", "type", "transpose", "chunk", "unsqueeze", "squeeze",
+                   "sum", "repeat_interleave", "contiguous", "clamp"}  # int: histc's input on CUDA, float on CPU
 _EXPERT_FUNCS = {
     torch.sort, operator.getitem, operator.floordiv, operator.mul, operator.setitem, torch.histc, torch.cumsum,
     torch.bmm, torch.empty_like, torch.arange, torch.mul, torch.nn.functional.silu, torch.nn.functional.gelu,
