@@ -235,15 +235,17 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
     """(BLOCK_R, BLOCK_N, NUM_SPLITS, num_warps, num_stages) for one call.
 
     Decode (one query position) packs the group's heads into one row block and splits the keys so that about
-    two programs run per SM, each over 1024 slots or more; prefill takes 128-row blocks (64 in fp32) (enough programs already) and no split. A prefill
+    two programs run per SM, each over 512 slots or more; prefill takes 128-row blocks (64 in fp32) (enough programs already) and no split. A prefill
     length is symbolic under dynamic shapes: only ``length == 1`` is asked of it, which needs no guard.
     """
     if length == 1:
         block_r = max(16, min(64, triton.next_power_of_2(group)))
         programs = batch * hk * triton.cdiv(group, block_r)
-        splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(capacity, 1024)))
-        # measured on H200 (docs/perf.md): 8 warps pay once the group fills 32+ rows (MQA), 4 stages without splits
-        return block_r, 64 if dtype.itemsize < 4 else 32, splits, 8 if block_r >= 32 else 4, 3 if splits > 1 else 4
+        splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(capacity, 512)))
+        # measured on H200 (docs/perf.md, the launch-config grid): 128-key tiles pay when 32+ rows share a KV head
+        # and 64+ programs fill the SMs (MQA at batch 64: 91% of HBM against 68% with 64), 4 stages without splits
+        block_n = 32 if dtype.itemsize == 4 else 128 if block_r >= 32 and programs >= 64 else 64
+        return block_r, block_n, splits, 4, 3 if splits > 1 else 4
     if dtype.itemsize < 4:
         return 128, 64, 1, 8, 3
     return 64, 32, 1, 4, 2

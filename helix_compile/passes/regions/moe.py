@@ -49,9 +49,11 @@ funcol = torch.ops._c10d_functional
 
 # What the grouped_mm and batched_mm experts implementations of transformers 5.x trace to (and nothing else).
 _EXPERT_METHODS = {"reshape", "view", "float", "int", "long", "to", "type", "transpose", "chunk", "unsqueeze", "squeeze",
-                   "sum", "repeat_interleave", "contiguous", "clamp"}  # int: histc's input on CUDA, float on CPU
+                   "sum", "repeat_interleave", "contiguous", "clamp", "clamp_", "masked_fill", "masked_fill_"}
+# int: histc's input on CUDA (float on CPU); ge / clamp_ / masked_fill(_): the expert-parallel sentinel mask of
+# transformers 5.17 (always traced there; inert under helix: the local ids are all below num_experts)
 _EXPERT_FUNCS = {
-    torch.sort, operator.getitem, operator.floordiv, operator.mul, operator.setitem, torch.histc, torch.cumsum,
+    torch.sort, operator.getitem, operator.ge, operator.floordiv, operator.mul, operator.setitem, torch.histc, torch.cumsum,
     torch.bmm, torch.empty_like, torch.arange, torch.mul, torch.nn.functional.silu, torch.nn.functional.gelu,
     torch.nn.functional.relu, torch.tanh, torch.sigmoid, torch.nn.functional.sigmoid,
 }
