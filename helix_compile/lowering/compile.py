@@ -20,6 +20,10 @@ included, is captured once and replayed, so a decode step costs one graph launch
     later calls replay. An argument that is the same tensor object as at capture (parameters, cache shards,
         position counters) is read in place; one that changed between calls 1 and 2 (input ids) is copied into
         the captured buffer. Outputs are cloned, so a caller may keep them across steps.
+    programs that copy to the host inside the step cannot be captured: transformers' ``grouped_mm_fallback``
+        (the experts of MoE models whose dtype ``torch._grouped_mm`` does not take, e.g. fp32) reads its offsets
+        with ``.tolist()``. Such a program runs without CUDA graphs (a warning says why); ``cudagraphs=True`` on it
+        is an error.
     what invalidates a captured graph: any other input tensor becoming a new object (a new StaticCache, a reloaded
         parameter); then the call runs without the graph and the next call captures again. A new shape or batch is
         a different Dynamo graph with its own capture.
@@ -27,8 +31,12 @@ included, is captured once and replayed, so a decode step costs one graph launch
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
+
+_HOST_SYNC_OPS = ("grouped_mm_fallback",)  # ops whose CUDA implementation copies a device tensor to the host
 
 
 class Lowered:
@@ -40,7 +48,16 @@ class Lowered:
         self.gm, self.executor = gm, executor
         self.fn = _inductor(gm, examples) if executor == "inductor" else None
         tensors = [a for a in examples or [] if isinstance(a, torch.Tensor)]
-        self.cudagraphs = cudagraphs if cudagraphs is not None else bool(tensors) and all(t.is_cuda for t in tensors)
+        on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+        syncing = sorted({str(n.target) for n in gm.graph.nodes if any(op in str(n.target) for op in _HOST_SYNC_OPS)})
+        if syncing and cudagraphs:
+            raise ValueError(f"cudagraphs=True: the step calls {syncing}, which copy to the host inside the step and "
+                             f"cannot be captured in a CUDA graph (MoE experts in a dtype torch._grouped_mm does not "
+                             f"take: run the model in bfloat16, or pass cudagraphs=False)")
+        if syncing and cudagraphs is None and on_cuda:
+            warnings.warn(f"helix: CUDA graphs off for this step: it calls {syncing}, which copy to the host "
+                          f"(transformers' grouped_mm fallback for expert dtypes torch._grouped_mm does not take)")
+        self.cudagraphs = cudagraphs if cudagraphs is not None else on_cuda and not syncing
         self.graphed: dict[tuple, GraphedStep] = {}  # one captured graph per value of the SymInt inputs
 
     def __call__(self, args: list):
