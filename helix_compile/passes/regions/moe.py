@@ -51,9 +51,11 @@ funcol = torch.ops._c10d_functional
 _EXPERT_METHODS = {"reshape", "view", "float", "int", "long", "to", "type", "transpose", "chunk", "unsqueeze", "squeeze",
                    "sum", "repeat_interleave", "contiguous", "clamp", "clamp_", "masked_fill", "masked_fill_"}
 # int: histc's input on CUDA (float on CPU); ge / clamp_ / masked_fill(_): the expert-parallel sentinel mask of
-# transformers 5.17 (always traced there; inert under helix: the local ids are all below num_experts)
+# transformers 5.17 (always traced there; inert under helix: the local ids are all below num_experts);
+# get_device_capability: the bf16 grouped_mm path on CUDA asks which kernel the card takes
 _EXPERT_FUNCS = {
-    torch.sort, operator.getitem, operator.ge, operator.floordiv, operator.mul, operator.setitem, torch.histc, torch.cumsum,
+    torch.sort, operator.getitem, operator.ge, torch.cuda.get_device_capability, operator.floordiv, operator.mul,
+    operator.setitem, torch.histc, torch.cumsum,
     torch.bmm, torch.empty_like, torch.arange, torch.mul, torch.nn.functional.silu, torch.nn.functional.gelu,
     torch.nn.functional.relu, torch.tanh, torch.sigmoid, torch.nn.functional.sigmoid,
 }
