@@ -231,13 +231,17 @@ def _sm_count(device_index) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: int, dtype):
+def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: int, dtype, width: int = 256):
     """(BLOCK_R, BLOCK_N, NUM_SPLITS, num_warps, num_stages) for one call.
 
     Decode (one query position) packs the group's heads into one row block and splits the keys so that about
-    two programs run per SM, each over 512 slots or more; prefill takes 128-row blocks (64 in fp32) (enough programs already) and no split. A prefill
-    length is symbolic under dynamic shapes: only ``length == 1`` is asked of it, which needs no guard.
+    two programs run per SM, each over 512 slots or more; prefill takes 128-row blocks (64 in fp32) (enough
+    programs already) and no split. A prefill length is symbolic under dynamic shapes: only ``length == 1`` is
+    asked of it, which needs no guard. ``width`` = BLOCK_D + BLOCK_DV: heads wider than 512 together (absorbed
+    MLA: 576 + 512, padded to 1024 + 512) get key tiles of at most ~32 KB per stage and 32-row prefill blocks, so
+    that a program fits the shared memory and registers; those widths are not yet measured on a GPU.
     """
+    most = max(16, triton.next_power_of_2((16384 if dtype.itemsize < 4 else 8192) // width + 1) // 2)
     if length == 1:
         block_r = max(16, min(64, triton.next_power_of_2(group)))
         programs = batch * hk * triton.cdiv(group, block_r)
@@ -245,7 +249,11 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
         # measured on H200 (docs/perf.md, the launch-config grid): 128-key tiles pay when 32+ rows share a KV head
         # and 64+ programs fill the SMs (MQA at batch 64: 91% of HBM against 68% with 64), 4 stages without splits
         block_n = 32 if dtype.itemsize == 4 else 128 if block_r >= 32 and programs >= 64 else 64
+        if width > 512:
+            return block_r, min(block_n, most), splits, 4, 2
         return block_r, block_n, splits, 4, 3 if splits > 1 else 4
+    if width > 512:
+        return 32, min(64, most), 1, 4, 2
     if dtype.itemsize < 4:
         return 128, 64, 1, 8, 3
     return 64, 32, 1, 4, 2
@@ -266,11 +274,12 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
     sms = _sm_count(q.device.index) if q.is_cuda else 8
-    block_r, block_n, splits, warps, stages = config or launch_config(b, hk, group, length, capacity, sms, q.dtype)
     e = lse_elems(q.dtype)
     dv = v_shard.shape[-1]  # MLA: the value head dim differs from the query/key one
     block_d = max(16, triton.next_power_of_2(d))
     block_dv = max(16, triton.next_power_of_2(dv))
+    block_r, block_n, splits, warps, stages = config or launch_config(b, hk, group, length, capacity, sms, q.dtype,
+                                                                      block_d + block_dv)
     out = torch.empty((hq, b, length, dv + e), device=q.device, dtype=q.dtype)
     rows = hq * b * length
     if splits > 1:

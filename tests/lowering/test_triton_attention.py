@@ -19,13 +19,13 @@ CASES = [  # batch, query heads, kv heads, query len, head dim, local capacity, 
 ]
 
 
-def _check(case, first_pos, softcap=0.0, window=0, key_mask=None, dv=None):
+def _check(case, first_pos, softcap=0.0, window=0, key_mask=None, dv=None, v_of_k=False):
     b, hq, hk, length, dk, capacity, kvp, rank, block, dtype, config = case
     d = dv or dk
     g = torch.Generator().manual_seed(first_pos)
     q = torch.randn(b, hq, length, dk, generator=g).to(dtype)
     k = torch.randn(b, hk, capacity + 1, dk, generator=g).to(dtype)
-    v = torch.randn(b, hk, capacity + 1, d, generator=g).to(dtype)
+    v = k[..., :d] if v_of_k else torch.randn(b, hk, capacity + 1, d, generator=g).to(dtype)
     pos = torch.arange(length) + first_pos
     want = ops.partial_attention_reference(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask)
     got = triton_partial_attention(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask, config=config)
@@ -59,3 +59,9 @@ def test_softcap_window_and_key_mask(case):
 def test_value_head_dim_differs(case):
     """MLA: keys of dn + dr = 24 dims, values of 16 (decode with splits, and prefill)."""
     _check(case[:4] + (24,) + case[5:], 9, dv=16)
+
+
+def test_absorbed_mla_values_are_a_view_of_the_keys():
+    """Absorbed MLA: one KV head [latent (32) | rotary key (8)], the values the latent part of the same tensor."""
+    mqa = (2, 8, 1, 1, 40, 40, 2, 1, 4, torch.float32, (16, 16, 3, 4, 1))
+    _check(mqa, 9, dv=32, v_of_k=True)

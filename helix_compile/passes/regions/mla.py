@@ -9,19 +9,23 @@ H/N query heads. The q / kv projections stay whole (replicated): with tpa = 1 ev
     refuses (``UnsupportedModelError`` naming the node): an up-projection whose result is used by anything but
          the attention, a key assembly other than [k_nope, k_rot], eager (matmul-softmax) MLA attention.
 
-Pseudo-code of the rewrite (pattern ... into ...):
-    kv = kv_b_proj(keys)                          # (B, 1, S, H*(dn+dv)), S = the whole global cache
+Pseudo-code of the rewrite (pattern ... into ...): the absorbed form of MLA (DeepSeek-V2 paper, section 2.1.2),
+attention over the latent cache itself, one KV head, as the Helix paper runs MLA decode:
+    kv = kv_b_proj(keys)                          # (B, 1, S, H*(dn+dv)), S = the whole global cache, every step
     k_nope, v = split(kv.view(B, S, H, dn+dv).transpose(1, 2), [dn, dv])
     k = [k_nope, values.expand(H)];  o = sdpa(q, k, v, mask, scale)
 into
-    kv = kv_b_proj(keys_local)                    # (B, 1, C+1, H*(dn+dv)): only this rank's shard is up-projected
-    k_nope, v = split(kv.unflatten(-1, (H, dn+dv)).squeeze(1).transpose(1, 2), [dn, dv])
-    k = cat([k_nope, values_local.expand(H)], -1)
-    packed = partial_attention(q, k, v, pos, kvp_rank, kvp, kv_block, scale)   # (H, B, L, dv + e), Dk != Dv
-    o = lse_merge(wait(all_to_all_single(packed, kvp group)), kvp, dv)         # as for any attention
-The up-projection is per cached position, so projecting the local shard gives exactly the rows of the global
-projection that this rank owns; the partial attentions and the LSE merge are the usual exact Helix math. The
-o_proj columns follow the heads each rank holds after the all-to-all, with head_dim = v_head_dim.
+    W_UK, W_UV = kv_b_proj.weight.view(H, dn+dv, r).split([dn, dv], 1)     # (H, dn, r), (H, dv, r)
+    q_abs = cat([einsum("bhld,hdr->bhlr", q[..., :dn], W_UK), q[..., dn:]], -1)   # (B, H, L, r + dr)
+    k_abs = cat([keys_local, values_local], -1)   # (B, 1, C+1, r + dr): this rank's latent shard, one KV head
+    packed = partial_attention(q_abs, k_abs, k_abs[..., :r], pos, kvp_rank, kvp, kv_block, scale)  # (H, B, L, r + e)
+    o_lat = lse_merge(wait(all_to_all_single(packed, kvp group)), kvp, r)   # (B, H/N, L, r): this rank's heads
+    o = einsum("bhlr,hvr->bhlv", o_lat, W_UV[this rank's heads])            # (B, H/N, L, dv)
+Exact by associativity: q_nope . (W_UK c) = (q_nope W_UK) . c for every cached latent c, and
+sum_s p_s (W_UV c_s) = W_UV (sum_s p_s c_s); the scale and the softmax are unchanged. Each step reads the local
+latent shard once (r + dr values per slot) instead of up-projecting it to H (dn + dv) values per slot. The
+partial attentions and the LSE merge are the usual exact Helix math. The o_proj columns follow the heads each rank
+holds after the all-to-all, with head_dim = v_head_dim.
 """
 
 from __future__ import annotations
@@ -54,13 +58,14 @@ class MLAMatch:
     nope: int  # dn
     rope: int  # dr
     v_dim: int  # dv
+    rank: int  # r = kv_lora_rank, the latent width
     scale: float
     replicated: list  # the q / kv projections of the module (whole on every rank: tpa = 1)
 
     kind = "mla"
 
     def describe(self) -> str:
-        return (f"mla {self.module} heads={self.heads} nope={self.nope} rope={self.rope} v={self.v_dim} "
+        return (f"mla {self.module} heads={self.heads} nope={self.nope} rope={self.rope} v={self.v_dim} r={self.rank} "
                 f"kv_b={self.kv_b_weight.name} write={self.kv_write.name} core={self.core.name} o={self.o.name} "
                 f"scale={self.scale:g} replicated={[p.name for p in self.replicated]}")
 
@@ -88,12 +93,7 @@ class MLAMatch:
             )
         graph.erase_node(write)
         with graph.inserting_before(core):
-            k_local, v_local = local_keys_values(graph, self, keys, values, env[self.kv_b_weight.name])
-            packed = graph.call_function(
-                torch.ops.helix.partial_attention.default,
-                (query, k_local, v_local, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, self.scale),
-            )
-            merged = exchange_and_merge(graph, packed, ctx, self.v_dim)
+            merged = absorbed_attention(graph, self, query, keys, values, env[self.kv_b_weight.name], pos, ctx)
         core.replace_all_uses_with(merged)
         graph.erase_node(core)
         erase_expand(graph, self, env)
@@ -166,7 +166,7 @@ def match(write: fx.Node, module: str) -> MLAMatch:
     replicated = [projection_of(n) for n in write.graph.nodes
                   if is_projection(n) and n is not o.node and module_path(n).startswith(module + ".")]
     return MLAMatch(module, write, keys, values, pos, query, core, o, kv_b.args[1], expand, heads, nope, rope,
-                    v_dim, float(scale), replicated)
+                    v_dim, _shape(keys)[-1], float(scale), replicated)
 
 
 def _check_key_assembly(module, expand, key, nope, where):
@@ -189,17 +189,27 @@ def _shape(node):
 
 
 # -- partition -------------------------------------------------------------------------------------------------------
-def local_keys_values(graph: fx.Graph, region: MLAMatch, keys: fx.Node, values: fx.Node, weight: fx.Node):
-    """Insert the up-projection of this rank's latent shard; return (k, v) of shape (B, H, C+1, dk / dv)."""
-    kv = graph.call_function(LINEAR, (keys, weight, None))
-    kv = graph.call_method("unflatten", (kv, -1, (region.heads, region.nope + region.v_dim)))
-    kv = graph.call_method("transpose", (graph.call_method("squeeze", (kv, 1)), 1, 2))
-    parts = graph.call_function(torch.split, (kv, [region.nope, region.v_dim]), {"dim": -1})
-    k_nope = graph.call_function(operator.getitem, (parts, 0))
-    v = graph.call_function(operator.getitem, (parts, 1))
-    k_rot = graph.call_method("expand", (values, -1, region.heads, -1, -1))
-    k = graph.call_function(torch.cat, ([k_nope, k_rot],), {"dim": -1})
-    return k, v
+def absorbed_attention(graph: fx.Graph, region: MLAMatch, query, keys, values, weight, pos, ctx) -> fx.Node:
+    """Insert the absorbed MLA attention over this rank's latent shard (module docstring); return this rank's heads
+    of the attention output, (B, H_local, L, dv)."""
+    layout, nope, rank_r = ctx.layout, region.nope, region.rank
+    w = graph.call_method("view", (weight, region.heads, nope + region.v_dim, rank_r))
+    w_uk = graph.call_function(operator.getitem, (w, (slice(None), slice(None, nope))))
+    w_uv = graph.call_function(operator.getitem, (w, (slice(None), slice(nope, None))))
+    q_nope = graph.call_function(operator.getitem, (query, (Ellipsis, slice(None, nope))))
+    q_rot = graph.call_function(operator.getitem, (query, (Ellipsis, slice(nope, None))))
+    q_lat = graph.call_function(torch.einsum, ("bhld,hdr->bhlr", q_nope, w_uk))
+    q_abs = graph.call_function(torch.cat, ([q_lat, q_rot],), {"dim": -1})
+    k_abs = graph.call_function(torch.cat, ([keys, values],), {"dim": -1})
+    v_abs = graph.call_function(operator.getitem, (k_abs, (Ellipsis, slice(None, rank_r))))
+    packed = graph.call_function(
+        torch.ops.helix.partial_attention.default,
+        (q_abs, k_abs, v_abs, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, region.scale),
+    )
+    o_lat = exchange_and_merge(graph, packed, ctx, rank_r)
+    first = sum(ctx.split[: ctx.kvp_rank])
+    w_uv_local = graph.call_function(operator.getitem, (w_uv, slice(first, first + ctx.split[ctx.kvp_rank])))
+    return graph.call_function(torch.einsum, ("bhlr,hvr->bhlv", o_lat, w_uv_local))
 
 
 def erase_expand(graph: fx.Graph, region: MLAMatch, by_name: dict) -> None:
