@@ -35,6 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-hopb", action="store_true")
     p.add_argument("--baseline", action="store_true", help="also one GPU with unmodified transformers")
     p.add_argument("--prefill", default=None, help="also time a prefill of this many tokens (e.g. 32K)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 5 steps of each helix row (torch.profiler): GPU busy vs exposed time, top "
+                        "kernels in bench.json, a Chrome trace per row under --out")
     p.add_argument("--out", default="bench-out")
     p.set_defaults(func=run)
     return p
@@ -58,6 +61,7 @@ def run(args) -> int:
         models=args.models.split(","), layers=args.layers, contexts=sorted(tokens(c) for c in args.contexts.split(",")),
         batches=[int(b) for b in args.batches.split(",")], steps=args.steps, layouts=args.layouts,
         hopb=not args.no_hopb, baseline=args.baseline, prefill=tokens(args.prefill) if args.prefill else None,
+        profile=str(Path(args.out).resolve()) if args.profile else None,
     )
     from ..launch import run_ranks
 
@@ -103,6 +107,10 @@ def _rank_main(rank: int, spec: dict):
     bw = measure.hbm_read_gbs()
     coll = measure.collective_us(n) if n > 1 else []
     rows, prefill = [], []
+    profile_dir = None
+    if spec.get("profile"):
+        profile_dir = Path(spec["profile"])
+        profile_dir.mkdir(parents=True, exist_ok=True)
     for name in spec["models"]:
         cfg = measure.model_config(name, spec["layers"])
         torch.manual_seed(0)
@@ -120,7 +128,7 @@ def _rank_main(rank: int, spec: dict):
                 for c in chunks:
                     lay = Layout(layout.kvp, layout.tpa, kv_block=layout.kv_block, hopb_chunks=c)
                     rows += measure.helix_rows(model, name, cfg, lay, strategy, batch, spec["contexts"], spec["steps"],
-                                               bw, coll, n)
+                                               bw, coll, n, profile_dir)
                     _log(rank, rows[-len(spec["contexts"]):])
             if spec["baseline"] and rank == 0:
                 base = measure.transformers_rows(model, name, cfg, batch, spec["contexts"], spec["steps"], bw)

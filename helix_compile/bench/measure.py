@@ -15,6 +15,12 @@ then ``steps`` decode steps run back to back with one synchronisation at the end
 token when the host never waits), and ``steps`` more each timed to the return of the call (``host_ms``, the host
 time per step, launch to launch).
 
+Profile (``--profile``): after the timing, ``profile_steps`` records ``steps`` more steps under torch.profiler
+(CPU + CUDA activities; kernels replayed from a CUDA graph are traced too) and keeps, per step: the wall time, the
+time some kernel runs on the GPU (the union of kernel intervals: ``gpu_busy_ms``), what is left exposed
+(``exposed_ms`` = wall - busy: launches, host work, gaps), and the kernels by GPU time. The Chrome trace of the
+first rank goes next to bench.json.
+
 Floor of a row: (local KV bytes + local weight bytes read per step) / measured HBM read bandwidth, plus the
 step's collectives at their measured in-graph latency (per layer one all-to-all over the KVP group when kvp > 1
 and two all-reduces over all N ranks when N > 1).
@@ -127,6 +133,7 @@ class Row:
     mem_gb: float = 0.0
     compile_s: float = math.nan
     error: str | None = None
+    profile: dict | None = None
 
 
 @torch.no_grad()
@@ -150,7 +157,46 @@ def time_steps(step, steps: int):
     return ttl, host[len(host) // 2] * 1e3
 
 
-def helix_rows(model, name, cfg, layout, strategy, batch, contexts, steps, bw, coll, n) -> list[Row]:
+def busy_us(intervals) -> float:
+    """Length of the union of (start, end) intervals: the time at least one of them runs."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+@torch.no_grad()
+def profile_steps(step, steps: int, trace=None) -> dict:
+    """Per-step wall time, GPU-busy time, exposed time and the top kernels over ``steps`` profiled steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t) / steps * 1e3
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy_ms = busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / steps / 1e3
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        acc = by_name.setdefault(e.name, [0.0, 0])
+        acc[0] += e.time_range.elapsed_us()
+        acc[1] += 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]
+    return dict(steps=steps, wall_ms=wall_ms, gpu_busy_ms=busy_ms, exposed_ms=wall_ms - busy_ms,
+                kernels_per_step=len(kernels) / steps,
+                top=[dict(kernel=k[:120], ms_per_step=v[0] / steps / 1e3, calls_per_step=v[1] / steps) for k, v in top])
+
+
+def helix_rows(model, name, cfg, layout, strategy, batch, contexts, steps, bw, coll, n, profile_dir=None) -> list[Row]:
     from .. import StaticCache
 
     torch._dynamo.reset()
@@ -178,6 +224,12 @@ def helix_rows(model, name, cfg, layout, strategy, batch, contexts, steps, bw, c
                 rows[0].compile_s = time.perf_counter() - t
             row.ttl_ms, row.host_ms = time_steps(step, steps)
             _floor(row, cfg, layout, bw, coll, n, batch)
+            if profile_dir is not None:
+                trace = None
+                if dist.get_rank() == 0:
+                    trace = profile_dir / (f"trace-{name}-{strategy}-kvp{layout.kvp}-tpa{layout.tpa}-hopb"
+                                           f"{layout.hopb_chunks}-b{batch}-ctx{row.context}.json")
+                row.profile = profile_steps(step, min(steps, 5), trace)
             row.mem_gb = torch.cuda.max_memory_allocated() / 1e9
     except Exception as e:  # a configuration that does not fit or is refused: recorded, the sweep goes on
         for row in rows:

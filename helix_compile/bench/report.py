@@ -42,6 +42,13 @@ def write(out: Path, result: dict, n: int, spec: dict, command: str, seconds: fl
     }
     (out / "bench.json").write_text(json.dumps(data, indent=1))
     print(table(decode))
+    for r in decode:
+        if r.get("profile"):
+            p = r["profile"]
+            top = "; ".join(f"{k['kernel'][:40]} {k['ms_per_step']:.3f}" for k in p["top"][:4])
+            print(f"profile {r['model']['name']} {r['strategy']} kvp={r['kvp']} tpa={r['tpa']} B={r['batch']} "
+                  f"ctx={r['context']}: {p['wall_ms']:.2f} ms/step, GPU busy {p['gpu_busy_ms']:.2f}, exposed "
+                  f"{p['exposed_ms']:.2f}, {p['kernels_per_step']:.0f} kernels; top: {top}")
     _plots(out, decode)
 
 
