@@ -3,7 +3,7 @@
 Validity is the backend's own: the attention rules come from ``Layout.validate`` (tpa divides K, or for the TP
 baseline is a multiple of K; tpa divides Q; every rank holds at least one query head after the all-to-all, the
 split being ``Layout.head_split``, uneven when kvp does not divide Q/tpa), and so do the dense FFN rules (tpf
-divides the intermediate size). MoE layouts, which the backend does not run yet, add: experts divisible by ep,
+divides the intermediate size), and MLA's tpa = 1 (the TP baseline kvp=1, tpa=n is not run for MLA). MoE layouts add: experts divisible by ep,
 expert intermediate size divisible by tpf, dense layers of a MoE model TP over the whole FFN group. Helix proper
 keeps tpa <= K (no KV duplicated); the "tp" strategy is ``Layout(kvp=1, tpa=n)``.
 With replicas, a layout on n GPUs (n dividing the GPU budget) runs budget/n times; tokens/s/GPU is unchanged.
@@ -20,6 +20,8 @@ def _config(m: ModelSpec):
     fields = {"num_attention_heads": m.q_heads, "num_key_value_heads": m.kv_heads}
     if not m.is_moe:
         fields["intermediate_size"] = m.ffn
+    if m.is_mla:  # the backend runs MLA with tpa = 1 only (the latent is one KV head)
+        fields.update(kv_lora_rank=m.kv_lora, qk_rope_head_dim=m.rope_dim)
     return type(m.name, (), fields)()
 
 

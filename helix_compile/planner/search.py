@@ -190,17 +190,13 @@ def choose_layout(config, world_size: int, context_len, batch_size: int | None =
     the cache's dtype (a planner name or a torch dtype; ``StaticCache(layout="auto")`` passes its own).
     Candidates are Helix layouts (kvp x tpa, tpa dividing K) and the tensor-parallel baseline (kvp=1, tpa=N),
     each accepted by the backend's ``Layout.validate`` and costed as the backend runs it (replicated LM head, all
-    collectives exposed). Returns plain ints {kvp, tpa, tpf, ep} with kvp*tpa = tpf*ep = world_size. batch_size
-    None plans for one request. Raises ValueError naming the reason when the backend cannot run the model (MoE,
-    MLA), no layout is valid or none fits in memory.
+    collectives exposed, MLA absorbed). MoE models get their expert split too (ep > 1 when it is faster); MLA models
+    get tpa = 1. Returns plain ints {kvp, tpa, tpf, ep} with kvp*tpa = tpf*ep = world_size. batch_size None plans
+    for one request. Raises ValueError naming the reason when no layout is valid or none fits in memory.
     """
     m, hwo = get_model(config), get_hardware(hw)
     dtype = planner_dtype(dtype)
     _check_inputs(m, hwo, world_size, dtype)
-    if m.is_moe or m.is_mla:
-        kind = " and ".join(k for k, on in (("mixture-of-experts FFN", m.is_moe), ("MLA attention", m.is_mla)) if on)
-        raise ValueError(f"{m.name} has a {kind}, which the helix backend does not run yet, so there is no layout "
-                         f"to choose (plan it with `helix plan`, which models the target)")
     if not any(strategy_layouts(m, s, world_size) for s in BACKEND_STRATEGIES):
         reasons = {backend_error(m, world_size // t, t, world_size) for t in range(1, world_size + 1)
                    if world_size % t == 0}

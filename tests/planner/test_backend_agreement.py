@@ -76,9 +76,9 @@ def test_choose_layout_answers_exactly_when_the_backend_runs():
     assert any(lay.tpa > 1 for lay in chosen[(4, 1, 4)]), chosen[(4, 1, 4)]
 
 
-def _compile(q, k, layout, rank):
+def _compile(q, k, layout, rank, family="llama"):
     torch._dynamo.reset()
-    m = model("llama", **_shape(q, k))
+    m = model("llama", **_shape(q, k)) if family == "llama" else model(family)
     cache = StaticCache(m.config, 2, 16, layout)
     seen = []
 
@@ -105,6 +105,24 @@ def test_every_chosen_layout_compiles():
         text = str(done.stages["schedule"].graph)
         assert text.count("helix.partial_attention") == 2, (q, k, kvp, tpa)  # one per layer
         assert ("all_to_all_single" in text) == (kvp > 1), (q, k, kvp, tpa)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_moe_and_mla_get_a_layout_the_backend_runs(family):
+    """MoE (TPF x EP) and MLA (tpa = 1) models are planned, not refused: the layout choose_layout returns on 4
+    ranks is accepted by Layout.validate and goes through the helix passes on a fake group."""
+    lay = Layout(**choose_layout(config(family), 4, 1_000_000, batch_size=64, dtype=torch.float32))
+    lay.validate(config(family), world_size=4)
+    if family == "deepseek_v3":
+        assert lay.tpa == 1 and lay.kvp == 4, lay  # MLA: the latent cache over kvp = N
+    dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=4)
+    try:
+        done = _compile(0, 0, lay, 3, family)
+    finally:
+        dist.destroy_process_group()
+    text = str(done.stages["schedule"].graph)
+    assert text.count("helix.partial_attention") == 2, lay  # one per layer
+    assert ("all_to_all_single" in text) == (lay.kvp > 1), lay
 
 
 def test_static_cache_auto_passes_its_dtype(monkeypatch):

@@ -59,10 +59,20 @@ def test_choose_layout_valid(model, n):
     assert backend_error(m, lay["kvp"], lay["tpa"], lay["tpf"]) is None
 
 
-@pytest.mark.parametrize("model", ["deepseek-r1", "qwen3-30b-a3b", "deepseek-v2-lite"])
-def test_choose_layout_refuses_what_the_backend_refuses(model):
-    with pytest.raises(ValueError, match="which the helix backend does not run yet"):
-        choose_layout(model, 4, 131072)
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "deepseek-v2-lite"])
+def test_choose_layout_plans_moe_and_mla(model):
+    """The backend runs MoE (TPF x EP) and MLA (tpa = 1): choose_layout plans them with the backend's rules."""
+    m = get_model(model)
+    lay = choose_layout(model, 4, 131072)
+    assert lay["kvp"] * lay["tpa"] == 4 == lay["tpf"] * lay["ep"]
+    assert backend_error(m, lay["kvp"], lay["tpa"], None) is None
+    if m.is_mla:
+        assert lay["tpa"] == 1 and backend_error(m, 1, 4, None)  # the TP baseline is not run for MLA
+
+
+def test_choose_layout_says_when_nothing_fits():
+    with pytest.raises(ValueError, match=r"no layout of deepseek-r1 fits on 4 x h200 .* needs [0-9.]+ GB per GPU"):
+        choose_layout("deepseek-r1", 4, 131072)
 
 
 def test_choose_layout_accepts_hf_config_and_dict():

@@ -19,12 +19,15 @@ into
     q_abs = cat([einsum("bhld,hdr->bhlr", q[..., :dn], W_UK), q[..., dn:]], -1)   # (B, H, L, r + dr)
     k_abs = cat([keys_local, values_local], -1)   # (B, 1, C+1, r + dr): this rank's latent shard, one KV head
     packed = partial_attention(q_abs, k_abs, k_abs[..., :r], pos, kvp_rank, kvp, kv_block, scale)  # (H, B, L, r + e)
-    o_lat = lse_merge(wait(all_to_all_single(packed, kvp group)), kvp, r)   # (B, H/N, L, r): this rank's heads
-    o = einsum("bhlr,hvr->bhlv", o_lat, W_UV[this rank's heads])            # (B, H/N, L, dv)
+    packed = cat([einsum("hblr,hvr->hblv", packed[..., :r], W_UV), packed[..., r:]], -1)   # (H, B, L, dv + e)
+    o = lse_merge(wait(all_to_all_single(packed, kvp group)), kvp, dv)       # (B, H/N, L, dv): this rank's heads
 Exact by associativity: q_nope . (W_UK c) = (q_nope W_UK) . c for every cached latent c, and
-sum_s p_s (W_UV c_s) = W_UV (sum_s p_s c_s); the scale and the softmax are unchanged. Each step reads the local
-latent shard once (r + dr values per slot) instead of up-projecting it to H (dn + dv) values per slot. The
-partial attentions and the LSE merge are the usual exact Helix math. The o_proj columns follow the heads each rank
+sum_s p_s (W_UV c_s) = W_UV (sum_s p_s c_s); the scale and the softmax are unchanged. W_UV is applied to each
+rank's partial output before the exchange (the LSE merge is a weighted sum, which W_UV commutes with), so the
+all-to-all carries dv values per head, not r. Each step reads the local latent shard (r + dr values per slot)
+instead of up-projecting it to H (dn + dv) values per slot; the concatenation [keys | values] copies the shard
+once per step (the kernel does not yet take the two parts separately). The partial attentions and the LSE merge
+are the usual exact Helix math. The o_proj columns follow the heads each rank
 holds after the all-to-all, with head_dim = v_head_dim.
 """
 
@@ -192,8 +195,8 @@ def _shape(node):
 def absorbed_attention(graph: fx.Graph, region: MLAMatch, query, keys, values, weight, pos, ctx) -> fx.Node:
     """Insert the absorbed MLA attention over this rank's latent shard (module docstring); return this rank's heads
     of the attention output, (B, H_local, L, dv)."""
-    layout, nope, rank_r = ctx.layout, region.nope, region.rank
-    w = graph.call_method("view", (weight, region.heads, nope + region.v_dim, rank_r))
+    layout, nope, r = ctx.layout, region.nope, region.rank
+    w = graph.call_method("view", (weight, region.heads, nope + region.v_dim, r))
     w_uk = graph.call_function(operator.getitem, (w, (slice(None), slice(None, nope))))
     w_uv = graph.call_function(operator.getitem, (w, (slice(None), slice(nope, None))))
     q_nope = graph.call_function(operator.getitem, (query, (Ellipsis, slice(None, nope))))
@@ -201,15 +204,16 @@ def absorbed_attention(graph: fx.Graph, region: MLAMatch, query, keys, values, w
     q_lat = graph.call_function(torch.einsum, ("bhld,hdr->bhlr", q_nope, w_uk))
     q_abs = graph.call_function(torch.cat, ([q_lat, q_rot],), {"dim": -1})
     k_abs = graph.call_function(torch.cat, ([keys, values],), {"dim": -1})
-    v_abs = graph.call_function(operator.getitem, (k_abs, (Ellipsis, slice(None, rank_r))))
+    v_abs = graph.call_function(operator.getitem, (k_abs, (Ellipsis, slice(None, r))))
     packed = graph.call_function(
         torch.ops.helix.partial_attention.default,
         (q_abs, k_abs, v_abs, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, region.scale),
     )
-    o_lat = exchange_and_merge(graph, packed, ctx, rank_r)
-    first = sum(ctx.split[: ctx.kvp_rank])
-    w_uv_local = graph.call_function(operator.getitem, (w_uv, slice(first, first + ctx.split[ctx.kvp_rank])))
-    return graph.call_function(torch.einsum, ("bhlr,hvr->bhlv", o_lat, w_uv_local))
+    o_part = graph.call_function(operator.getitem, (packed, (Ellipsis, slice(None, r))))
+    lse = graph.call_function(operator.getitem, (packed, (Ellipsis, slice(r, None))))
+    o_v = graph.call_function(torch.einsum, ("hblr,hvr->hblv", o_part, w_uv))
+    packed_v = graph.call_function(torch.cat, ([o_v, lse],), {"dim": -1})
+    return exchange_and_merge(graph, packed_v, ctx, region.v_dim)
 
 
 def erase_expand(graph: fx.Graph, region: MLAMatch, by_name: dict) -> None:
