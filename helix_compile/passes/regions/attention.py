@@ -224,6 +224,8 @@ def _mask_operand(form: str, core: fx.Node) -> fx.Node | None:
         mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
         return mask if isinstance(mask, fx.Node) else None
     node = core.args[0]  # eager: walk back from the probabilities to ``scores + mask``
+    if form == "bmm":  # core = view(bmm(probabilities, values))
+        node = node.args[0]
     while isinstance(node, fx.Node) and node.op != "placeholder":
         if node.op == "call_function" and node.target in (operator.add, torch.add):
             return node.args[1] if isinstance(node.args[1], fx.Node) else None
