@@ -2,8 +2,10 @@
 
 Match (pattern), called by ``attention._find_core`` when the cache keys reach a ``bmm`` / ``baddbmm``:
     core    q3 = q.reshape(B*H, -1, D); k3t = keys.reshape(B*H, -1, D).transpose(-1, -2)
-            scores = bias.baddbmm(q3, k3t, beta=1, alpha=scale)   (or bmm(q3, k3t) [* scale])
-            -> view(B, H, L, S) -> [+ causal mask] -> softmax -> [to] -> [dropout] -> view(B*H, L, S)
+            scores = bias.baddbmm(q3, k3t, beta=1, alpha=scale)   (or bmm(q3, k3t) [* scale]; no scale: q3 is
+            already scaled, XGLM)
+            -> view(B, H, L, S) -> [+ causal mask [-> max(., finfo.min)]] -> softmax -> [to] -> [dropout]
+            -> view(B*H, L, S)
             -> bmm(., values.reshape(B*H, -1, D)) -> view(B, H, L, D)      the core is this last view
     bias    ALiBi: slopes * positions, through shape ops (repeat, reshape, view, to, getitem, expand, squeeze)
             slopes     a constant subgraph (torch.full / arange / pow / cat ..., no graph input) of one value per
@@ -129,6 +131,8 @@ def bmm_core(mm: fx.Node, keys_t: fx.Node, values: fx.Node):
             _check_causal_mask(nxt.args[1] if nxt.args[0] is node else nxt.args[0], nxt)
         elif is_call(nxt, {torch.nn.functional.softmax, torch.softmax}) or is_method(nxt, {"to", "float", "type_as"}):
             pass
+        elif is_call(nxt, {torch.max, torch.maximum}) and masked and _is_dtype_min(nxt.args[1], nxt):
+            pass  # XGLM: max(scores + mask, finfo.min), no change where a key is visible
         elif is_call(nxt, {torch.nn.functional.dropout}):
             if not _dropout_is_identity(nxt):
                 raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(nxt)}")
@@ -138,7 +142,7 @@ def bmm_core(mm: fx.Node, keys_t: fx.Node, values: fx.Node):
             if _cache_source(nxt.args[1]) is not values:
                 raise UnsupportedModelError(f"batched-matmul attention does not read the cache values: {where(nxt)}")
             if scale is None:
-                raise UnsupportedModelError(f"batched-matmul attention without a constant scale: {where(mm)}")
+                scale = 1.0  # the scores are q3 @ k3^T exactly (XGLM scales q after its projection)
             core = nxt
             out = list(core.users)
             if len(out) == 1 and is_method(out[0], {"view", "reshape"}) and shape(out[0]) is not None and len(
@@ -150,6 +154,13 @@ def bmm_core(mm: fx.Node, keys_t: fx.Node, values: fx.Node):
         else:
             raise UnsupportedModelError(f"unexpected op in batched-matmul attention: {where(nxt)}")
         node = nxt
+
+
+def _is_dtype_min(node, user: fx.Node) -> bool:
+    value = _constant(node, {})
+    dtype = user.meta["example_value"].dtype if "example_value" in user.meta else None
+    return (isinstance(value, torch.Tensor) and value.numel() == 1 and dtype is not None and dtype.is_floating_point
+            and value.item() == torch.finfo(dtype).min)
 
 
 # -- ALiBi ---------------------------------------------------------------------------------------------------------
