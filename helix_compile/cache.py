@@ -172,6 +172,10 @@ UNTRACEABLE = {
            "113-121): a Python max over the cache length",
     "git": "GitModel.forward branches on `cache_length > 0` with cache_length = cache.get_seq_length() "
            "(transformers/models/git/modeling_git.py, line 840)",
+    "ctrl": "CTRLModel.forward re-assigns its pos_encoding buffer (self.pos_encoding = self.pos_encoding.to(...), "
+            "transformers/models/ctrl/modeling_ctrl.py, line 319), which Dynamo cannot trace (register_buffer's "
+            "`persistent` read fails), and without position_ids it builds positions with torch.arange(past_length, "
+            "...) from cache.get_seq_length() (line 296)",
     "trocr": "TrOCRLearnedPositionalEmbedding builds its positions with torch.arange(cache_length, cache_length + "
              "seq_len) from cache.get_seq_length() (transformers/models/trocr/modeling_trocr.py, line 54), and the "
              "decoder never passes position_ids to it",
@@ -180,6 +184,15 @@ UNTRACEABLE = {
 
 def _refuse_untraceable(config) -> None:
     model_type = getattr(config, "model_type", None)
+    if model_type == "falcon" and getattr(config, "alibi", False):
+        raise ValueError(
+            "FalconConfig (falcon) with alibi=True does not run over a static KV cache in transformers 5.24: "
+            "FalconModel.forward builds its ALiBi tensor from a mask of seq_length + cache.get_seq_length() "
+            "positions (transformers/models/falcon/modeling_falcon.py, lines 740-746) and adds it to scores over the "
+            "cache's max_cache_len keys, a shape mismatch (transformers' own StaticCache fails: 'The size of tensor a "
+            "(max_cache_len) must match the size of tensor b'); its slopes are also rounded to bfloat16 (line 176), "
+            "which makes the bias depend on the absolute position. helix refuses it (BLOOM's ALiBi is supported)."
+        )
     if model_type in UNTRACEABLE:
         raise ValueError(
             f"{type(config).__name__} ({model_type}) cannot be traced by torch.compile(fullgraph=True) over a static "
