@@ -176,6 +176,9 @@ UNTRACEABLE = {
             "transformers/models/ctrl/modeling_ctrl.py, line 319), which Dynamo cannot trace (register_buffer's "
             "`persistent` read fails), and without position_ids it builds positions with torch.arange(past_length, "
             "...) from cache.get_seq_length() (line 296)",
+    "cpmant": "CpmAntModel.forward branches on `past_length != 0` and slices its mask, position bias and hidden "
+              "states at past_length = cache.get_seq_length() (transformers/models/cpmant/modeling_cpmant.py, lines "
+              "633-647); it also prepends prompt_length prompt tokens to every call and adds a relative position bias",
     "trocr": "TrOCRLearnedPositionalEmbedding builds its positions with torch.arange(cache_length, cache_length + "
              "seq_len) from cache.get_seq_length() (transformers/models/trocr/modeling_trocr.py, line 54), and the "
              "decoder never passes position_ids to it",

@@ -198,7 +198,8 @@ def test_softcap_in_config_but_not_in_graph_refused():
 
 
 @pytest.mark.parametrize("model_type,where", [("mpt", "modeling_mpt.py"), ("git", "modeling_git.py"),
-                                              ("trocr", "modeling_trocr.py"), ("ctrl", "modeling_ctrl.py")])
+                                              ("trocr", "modeling_trocr.py"), ("ctrl", "modeling_ctrl.py"),
+                                              ("cpmant", "modeling_cpmant.py")])
 def test_untraceable_family_refused_before_tracing(model_type, where):
     """Families whose transformers code reads a static cache's length (a tensor) into Python control flow are
     refused when the cache is built, naming the family and the transformers line."""
