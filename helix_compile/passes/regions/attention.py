@@ -169,6 +169,7 @@ class AttentionMatch:
         if self.fused is None:
             for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, k_local)):
                 proj.column_parallel(env, width)
+                _local_head_views(env, proj, width // heads.d, heads.d)
         else:
             self.q.column_parallel(env, q_local + 2 * k_local)
             if isinstance(self.split, IndexSplit):
@@ -181,6 +182,31 @@ class AttentionMatch:
                 _all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.tpa_group)
         _local_merge_width(env, self.o, heads.q * heads.d, ctx.split[ctx.kvp_rank] * heads.d)
         self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * heads.d)
+
+
+def _local_head_views(env: dict, proj: Projection, local_heads: int, d: int) -> None:
+    """A view that splits the projection's features into a constant head count, ``view(B, -1, H, D)`` (OPT), gets
+    the rank's local head count (a view with -1 for the heads needs nothing)."""
+    width = proj.out_features
+    if width % d:
+        return
+    frontier, seen = [proj.out], set()
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            out = shape(user)
+            if is_method(user, {"view", "reshape"}) and out is not None and len(out) == 4 and out[-2:] == (width // d, d):
+                local = env[user.name]
+                sizes = list(local.args[1] if len(local.args) == 2 and isinstance(local.args[1], (tuple, list))
+                             else local.args[1:])
+                if isinstance(sizes[-2], int) and sizes[-2] == width // d != local_heads:
+                    sizes[-2] = local_heads
+                    local.args = (local.args[0], *sizes)
+            elif is_pointwise(user) and shape(user) is not None and shape(user)[-1:] == (width,):
+                frontier.append(user)  # q_proj(x) * scaling (OPT) before the view
 
 
 def _local_merge_width(env: dict, o: Projection, width: int, local: int) -> None:
