@@ -3,11 +3,12 @@
 Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache write of one attention layer):
     core    the SDPA node, or the final matmul of the eager chain
             matmul(q, k^T) -> *scale -> [/softcap -> tanh -> *softcap] -> [+mask] -> softmax -> [to] -> [dropout]
-            -> matmul(., v), whose keys/values trace back (through repeat_kv views) to the cache placeholders
+            -> matmul(., v), whose keys/values trace back (through repeat_kv views) to the cache placeholders;
+            or the (B*H, L, D) batched-matmul form with an optional ALiBi bias (BLOOM, XGLM: ``alibi.py``)
     q, k, v the projection among the ancestors of the query, of k, of v inside the attention module, reached
             through per-head ops only (reshapes, elementwise ops, RoPE, per-head norms, and norms over all heads'
             features, which become exact under tpa > 1 by an all-reduce of partial sums of squares); one fused
-            projection for all three (qkv) is cut by ``FusedSplit``
+            projection for all three (qkv) is cut by ``FusedSplit`` (or by index, BLOOM: ``alibi.IndexSplit``)
     o       the first projection after core, only reshapes between them
     window  per layer from the config (``layer_types`` / ``sliding_window`` / ``use_sliding_window``)
 
@@ -15,13 +16,16 @@ Rewrite (``replace_with``; pattern ... into ...):
     kv_write(keys, values, k, v, pos)
         into  kv_write_local(keys, values, k, v, pos, kvp_rank, kvp, kv_block)          # owner-only write
     core = sdpa(q, repeat_kv(keys), repeat_kv(values), mask)   (or the eager chain)
-        into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale[, softcap, window])
+        into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale[, softcap, window]
+                                         [, key_mask=][, alibi_slopes= this rank's heads' slopes, alibi_pos=])
               recv   = wait(all_to_all_single(packed, out=[h]*kvp, in=split, kvp_group))  # kvp > 1 only
               core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
     o = proj(x, Wo, b)   into  wait(all_reduce(proj(x, Wo_shard), "sum", world)) [+ b]  # N > 1 only
     mean(x*x, -1) over all heads' features (q/k norm)
         into  wait(all_reduce(sum(x*x, -1), "sum", tpa_group)) / (heads * D)             # tpa > 1 only
     fused qkv cuts: global offsets (0, Q*D, (Q+K)*D) into the local ones
+    constant head counts in views: view(B, -1, H, D) after a projection (OPT) and reshape(B, L, H*D) before o
+        (BLOOM, XGLM) into the local ones
 """
 
 from __future__ import annotations
