@@ -162,6 +162,49 @@ def _refuse_without_kv_attention(text) -> None:
         )
 
 
+# Families whose forward over a static cache cannot be traced by torch.compile(fullgraph=True) in transformers
+# 5.24, whatever the caller passes: each reads the cache length (a 0-d tensor in a static cache, which Dynamo
+# cannot turn into a Python int without a data-dependent guard) into Python control flow or a tensor's size.
+# transformers' own StaticCache fails the same way. Refused when the cache is built, before any tracing.
+UNTRACEABLE = {
+    "mpt": "MptAttention.forward computes query_length = seq_length + cache.get_seq_length() and slices its ALiBi "
+           "bias at max(0, position_bias.size(1) - query_length) (transformers/models/mpt/modeling_mpt.py, lines "
+           "113-121): a Python max over the cache length",
+    "git": "GitModel.forward branches on `cache_length > 0` with cache_length = cache.get_seq_length() "
+           "(transformers/models/git/modeling_git.py, line 840)",
+    "ctrl": "CTRLModel.forward re-assigns its pos_encoding buffer (self.pos_encoding = self.pos_encoding.to(...), "
+            "transformers/models/ctrl/modeling_ctrl.py, line 319), which Dynamo cannot trace (register_buffer's "
+            "`persistent` read fails), and without position_ids it builds positions with torch.arange(past_length, "
+            "...) from cache.get_seq_length() (line 296)",
+    "cpmant": "CpmAntModel.forward branches on `past_length != 0` and slices its mask, position bias and hidden "
+              "states at past_length = cache.get_seq_length() (transformers/models/cpmant/modeling_cpmant.py, lines "
+              "633-647); it also prepends prompt_length prompt tokens to every call and adds a relative position bias",
+    "trocr": "TrOCRLearnedPositionalEmbedding builds its positions with torch.arange(cache_length, cache_length + "
+             "seq_len) from cache.get_seq_length() (transformers/models/trocr/modeling_trocr.py, line 54), and the "
+             "decoder never passes position_ids to it",
+}
+
+
+def _refuse_untraceable(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type == "falcon" and getattr(config, "alibi", False):
+        raise ValueError(
+            "FalconConfig (falcon) with alibi=True does not run over a static KV cache in transformers 5.24: "
+            "FalconModel.forward builds its ALiBi tensor from a mask of seq_length + cache.get_seq_length() "
+            "positions (transformers/models/falcon/modeling_falcon.py, lines 740-746) and adds it to scores over the "
+            "cache's max_cache_len keys, a shape mismatch (transformers' own StaticCache fails: 'The size of tensor a "
+            "(max_cache_len) must match the size of tensor b'); its slopes are also rounded to bfloat16 (line 176), "
+            "which makes the bias depend on the absolute position. helix refuses it (BLOOM's ALiBi is supported)."
+        )
+    if model_type in UNTRACEABLE:
+        raise ValueError(
+            f"{type(config).__name__} ({model_type}) cannot be traced by torch.compile(fullgraph=True) over a static "
+            f"KV cache (as of transformers 5.24): {UNTRACEABLE[model_type]}. A static cache's length is a 0-d tensor, "
+            f"data-dependent under tracing (transformers' own StaticCache fails the same way); helix needs each step "
+            f"in one graph and refuses the family."
+        )
+
+
 class StaticCache(Cache):
     """Rank-local static KV cache for Helix (see module docstring).
 
@@ -183,6 +226,7 @@ class StaticCache(Cache):
                 dtype = dtype or first.dtype
                 device = device or first.device
             config = config.config
+        _refuse_untraceable(config)
         text = config.get_text_config(decoder=True)
         _refuse_without_kv_attention(text)
         self.rank, world = current_world()

@@ -30,14 +30,34 @@ class Report:
     seconds: float
 
 
+def generate_inputs(model, input_ids: torch.Tensor, past: int) -> dict:
+    """The inputs ``generate`` gives the model besides input_ids for an unpadded batch, ``past`` tokens cached:
+    attention_mask = ones(B, past + L) and position_ids = past .. past + L - 1 (each only if the forward takes it).
+
+    Some families (OPT, BioGPT, XGLM, CTRL, Fuyu in transformers 5.24) derive them from ``cache.get_seq_length()``
+    when they are missing; over a static cache that is a 0-d tensor, so the bare call is not traceable, while
+    ``generate``'s call is."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    b, length = input_ids.shape
+    out = {}
+    if "attention_mask" in params:
+        out["attention_mask"] = torch.ones(b, past + length, dtype=torch.long, device=input_ids.device)
+    if "position_ids" in params:
+        out["position_ids"] = (torch.arange(length, device=input_ids.device) + past).expand(b, -1)
+    return out
+
+
 @torch.no_grad()
 def compare(
     model, layout: Layout | str, input_ids: torch.Tensor, steps: int, max_cache_len: int, executor="eager",
-    reference=None, teacher_forcing=False,
+    reference=None, teacher_forcing=False, call="bare",
 ) -> Report:
     """Greedy-decode ``steps`` tokens with ``model`` under ``layout`` and with ``reference`` (default: ``model``
     itself, eagerly, on one device). With ``teacher_forcing`` both read the reference's tokens, so the logits
-    stay comparable after a near-tie flips a low-precision argmax."""
+    stay comparable after a near-tie flips a low-precision argmax. ``call``: "bare" (input_ids and the cache
+    only) or "generate" (also ``generate_inputs``: the attention_mask and position_ids generate passes)."""
     from transformers import StaticCache as HFStaticCache
 
     reference = reference if reference is not None else model
@@ -48,14 +68,17 @@ def compare(
     ref_cache = HFStaticCache(reference.config, max_cache_len=max_cache_len)
     compiled = torch.compile(model, backend="helix", options={"layout": layout, "executor": executor}, fullgraph=True)
     start = time.perf_counter()
-    out = compiled(input_ids=input_ids, past_key_values=cache).logits[:, -1:]
-    ref = reference(input_ids=input_ids, past_key_values=ref_cache).logits[:, -1:]
+    extra = (lambda ids, past: generate_inputs(model, ids, past)) if call == "generate" else (lambda ids, past: {})
+    past = input_ids.shape[1]
+    out = compiled(input_ids=input_ids, past_key_values=cache, **extra(input_ids, 0)).logits[:, -1:]
+    ref = reference(input_ids=input_ids, past_key_values=ref_cache, **extra(input_ids, 0)).logits[:, -1:]
     err, scale = (out - ref).abs().max().item(), ref.abs().max().item()
     tok, ref_tok = out.argmax(-1), ref.argmax(-1)
     tokens, ref_tokens = [tok], [ref_tok]
     for _ in range(steps):
-        out = compiled(input_ids=ref_tok if teacher_forcing else tok, past_key_values=cache).logits
-        ref = reference(input_ids=ref_tok, past_key_values=ref_cache).logits
+        out = compiled(input_ids=ref_tok if teacher_forcing else tok, past_key_values=cache, **extra(tok, past)).logits
+        ref = reference(input_ids=ref_tok, past_key_values=ref_cache, **extra(ref_tok, past)).logits
+        past += 1
         err, scale = max(err, (out.float() - ref.float()).abs().max().item()), max(scale, ref.abs().max().item())
         tok, ref_tok = out.argmax(-1), ref.argmax(-1)
         tokens.append(tok)

@@ -50,8 +50,9 @@ FAMILIES = {
     "glm": ("glm", dict(num_attention_heads=8, num_key_value_heads=4, partial_rotary_factor=0.5, pad_token_id=0,
                         eos_token_id=[1, 2])),  # interleaved RoPE
     "olmo2": ("olmo2", dict(num_attention_heads=8, num_key_value_heads=4, eos_token_id=2)),  # q/k RMSNorm over all heads
+    "bloom": ("bloom", dict(num_attention_heads=4)),  # ALiBi (baddbmm), per-head [q k v] cut by index; no SDPA
 }
-ATTENTION = {"gemma2": "eager"}  # families without SDPA (soft-capping)
+ATTENTION = {"gemma2": "eager", "bloom": "eager"}  # families without SDPA (soft-capping, BLOOM)
 
 
 def config(family: str, **extra):

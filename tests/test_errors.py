@@ -195,3 +195,21 @@ def test_softcap_in_config_but_not_in_graph_refused():
     cache = StaticCache(m.config, 2, 16, Layout(1))
     with pytest.raises(Exception, match="attn_logit_softcapping=5.0 but helix found no soft-capping"):
         compiled(m)(input_ids=prompt(), past_key_values=cache)
+
+
+@pytest.mark.parametrize("model_type,where", [("mpt", "modeling_mpt.py"), ("git", "modeling_git.py"),
+                                              ("trocr", "modeling_trocr.py"), ("ctrl", "modeling_ctrl.py"),
+                                              ("cpmant", "modeling_cpmant.py")])
+def test_untraceable_family_refused_before_tracing(model_type, where):
+    """Families whose transformers code reads a static cache's length (a tensor) into Python control flow are
+    refused when the cache is built, naming the family and the transformers line."""
+    cfg = AutoConfig.for_model(model_type)
+    with pytest.raises(ValueError, match=rf"\({model_type}\) cannot be traced .*{where}"):
+        StaticCache(cfg, 1, 16, Layout(1))
+
+
+def test_falcon_alibi_refused_before_tracing():
+    cfg = AutoConfig.for_model("falcon", alibi=True)
+    with pytest.raises(ValueError, match=r"\(falcon\) with alibi=True does not run over a static KV cache"):
+        StaticCache(cfg, 1, 16, Layout(1))
+    StaticCache(AutoConfig.for_model("falcon"), 1, 16, Layout(1))  # without ALiBi: not refused here

@@ -9,11 +9,16 @@ Rank-local ops (what the partitioned program calls):
         with kvp_rank == (p // kv_block) % kvp; every other rank writes it to its spare last slot (never read),
         so the op needs no data-dependent shapes and no host sync.
     helix::partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale,
-                             softcap=0.0, window=0, key_mask=None) -> packed
+                             softcap=0.0, window=0, key_mask=None, alibi_slopes=None, alibi_pos=None) -> packed
         attention of the local query heads over the local keys. Key at global position p is visible to the query
         at position t when p <= t, and t - p < window (window > 0: sliding window), and key_mask[b, p] != 0
         (key_mask given: the 2-D HF attention mask over global positions; p >= its length is not visible).
-        Scores are q.k * scale, then softcap * tanh(score / softcap) when softcap > 0 (Gemma 2).
+        Scores are q.k * scale, then softcap * tanh(score / softcap) when softcap > 0 (Gemma 2), then
+        + alibi_slopes[h] * (a(b, p) - t) when alibi_slopes (fp32, one per local query head h) is given: ALiBi,
+        with a(b, p) = p, or alibi_pos[b, p] when alibi_pos (B, S_m) is given (BLOOM's position among the
+        unmasked keys, (cumsum(mask) - 1) * mask; p >= S_m is never visible there). The query's own position t
+        is a constant per row, which softmax ignores: it keeps the scores small, and every rank subtracts the
+        same t, so the LSEs merge exactly.
         Returns ``packed`` of shape (Hq_local, B, L, D + e): the output o_r in q's dtype with its natural-log
         LSE (fp32, bit-cast into the last e = 4 / itemsize elements). Head-major so that the all-to-all over
         query heads splits dim 0. A row with no visible key has lse = -inf and o = 0.
@@ -123,12 +128,16 @@ def partial_attention(
     softcap: float = 0.0,
     window: int = 0,
     key_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    alibi_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if q.device.type == "cuda":
         from .triton_attention import partial_attention as triton_partial_attention
 
-        return triton_partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask)
-    return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask)
+        return triton_partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask,
+                                        alibi_slopes=alibi_slopes, alibi_pos=alibi_pos)
+    return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask,
+                                       alibi_slopes, alibi_pos)
 
 
 def visible_keys(pos, key_pos, window=0, key_mask=None):
@@ -143,8 +152,18 @@ def visible_keys(pos, key_pos, window=0, key_mask=None):
     return seen
 
 
+def alibi_bias(slopes, pos, key_pos, alibi_pos=None):
+    """(B or 1, H, L, S) fp32: slopes[h] * (a(b, key) - pos[l]), a = the key's global position or alibi_pos[b, .]."""
+    if alibi_pos is not None:
+        a = alibi_pos.gather(1, key_pos.clamp(max=alibi_pos.shape[1] - 1).expand(alibi_pos.shape[0], -1)).float()
+    else:
+        a = key_pos.float()[None]
+    rel = a[:, None, :] - pos.float()[None, :, None]  # (B or 1, L, S)
+    return slopes.float()[None, :, None, None] * rel[:, None]
+
+
 def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap=0.0, window=0,
-                                key_mask=None):
+                                key_mask=None, alibi_slopes=None, alibi_pos=None):
     """Reference (any device): scores in fp32 over the whole local shard, masked by global position."""
     b, hq, length, d = q.shape
     hk = k_shard.shape[1]
@@ -155,7 +174,13 @@ def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_bloc
     scores = torch.einsum("bkgld,bksd->bkgls", qf, k) * scale
     if softcap > 0:
         scores = torch.tanh(scores / softcap) * softcap
-    visible = visible_keys(pos, slot_positions(capacity, kvp_rank, kvp, kv_block, q.device), window, key_mask)
+    key_pos = slot_positions(capacity, kvp_rank, kvp, kv_block, q.device)
+    if alibi_slopes is not None:
+        bias = alibi_bias(alibi_slopes, pos, key_pos, alibi_pos)  # (B or 1, Hq, L, S)
+        scores = scores + bias.reshape(bias.shape[0], hk, hq // hk, length, capacity)
+    visible = visible_keys(pos, key_pos, window, key_mask)
+    if alibi_slopes is not None and alibi_pos is not None:
+        visible = visible & (key_pos < alibi_pos.shape[1])[None, None, :]
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)

@@ -13,7 +13,8 @@ length), lo the slots that every row's sliding window has left. Both come from t
 half-empty cache is never read and the host never syncs. A program with NUM_SPLITS > 1 takes one of NUM_SPLITS
 equal parts of [lo, hi) (flash decoding: at batch 1 the splits fill the SMs).
 
-Math. Per row: scores = q.k * scale (then softcap * tanh(score / softcap) if softcap > 0), masked by global
+Math. Per row: scores = q.k * scale (then softcap * tanh(score / softcap) if softcap > 0; then ALiBi's
+slope[head] * (a(key) - q_pos) with a(key) the key's global position, or ALIBI_POS[b, key position]), masked by global
 position (causal, window, key mask), online softmax in fp32 with natural exp. Products run on tensor cores:
 exact for 16-bit inputs (fp32 accumulation, as SDPA), "tf32x3" (about fp32 accuracy) for fp32 inputs. One split:
 the program writes o = acc / l and lse = m + ln l straight into the packed output. Several: it writes (m, l, acc)
@@ -56,12 +57,13 @@ def _store_packed(OUT, out_row, o, lse, D, d, d_mask, r_mask, LSE_ELEMS: tl.cons
 
 
 @triton.jit
-def _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
+def _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN, slope, APOS, apos_row,
           kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
           MASKED: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+          ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile [n0, n0 + BLOCK_N) of the online softmax. MASKED = False: every slot of the tile is below
-    ``stop`` and visible to every row (no bounds, causal, window or key-mask test is needed)."""
+    ``stop`` and visible to every row (no bounds, causal, window or key-mask test is needed; ``stop`` is below the
+    ALiBi positions' length, so their load needs no bound either)."""
     slots = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         in_range = slots < stop
@@ -76,8 +78,18 @@ def _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_r
     s = (s * scale).to(tl.float32)  # Inductor may pass Python floats as fp64 scalars
     if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
         s = (softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))).to(tl.float32)
-    if MASKED:
+    if MASKED or ALIBI:
         key_pos = (slots // kv_block) * (kv_block * kvp) + kvp_rank * kv_block + slots % kv_block
+    if ALIBI:  # slope * (a(key) - q_pos): a constant per row besides the key's (ALiBi) position
+        if HAS_APOS:
+            if MASKED:
+                a = tl.load(APOS + apos_row + key_pos, mask=in_range, other=0)
+            else:
+                a = tl.load(APOS + apos_row + key_pos)
+        else:
+            a = key_pos
+        s = s + slope[:, None] * (a.to(tl.float32)[None, :] - q_pos.to(tl.float32)[:, None])
+    if MASKED:
         visible = in_range[None, :] & (key_pos[None, :] <= q_pos[:, None])
         if WINDOW:
             visible = visible & (q_pos[:, None] - key_pos[None, :] < window)
@@ -105,16 +117,16 @@ def _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_r
 
 @triton.jit
 def _attention(
-    Q, K, V, POS, MASK, OUT, M_PART, L_PART, ACC_PART,
+    Q, K, V, POS, MASK, SLOPES, APOS, OUT, M_PART, L_PART, ACC_PART,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    stride_mb,
-    HQ, HK, LQ, GROUP, CAPACITY, MASK_LEN, ROW_BLOCKS, B,
+    stride_mb, stride_ab,
+    HQ, HK, LQ, GROUP, CAPACITY, MASK_LEN, APOS_LEN, ROW_BLOCKS, B,
     kvp_rank, kvp, kv_block, scale, softcap, window,
     D: tl.constexpr, DV: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-    LSE_ELEMS: tl.constexpr, PRECISION: tl.constexpr,
+    ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, LSE_ELEMS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b, kh, row block)
@@ -135,11 +147,16 @@ def _attention(
     if PRECISION == "tf32x3":
         q = q.to(tl.float32)
     q_pos = tl.load(POS + l_idx, mask=r_mask, other=-1)
+    slope = q_pos  # unused without ALiBi
+    if ALIBI:
+        slope = tl.load(SLOPES + head, mask=r_mask, other=0.0).to(tl.float32)
     # the slots [lo, hi) that some row of this program may see
     hi = _local_count(tl.max(q_pos) + 1, kvp_rank, kvp, kv_block)
     hi = tl.minimum(hi, CAPACITY)
     if HAS_MASK:
         hi = tl.minimum(hi, _local_count(MASK_LEN, kvp_rank, kvp, kv_block))
+    if HAS_APOS:
+        hi = tl.minimum(hi, _local_count(APOS_LEN, kvp_rank, kvp, kv_block))
     lo = 0
     if WINDOW:
         lowest = tl.min(tl.where(r_mask, q_pos, 2147483647))
@@ -163,14 +180,15 @@ def _attention(
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_vb + kh * stride_vh
     mask_row = b * stride_mb
+    apos_row = b * stride_ab
     for n0 in range(start, bulk, BLOCK_N):
         m_i, l_i, acc = _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
-                              kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
-                              False, HAS_MASK, SOFTCAP, WINDOW, PRECISION, BLOCK_N)
+                              slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
+                              False, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N)
     for n0 in range(bulk, stop, BLOCK_N):
         m_i, l_i, acc = _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
-                              kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
-                              True, HAS_MASK, SOFTCAP, WINDOW, PRECISION, BLOCK_N)
+                              slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
+                              True, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N)
     # packed output row of (head, b, l); partial buffers are indexed the same way
     out_row = (head * B + b) * LQ + l_idx
     if NUM_SPLITS == 1:
@@ -260,7 +278,7 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
 
 
 def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap=0.0, window=0, key_mask=None,
-                      config=None):
+                      config=None, alibi_slopes=None, alibi_pos=None):
     """Same contract as ``ops.partial_attention`` (packed (Hq, B, L, D + e) output). Called inside the op's
     ``triton_op`` body, so under Inductor the two kernels are emitted into the generated code."""
     from .ops import lse_elems
@@ -289,16 +307,20 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
     else:
         m = l_sum = acc = out  # unused
     mask = key_mask if key_mask is not None else pos
+    slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else pos  # pos: an unused pointer
+    apos = alibi_pos.contiguous() if alibi_pos is not None else pos
     row_blocks = triton.cdiv(group * length, block_r)
     wrap_triton(_attention)[(b * hk * row_blocks, splits)](
-        q, k, v, pos, mask, out, m, l_sum, acc,
+        q, k, v, pos, mask, slopes, apos, out, m, l_sum, acc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        mask.stride(0) if key_mask is not None else 0,
-        hq, hk, length, group, capacity, key_mask.shape[1] if key_mask is not None else 0, row_blocks, b,
+        mask.stride(0) if key_mask is not None else 0, apos.stride(0) if alibi_pos is not None else 0,
+        hq, hk, length, group, capacity, key_mask.shape[1] if key_mask is not None else 0,
+        alibi_pos.shape[1] if alibi_pos is not None else 0, row_blocks, b,
         kvp_rank, kvp, kv_block, scale, softcap, window, D=d, DV=dv,
         NUM_SPLITS=splits, HAS_MASK=key_mask is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
+        ALIBI=alibi_slopes is not None, HAS_APOS=alibi_pos is not None,
         LSE_ELEMS=e, PRECISION="tf32x3" if q.dtype == torch.float32 or _INTERPRETED else "native",
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages,
     )

@@ -19,7 +19,7 @@ CASES = [  # batch, query heads, kv heads, query len, head dim, local capacity, 
 ]
 
 
-def _check(case, first_pos, softcap=0.0, window=0, key_mask=None, dv=None, v_of_k=False):
+def _check(case, first_pos, softcap=0.0, window=0, key_mask=None, dv=None, v_of_k=False, alibi=False, alibi_pos=None):
     b, hq, hk, length, dk, capacity, kvp, rank, block, dtype, config = case
     d = dv or dk
     g = torch.Generator().manual_seed(first_pos)
@@ -27,8 +27,11 @@ def _check(case, first_pos, softcap=0.0, window=0, key_mask=None, dv=None, v_of_
     k = torch.randn(b, hk, capacity + 1, dk, generator=g).to(dtype)
     v = k[..., :d] if v_of_k else torch.randn(b, hk, capacity + 1, d, generator=g).to(dtype)
     pos = torch.arange(length) + first_pos
-    want = ops.partial_attention_reference(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask)
-    got = triton_partial_attention(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask, config=config)
+    slopes = 2.0 ** -torch.arange(1, hq + 1, dtype=torch.float32) if alibi else None
+    want = ops.partial_attention_reference(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask, slopes,
+                                           alibi_pos)
+    got = triton_partial_attention(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask, config=config,
+                                   alibi_slopes=slopes, alibi_pos=alibi_pos)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got[..., :d].float(), want[..., :d].float(), rtol=tol, atol=tol)
     lse_want = want[..., d:].contiguous().view(torch.float32)
@@ -65,3 +68,17 @@ def test_absorbed_mla_values_are_a_view_of_the_keys():
     """Absorbed MLA: one KV head [latent (32) | rotary key (8)], the values the latent part of the same tensor."""
     mqa = (2, 8, 1, 1, 40, 40, 2, 1, 4, torch.float32, (16, 16, 3, 4, 1))
     _check(mqa, 9, dv=32, v_of_k=True)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]])
+def test_alibi(case):
+    """ALiBi: slope[h] * (key position - query position) on the global positions of the local slots (decode with
+    splits, MQA with several positions, prefill), and BLOOM's positions among the unmasked keys of a mask with
+    holes (alibi_pos = (cumsum(mask) - 1) * mask)."""
+    b = case[0]
+    mask = torch.ones(b, 40, dtype=torch.long)
+    mask[0, :6] = 0  # left padding
+    mask[-1, 10:13] = 0  # a hole: the ALiBi positions after it are not the global ones
+    _check(case, 30, alibi=True)
+    _check(case, 5, alibi=True)
+    _check(case, 30, key_mask=mask, alibi=True, alibi_pos=(mask.cumsum(-1) - 1) * mask)

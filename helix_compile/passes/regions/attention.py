@@ -3,11 +3,12 @@
 Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache write of one attention layer):
     core    the SDPA node, or the final matmul of the eager chain
             matmul(q, k^T) -> *scale -> [/softcap -> tanh -> *softcap] -> [+mask] -> softmax -> [to] -> [dropout]
-            -> matmul(., v), whose keys/values trace back (through repeat_kv views) to the cache placeholders
+            -> matmul(., v), whose keys/values trace back (through repeat_kv views) to the cache placeholders;
+            or the (B*H, L, D) batched-matmul form with an optional ALiBi bias (BLOOM, XGLM: ``alibi.py``)
     q, k, v the projection among the ancestors of the query, of k, of v inside the attention module, reached
             through per-head ops only (reshapes, elementwise ops, RoPE, per-head norms, and norms over all heads'
             features, which become exact under tpa > 1 by an all-reduce of partial sums of squares); one fused
-            projection for all three (qkv) is cut by ``FusedSplit``
+            projection for all three (qkv) is cut by ``FusedSplit`` (or by index, BLOOM: ``alibi.IndexSplit``)
     o       the first projection after core, only reshapes between them
     window  per layer from the config (``layer_types`` / ``sliding_window`` / ``use_sliding_window``)
 
@@ -15,13 +16,16 @@ Rewrite (``replace_with``; pattern ... into ...):
     kv_write(keys, values, k, v, pos)
         into  kv_write_local(keys, values, k, v, pos, kvp_rank, kvp, kv_block)          # owner-only write
     core = sdpa(q, repeat_kv(keys), repeat_kv(values), mask)   (or the eager chain)
-        into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale[, softcap, window])
+        into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale[, softcap, window]
+                                         [, key_mask=][, alibi_slopes= this rank's heads' slopes, alibi_pos=])
               recv   = wait(all_to_all_single(packed, out=[h]*kvp, in=split, kvp_group))  # kvp > 1 only
               core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
     o = proj(x, Wo, b)   into  wait(all_reduce(proj(x, Wo_shard), "sum", world)) [+ b]  # N > 1 only
     mean(x*x, -1) over all heads' features (q/k norm)
         into  wait(all_reduce(sum(x*x, -1), "sum", tpa_group)) / (heads * D)             # tpa > 1 only
     fused qkv cuts: global offsets (0, Q*D, (Q+K)*D) into the local ones
+    constant head counts in views: view(B, -1, H, D) after a projection (OPT) and reshape(B, L, H*D) before o
+        (BLOOM, XGLM) into the local ones
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .common import (
     REDUCE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_call, is_method, is_pointwise, module_path,
     shape, where,
 )
+from .alibi import BADDBMM, BMM, IndexSplit, bmm_core, find_index_split
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -76,6 +81,7 @@ class AttentionMatch:
     split: FusedSplit | None = None
     norms: list = dataclasses.field(default_factory=list)  # CrossHeadNorm
     key_mask: fx.Node | None = None  # the 2-D (B, S_m) attention_mask placeholder HF's mask is built from
+    alibi: object = None  # alibi.Alibi: the ALiBi bias of the scores (BLOOM), or None
 
     kind = "attention"
 
@@ -122,7 +128,8 @@ class AttentionMatch:
             if rows != want:
                 raise ValueError(f"{self.module}: the fused qkv projection has {rows} rows, the config says {want}")
             if self.fused == "qkv_heads" and (
-                self.split.width != 3 * heads.d or any(not is_method(c, {"chunk"}) or c.args[1] != 3 for c in self.split.cuts)
+                self.split.width != 3 * heads.d or not isinstance(self.split, IndexSplit) and any(
+                    not is_method(c, {"chunk"}) or c.args[1] != 3 for c in self.split.cuts)
             ):
                 raise UnsupportedModelError(
                     f"{self.module}: fused qkv {self.q.name} is cut at width {self.split.width} by "
@@ -150,6 +157,14 @@ class AttentionMatch:
             args += (float(self.softcap), int(self.window))
         kwargs = {"key_mask": env[self.key_mask.name]} if self.key_mask is not None else {}
         with graph.inserting_before(core):
+            if self.alibi is not None:  # the slopes of this rank's query heads (its TPA slice)
+                per = heads.q // layout.tpa
+                slopes = self.alibi.local_slopes(layout.tpa_rank(ctx.rank) * per, per)
+                device = query.meta["example_value"].device if "example_value" in query.meta else None
+                kwargs["alibi_slopes"] = graph.call_function(
+                    torch.tensor, (slopes,), {"dtype": torch.float32, "device": device})
+                if self.alibi.positions is not None:
+                    kwargs["alibi_pos"] = env[self.alibi.positions.name]
             packed = graph.call_function(torch.ops.helix.partial_attention.default, args, kwargs)
             merged = exchange_and_merge(graph, packed, ctx, heads.d)
         core.replace_all_uses_with(merged)
@@ -158,15 +173,57 @@ class AttentionMatch:
         if self.fused is None:
             for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, k_local)):
                 proj.column_parallel(env, width)
+                _local_head_views(env, proj, width // heads.d, heads.d)
         else:
             self.q.column_parallel(env, q_local + 2 * k_local)
+            if isinstance(self.split, IndexSplit):
+                self.split.replace_with(env)
             if self.fused == "qkv" and self.split is not None:
                 qd, kd = heads.q * heads.d, heads.k * heads.d
                 self.split.replace_with(env, [0, qd, qd + kd, qd + 2 * kd], [0, q_local, q_local + k_local, q_local + 2 * k_local])
         for norm in self.norms:
             if layout.tpa > 1:
                 _all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.tpa_group)
+        _local_merge_width(env, self.o, heads.q * heads.d, ctx.split[ctx.kvp_rank] * heads.d)
         self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * heads.d)
+
+
+def _local_head_views(env: dict, proj: Projection, local_heads: int, d: int) -> None:
+    """A view that splits the projection's features into a constant head count, ``view(B, -1, H, D)`` (OPT), gets
+    the rank's local head count (a view with -1 for the heads needs nothing)."""
+    width = proj.out_features
+    if width % d:
+        return
+    frontier, seen = [proj.out], set()
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            out = shape(user)
+            if is_method(user, {"view", "reshape"}) and out is not None and len(out) == 4 and out[-2:] == (width // d, d):
+                local = env[user.name]
+                sizes = list(local.args[1] if len(local.args) == 2 and isinstance(local.args[1], (tuple, list))
+                             else local.args[1:])
+                if isinstance(sizes[-2], int) and sizes[-2] == width // d != local_heads:
+                    sizes[-2] = local_heads
+                    local.args = (local.args[0], *sizes)
+            elif is_pointwise(user) and shape(user) is not None and shape(user)[-1:] == (width,):
+                frontier.append(user)  # q_proj(x) * scaling (OPT) before the view
+
+
+def _local_merge_width(env: dict, o: Projection, width: int, local: int) -> None:
+    """A constant ``reshape(B, L, H * D)`` merging the heads before o (BLOOM's _merge_heads) -> the local width."""
+    if o.transposed:
+        return  # Conv1D: its input view is rewritten by row_parallel
+    x = env[o.node.args[0].name] if isinstance(o.node.args[0], fx.Node) else None
+    if x is None or not is_method(x, {"reshape", "view"}):
+        return
+    sizes = x.args[1] if len(x.args) == 2 and isinstance(x.args[1], (tuple, list)) else x.args[1:]
+    if sizes and sizes[-1] == width and isinstance(sizes[-1], int):
+        sizes = (*sizes[:-1], local)
+        x.args = (x.args[0], sizes) if len(x.args) == 2 and isinstance(x.args[1], (tuple, list)) else (x.args[0], *sizes)
 
 
 def exchange_and_merge(graph: fx.Graph, packed: fx.Node, ctx, head_dim: int) -> fx.Node:
@@ -197,10 +254,12 @@ def _mask_operand(form: str, core: fx.Node) -> fx.Node | None:
         mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
         return mask if isinstance(mask, fx.Node) else None
     node = core.args[0]  # eager: walk back from the probabilities to ``scores + mask``
+    if form == "bmm":  # core = view(bmm(probabilities, values))
+        node = node.args[0]
     while isinstance(node, fx.Node) and node.op != "placeholder":
         if node.op == "call_function" and node.target in (operator.add, torch.add):
             return node.args[1] if isinstance(node.args[1], fx.Node) else None
-        if node.op == "call_function" and node.target is torch.matmul:
+        if node.op == "call_function" and node.target in (torch.matmul, torch.bmm, torch.baddbmm):
             return None
         node = node.args[0]
     return None
@@ -261,7 +320,7 @@ def match_attention(graph: fx.Graph, config=None, skip=()) -> list[AttentionMatc
 def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
     keys, values, k, v, pos = write.args
     module = module_path(write)
-    form, core, query, scale, softcap = _find_core(keys, values, write)
+    form, core, query, scale, softcap, alibi = _find_core(keys, values, write)
     norms: list[CrossHeadNorm] = []
     q = _projection_ancestor(query, module, f"query of {module}", norms, "q_norm")
     kp = _projection_ancestor(k, module, f"key of {module}", norms, "k_norm")
@@ -278,7 +337,7 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
     else:
         if not (q.node is kp.node is vp.node):
             raise UnsupportedModelError(f"{module}: two of q/k/v share projection '{q.name}' and the third does not")
-        split = find_split(q, f"fused qkv of {module}")
+        split = find_split(q, f"fused qkv of {module}") or find_index_split(q.out, shape(query)[-1])
         if split is None:
             raise UnsupportedModelError(f"{module}: fused q/k/v projection {where(q.node)} without a split helix understands")
         fused = "qkv_heads" if split.width != q.out_features else "qkv"
@@ -292,7 +351,7 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
             )
     window = layer_window(config, _layer_index(keys, index)) if config is not None else 0
     return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
-                          fused, split, norms, _key_mask(form, core))
+                          fused, split, norms, _key_mask(form, core), alibi)
 
 
 def _layer_index(keys: fx.Node, fallback: int) -> int:
@@ -423,11 +482,13 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
             scale = user.kwargs.get("scale")
             if scale is None:
                 scale = 1.0 / math.sqrt(shape(query)[-1])
-            return "sdpa", user, query, float(scale), 0.0
+            return "sdpa", user, query, float(scale), 0.0, None
         if user.op == "call_method" and user.target == "transpose":
             for mm in user.users:
                 if mm.op == "call_function" and mm.target is torch.matmul and mm.args[1] is user:
-                    return _eager_core(mm, values)
+                    return (*_eager_core(mm, values), None)
+                if is_call(mm, BMM | BADDBMM) or is_method(mm, {"bmm", "baddbmm"}):  # BLOOM: (B*H, L, D) batched matmuls, ALiBi through baddbmm
+                    return bmm_core(mm, user, values)
     raise UnsupportedModelError(
         f"the cache write {where(write)} is not followed by an attention helix understands (SDPA or "
         f"matmul-softmax-matmul over the whole cache)"
