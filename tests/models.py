@@ -50,6 +50,9 @@ FAMILIES = {
     "glm": ("glm", dict(num_attention_heads=8, num_key_value_heads=4, partial_rotary_factor=0.5, pad_token_id=0,
                         eos_token_id=[1, 2])),  # interleaved RoPE
     "olmo2": ("olmo2", dict(num_attention_heads=8, num_key_value_heads=4, eos_token_id=2)),  # q/k RMSNorm over all heads
+    # BERT-style post-norm layer as a causal LM: attention.self.{query,key,value} -> attention.output.dense ->
+    # LayerNorm(x + residual); FFN split over the sibling modules intermediate.dense / output.dense
+    "bert": ("bert", dict(num_attention_heads=4, is_decoder=True)),
 }
 ATTENTION = {"gemma2": "eager"}  # families without SDPA (soft-capping)
 

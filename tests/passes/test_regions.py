@@ -69,3 +69,18 @@ def test_interleaved_rope_is_per_head(fake_world):
     q and k): the ops on cos/sin carry no heads, the ones on q and k stay within a head."""
     done = passes(model("glm"))
     assert len(done.regions.attention) == 2 and not done.regions.whole
+
+
+def test_bert_style_ffn_pair_is_one_region(fake_world):
+    """BERT's FFN is two sibling modules, ``layer.N.intermediate`` (in) and ``layer.N.output`` (out, then dropout
+    and LayerNorm of the residual sum): one dense FFN region, TP over all ranks; ``attention.output.dense`` is the
+    attention's o projection, not an FFN; nothing stays whole."""
+    done = passes(model("bert"))
+    ffn = done.regions.ffn
+    assert [f.module for f in ffn] == [f"bert.encoder.layer.{i}.intermediate+output" for i in range(2)]
+    assert all(len(f.ins) == 1 and "intermediate" in f.ins[0].weight.name and "output" in f.out.weight.name
+               for f in ffn)
+    assert all("attention_modules_output" in a.o.weight.name for a in done.regions.attention)
+    assert done.regions.whole == [] and done.plan.whole == {}
+    roles = sorted(v for v in done.plan.roles.values() if v.startswith("ffn"))
+    assert roles == sorted(["ffn_in.bias", "ffn_in.weight", "ffn_out.bias", "ffn_out.weight"] * 2)

@@ -1,8 +1,11 @@
 """Region matcher: a dense FFN (MLP), tensor-parallel over all N ranks (also in a MoE model, whose tpf x ep
 split applies to the routed experts only: its dense layers and shared experts use all N ranks).
 
-Match (pattern): the projections of one FFN module (``mlp``, ``feed_forward``, ``ffn``), classified by dataflow,
-not by name: the *in* projections (gate, up, fc1, c_fc, dense_h_to_4h; or one fused gate_up) read the module's
+Match (pattern): the projections of one FFN module (``mlp``, ``feed_forward``, ``ffn``; or, in BERT-style layers
+(BERT, RoBERTa, ELECTRA, RemBERT, RoFormer, BigBird, ...), the sibling pair ``<layer>.intermediate`` (in projection,
+activation) and ``<layer>.output`` (out projection, dropout, LayerNorm(x + residual)), one region named
+``<layer>.intermediate+output``; an ``output`` module counts only beside an ``intermediate`` one, so a BERT
+attention's ``attention.output`` is not taken), classified by dataflow, not by name: the *in* projections (gate, up, fc1, c_fc, dense_h_to_4h; or one fused gate_up) read the module's
 input; the one *out* projection (down, fc2, c_proj, dense_4h_to_h) reads only what the ins computed, through
 elementwise ops (activations, products, casts, scaling, dropout). Whatever follows the out projection (dropout,
 residual scaling, casts) runs on its all-reduced, replicated value, so it is not constrained. A fused gate_up is
@@ -68,11 +71,12 @@ def match_dense_ffn(graph: fx.Graph, claimed: set, skip=()) -> list[DenseFFNMatc
     """One ``DenseFFNMatch`` per FFN module, in graph order; ``claimed`` projection nodes and ``skip`` modules
     (matched as mixture-of-experts blocks) are skipped."""
     groups: dict[str, list[fx.Node]] = {}
-    for node in graph.nodes:
-        parts = module_path(node).split(".")
-        hit = [i for i, p in enumerate(parts) if p in FFN_MODULES]
-        if node.op in ("call_function", "call_method") and hit:
-            groups.setdefault(".".join(parts[: hit[0] + 1]), []).append(node)
+    ops = [n for n in graph.nodes if n.op in ("call_function", "call_method")]
+    layers = {_split_layer(module_path(n), {SPLIT_IN}) for n in ops} - {None}  # layers with an ``intermediate``
+    for node in ops:
+        module = ffn_module(module_path(node), layers)
+        if module is not None:
+            groups.setdefault(module, []).append(node)
     regions = []
     for module, nodes in groups.items():
         if module in skip:
@@ -83,6 +87,38 @@ def match_dense_ffn(graph: fx.Graph, claimed: set, skip=()) -> list[DenseFFNMatc
             continue
         regions.append(match_one(module, projections))
     return regions
+
+
+SPLIT_IN, SPLIT_OUT = "intermediate", "output"  # BERT-style FFN: two sibling modules of the layer
+
+
+def _split_layer(path: str, names) -> str | None:
+    """The layer path of a BERT-style FFN module path (``<layer>.intermediate...``), or None."""
+    parts = path.split(".")
+    hit = [i for i, p in enumerate(parts) if p in names]
+    return ".".join(parts[: hit[0]]) if hit else None
+
+
+def ffn_module(path: str, layers=()) -> str | None:
+    """The FFN region a node of this module path belongs to: ``<...>.mlp`` (first FFN_MODULES component), or
+    ``<layer>.intermediate+output`` for the two sibling modules of a BERT-style ``layer`` (one of ``layers``)."""
+    parts = path.split(".")
+    hit = [i for i, p in enumerate(parts) if p in FFN_MODULES]
+    if hit:
+        return ".".join(parts[: hit[0] + 1])
+    for i, p in enumerate(parts):
+        if p in (SPLIT_IN, SPLIT_OUT) and ".".join(parts[:i]) in layers:
+            return f"{'.'.join(parts[:i])}.{SPLIT_IN}+{SPLIT_OUT}"
+    return None
+
+
+def _inside(module: str):
+    """Whether a module path lies inside the FFN region ``module`` (both siblings of a BERT-style pair)."""
+    if module.endswith(f".{SPLIT_IN}+{SPLIT_OUT}"):
+        layer = module[: -len(f".{SPLIT_IN}+{SPLIT_OUT}")]
+        prefixes = (f"{layer}.{SPLIT_IN}", f"{layer}.{SPLIT_OUT}")
+        return lambda path: any(path == p or path.startswith(p + ".") for p in prefixes)
+    return lambda path: path.startswith(module)
 
 
 def _refuse_moe(module: str, nodes) -> None:
@@ -114,7 +150,7 @@ def _upstream(proj: Projection, by_out: dict, module: str) -> list[fx.Node]:
     """The projections of the module that ``proj`` reads, checking that only elementwise ops lie between."""
     start = proj.in_view.args[0] if proj.transposed else proj.node.args[0]
     found, stack, seen = [], [start], set()
-    ops = []
+    ops, inside = [], _inside(module)
     while stack:
         node = stack.pop()
         if node in seen or not isinstance(node, fx.Node):
@@ -123,7 +159,7 @@ def _upstream(proj: Projection, by_out: dict, module: str) -> list[fx.Node]:
         if node in by_out:
             found.append(by_out[node].node)
             continue
-        if node.op in ("placeholder", "get_attr") or not module_path(node).startswith(module):
+        if node.op in ("placeholder", "get_attr") or not inside(module_path(node)):
             continue  # the module's input (replicated)
         ops.append(node)
         stack.extend(node.all_input_nodes)
