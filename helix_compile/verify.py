@@ -33,11 +33,14 @@ class Report:
 @torch.no_grad()
 def compare(
     model, layout: Layout | str, input_ids: torch.Tensor, steps: int, max_cache_len: int, executor="eager",
-    reference=None, teacher_forcing=False,
+    reference=None, teacher_forcing=False, generate_inputs=False,
 ) -> Report:
     """Greedy-decode ``steps`` tokens with ``model`` under ``layout`` and with ``reference`` (default: ``model``
     itself, eagerly, on one device). With ``teacher_forcing`` both read the reference's tokens, so the logits
-    stay comparable after a near-tie flips a low-precision argmax."""
+    stay comparable after a near-tie flips a low-precision argmax. With ``generate_inputs`` both are called as
+    transformers' ``generate`` calls a model: with a 2-D ``attention_mask`` of ones over the cached and new tokens
+    and, where ``forward`` takes them, ``position_ids`` (BERT-style embeddings otherwise slice their position
+    buffer by the cache length, a 0-d tensor of the static cache, which Dynamo cannot trace)."""
     from transformers import StaticCache as HFStaticCache
 
     reference = reference if reference is not None else model
@@ -47,15 +50,18 @@ def compare(
     cache = StaticCache(model.config, batch, max_cache_len, layout, dtype=dtype, device=device)  # layout may be "auto"
     ref_cache = HFStaticCache(reference.config, max_cache_len=max_cache_len)
     compiled = torch.compile(model, backend="helix", options={"layout": layout, "executor": executor}, fullgraph=True)
+    extra = _generate_inputs(model, batch, device) if generate_inputs else lambda past, new: {}
     start = time.perf_counter()
-    out = compiled(input_ids=input_ids, past_key_values=cache).logits[:, -1:]
-    ref = reference(input_ids=input_ids, past_key_values=ref_cache).logits[:, -1:]
+    length = input_ids.shape[1]
+    out = compiled(input_ids=input_ids, past_key_values=cache, **extra(0, length)).logits[:, -1:]
+    ref = reference(input_ids=input_ids, past_key_values=ref_cache, **extra(0, length)).logits[:, -1:]
     err, scale = (out - ref).abs().max().item(), ref.abs().max().item()
     tok, ref_tok = out.argmax(-1), ref.argmax(-1)
     tokens, ref_tokens = [tok], [ref_tok]
     for _ in range(steps):
-        out = compiled(input_ids=ref_tok if teacher_forcing else tok, past_key_values=cache).logits
-        ref = reference(input_ids=ref_tok, past_key_values=ref_cache).logits
+        out = compiled(input_ids=ref_tok if teacher_forcing else tok, past_key_values=cache, **extra(length, 1)).logits
+        ref = reference(input_ids=ref_tok, past_key_values=ref_cache, **extra(length, 1)).logits
+        length += 1
         err, scale = max(err, (out.float() - ref.float()).abs().max().item()), max(scale, ref.abs().max().item())
         tok, ref_tok = out.argmax(-1), ref.argmax(-1)
         tokens.append(tok)
@@ -67,3 +73,18 @@ def compare(
         cache.layout.key(), err, err / max(scale, 1e-30), tokens == ref_tokens, steps, cache.nbytes, ref_bytes,
         tokens, ref_tokens, out.float().cpu().tolist(), seconds,
     )
+
+
+def _generate_inputs(model, batch: int, device):
+    """(past, new) -> the keyword inputs ``generate`` adds for ``new`` tokens after ``past`` cached ones."""
+    import inspect
+
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+
+    def extra(past: int, new: int) -> dict:
+        out = {"attention_mask": torch.ones((batch, past + new), dtype=torch.long, device=device)}
+        if takes_positions:
+            out["position_ids"] = torch.arange(past, past + new, device=device)[None].expand(batch, new)
+        return out
+
+    return extra

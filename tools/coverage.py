@@ -10,6 +10,11 @@ its own StaticCache, kv_block=4 so the decode steps cross blocks and ranks. A ce
 logit error, greedy tokens identical, logits identical on every rank), or the error helix (or transformers)
 raised. ``WRONG`` (tokens or logits differ without an error) must never appear.
 
+A family that Dynamo cannot trace when called with ``input_ids`` alone, for a data-dependent size (BERT-style
+embeddings slice their position buffer, or build an all-ones mask, by ``cache.get_seq_length()``, a 0-d tensor
+of a static cache), is probed again called as ``generate`` calls it (``attention_mask`` and ``position_ids``,
+``verify.compare(generate_inputs=True)``); if that passes, its row says so and its cells are run that way.
+
 Ranks process the families one after another in one process group; a family that hangs or kills a rank is
 recorded as such and the ranks restart after it. Written to ``--out`` with the transformers and torch versions.
 """
@@ -37,6 +42,9 @@ SMALL = dict(
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
     decoder_start_token_id=0, layer_norm_epsilon=1e-5, tie_word_embeddings=False, rotary_dim=8,
     is_decoder=True,  # encoder families used as causal LMs (BertLMHeadModel ...): transformers asks for it
+    attention_type="original_full",  # BigBird: what its decoder runs with a cache anyway (block_sparse switches to it
+    # with a logger.warning, modeling_big_bird.py, that Dynamo cannot trace)
+    default_language="en_XX",  # X-MOD: the language adapter to run (its only one by default)
 )
 PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
 
@@ -105,7 +113,7 @@ def short(e: BaseException) -> str:
     return text.strip()[:300]
 
 
-def run_family(model_type: str, world: int, steps: int):
+def run_family(model_type: str, world: int, steps: int, generate_inputs: bool = False):
     import torch
 
     from helix_compile import Layout
@@ -117,6 +125,8 @@ def run_family(model_type: str, world: int, steps: int):
         return {"status": "build", "message": short(e)}
     text = model.config.get_text_config(decoder=True)
     res = {"status": "ok", "class": type(model).__name__, "attn": attn, "cells": {}}
+    if generate_inputs:
+        res["call"] = "generate"
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, text.vocab_size, (BATCH, PROMPT_LEN), generator=g)
     for lay in layouts(model.config, world):
@@ -128,7 +138,8 @@ def run_family(model_type: str, world: int, steps: int):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                r = compare(model, Layout(lay[0], lay[1], kv_block=KV_BLOCK), ids, steps, PROMPT_LEN + steps + 1)
+                r = compare(model, Layout(lay[0], lay[1], kv_block=KV_BLOCK), ids, steps, PROMPT_LEN + steps + 1,
+                            generate_inputs=generate_inputs)
             whole = sorted({str(w.message).split(":")[0] for w in caught if str(w.message).startswith("helix leaves")})
             res["cells"][key] = {"status": "ran", "err": r.max_rel_err, "tokens_equal": r.tokens_equal,
                                  "logits": r.logits, "whole": whole}
@@ -137,7 +148,10 @@ def run_family(model_type: str, world: int, steps: int):
     return res
 
 
-def probe(model_type: str) -> dict:
+TRACE_DATA_DEPENDENT = ("data-dependent", "Data-dependent", "unbacked")  # Dynamo on a size read from a tensor
+
+
+def probe(model_type: str, generate_inputs: bool = False) -> dict:
     """One process, no ranks: build the family and compile it under helix with Layout(1) (detection and planning
     run as on N ranks; layout-independent refusals show here), prefill + 2 decode steps against transformers."""
     import torch
@@ -163,16 +177,22 @@ def probe(model_type: str) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = compare(model, Layout(1, kv_block=KV_BLOCK), ids, 2, PROMPT_LEN + 3)
+            r = compare(model, Layout(1, kv_block=KV_BLOCK), ids, 2, PROMPT_LEN + 3, generate_inputs=generate_inputs)
     except Exception as e:  # noqa: BLE001
+        if not generate_inputs and any(m in str(e) for m in TRACE_DATA_DEPENDENT):
+            again = probe(model_type, generate_inputs=True)
+            if again["status"] == "ok":
+                return again
+            return {**again, "message": f"called with input_ids alone: {short(e)[:110]} ...; called as generate "
+                                        f"calls it: {again['message'][:180]}"}
         return {"status": "refused", "message": short(e), "class": type(model).__name__, "attn": attn}
     if r.max_rel_err >= TOL or not r.tokens_equal:
         return {"status": "WRONG", "message": f"WRONG on one rank: max rel err {r.max_rel_err:.1e}, tokens equal "
                 f"{r.tokens_equal}", "class": type(model).__name__, "attn": attn}
-    return {"status": "ok"}
+    return {"status": "ok", "generate_inputs": generate_inputs}
 
 
-def worker(rank, world, port, families, steps, queue):
+def worker(rank, world, port, families, steps, queue, generate_call=()):
     import datetime as dt
 
     import torch
@@ -184,7 +204,7 @@ def worker(rank, world, port, families, steps, queue):
                             timeout=dt.timedelta(seconds=180))
     for fam in families:
         queue.put((rank, fam, "start", None))
-        queue.put((rank, fam, "done", run_family(fam, world, steps)))
+        queue.put((rank, fam, "done", run_family(fam, world, steps, fam in generate_call)))
     dist.destroy_process_group()
 
 
@@ -194,7 +214,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(families, world, steps, per_family_s=240, log=print):
+def run_world(families, world, steps, per_family_s=240, log=print, generate_call=()):
     """{family: [result of each rank]}; a family that hangs or crashes a rank gets {"status": "crash"}."""
     import torch.multiprocessing as mp
 
@@ -203,7 +223,8 @@ def run_world(families, world, steps, per_family_s=240, log=print):
     while pending:
         queue = ctx.Queue()
         port = free_port()
-        procs = [ctx.Process(target=worker, args=(r, world, port, pending, steps, queue)) for r in range(world)]
+        procs = [ctx.Process(target=worker, args=(r, world, port, pending, steps, queue, tuple(generate_call)))
+                 for r in range(world)]
         for p in procs:
             p.start()
         got, current, last = {}, pending[0], time.time()
@@ -361,7 +382,8 @@ def render(results: dict, worlds, steps, seconds) -> str:
                 what = f"{r['class']} ({r['attn']})" if "class" in r else ""
                 lines.append(f"| {fam} | {what} | {classify(per)} | {r['message']} |" + " |" * (len(keys) - 1))
                 continue
-            row = [fam, f"{r['class']} ({r['attn']})", classify(per)]
+            call = "; called as generate calls it: attention_mask, position_ids" if r.get("call") == "generate" else ""
+            row = [fam, f"{r['class']} ({r['attn']}{call})", classify(per)]
             for k in keys:
                 c = cell(per, k)
                 if c is None:
@@ -445,7 +467,9 @@ def main():
             break
         todo = families if world == worlds[0] else [
             f for f in families if worlds[0] in results[f] and classify(results[f][worlds[0]]) == "exact"]
-        for fam, per in run_world(todo, world, args.steps, log=lambda s: print(s, flush=True)).items():
+        generate_call = [f for f in todo if probed[f].get("generate_inputs")]
+        for fam, per in run_world(todo, world, args.steps, log=lambda s: print(s, flush=True),
+                                  generate_call=generate_call).items():
             for r in per:
                 for c in r.get("cells", {}).values():
                     c.pop("trace", None) if c.get("status") != "error" else None

@@ -5,7 +5,9 @@ Match (pattern): the projections of one FFN module (``mlp``, ``feed_forward``, `
 (BERT, RoBERTa, ELECTRA, RemBERT, RoFormer, BigBird, ...), the sibling pair ``<layer>.intermediate`` (in projection,
 activation) and ``<layer>.output`` (out projection, dropout, LayerNorm(x + residual)), one region named
 ``<layer>.intermediate+output``; an ``output`` module counts only beside an ``intermediate`` one, so a BERT
-attention's ``attention.output`` is not taken), classified by dataflow, not by name: the *in* projections (gate, up, fc1, c_fc, dense_h_to_4h; or one fused gate_up) read the module's
+attention's ``attention.output`` is not taken, and only its own ops and direct children (``dense``,
+``LayerNorm``): deeper submodules, such as X-MOD's language adapters, run after the all-reduced out projection on
+replicated values and are left whole), classified by dataflow, not by name: the *in* projections (gate, up, fc1, c_fc, dense_h_to_4h; or one fused gate_up) read the module's
 input; the one *out* projection (down, fc2, c_proj, dense_4h_to_h) reads only what the ins computed, through
 elementwise ops (activations, products, casts, scaling, dropout). Whatever follows the out projection (dropout,
 residual scaling, casts) runs on its all-reduced, replicated value, so it is not constrained. A fused gate_up is
@@ -108,6 +110,8 @@ def ffn_module(path: str, layers=()) -> str | None:
         return ".".join(parts[: hit[0] + 1])
     for i, p in enumerate(parts):
         if p in (SPLIT_IN, SPLIT_OUT) and ".".join(parts[:i]) in layers:
+            if p == SPLIT_OUT and len(parts) > i + 2:
+                return None  # a submodule of the output module (X-MOD's language adapters): after the out projection
             return f"{'.'.join(parts[:i])}.{SPLIT_IN}+{SPLIT_OUT}"
     return None
 
