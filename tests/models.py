@@ -53,8 +53,10 @@ FAMILIES = {
     # BERT-style post-norm layer as a causal LM: attention.self.{query,key,value} -> attention.output.dense ->
     # LayerNorm(x + residual); FFN split over the sibling modules intermediate.dense / output.dense
     "bert": ("bert", dict(num_attention_heads=4, is_decoder=True)),
+    # eager-only, its attention merges heads by view(..., all_head_size): a constant width
+    "megatron_bert": ("megatron-bert", dict(num_attention_heads=4, is_decoder=True)),
 }
-ATTENTION = {"gemma2": "eager"}  # families without SDPA (soft-capping)
+ATTENTION = {"gemma2": "eager", "megatron_bert": "eager"}  # families without SDPA (soft-capping; MegatronBERT)
 
 
 def config(family: str, **extra):
