@@ -37,10 +37,11 @@ def compare(
 ) -> Report:
     """Greedy-decode ``steps`` tokens with ``model`` under ``layout`` and with ``reference`` (default: ``model``
     itself, eagerly, on one device). With ``teacher_forcing`` both read the reference's tokens, so the logits
-    stay comparable after a near-tie flips a low-precision argmax. With ``generate_inputs`` both are called as
-    transformers' ``generate`` calls a model: with a 2-D ``attention_mask`` of ones over the cached and new tokens
-    and, where ``forward`` takes them, ``position_ids`` (BERT-style embeddings otherwise slice their position
-    buffer by the cache length, a 0-d tensor of the static cache, which Dynamo cannot trace)."""
+    stay comparable after a near-tie flips a low-precision argmax. With ``generate_inputs`` both also get a 2-D
+    ``attention_mask`` of ones over the cached and new tokens and, where ``forward`` takes them, ``position_ids``,
+    as ``generate`` passes them for a padded batch (it drops an all-ones mask): without them some BERT-style
+    models slice their position buffer, or build an all-ones mask, by the cache length, a 0-d tensor of a static
+    cache, which Dynamo cannot trace."""
     from transformers import StaticCache as HFStaticCache
 
     reference = reference if reference is not None else model

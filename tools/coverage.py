@@ -12,8 +12,9 @@ raised. ``WRONG`` (tokens or logits differ without an error) must never appear.
 
 A family that Dynamo cannot trace when called with ``input_ids`` alone, for a data-dependent size (BERT-style
 embeddings slice their position buffer, or build an all-ones mask, by ``cache.get_seq_length()``, a 0-d tensor
-of a static cache), is probed again called as ``generate`` calls it (``attention_mask`` and ``position_ids``,
-``verify.compare(generate_inputs=True)``); if that passes, its row says so and its cells are run that way.
+of a static cache), is probed again with an ``attention_mask`` and ``position_ids`` as ``generate`` passes them
+for a padded batch (``verify.compare(generate_inputs=True)``); if that passes, its row says so and its cells
+are run that way.
 
 Ranks process the families one after another in one process group; a family that hangs or kills a rank is
 recorded as such and the ranks restart after it. Written to ``--out`` with the transformers and torch versions.
@@ -183,8 +184,8 @@ def probe(model_type: str, generate_inputs: bool = False) -> dict:
             again = probe(model_type, generate_inputs=True)
             if again["status"] == "ok":
                 return again
-            return {**again, "message": f"called with input_ids alone: {short(e)[:110]} ...; called as generate "
-                                        f"calls it: {again['message'][:180]}"}
+            return {**again, "message": f"called with input_ids alone: {short(e)[:110]} ...; with attention_mask "
+                                        f"and position_ids: {again['message'][:180]}"}
         return {"status": "refused", "message": short(e), "class": type(model).__name__, "attn": attn}
     if r.max_rel_err >= TOL or not r.tokens_equal:
         return {"status": "WRONG", "message": f"WRONG on one rank: max rel err {r.max_rel_err:.1e}, tokens equal "
@@ -382,7 +383,7 @@ def render(results: dict, worlds, steps, seconds) -> str:
                 what = f"{r['class']} ({r['attn']})" if "class" in r else ""
                 lines.append(f"| {fam} | {what} | {classify(per)} | {r['message']} |" + " |" * (len(keys) - 1))
                 continue
-            call = "; called as generate calls it: attention_mask, position_ids" if r.get("call") == "generate" else ""
+            call = "; called with attention_mask and position_ids" if r.get("call") == "generate" else ""
             row = [fam, f"{r['class']} ({r['attn']}{call})", classify(per)]
             for k in keys:
                 c = cell(per, k)
