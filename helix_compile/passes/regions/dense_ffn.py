@@ -1,17 +1,18 @@
 """Region matcher: a dense FFN (MLP), tensor-parallel over all N ranks (also in a MoE model, whose tpf x ep
 split applies to the routed experts only: its dense layers and shared experts use all N ranks).
 
-Match (pattern): the projections of one FFN module (``mlp``, ``feed_forward``, ``ffn``; or, in BERT-style layers
-(BERT, RoBERTa, ELECTRA, RemBERT, RoFormer, BigBird, ...), the sibling pair ``<layer>.intermediate`` (in projection,
-activation) and ``<layer>.output`` (out projection, dropout, LayerNorm(x + residual)), one region named
-``<layer>.intermediate+output``; an ``output`` module counts only beside an ``intermediate`` one, so a BERT
-attention's ``attention.output`` is not taken, and only its own ops and direct children (``dense``,
-``LayerNorm``): deeper submodules, such as X-MOD's language adapters, run after the all-reduced out projection on
-replicated values and are left whole), classified by dataflow, not by name: the *in* projections (gate, up, fc1, c_fc, dense_h_to_4h; or one fused gate_up) read the module's
+Match (pattern): the projections of one FFN module (``mlp``, ``feed_forward``, ``ffn``), classified by dataflow,
+not by name: the *in* projections (gate, up, fc1, c_fc, dense_h_to_4h; or one fused gate_up) read the module's
 input; the one *out* projection (down, fc2, c_proj, dense_4h_to_h) reads only what the ins computed, through
 elementwise ops (activations, products, casts, scaling, dropout). Whatever follows the out projection (dropout,
 residual scaling, casts) runs on its all-reduced, replicated value, so it is not constrained. A fused gate_up is
 cut by ``chunk`` / ``split`` on its last dim (``FusedSplit``).
+BERT-style layers (BERT, RoBERTa, ELECTRA, MegatronBERT, RemBERT, BigBird, X-MOD, ...) split their FFN over two
+sibling modules, ``<layer>.intermediate`` (in projection, activation) and ``<layer>.output`` (out projection,
+dropout, LayerNorm(x + residual)): one region, named ``<layer>.intermediate+output``. An ``output`` module counts
+only beside an ``intermediate`` one (so a BERT attention's ``attention.output`` is not taken), and only its own
+ops and direct children (``dense``, ``LayerNorm``): deeper submodules, such as X-MOD's language adapters, run
+after the all-reduced out projection on replicated values and are left whole (reported).
 
 Rewrite (``replace_with``):
     in projections   column-parallel: each rank computes I/N of the intermediate features (a Conv1D's output
