@@ -231,12 +231,7 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
         local = _stack_experts(name, found, spec, shape).to(device=device, dtype=dtype, copy=True).contiguous()
         param = _set_param(model, name, shards.virtual(shape, dtype, device))
         shards.register(param, spec, local)
-    if getattr(config, "tie_word_embeddings", False):  # the checkpoint may hold either end of the tie
-        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-        if inp.weight.device.type == "meta":
-            inp.weight = out.weight
-        else:
-            out.weight = inp.weight
+    _tie(model, config)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} parameters, e.g. {missing[:3]}")
@@ -289,6 +284,31 @@ def spec_index(spec, ndim: int) -> tuple:
 
 def _local_shape(shape, spec) -> tuple:
     return tuple(spec.stop - spec.start if d == spec.dim else s for d, s in enumerate(shape))
+
+
+def _tie(model, config) -> None:
+    """Tie what the model declares tied (the checkpoint holds either end of each tie): the word embeddings and
+    lm_head when ``tie_word_embeddings``, and transformers' other ``_tied_weights_keys`` (BERT's
+    ``cls.predictions.decoder.bias`` is ``cls.predictions.bias``)."""
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    pairs = dict(expanded(all_submodels=True)) if expanded is not None else {}
+    if getattr(config, "tie_word_embeddings", False):
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if out is not None:
+            names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+            pairs.setdefault(names[id(out.weight)], names[id(inp.weight)])
+    for target, source in pairs.items():
+        t, s = model.get_parameter(target), model.get_parameter(source)
+        if t.device.type == "meta" and s.device.type != "meta":
+            _share(model, target, s)
+        elif s.device.type == "meta" and t.device.type != "meta":
+            _share(model, source, t)
+
+
+def _share(model, name: str, param: torch.nn.Parameter) -> None:
+    """Make parameter ``name`` the very object ``param`` (a tie, as transformers makes it)."""
+    module_name, _, attr = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[attr] = param
 
 
 def _set_param(model, name: str, value: torch.Tensor) -> torch.nn.Parameter:

@@ -51,8 +51,13 @@ FAMILIES = {
                         eos_token_id=[1, 2])),  # interleaved RoPE
     "olmo2": ("olmo2", dict(num_attention_heads=8, num_key_value_heads=4, eos_token_id=2)),  # q/k RMSNorm over all heads
     "bloom": ("bloom", dict(num_attention_heads=4)),  # ALiBi (baddbmm), per-head [q k v] cut by index; no SDPA
+    # BERT-style post-norm layer as a causal LM: attention.self.{query,key,value} -> attention.output.dense ->
+    # LayerNorm(x + residual); FFN split over the sibling modules intermediate.dense / output.dense
+    "bert": ("bert", dict(num_attention_heads=4, is_decoder=True)),
+    # eager-only, its attention merges heads by view(..., all_head_size): a constant width
+    "megatron_bert": ("megatron-bert", dict(num_attention_heads=4, is_decoder=True)),
 }
-ATTENTION = {"gemma2": "eager", "bloom": "eager"}  # families without SDPA (soft-capping, BLOOM)
+ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager"}  # no SDPA (soft-capping, BLOOM, MegatronBERT)
 
 
 def config(family: str, **extra):

@@ -37,6 +37,9 @@ SMALL = dict(
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
     decoder_start_token_id=0, layer_norm_epsilon=1e-5, tie_word_embeddings=False, rotary_dim=8,
     is_decoder=True,  # encoder families used as causal LMs (BertLMHeadModel ...): transformers asks for it
+    attention_type="original_full",  # BigBird: what its decoder runs with a cache anyway (block_sparse switches to it
+    # with a logger.warning, modeling_big_bird.py, that Dynamo cannot trace)
+    default_language="en_XX",  # X-MOD: the language adapter to run (its only one by default)
 )
 PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
 

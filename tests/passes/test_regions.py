@@ -69,3 +69,46 @@ def test_interleaved_rope_is_per_head(fake_world):
     q and k): the ops on cos/sin carry no heads, the ones on q and k stay within a head."""
     done = passes(model("glm"))
     assert len(done.regions.attention) == 2 and not done.regions.whole
+
+
+def test_bert_style_ffn_pair_is_one_region(fake_world):
+    """BERT's FFN is two sibling modules, ``layer.N.intermediate`` (in) and ``layer.N.output`` (out, then dropout
+    and LayerNorm of the residual sum): one dense FFN region, TP over all ranks; ``attention.output.dense`` is the
+    attention's o projection, not an FFN; nothing stays whole."""
+    done = passes(model("bert"))
+    ffn = done.regions.ffn
+    assert [f.module for f in ffn] == [f"bert.encoder.layer.{i}.intermediate+output" for i in range(2)]
+    assert all(len(f.ins) == 1 and "intermediate" in f.ins[0].weight.name and "output" in f.out.weight.name
+               for f in ffn)
+    assert all("attention_modules_output" in a.o.weight.name for a in done.regions.attention)
+    assert done.regions.whole == [] and done.plan.whole == {}
+    roles = sorted(v for v in done.plan.roles.values() if v.startswith("ffn"))
+    assert roles == sorted(["ffn_in.bias", "ffn_in.weight", "ffn_out.bias", "ffn_out.weight"] * 2)
+
+
+def test_constant_width_head_merge_becomes_local(fake_world):
+    """MegatronBERT's eager attention merges heads with view(B, L, all_head_size): after the exchange rank 1 of
+    kvp=2 x tpa=2 holds one of the 4 heads, so that view must ask for 16 features, not 64. (Called as generate
+    calls it: its embeddings cannot be traced from input_ids alone over a static cache.)"""
+    torch._dynamo.reset()
+    layout, seen = Layout(2, 2, kv_block=4), []
+    m = model("megatron_bert")
+    cache = StaticCache(m.config, 2, 32, layout)
+
+    def backend(gm, example_inputs, **_):
+        seen.append(run_passes(gm, example_inputs, layout))
+        return lambda *args: [torch.zeros(()) for _ in gm.graph.output_node().args[0]]
+
+    ids = prompt(length=5)
+    torch.compile(m, backend=backend, fullgraph=True)(
+        input_ids=ids, past_key_values=cache, attention_mask=torch.ones_like(ids),
+        position_ids=torch.arange(5)[None].expand(2, 5))
+    done = seen[-1]
+    views = [v for a in done.regions.attention for v in a.out_views]
+    assert len(views) == 2 and all(v.args[-1] == 64 or v.args[1][-1] == 64 for v in views)
+    local = {n.name: n for n in done.stages["partition"].graph.nodes}
+    for v in views:
+        node = local[v.name]
+        sizes = node.args[1] if len(node.args) == 2 else node.args[1:]
+        assert sizes[-1] == 16, node.format_node()
+    assert [f.module for f in done.regions.ffn] == [f"bert.encoder.layer.{i}.intermediate+output" for i in range(2)]

@@ -26,6 +26,8 @@ Rewrite (``replace_with``; pattern ... into ...):
     fused qkv cuts: global offsets (0, Q*D, (Q+K)*D) into the local ones
     constant head counts in views: view(B, -1, H, D) after a projection (OPT) and reshape(B, L, H*D) before o
         (BLOOM, XGLM) into the local ones
+    view(attn, ..., Q*D) between core and o (a constant width, eager BERT-style attention)
+        into  view(attn, ..., h*D)                                                      # h: heads held here
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from .common import (
     shape, where,
 )
 from .alibi import BADDBMM, BMM, IndexSplit, bmm_core, find_index_split
-from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
+from .projection import SPLIT_METHODS, FusedSplit, Projection, _set_last_size, find_split, is_projection, projection_of
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 KV_WRITE = {torch.ops.helix.kv_write, torch.ops.helix.kv_write.default}  # Dynamo records the packet
@@ -82,6 +84,7 @@ class AttentionMatch:
     norms: list = dataclasses.field(default_factory=list)  # CrossHeadNorm
     key_mask: fx.Node | None = None  # the 2-D (B, S_m) attention_mask placeholder HF's mask is built from
     alibi: object = None  # alibi.Alibi: the ALiBi bias of the scores (BLOOM), or None
+    out_views: list = dataclasses.field(default_factory=list)  # reshapes to the constant width Q*D before o
 
     kind = "attention"
 
@@ -185,6 +188,8 @@ class AttentionMatch:
             if layout.tpa > 1:
                 _all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.tpa_group)
         _local_merge_width(env, self.o, heads.q * heads.d, ctx.split[ctx.kvp_rank] * heads.d)
+        for view in self.out_views:  # the heads this rank holds after the exchange, not all Q
+            _set_last_size(env[view.name], ctx.split[ctx.kvp_rank] * heads.d)
         self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * heads.d)
 
 
@@ -351,7 +356,24 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
             )
     window = layer_window(config, _layer_index(keys, index)) if config is not None else 0
     return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
-                          fused, split, norms, _key_mask(form, core), alibi)
+                          fused, split, norms, _key_mask(form, core), alibi,
+                          _constant_width_views(core, o))
+
+
+def _constant_width_views(core: fx.Node, o: Projection) -> list[fx.Node]:
+    """The reshapes between the attention and its o projection whose last size is the constant Q*D (eager
+    BERT-style attention: ``view(size()[:-2] + (all_head_size,))``; others write -1). Each rank holds only its
+    heads there: the rewrite gives them the local width. ``_first_projection_after`` has checked the chain."""
+    out, node = [], core
+    while True:
+        node = next(iter(node.users))
+        if node is o.node or node is o.in_view:
+            return out
+        if is_method(node, {"view", "reshape"}) and len(node.args) >= 2:
+            sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            if len(node.args) > 2 or isinstance(node.args[1], (tuple, list)):
+                if isinstance(sizes[-1], int) and sizes[-1] == o.in_features:
+                    out.append(node)
 
 
 def _layer_index(keys: fx.Node, fallback: int) -> int:

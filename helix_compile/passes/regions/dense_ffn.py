@@ -7,6 +7,12 @@ input; the one *out* projection (down, fc2, c_proj, dense_4h_to_h) reads only wh
 elementwise ops (activations, products, casts, scaling, dropout). Whatever follows the out projection (dropout,
 residual scaling, casts) runs on its all-reduced, replicated value, so it is not constrained. A fused gate_up is
 cut by ``chunk`` / ``split`` on its last dim (``FusedSplit``).
+BERT-style layers (BERT, RoBERTa, ELECTRA, MegatronBERT, RemBERT, BigBird, X-MOD, ...) split their FFN over two
+sibling modules, ``<layer>.intermediate`` (in projection, activation) and ``<layer>.output`` (out projection,
+dropout, LayerNorm(x + residual)): one region, named ``<layer>.intermediate+output``. An ``output`` module counts
+only beside an ``intermediate`` one (so a BERT attention's ``attention.output`` is not taken), and only its own
+ops and direct children (``dense``, ``LayerNorm``): deeper submodules, such as X-MOD's language adapters, run
+after the all-reduced out projection on replicated values and are left whole (reported).
 
 Rewrite (``replace_with``):
     in projections   column-parallel: each rank computes I/N of the intermediate features (a Conv1D's output
@@ -68,11 +74,12 @@ def match_dense_ffn(graph: fx.Graph, claimed: set, skip=()) -> list[DenseFFNMatc
     """One ``DenseFFNMatch`` per FFN module, in graph order; ``claimed`` projection nodes and ``skip`` modules
     (matched as mixture-of-experts blocks) are skipped."""
     groups: dict[str, list[fx.Node]] = {}
-    for node in graph.nodes:
-        parts = module_path(node).split(".")
-        hit = [i for i, p in enumerate(parts) if p in FFN_MODULES]
-        if node.op in ("call_function", "call_method") and hit:
-            groups.setdefault(".".join(parts[: hit[0] + 1]), []).append(node)
+    ops = [n for n in graph.nodes if n.op in ("call_function", "call_method")]
+    layers = {_split_layer(module_path(n), {SPLIT_IN}) for n in ops} - {None}  # layers with an ``intermediate``
+    for node in ops:
+        module = ffn_module(module_path(node), layers)
+        if module is not None:
+            groups.setdefault(module, []).append(node)
     regions = []
     for module, nodes in groups.items():
         if module in skip:
@@ -83,6 +90,40 @@ def match_dense_ffn(graph: fx.Graph, claimed: set, skip=()) -> list[DenseFFNMatc
             continue
         regions.append(match_one(module, projections))
     return regions
+
+
+SPLIT_IN, SPLIT_OUT = "intermediate", "output"  # BERT-style FFN: two sibling modules of the layer
+
+
+def _split_layer(path: str, names) -> str | None:
+    """The layer path of a BERT-style FFN module path (``<layer>.intermediate...``), or None."""
+    parts = path.split(".")
+    hit = [i for i, p in enumerate(parts) if p in names]
+    return ".".join(parts[: hit[0]]) if hit else None
+
+
+def ffn_module(path: str, layers=()) -> str | None:
+    """The FFN region a node of this module path belongs to: ``<...>.mlp`` (first FFN_MODULES component), or
+    ``<layer>.intermediate+output`` for the two sibling modules of a BERT-style ``layer`` (one of ``layers``)."""
+    parts = path.split(".")
+    hit = [i for i, p in enumerate(parts) if p in FFN_MODULES]
+    if hit:
+        return ".".join(parts[: hit[0] + 1])
+    for i, p in enumerate(parts):
+        if p in (SPLIT_IN, SPLIT_OUT) and ".".join(parts[:i]) in layers:
+            if p == SPLIT_OUT and len(parts) > i + 2:
+                return None  # a submodule of the output module (X-MOD's language adapters): after the out projection
+            return f"{'.'.join(parts[:i])}.{SPLIT_IN}+{SPLIT_OUT}"
+    return None
+
+
+def _inside(module: str):
+    """Whether a module path lies inside the FFN region ``module`` (both siblings of a BERT-style pair)."""
+    if module.endswith(f".{SPLIT_IN}+{SPLIT_OUT}"):
+        layer = module[: -len(f".{SPLIT_IN}+{SPLIT_OUT}")]
+        prefixes = (f"{layer}.{SPLIT_IN}", f"{layer}.{SPLIT_OUT}")
+        return lambda path: any(path == p or path.startswith(p + ".") for p in prefixes)
+    return lambda path: path.startswith(module)
 
 
 def _refuse_moe(module: str, nodes) -> None:
@@ -114,7 +155,7 @@ def _upstream(proj: Projection, by_out: dict, module: str) -> list[fx.Node]:
     """The projections of the module that ``proj`` reads, checking that only elementwise ops lie between."""
     start = proj.in_view.args[0] if proj.transposed else proj.node.args[0]
     found, stack, seen = [], [start], set()
-    ops = []
+    ops, inside = [], _inside(module)
     while stack:
         node = stack.pop()
         if node in seen or not isinstance(node, fx.Node):
@@ -123,7 +164,7 @@ def _upstream(proj: Projection, by_out: dict, module: str) -> list[fx.Node]:
         if node in by_out:
             found.append(by_out[node].node)
             continue
-        if node.op in ("placeholder", "get_attr") or not module_path(node).startswith(module):
+        if node.op in ("placeholder", "get_attr") or not inside(module_path(node)):
             continue  # the module's input (replicated)
         ops.append(node)
         stack.extend(node.all_input_nodes)

@@ -42,6 +42,10 @@ ROLE_BY_NAME = {
     "q_norm": "q_norm", "k_norm": "k_norm",
     "fc1": "ffn_in", "fc2": "ffn_out", "self_attn.dense": "o",  # Phi
     "experts.gate_up_proj": "experts_gate_up", "experts.down_proj": "experts_down",  # fused MoE experts (5.x)
+    # BERT-style layers (BERT, RoBERTa, ELECTRA, RemBERT, RoFormer, ...): attention.self.{query,key,value},
+    # attention.output.dense; the FFN pair intermediate.dense / output.dense (the longest key wins)
+    "self.query": "q", "self.key": "k", "self.value": "v", "attention.output.dense": "o",
+    "intermediate.dense": "ffn_in", "output.dense": "ffn_out",
 }
 CONV1D_NAMES = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}  # weights stored (in, out)
 
@@ -143,8 +147,9 @@ def role_by_name(name: str) -> tuple[str | None, str]:
     kind = parts[-1]
     if ".".join(parts[-2:]) in ROLE_BY_NAME:  # a fused expert tensor is a parameter of the experts module itself
         return ROLE_BY_NAME[".".join(parts[-2:])], "weight"
-    pair = ".".join(parts[-3:-1])
-    role = ROLE_BY_NAME.get(pair) if len(parts) >= 3 else None
+    triple, pair = ".".join(parts[-4:-1]), ".".join(parts[-3:-1])
+    role = ROLE_BY_NAME.get(triple) if len(parts) >= 4 else None  # attention.output.dense before output.dense
+    role = role or (ROLE_BY_NAME.get(pair) if len(parts) >= 3 else None)
     role = role or ROLE_BY_NAME.get(parts[-2])
     if role is not None and kind == "weight" and pair in CONV1D_NAMES:
         kind = "weight_t"
