@@ -38,6 +38,7 @@ from .common import (
     REDUCE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_call, is_method, is_pointwise, module_path,
     shape, where,
 )
+from .heads import OutputSide, input_views, match_output
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -76,8 +77,15 @@ class AttentionMatch:
     split: FusedSplit | None = None
     norms: list = dataclasses.field(default_factory=list)  # CrossHeadNorm
     key_mask: fx.Node | None = None  # the 2-D (B, S_m) attention_mask placeholder HF's mask is built from
+    output: OutputSide | None = None  # gates and norms between core and o (heads.py)
+    views: list = dataclasses.field(default_factory=list)  # heads.HeadView between q/k/v and the core
 
     kind = "attention"
+
+    def projections(self) -> set:
+        """The projection nodes this region claims (q, k, v, o and output gates)."""
+        gates = self.output.gates if self.output is not None else []
+        return {p.node for p in (self.q, self.k, self.v, self.o, *gates)}
 
     # names kept for the backend and the schedule: the o projection's node, the q/k/v nodes
     @property
@@ -104,6 +112,7 @@ class AttentionMatch:
         """The placeholders this region places (whatever the heads): for the report of what is left whole."""
         projs = [self.q, self.k, self.v, self.o]
         nodes = [(n, None, None) for p in projs for n in (p.weight, p.bias) if n is not None]
+        nodes += [(n, None, None) for n in (self.output.nodes() if self.output is not None else [])]
         return nodes + [(w, None, None) for norm in self.norms for w in norm.weights] + [(self.keys, None, None),
                                                                                            (self.values, None, None)]
 
@@ -130,6 +139,7 @@ class AttentionMatch:
                 )
             out = list(self.q.placements(self.fused))
         out += self.o.placements("o")
+        out += self.output.placements() if self.output is not None else []
         for norm in self.norms:
             out += [(w, norm.role, "weight") for w in norm.weights]
         out += [(self.keys, "kv", "cache"), (self.values, "kv", "cache")]
@@ -166,6 +176,12 @@ class AttentionMatch:
         for norm in self.norms:
             if layout.tpa > 1:
                 _all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.tpa_group)
+        ratios = {"q": (heads.q // layout.tpa, heads.q), "kv": (stop - first, heads.k),
+                  "qkv": (heads.q // layout.tpa + 2 * (stop - first), heads.q + 2 * heads.k)}
+        for view in self.views:
+            view.replace_with(env, *ratios[view.path])
+        if self.output is not None:
+            self.output.replace_with(graph, env, ctx, heads.d)
         self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * heads.d)
 
 
@@ -282,7 +298,10 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
         if split is None:
             raise UnsupportedModelError(f"{module}: fused q/k/v projection {where(q.node)} without a split helix understands")
         fused = "qkv_heads" if split.width != q.out_features else "qkv"
-    o = _first_projection_after(core, f"attention output of {module}")
+    gate_norms: list[CrossHeadNorm] = []
+    output = match_output(core, module, f"attention output of {module}",
+                          lambda node, what: _projection_ancestor(node, module, what, gate_norms, None))
+    o = output.o
     if config is not None:
         configured = getattr(config, "attn_logit_softcapping", None) or 0.0
         if configured and not softcap:
@@ -292,7 +311,7 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
             )
     window = layer_window(config, _layer_index(keys, index)) if config is not None else 0
     return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
-                          fused, split, norms, _key_mask(form, core))
+                          fused, split, norms, _key_mask(form, core), output, input_views(q, kp, vp, query, k, v))
 
 
 def _layer_index(keys: fx.Node, fallback: int) -> int:

@@ -14,6 +14,10 @@ stored transposed (in, out): its kind is ``weight_t`` and the same rows are its 
                  weight of D elements) is replicated
     o            columns of the heads r holds after the all-to-all (Layout.head_split); its bias is added once,
                  after the all-reduce
+    o_gate       rows (and bias) of an output gate projection (o = attn * act(gate_proj(x)), AFMoE, HRM, Laguna):
+                 those heads' rows, one per feature (Q*D rows) or one per head (Q rows)
+    o_norm       the 1-D weight of a norm over all heads' features between attention and o (BitNet attn_sub_norm):
+                 the features of those heads
     ffn_in       rows [r*I/N, (r+1)*I/N) (a dense FFN is TP over all N ranks, also in a MoE model)
     ffn_in_pair  fused [gate; up] rows (Phi-3 gate_up_proj): that range of each half, concatenated
     ffn_out      columns [r*I/N, (r+1)*I/N); bias after the all-reduce
@@ -40,6 +44,7 @@ ROLE_BY_NAME = {
     "dense_h_to_4h": "ffn_in", "dense_4h_to_h": "ffn_out",
     "attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "ffn_in", "mlp.c_proj": "ffn_out",  # GPT-2 (Conv1D)
     "q_norm": "q_norm", "k_norm": "k_norm",
+    "self_attn.gate_proj": "o_gate", "self_attn.g_proj": "o_gate", "attn_sub_norm": "o_norm",  # gated output, BitNet
     "fc1": "ffn_in", "fc2": "ffn_out", "self_attn.dense": "o",  # Phi
     "experts.gate_up_proj": "experts_gate_up", "experts.down_proj": "experts_down",  # fused MoE experts (5.x)
 }
@@ -112,12 +117,17 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
         if heads.q != heads.k:
             raise ValueError(f"a per-head interleaved qkv projection needs as many KV heads as query heads ({heads})")
         return Shard(0, q_rows[0] * 3, q_rows[1] * 3)
-    if role == "o":
-        if kind == "bias":
+    if role in ("o", "o_gate", "o_norm"):
+        if role == "o" and kind == "bias":
             return None
         split = layout.head_split(heads.q // layout.tpa)
         h0 = tpa_rank * (heads.q // layout.tpa) + sum(split[:kvp_rank])
-        return Shard(1, h0 * d, (h0 + split[kvp_rank]) * d)
+        if role == "o":
+            return Shard(1, h0 * d, (h0 + split[kvp_rank]) * d)
+        per = shape[0] // heads.q  # rows per head: D (per feature) or 1 (a per-head gate)
+        if per * heads.q != shape[0]:
+            raise ValueError(f"an {role} parameter of {shape[0]} rows is not a multiple of the {heads.q} heads")
+        return Shard(0, h0 * per, (h0 + split[kvp_rank]) * per)
     if role in ("ffn_in", "ffn_out", "ffn_in_pair"):
         if role == "ffn_out" and kind == "bias":
             return None
