@@ -12,7 +12,7 @@ Rewrite (``replace_with``):
     in projections   column-parallel: each rank computes I/N of the intermediate features (a Conv1D's output
                      view gets the local width; a fused gate_up's cut offsets (0, I, 2I) become (0, i, 2i))
     out = proj(h, Wdown, b)  into  wait(all_reduce(proj(h, Wdown_shard), "sum", world)) [+ b]
-Refuses: mixture-of-experts blocks not claimed by ``moe.py`` (a safety net), more or fewer than one out projection, and any op between
+A module called several times (weights shared) is one region per call. Refuses: mixture-of-experts blocks not claimed by ``moe.py`` (a safety net), more or fewer than one out projection, and any op between
 the ins and the out that mixes intermediate features (named, with its module).
 """
 
@@ -81,8 +81,20 @@ def match_dense_ffn(graph: fx.Graph, claimed: set, skip=()) -> list[DenseFFNMatc
         projections = [projection_of(n) for n in nodes if is_projection(n) and n not in claimed]
         if not projections:
             continue
-        regions.append(match_one(module, projections))
+        regions += [match_one(module, call) for call in _calls(module, projections)]
     return regions
+
+
+def _calls(module: str, projections: list[Projection]) -> list[list[Projection]]:
+    """The projections of each call of a module called more than once (HRM's recurrent layers reuse their
+    modules): each out projection with the ins it reads; one group when that does not partition them."""
+    by_out = {p.out: p for p in projections}
+    feeds = {p.node: _upstream(p, by_out, module) for p in projections}
+    outs = [p for p in projections if feeds[p.node]]
+    groups = [[p for p in projections if p.node in feeds[out.node]] + [out] for out in outs]
+    if len(outs) < 2 or sorted(id(p) for g in groups for p in g) != sorted(id(p) for p in projections):
+        return [projections]
+    return groups
 
 
 def _refuse_moe(module: str, nodes) -> None:
