@@ -44,7 +44,8 @@ ROLE_BY_NAME = {
     "dense_h_to_4h": "ffn_in", "dense_4h_to_h": "ffn_out",
     "attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "ffn_in", "mlp.c_proj": "ffn_out",  # GPT-2 (Conv1D)
     "q_norm": "q_norm", "k_norm": "k_norm",
-    "self_attn.gate_proj": "o_gate", "self_attn.g_proj": "o_gate", "attn_sub_norm": "o_norm",  # gated output, BitNet
+    "self_attn.gate_proj": "o_gate", "self_attn.g_proj": "o_gate",  # gated attention output (AFMoE, HRM, Laguna)
+    "attn_sub_norm": "o_norm", "ffn_sub_norm": "ffn_in",  # BitNet: norms over all heads / intermediate features
     "fc1": "ffn_in", "fc2": "ffn_out", "self_attn.dense": "o",  # Phi
     "experts.gate_up_proj": "experts_gate_up", "experts.down_proj": "experts_down",  # fused MoE experts (5.x)
 }
