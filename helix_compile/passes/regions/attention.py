@@ -38,7 +38,7 @@ from .common import (
     REDUCE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_call, is_method, is_pointwise, module_path,
     shape, where,
 )
-from .heads import OutputSide, input_views, match_output
+from .heads import OutputSide, head_select, input_views, match_output, per_group_qkv
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -130,13 +130,8 @@ class AttentionMatch:
             rows, want = self.q.out_features, (heads.q + 2 * heads.k) * heads.d
             if rows != want:
                 raise ValueError(f"{self.module}: the fused qkv projection has {rows} rows, the config says {want}")
-            if self.fused == "qkv_heads" and (
-                self.split.width != 3 * heads.d or any(not is_method(c, {"chunk"}) or c.args[1] != 3 for c in self.split.cuts)
-            ):
-                raise UnsupportedModelError(
-                    f"{self.module}: fused qkv {self.q.name} is cut at width {self.split.width} by "
-                    f"{[c.name for c in self.split.cuts]}: neither stacked q|k|v nor per-head [q k v] of {heads.d}"
-                )
+            if self.fused == "qkv_heads":
+                per_group_qkv(self.module, self.q, self.split, heads)
             out = list(self.q.placements(self.fused))
         out += self.o.placements("o")
         out += self.output.placements() if self.output is not None else []
@@ -164,6 +159,13 @@ class AttentionMatch:
             merged = exchange_and_merge(graph, packed, ctx, heads.d)
         core.replace_all_uses_with(merged)
         first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
+        if self.fused == "qkv_heads":
+            group = per_group_qkv(self.module, self.q, self.split, heads)
+            if (heads.q // layout.tpa) % group:
+                raise UnsupportedModelError(
+                    f"{self.module}: fused qkv {self.q.name} interleaves q, k and v per group of {group} heads; "
+                    f"tpa={layout.tpa} gives each rank {heads.q // layout.tpa} heads, not whole groups"
+                )
         q_local, k_local = heads.q // layout.tpa * heads.d, (stop - first) * heads.d
         if self.fused is None:
             for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, k_local)):
@@ -294,7 +296,7 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
     else:
         if not (q.node is kp.node is vp.node):
             raise UnsupportedModelError(f"{module}: two of q/k/v share projection '{q.name}' and the third does not")
-        split = find_split(q, f"fused qkv of {module}")
+        split = find_split(q, f"fused qkv of {module}") or head_select(q)
         if split is None:
             raise UnsupportedModelError(f"{module}: fused q/k/v projection {where(q.node)} without a split helix understands")
         fused = "qkv_heads" if split.width != q.out_features else "qkv"
@@ -402,6 +404,10 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         if dim in (-1, len(shape(node.args[0]) or ()) - 1):
             return None
+    if is_call(node, {torch.nn.functional.layer_norm, torch.layer_norm}):
+        x = shape(node.args[0]) or ()
+        if len(x) == 4 and tuple(node.args[1]) == x[-1:]:
+            return None  # a per-head LayerNorm over head_dim (Persimmon's q/k layernorm): weight of D, replicated
     reduces = (node.op == "call_method" and node.target in REDUCE_METHODS) or is_call(node, {torch.mean, torch.sum})
     if reduces:
         in_shape = shape(node.args[0])

@@ -11,6 +11,12 @@ Head views (pattern ... into ...)
     path's features: q (Q/tpa of Q), kv (the rank's KV heads of K), qkv (a fused projection before its split),
     o (the heads the rank holds after the all-to-all, of Q). -1 (inferred) needs nothing.
 
+Per-group fused qkv (``per_group_qkv``, ``head_select``)
+    one projection whose rows are [q_g k_g v_g] per group of g heads (any order of the three parts): GPT-NeoX
+    (g = 1, ``view(B, L, H, 3D).chunk(3, -1)``), CodeGen (``view(B, L, mp, 3w).split(w, -1)``, g = w / D heads
+    per group, q|v|k), Persimmon (``view(B, L, H, 3, D)[..., i, :]``). Its rows are sharded by whole groups (role
+    ``qkv_heads``); a layout whose TPA slice is not whole groups is refused.
+
 Output side (``match_output``; the dataflow from the attention core to its output projection)
     core -> [reshapes, elementwise ops] -> o_proj, where an elementwise op's other operand is one of
       - a value that does not vary over heads (a scalar, a size-1 feature dim): replicated;
@@ -35,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from .common import SHAPE_METHODS, UnsupportedModelError, is_call, is_method, is_pointwise, module_path, shape, where
-from .projection import Projection, is_projection, projection_of
+from .projection import FusedSplit, Projection, is_projection, projection_of
 
 funcol = torch.ops._c10d_functional
 VIEWS = {"view", "reshape"}
@@ -126,6 +132,45 @@ def input_views(q: Projection, k: Projection, v: Projection, query: fx.Node, key
         if found is not None:
             views.append(found)
     return views
+
+
+# -- per-group fused qkv ----------------------------------------------------------------------------------------
+def head_select(proj: Projection) -> FusedSplit | None:
+    """Persimmon's cut: ``view(..., H, 3, D)`` of the fused output, then ``[..., i, :]`` for i = 0, 1, 2."""
+    for view in proj.out.users:
+        after = shape(view)
+        if not is_method(view, VIEWS) or after is None or len(after) < 2 or after[-2] != 3:
+            continue
+        cuts = list(view.users)
+        if cuts and all(
+            is_call(c, {operator.getitem}) and isinstance(c.args[1], tuple) and len(c.args[1]) == 3
+            and c.args[1][0] is Ellipsis and isinstance(c.args[1][1], int) and c.args[1][2] == slice(None) for c in cuts
+        ) and {c.args[1][1] for c in cuts} == {0, 1, 2}:
+            return FusedSplit(proj, cuts, 3 * after[-1])
+    return None
+
+
+def per_group_qkv(module: str, proj: Projection, split: FusedSplit, heads) -> int:
+    """Heads per group of a per-group interleaved fused qkv (see the module docstring), checking its cuts."""
+    d, width = heads.d, split.width
+    group = width // (3 * d)
+    ok = width % (3 * d) == 0 and heads.q % group == 0 and heads.q == heads.k
+    for cut in split.cuts:
+        if is_method(cut, {"chunk"}):
+            ok = ok and cut.args[1] == 3
+        elif is_method(cut, {"split"}):
+            sizes = cut.args[1]
+            ok = ok and (sizes == width // 3 if isinstance(sizes, int) else list(sizes) == [width // 3] * 3)
+        elif is_call(cut, {operator.getitem}):
+            ok = ok and cut.args[0] is not proj.out and shape(cut.args[0])[-2:] == (3, d)  # head_select
+        else:
+            ok = False
+    if not ok:
+        raise UnsupportedModelError(
+            f"{module}: fused qkv {proj.name} is cut at width {width} by {[c.name for c in split.cuts]}: neither "
+            f"stacked q|k|v nor [q k v] interleaved per group of heads of {d} features ({heads})"
+        )
+    return group
 
 
 # -- the output side -------------------------------------------------------------------------------------------
