@@ -50,6 +50,16 @@ FAMILIES = {
     "glm": ("glm", dict(num_attention_heads=8, num_key_value_heads=4, partial_rotary_factor=0.5, pad_token_id=0,
                         eos_token_id=[1, 2])),  # interleaved RoPE
     "olmo2": ("olmo2", dict(num_attention_heads=8, num_key_value_heads=4, eos_token_id=2)),  # q/k RMSNorm over all heads
+    # between the projections and attention, and between attention and o_proj (regions/heads.py)
+    "laguna": ("laguna", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, gating="per-head",
+                              mlp_layer_types=["dense", "dense"])),  # o = attn * softplus(g_proj(x)) per head
+    "laguna_elem": ("laguna", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, gating="per-element",
+                                   mlp_layer_types=["dense", "dense"])),  # the same gate per feature
+    "bitnet": ("bitnet", dict(num_attention_heads=8, num_key_value_heads=4, bos_token_id=1, eos_token_id=2)),  # RMSNorms over all heads / all of I
+    "gpt_bigcode": ("gpt_bigcode", dict(num_attention_heads=4, n_inner=96, multi_query=True, bos_token_id=1,
+                                            eos_token_id=2)),  # MQA: c_attn q|k|v uneven
+    "stablelm": ("stablelm", dict(num_attention_heads=8, num_key_value_heads=4)),  # view(B, L, num_heads, D)
+    "codegen": ("codegen", dict(num_attention_heads=8, rotary_dim=4, n_inner=96)),  # qkv as [q v k] per 2 heads
 }
 ATTENTION = {"gemma2": "eager"}  # families without SDPA (soft-capping)
 

@@ -39,6 +39,11 @@ SMALL = dict(
     is_decoder=True,  # encoder families used as causal LMs (BertLMHeadModel ...): transformers asks for it
 )
 PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
+# Families whose config needs more than SMALL to build with 2 layers, or derives an attribute SMALL would override
+OVERRIDES = {
+    "gpt_bigcode": dict(num_key_value_heads=None),  # derived from multi_query (MQA: 1 KV head); None = not set
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=12),  # one global + one local layer
+}
 
 
 def small_config(model_type: str):
@@ -49,6 +54,7 @@ def small_config(model_type: str):
     default = cls()
     text = default.get_text_config(decoder=True)
     kw = {k: v for k, v in SMALL.items() if hasattr(text, k)}
+    kw = {k: v for k, v in {**kw, **OVERRIDES.get(model_type, {})}.items() if v is not None}
     if getattr(default, "is_encoder_decoder", False):
         raise NotImplementedError("an encoder-decoder model: helix parallelises decoder-only causal LMs")
     sub = [k for k, v in vars(default).items() if v is text and k != "self"]
