@@ -103,6 +103,8 @@ class AttentionMatch:
         )
         if self.norms:
             extra += f" cross_head_norms={[n.mean.name for n in self.norms]}"
+        if self.output is not None and (self.output.gates or self.output.norms):
+            extra += self.output.describe()
         return (
             f"attention {self.module} [{self.form}] q={self.q.name} k={self.k.name} v={self.v.name} "
             f"o={self.o.name} write={self.kv_write.name} core={self.core.name} scale={self.scale:g}{extra}"

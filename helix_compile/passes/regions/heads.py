@@ -191,6 +191,10 @@ class OutputSide:
     gate_views: list  # HeadView (path "o") on the gates' own paths
     weights: list  # 1-D placeholders of all heads' features (the norms' weights), sharded like o's columns
 
+    def describe(self) -> str:
+        gates = f" gates={[g.name for g in self.gates]}" if self.gates else ""
+        return gates + (f" output_norms={[n.mean.name for n in self.norms]}" if self.norms else "")
+
     def placements(self):
         out = [(n, "o_gate", kind) for g in self.gates for n, _, kind in g.placements("o_gate")]
         return out + [(w, "o_norm", "weight") for w in self.weights]
