@@ -358,7 +358,7 @@ def _projection_ancestor(start: fx.Node, attention_module: str, what: str, norms
         if not module_path(node).startswith(attention_module):
             continue  # e.g. RoPE cos/sin computed at model level: replicated, broadcast over heads
         inner.append(node)
-        stack.extend(n for n in node.all_input_nodes)
+        stack.extend(node.all_input_nodes if not is_method(node, {"view_as"}) else [node.args[0]])  # only its shape
     if len(found) != 1:
         raise UnsupportedModelError(
             f"{what}: expected exactly one projection feeding it inside '{attention_module}', found "
@@ -394,8 +394,8 @@ def _order(node: fx.Node) -> int:
 
 def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
     """Allow only ops that keep heads independent between a projection and attention (or a cross-head norm)."""
-    if node.op == "call_method" and node.target in SHAPE_METHODS or is_pointwise(node):
-        return None
+    if node.op == "call_method" and node.target in SHAPE_METHODS | {"view_as"} or is_pointwise(node):
+        return None  # view_as(x, y): y's local shape (a head-sharded y, else a loud shape error)
     if is_call(node, {torch.stack}) or is_method(node, {"repeat_interleave"}):  # interleaved RoPE: within a head
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and is_call(node, {torch.stack}) else
                               node.args[2] if len(node.args) > 2 else None)

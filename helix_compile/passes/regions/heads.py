@@ -21,8 +21,9 @@ Output side (``match_output``; the dataflow from the attention core to its outpu
     core -> [reshapes, elementwise ops] -> o_proj, where an elementwise op's other operand is one of
       - a value that does not vary over heads (a scalar, a size-1 feature dim): replicated;
       - a gate: the output of another projection of the layer's input inside the attention module, reached
-        through per-head ops (``o = attn * sigmoid(gate_proj(x))``, AFMoE / HRM / Laguna), one gate value per
-        feature (Q*D rows) or per head (Q rows); its rows are sharded like o_proj's columns (role ``o_gate``);
+        through per-head ops (``o = attn * sigmoid(gate_proj(x))``, AFMoE / HRM / Laguna / Beam), one gate value
+        per feature (Q*D rows) or per head (Q rows); its rows, and 1-D parameters of one value per head or feature
+        on its path (Beam's gate_bias), are sharded like o_proj's columns (role ``o_gate``);
       - a 1-D weight as wide as all heads' features (Q*D) of a norm over all heads (BitNet's attn_sub_norm):
         sharded like o_proj's columns (role ``o_norm``);
     and ``mean(x, -1)`` over all heads' features (Q*D, the norm's mean) becomes
@@ -190,6 +191,7 @@ class OutputSide:
     views: list  # HeadView (path "o")
     gate_views: list  # HeadView (path "o") on the gates' own paths
     weights: list  # 1-D placeholders of all heads' features (the norms' weights), sharded like o's columns
+    gate_params: list  # 1-D placeholders of one value per head or feature on a gate's path (Beam's gate_bias)
 
     def describe(self) -> str:
         gates = f" gates={[g.name for g in self.gates]}" if self.gates else ""
@@ -197,10 +199,11 @@ class OutputSide:
 
     def placements(self):
         out = [(n, "o_gate", kind) for g in self.gates for n, _, kind in g.placements("o_gate")]
+        out += [(p, "o_gate", "bias") for p in self.gate_params]
         return out + [(w, "o_norm", "weight") for w in self.weights]
 
     def nodes(self):
-        return [n for g in self.gates for n in (g.weight, g.bias) if n is not None] + list(self.weights)
+        return [n for g in self.gates for n in (g.weight, g.bias) if n is not None] + self.weights + self.gate_params
 
     def replace_with(self, graph: fx.Graph, env: dict, ctx, head_dim: int) -> None:
         local, total = ctx.split[ctx.kvp_rank], ctx.heads.q
@@ -235,8 +238,8 @@ def match_output(core: fx.Node, module: str, region: str, gate_source) -> Output
     while frontier:
         node = frontier.pop()
         for user in node.users:
-            if user in region_nodes:
-                continue
+            if user in region_nodes or is_method(user, {"view_as"}) and user.args[0] is not node:
+                continue  # view_as(gate, attn): only the shape of the attention output
             if is_projection(user):
                 outputs.append(user)
                 continue
@@ -260,7 +263,7 @@ def match_output(core: fx.Node, module: str, region: str, gate_source) -> Output
     if o.in_features != width:
         raise UnsupportedModelError(f"{region}: output projection {o.name} takes {o.in_features} features, the "
                                     f"attention gives {heads} heads x {head_dim}")
-    gates, norms, views, gate_views, weights = [], [], [], [], []
+    gates, norms, views, gate_views, weights, gate_params = [], [], [], [], [], []
     for node in sorted(region_nodes - {core}, key=lambda n: n._sort_key):
         if node is o.in_view:
             continue
@@ -316,10 +319,19 @@ def match_output(core: fx.Node, module: str, region: str, gate_source) -> Output
                     found = head_view(n, "o", gate.out_features)
                     if found is not None:
                         gate_views.append(found)
+                    gate_params.extend(p for p in map(_parameter, n.all_input_nodes)
+                                       if p is not None and shape(p) in ((heads,), (width,)) and p not in gate_params)
     if weights and not norms:
         raise UnsupportedModelError(f"{region}: weights {[w.name for w in weights]} over all heads' features "
                                     f"without a norm helix understands")
-    return OutputSide(o, gates, norms, views, gate_views, weights)
+    return OutputSide(o, gates, norms, views, gate_views, weights, gate_params)
+
+
+def _parameter(node: fx.Node) -> fx.Node | None:
+    """The placeholder a node reads through indexing and views only (``gate_bias[None, None, :, None]``)."""
+    while is_call(node, {operator.getitem}) or is_method(node, SHAPE_METHODS):
+        node = node.args[0]
+    return node if node.op == "placeholder" else None
 
 
 def _operand_kind(operand: fx.Node, here, heads: int, head_dim: int) -> str:
