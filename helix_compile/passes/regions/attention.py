@@ -19,6 +19,8 @@ Rewrite (``replace_with``; pattern ... into ...):
               recv   = wait(all_to_all_single(packed, out=[h]*kvp, in=split, kvp_group))  # kvp > 1 only
               core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
     o = proj(x, Wo, b)   into  wait(all_reduce(proj(x, Wo_shard), "sum", world)) [+ b]  # N > 1 only
+    attention sinks (sinks.py): folded into the partial of the first KVP rank before the exchange
+    views naming the head count, output gates and norms between core and o: heads.py
     mean(x*x, -1) over all heads' features (q/k norm)
         into  wait(all_reduce(sum(x*x, -1), "sum", tpa_group)) / (heads * D)             # tpa > 1 only
     fused qkv cuts: global offsets (0, Q*D, (Q+K)*D) into the local ones
@@ -40,6 +42,7 @@ from .common import (
 )
 from .heads import OutputSide, head_select, input_views, match_output, per_group_qkv
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
+from .sinks import add_sink, concat_sink, is_drop_last, scale_sink
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 KV_WRITE = {torch.ops.helix.kv_write, torch.ops.helix.kv_write.default}  # Dynamo records the packet
@@ -79,6 +82,7 @@ class AttentionMatch:
     key_mask: fx.Node | None = None  # the 2-D (B, S_m) attention_mask placeholder HF's mask is built from
     output: OutputSide | None = None  # gates and norms between core and o (heads.py)
     views: list = dataclasses.field(default_factory=list)  # heads.HeadView between q/k/v and the core
+    sink: fx.Node | None = None  # a per-head attention sink parameter (Q,) (sinks.py)
 
     kind = "attention"
 
@@ -115,6 +119,7 @@ class AttentionMatch:
         projs = [self.q, self.k, self.v, self.o]
         nodes = [(n, None, None) for p in projs for n in (p.weight, p.bias) if n is not None]
         nodes += [(n, None, None) for n in (self.output.nodes() if self.output is not None else [])]
+        nodes += [(self.sink, None, None)] if self.sink is not None else []
         return nodes + [(w, None, None) for norm in self.norms for w in norm.weights] + [(self.keys, None, None),
                                                                                            (self.values, None, None)]
 
@@ -137,6 +142,7 @@ class AttentionMatch:
             out = list(self.q.placements(self.fused))
         out += self.o.placements("o")
         out += self.output.placements() if self.output is not None else []
+        out += [(self.sink, "q_heads", "weight")] if self.sink is not None else []
         for norm in self.norms:
             out += [(w, norm.role, "weight") for w in norm.weights]
         out += [(self.keys, "kv", "cache"), (self.values, "kv", "cache")]
@@ -158,6 +164,8 @@ class AttentionMatch:
         kwargs = {"key_mask": env[self.key_mask.name]} if self.key_mask is not None else {}
         with graph.inserting_before(core):
             packed = graph.call_function(torch.ops.helix.partial_attention.default, args, kwargs)
+            if self.sink is not None and ctx.kvp_rank == 0:  # the sink joins one partial per KVP group
+                packed = add_sink(graph, packed, env[self.sink.name], heads.d, self.query.meta["example_value"].dtype)
             merged = exchange_and_merge(graph, packed, ctx, heads.d)
         core.replace_all_uses_with(merged)
         first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
@@ -281,7 +289,7 @@ def match_attention(graph: fx.Graph, config=None, skip=()) -> list[AttentionMatc
 def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
     keys, values, k, v, pos = write.args
     module = module_path(write)
-    form, core, query, scale, softcap = _find_core(keys, values, write)
+    form, core, query, scale, softcap, sink = _find_core(keys, values, write)
     norms: list[CrossHeadNorm] = []
     q = _projection_ancestor(query, module, f"query of {module}", norms, "q_norm")
     kp = _projection_ancestor(k, module, f"key of {module}", norms, "k_norm")
@@ -315,7 +323,8 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
             )
     window = layer_window(config, _layer_index(keys, index)) if config is not None else 0
     return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
-                          fused, split, norms, _key_mask(form, core), output, input_views(q, kp, vp, query, k, v))
+                          fused, split, norms, _key_mask(form, core), output, input_views(q, kp, vp, query, k, v),
+                          sink)
 
 
 def _layer_index(keys: fx.Node, fallback: int) -> int:
@@ -437,7 +446,7 @@ def _cache_source(node: fx.Node) -> fx.Node | None:
 
 
 def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
-    """Return (form, core, query, scale, softcap) for the attention that reads the cache placeholders."""
+    """Return (form, core, query, scale, softcap, sink) for the attention that reads the cache placeholders."""
     for user in _repeat_kv_users(keys):
         if user.op == "call_function" and user.target in SDPA_TARGETS:
             query, value = user.args[0], user.args[2] if len(user.args) > 2 else user.kwargs["value"]
@@ -450,7 +459,7 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
             scale = user.kwargs.get("scale")
             if scale is None:
                 scale = 1.0 / math.sqrt(shape(query)[-1])
-            return "sdpa", user, query, float(scale), 0.0
+            return "sdpa", user, query, float(scale), 0.0, None
         if user.op == "call_method" and user.target == "transpose":
             for mm in user.users:
                 if mm.op == "call_function" and mm.target is torch.matmul and mm.args[1] is user:
@@ -512,13 +521,18 @@ def _repeat_kv_users(placeholder: fx.Node):
         for user in node.users:
             if (user.op == "call_method" and user.target in SHAPE_METHODS - {"transpose"}) or (
                 user.op == "call_function" and user.target is operator.getitem
-            ):
+            ) or _is_float_cast(user):
                 frontier.append(user)
             elif user.op == "call_function" and user.target in KV_WRITE:
                 continue
             else:
                 out.append(user)
     return out
+
+
+def _is_float_cast(node: fx.Node) -> bool:
+    """``x.float()`` / ``x.to(torch.float32)``: partial attention computes in fp32 anyway (Flint, GPT-Neo)."""
+    return is_method(node, {"float"}) or (is_method(node, {"to"}) and node.args[1:] == (torch.float32,) and not node.kwargs)
 
 
 def _dropout_is_identity(node: fx.Node) -> bool:
@@ -528,10 +542,18 @@ def _dropout_is_identity(node: fx.Node) -> bool:
 
 
 def _eager_core(matmul: fx.Node, values: fx.Node):
-    """matmul(q, k^T) -> *scale -> [/c -> tanh -> *c] -> [+mask] -> softmax -> [to] -> [dropout] -> matmul(., v)."""
+    """matmul(q, k^T) -> *scale -> [/c -> tanh -> *c] -> [+mask] -> softmax -> [to] -> [dropout] -> matmul(., v),
+    with an attention sink in either form of ``sinks.py``."""
     query, node, scale, softcap, capping, masked = matmul.args[0], matmul, None, 0.0, None, False
+    sink, sink_lse = None, None
+    while _is_float_cast(query):
+        query = query.args[0]
     while True:
         users = list(node.users)
+        lse = [u for u in users if is_call(u, {torch.logsumexp}) or is_method(u, {"logsumexp"})]
+        if len(users) == 2 and len(lse) == 1 and sink_lse is None:
+            sink_lse = lse[0]  # GraniteSWA's sink scale: sigmoid(logsumexp(scores) - sink)
+            users.remove(sink_lse)
         if len(users) != 1:
             raise UnsupportedModelError(f"eager attention scores are used more than once: {where(node)}")
         nxt = users[0]
@@ -561,6 +583,10 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
             _check_causal_mask(nxt.args[1] if nxt.args[0] is node else nxt.args[0], nxt)
         elif is_call(nxt, {torch.nn.functional.softmax, torch.softmax}):
             pass
+        elif is_call(nxt, {torch.cat}) and sink is None and sink_lse is None and concat_sink(nxt, node, "attention"):
+            sink = concat_sink(nxt, node, f"eager attention at {where(nxt)}")  # Flint: cat([scores, sinks], -1)
+        elif sink is not None and is_drop_last(nxt):
+            pass  # [..., :-1]: the sink's column dropped from the probabilities
         elif is_method(nxt, {"to", "float", "type_as"}):
             pass
         elif is_call(nxt, {torch.nn.functional.dropout}):
@@ -571,9 +597,10 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
                 _check_causal_mask(None, nxt)
             if _cache_source(nxt.args[1]) is not values:
                 raise UnsupportedModelError(f"eager attention does not read the cache values: {where(nxt)}")
-            if scale is None:
-                raise UnsupportedModelError(f"eager attention without a constant scale: {where(matmul)}")
-            return "eager", nxt, query, float(scale), float(softcap)
+            core = nxt
+            if sink_lse is not None:
+                sink, core = scale_sink(sink_lse, nxt, f"eager attention at {where(nxt)}")
+            return "eager", core, query, float(scale if scale is not None else 1.0), float(softcap), sink
         else:
             raise UnsupportedModelError(f"unexpected op in eager attention: {where(nxt)}")
         node = nxt

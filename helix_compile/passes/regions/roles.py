@@ -10,6 +10,7 @@ stored transposed (in, out): its kind is ``weight_t`` and the same rows are its 
     q, k, v      rows of the TPA slice's heads: [tpa_rank*Q/tpa, (tpa_rank+1)*Q/tpa) * D (k, v: K instead of Q)
     qkv          fused [q; k; v] rows (Phi-3 qkv_proj, GPT-2 c_attn): the q, k and v rows above, concatenated
     qkv_heads    fused per-head [q_h k_h v_h] rows (GPT-NeoX query_key_value, MHA): [h0*3D, h1*3D)
+    q_heads      one value per query head (attention sinks): the TPA slice's Q/tpa heads
     q_norm, k_norm  a norm over all heads' features (OLMo2): the same rows as q / k; a per-head norm (Qwen3,
                  weight of D elements) is replicated
     o            columns of the heads r holds after the all-to-all (Layout.head_split); its bias is added once,
@@ -105,6 +106,8 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
     k_rows = (first * d, stop * d)
     if role == "q":
         return Shard(0, *q_rows)
+    if role == "q_heads":  # one value per query head (attention sinks): the TPA slice's heads
+        return Shard(0, q_rows[0] // d, q_rows[1] // d)
     if role in ("k", "v"):
         return Shard(0, *k_rows)
     if role in ("q_norm", "k_norm"):
