@@ -60,8 +60,10 @@ FAMILIES = {
                                             eos_token_id=2)),  # MQA: c_attn q|k|v uneven
     "stablelm": ("stablelm", dict(num_attention_heads=8, num_key_value_heads=4)),  # view(B, L, num_heads, D)
     "codegen": ("codegen", dict(num_attention_heads=8, rotary_dim=4, n_inner=96)),  # qkv as [q v k] per 2 heads
+    "flint": ("flint", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)),  # sinks: cat([scores, s])
+    "granite_swa": ("granite_swa", dict(num_attention_heads=8, num_key_value_heads=4)),  # sinks: sigmoid(lse - s)
 }
-ATTENTION = {"gemma2": "eager"}  # families without SDPA (soft-capping)
+ATTENTION = {"gemma2": "eager", "flint": "eager", "granite_swa": "eager"}  # without SDPA (soft-capping, sinks)
 
 
 def config(family: str, **extra):
