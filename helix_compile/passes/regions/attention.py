@@ -464,6 +464,8 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
             for mm in user.users:
                 if mm.op == "call_function" and mm.target is torch.matmul and mm.args[1] is user:
                     return _eager_core(mm, values)
+                if is_call(mm, {torch.baddbmm}) and len(mm.args) > 2 and mm.args[2] is user:
+                    return _eager_core(mm, values)  # GPT-NeoX-Japanese: baddbmm(zeros, q, k^T, alpha=scale)
     raise UnsupportedModelError(
         f"the cache write {where(write)} is not followed by an attention helix understands (SDPA or "
         f"matmul-softmax-matmul over the whole cache)"
@@ -535,6 +537,20 @@ def _is_float_cast(node: fx.Node) -> bool:
     return is_method(node, {"float"}) or (is_method(node, {"to"}) and node.args[1:] == (torch.float32,) and not node.kwargs)
 
 
+def _baddbmm_scores(mm: fx.Node):
+    """(query (B, H, L, D), scale) of ``baddbmm(zeros, q.view(B*H, L, D), k^T, beta=1, alpha=scale)``."""
+    init, q3 = mm.args[0], mm.args[1]
+    beta, alpha = mm.kwargs.get("beta", 1), mm.kwargs.get("alpha", 1)
+    zeros = is_call(init, {torch.zeros}) or is_method(init, {"zero_"})
+    if not zeros or beta not in (0, 1, 0.0, 1.0) or not isinstance(alpha, (int, float)) or not is_method(q3, {"view"}):
+        raise UnsupportedModelError(f"eager attention scores {where(mm)}: a baddbmm helix does not understand (it "
+                                    f"needs baddbmm(zeros, q, k^T, beta=1, alpha=scale))")
+    query = q3.args[0]
+    if len(shape(query) or ()) != 4:
+        raise UnsupportedModelError(f"eager attention scores {where(mm)}: the query is not a (B, H, L, D) view")
+    return query, float(alpha)
+
+
 def _dropout_is_identity(node: fx.Node) -> bool:
     p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
     training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
@@ -546,6 +562,8 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
     with an attention sink in either form of ``sinks.py``."""
     query, node, scale, softcap, capping, masked = matmul.args[0], matmul, None, 0.0, None, False
     sink, sink_lse = None, None
+    if is_call(matmul, {torch.baddbmm}):  # baddbmm(zeros, q.view(B*H, L, D), k^T, beta=1, alpha=scale)
+        query, scale = _baddbmm_scores(matmul)
     while _is_float_cast(query):
         query = query.args[0]
     while True:
@@ -589,6 +607,14 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
             pass  # [..., :-1]: the sink's column dropped from the probabilities
         elif is_method(nxt, {"to", "float", "type_as"}):
             pass
+        elif is_call(matmul, {torch.baddbmm}) and node is matmul and is_method(nxt, {"view"}) and len(shape(nxt)) == 4:
+            pass  # the (B*H, L, S) scores viewed back as (B, H, L, S)
+        elif is_call(nxt, {torch.where}):
+            raise UnsupportedModelError(
+                f"eager attention masks its scores with {where(nxt)}: a mask helix cannot check is causal (e.g. "
+                f"GPT-Neo's `bias` buffer, sliced relative to the end of the static cache); helix masks by global "
+                f"position only"
+            )
         elif is_call(nxt, {torch.nn.functional.dropout}):
             if not _dropout_is_identity(nxt):
                 raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(nxt)}")

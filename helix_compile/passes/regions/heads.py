@@ -162,8 +162,12 @@ def per_group_qkv(module: str, proj: Projection, split: FusedSplit, heads) -> in
         elif is_method(cut, {"split"}):
             sizes = cut.args[1]
             ok = ok and (sizes == width // 3 if isinstance(sizes, int) else list(sizes) == [width // 3] * 3)
-        elif is_call(cut, {operator.getitem}):
-            ok = ok and cut.args[0] is not proj.out and shape(cut.args[0])[-2:] == (3, d)  # head_select
+        elif is_call(cut, {operator.getitem}) and shape(cut.args[0])[-2:] == (3, d):
+            ok = ok and cut.args[0] is not proj.out  # head_select
+        elif is_call(cut, {operator.getitem}):  # [..., a:b] with a, b thirds of the width (GPT-NeoX-Japanese)
+            last = cut.args[1][-1]
+            thirds = {None, 0, width // 3, 2 * width // 3, width}
+            ok = ok and last.step in (None, 1) and last.start in thirds and last.stop in thirds
         else:
             ok = False
     if not ok:
