@@ -43,6 +43,8 @@ PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
 OVERRIDES = {
     "gpt_bigcode": dict(num_key_value_heads=None),  # derived from multi_query (MQA: 1 KV head); None = not set
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=12),  # one global + one local layer
+    "cohere_compass_text": dict(rope_parameters={  # its default config has none, so transformers cannot build it
+        t: {"rope_type": "default", "rope_theta": 10000.0} for t in ("full_attention", "sliding_attention")}),
 }
 
 
