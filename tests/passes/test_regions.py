@@ -69,3 +69,29 @@ def test_interleaved_rope_is_per_head(fake_world):
     q and k): the ops on cos/sin carry no heads, the ones on q and k stay within a head."""
     done = passes(model("glm"))
     assert len(done.regions.attention) == 2 and not done.regions.whole
+
+
+def test_norms_over_all_heads_and_intermediate_features_all_reduced_over_world(fake_world):
+    """BitNet: attn_sub_norm (over all heads' features, between attention and o_proj) and ffn_sub_norm (over all
+    intermediate features, between the ins and down_proj): after the all-to-all / in the TP FFN every rank holds a
+    disjoint part of those features, so each norm's mean is an all-reduce over the world; the norm weights are
+    sharded like o_proj's columns / the ins' rows."""
+    done = passes(model("bitnet"))
+    assert all(len(a.output.norms) == 1 and len(a.output.weights) == 1 for a in done.regions.attention)
+    assert all(len(f.norms) == 1 and len(f.norm_weights) == 1 for f in done.regions.ffn)
+    reduces = [n for n in done.stages["partition"].graph.nodes if "all_reduce" in str(n.target)]
+    assert len(reduces) == 2 * 4  # per layer: o_proj, attn_sub_norm's mean, ffn_sub_norm's mean, down_proj
+    assert len({n.args[2] for n in reduces}) == 1  # all over the world group (o_proj's)
+    roles = set(done.plan.roles.values())
+    assert {"o_norm.weight", "ffn_in.weight"} <= roles
+
+
+def test_output_gate_sharded_like_o_columns(fake_world):
+    """Laguna's per-head gate g_proj (8 rows, one per head): rank 1 (kvp_rank 0, tpa_rank 1) holds heads 4 and 5
+    after the all-to-all, so o_proj's columns 32:48 and g_proj's rows 4:6."""
+    done = passes(model("laguna"))
+    gates = [g for a in done.regions.attention for g in a.output.gates]
+    assert len(gates) == 2
+    shards = {name: spec for name, spec in done.plan.inputs.items() if "g_proj" in name or "o_proj" in name}
+    assert {(s.start, s.stop) for n, s in shards.items() if "g_proj" in n} == {(4, 6)}
+    assert {(s.start, s.stop) for n, s in shards.items() if "o_proj" in n} == {(32, 48)}
