@@ -249,7 +249,9 @@ def _find_cache(example_inputs):
                 return cache
     raise ValueError(
         "the helix backend needs the model to be called with past_key_values=helix_compile.StaticCache(config, "
-        "max_batch_size, max_cache_len, layout): none was found among the graph inputs"
+        "max_batch_size, max_cache_len, layout): none was found among the graph inputs (either the model was called "
+        "without one, or it never reads past_key_values: a model without a transformers KV cache, e.g. OpenAI GPT, "
+        "or with a cache of its own, is not supported)"
     )
 
 

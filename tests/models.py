@@ -56,8 +56,21 @@ FAMILIES = {
     "bert": ("bert", dict(num_attention_heads=4, is_decoder=True)),
     # eager-only, its attention merges heads by view(..., all_head_size): a constant width
     "megatron_bert": ("megatron-bert", dict(num_attention_heads=4, is_decoder=True)),
+    # between the projections and attention, and between attention and o_proj (regions/heads.py)
+    "laguna": ("laguna", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, gating="per-head",
+                              mlp_layer_types=["dense", "dense"])),  # o = attn * softplus(g_proj(x)) per head
+    "laguna_elem": ("laguna", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, gating="per-element",
+                                   mlp_layer_types=["dense", "dense"])),  # the same gate per feature
+    "bitnet": ("bitnet", dict(num_attention_heads=8, num_key_value_heads=4, bos_token_id=1, eos_token_id=2)),  # RMSNorms over all heads / all of I
+    "gpt_bigcode": ("gpt_bigcode", dict(num_attention_heads=4, n_inner=96, multi_query=True, bos_token_id=1,
+                                            eos_token_id=2)),  # MQA: c_attn q|k|v uneven
+    "stablelm": ("stablelm", dict(num_attention_heads=8, num_key_value_heads=4)),  # view(B, L, num_heads, D)
+    "codegen": ("codegen", dict(num_attention_heads=8, rotary_dim=4, n_inner=96)),  # qkv as [q v k] per 2 heads
+    "flint": ("flint", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)),  # sinks: cat([scores, s])
+    "granite_swa": ("granite_swa", dict(num_attention_heads=8, num_key_value_heads=4)),  # sinks: sigmoid(lse - s)
 }
-ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager"}  # no SDPA (soft-capping, BLOOM, MegatronBERT)
+ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
+             "granite_swa": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
 
 
 def config(family: str, **extra):

@@ -116,7 +116,8 @@ def _tiny(model_type, attn="sdpa", **kw):
 
 @pytest.mark.parametrize("model_type,kw,message", [
     ("gpt_oss", dict(attn="eager", num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
-                     layer_types=["full_attention"]), "unexpected op in eager attention: node 'combined_logits'"),  # sinks
+                     layer_types=["full_attention"]),
+     "eager attention scores are used more than once: node 'combined_logits'"),  # sinks, then a max subtracted
 ])
 def test_unsupported_structure_is_refused(model_type, kw, message):
     m = _tiny(model_type, **kw)
@@ -172,7 +173,8 @@ def test_linear_attention_layers_refused():
 
 @pytest.mark.parametrize("model_type,kw,message", [
     ("camembert", dict(num_key_value_heads=4), "attends without a mask over the cache \\(bidirectional attention"),  # encoder, no is_decoder
-    ("bitnet", dict(), "between the attention and its output projection helix expects reshapes only"),  # sub-norm
+    ("gpt_neo", dict(attn="eager", attention_types=[[["global"], 1]], num_key_value_heads=4),
+     "masks its scores with node 'attn_weights_1'.*GPT-Neo's `bias` buffer"),  # torch.where(bias[...], scores, min)
 ])
 def test_unsupported_attention_refused_by_name(model_type, kw, message):
     m = _tiny(model_type, **kw)

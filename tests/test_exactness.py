@@ -5,6 +5,8 @@ steps cross block boundaries on every rank. Logits within 1e-5 relative; greedy 
 identical on every rank.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -107,6 +109,25 @@ def test_fused_and_cross_head_norm_on_four_ranks():
     """kvp=2 x tpa=2: Phi-3's fused projections sliced per TPA rank; OLMo2's q/k norms over all heads, exact by
     an all-reduce of the partial sums of squares over the TPA group."""
     check_families(4, [("phi3", [(2, 2)]), ("olmo2", [(2, 2)])])
+
+
+def test_gated_attention_sinks_and_uneven_mqa_split():
+    """CI's cheap cases of regions/heads.py and sinks.py: Laguna's per-head output gate, its rows sharded like
+    o_proj's columns after the all-to-all (kvp=2); Flint's attention sinks folded into one partial per KVP group
+    (kvp=2); GPT-BigCode's MQA c_attn cut unevenly into q|k|v, its one KV head duplicated (tpa=2)."""
+    check_families(2, [("laguna", [(2, 1)]), ("flint", [(2, 1)]), ("gpt_bigcode", [(1, 2)])])
+
+
+@pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")
+@pytest.mark.parametrize("world", [2, 4])
+def test_gated_and_head_view_families(world):
+    """What lies between the projections and attention and between attention and o_proj (regions/heads.py):
+    output gates per head (Laguna) and per feature; BitNet's RMSNorms over all heads' and all intermediate
+    features (all-reduced over the world); GPT-BigCode's MQA c_attn cut unevenly q|k|v; views naming the head
+    count (StableLM); CodeGen's qkv interleaved [q v k] per group of 2 heads; attention sinks in both forms
+    (Flint, GraniteSWA; sinks.py). Every layout of 2 ranks; kvp=2 x tpa=2 on 4."""
+    families = ["laguna", "laguna_elem", "bitnet", "gpt_bigcode", "stablelm", "codegen", "flint", "granite_swa"]
+    check_families(world, [(f, splits(2, 2) if world == 2 else [(2, 2)]) for f in families])
 
 
 def test_eager_attention_form():

@@ -42,6 +42,13 @@ SMALL = dict(
     default_language="en_XX",  # X-MOD: the language adapter to run (its only one by default)
 )
 PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
+# Families whose config needs more than SMALL to build with 2 layers, or derives an attribute SMALL would override
+OVERRIDES = {
+    "gpt_bigcode": dict(num_key_value_heads=None),  # derived from multi_query (MQA: 1 KV head); None = not set
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=12),  # one global + one local layer
+    "cohere_compass_text": dict(rope_parameters={  # its default config has none, so transformers cannot build it
+        t: {"rope_type": "default", "rope_theta": 10000.0} for t in ("full_attention", "sliding_attention")}),
+}
 
 
 def _read_only(cls, name: str) -> bool:
@@ -58,6 +65,7 @@ def small_config(model_type: str):
     default = cls()
     text = default.get_text_config(decoder=True)
     kw = {k: v for k, v in SMALL.items() if hasattr(text, k) and not _read_only(type(text), k)}
+    kw = {k: v for k, v in {**kw, **OVERRIDES.get(model_type, {})}.items() if v is not None}
     if getattr(default, "is_encoder_decoder", False):
         raise NotImplementedError("an encoder-decoder model: helix parallelises decoder-only causal LMs")
     sub = [k for k, v in vars(default).items() if v is text and k != "self"]

@@ -96,7 +96,7 @@ def detect(gm: fx.GraphModule, config=None) -> Regions:
                 f"the attention_mask input '{node.name}' {shape(node)} does not reach every attention layer as HF's "
                 f"2-D padding mask; helix cannot apply it"
             )
-    claimed = {p.node for a in attention for p in (a.q, a.k, a.v, a.o)} | {n for m in mla for n in m.projections()}
+    claimed = {n for a in attention for n in a.projections()} | {n for m in mla for n in m.projections()}
     moe = match_moe(graph, FFN_MODULES)
     claimed |= {n for m in moe for n in m.projections()}
     ffn = match_dense_ffn(graph, claimed, skip={m.module for m in moe})

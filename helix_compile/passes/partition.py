@@ -19,8 +19,9 @@ The rewrites, in short (each matcher's docstring has the pattern ... into ...):
                norms over all heads' features -> all-reduce of partial sums over the TPA group (tpa > 1)
     dense FFN  in projections column-parallel, out projection row-parallel (all-reduce, bias once)
 
-The model's reshapes use -1 for the head dimension, so the local head counts flow through unchanged; the constant
-widths of Conv1D views and fused-projection cuts are rewritten by their matchers.
+Most models' reshapes use -1 for the head dimension, so the local head counts flow through unchanged; views that
+name the head count (``view(B, L, num_heads, D)``), the constant widths of Conv1D views and fused-projection cuts
+are rewritten by their matchers (``regions/heads.py``, ``projection.py``).
 
 Batch: a call with b < max_batch_size rows reads and writes the first b rows of the cache shards (the attention
 matcher narrows them); the rows beyond stay unused.

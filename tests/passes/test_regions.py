@@ -104,7 +104,7 @@ def test_constant_width_head_merge_becomes_local(fake_world):
         input_ids=ids, past_key_values=cache, attention_mask=torch.ones_like(ids),
         position_ids=torch.arange(5)[None].expand(2, 5))
     done = seen[-1]
-    views = [v for a in done.regions.attention for v in a.out_views]
+    views = [v.node for a in done.regions.attention for v in a.output.views]
     assert len(views) == 2 and all(v.args[-1] == 64 or v.args[1][-1] == 64 for v in views)
     local = {n.name: n for n in done.stages["partition"].graph.nodes}
     for v in views:
@@ -112,3 +112,29 @@ def test_constant_width_head_merge_becomes_local(fake_world):
         sizes = node.args[1] if len(node.args) == 2 else node.args[1:]
         assert sizes[-1] == 16, node.format_node()
     assert [f.module for f in done.regions.ffn] == [f"bert.encoder.layer.{i}.intermediate+output" for i in range(2)]
+
+
+def test_norms_over_all_heads_and_intermediate_features_all_reduced_over_world(fake_world):
+    """BitNet: attn_sub_norm (over all heads' features, between attention and o_proj) and ffn_sub_norm (over all
+    intermediate features, between the ins and down_proj): after the all-to-all / in the TP FFN every rank holds a
+    disjoint part of those features, so each norm's mean is an all-reduce over the world; the norm weights are
+    sharded like o_proj's columns / the ins' rows."""
+    done = passes(model("bitnet"))
+    assert all(len(a.output.norms) == 1 and len(a.output.weights) == 1 for a in done.regions.attention)
+    assert all(len(f.norms) == 1 and len(f.norm_weights) == 1 for f in done.regions.ffn)
+    reduces = [n for n in done.stages["partition"].graph.nodes if "all_reduce" in str(n.target)]
+    assert len(reduces) == 2 * 4  # per layer: o_proj, attn_sub_norm's mean, ffn_sub_norm's mean, down_proj
+    assert len({n.args[2] for n in reduces}) == 1  # all over the world group (o_proj's)
+    roles = set(done.plan.roles.values())
+    assert {"o_norm.weight", "ffn_in.weight"} <= roles
+
+
+def test_output_gate_sharded_like_o_columns(fake_world):
+    """Laguna's per-head gate g_proj (8 rows, one per head): rank 1 (kvp_rank 0, tpa_rank 1) holds heads 4 and 5
+    after the all-to-all, so o_proj's columns 32:48 and g_proj's rows 4:6."""
+    done = passes(model("laguna"))
+    gates = [g for a in done.regions.attention for g in a.output.gates]
+    assert len(gates) == 2
+    shards = {name: spec for name, spec in done.plan.inputs.items() if "g_proj" in name or "o_proj" in name}
+    assert {(s.start, s.stop) for n, s in shards.items() if "g_proj" in n} == {(4, 6)}
+    assert {(s.start, s.stop) for n, s in shards.items() if "o_proj" in n} == {(32, 48)}

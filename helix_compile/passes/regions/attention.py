@@ -21,13 +21,13 @@ Rewrite (``replace_with``; pattern ... into ...):
               recv   = wait(all_to_all_single(packed, out=[h]*kvp, in=split, kvp_group))  # kvp > 1 only
               core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
     o = proj(x, Wo, b)   into  wait(all_reduce(proj(x, Wo_shard), "sum", world)) [+ b]  # N > 1 only
+    attention sinks (sinks.py): folded into the partial of the first KVP rank before the exchange
+    views naming the head count, output gates and norms between core and o: heads.py
     mean(x*x, -1) over all heads' features (q/k norm)
         into  wait(all_reduce(sum(x*x, -1), "sum", tpa_group)) / (heads * D)             # tpa > 1 only
     fused qkv cuts: global offsets (0, Q*D, (Q+K)*D) into the local ones
-    constant head counts in views: view(B, -1, H, D) after a projection (OPT) and reshape(B, L, H*D) before o
-        (BLOOM, XGLM) into the local ones
-    view(attn, ..., Q*D) between core and o (a constant width, eager BERT-style attention)
-        into  view(attn, ..., h*D)                                                      # h: heads held here
+    constant head counts in views (heads.py): view(B, -1, H, D) after a projection (OPT), reshape(B, L, H*D)
+        before o (BLOOM, XGLM), view(attn, ..., Q*D) (eager BERT-style attention) into the local ones
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from .common import (
     shape, where,
 )
 from .alibi import BADDBMM, BMM, IndexSplit, bmm_core, find_index_split
-from .projection import SPLIT_METHODS, FusedSplit, Projection, _set_last_size, find_split, is_projection, projection_of
+from .heads import OutputSide, head_select, input_views, match_output, per_group_qkv
+from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
+from .sinks import add_sink, concat_sink, is_drop_last, scale_sink
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 KV_WRITE = {torch.ops.helix.kv_write, torch.ops.helix.kv_write.default}  # Dynamo records the packet
@@ -84,9 +86,16 @@ class AttentionMatch:
     norms: list = dataclasses.field(default_factory=list)  # CrossHeadNorm
     key_mask: fx.Node | None = None  # the 2-D (B, S_m) attention_mask placeholder HF's mask is built from
     alibi: object = None  # alibi.Alibi: the ALiBi bias of the scores (BLOOM), or None
-    out_views: list = dataclasses.field(default_factory=list)  # reshapes to the constant width Q*D before o
+    output: OutputSide | None = None  # gates and norms between core and o (heads.py)
+    views: list = dataclasses.field(default_factory=list)  # heads.HeadView between q/k/v and the core
+    sink: fx.Node | None = None  # a per-head attention sink parameter (Q,) (sinks.py)
 
     kind = "attention"
+
+    def projections(self) -> set:
+        """The projection nodes this region claims (q, k, v, o and output gates)."""
+        gates = self.output.gates if self.output is not None else []
+        return {p.node for p in (self.q, self.k, self.v, self.o, *gates)}
 
     # names kept for the backend and the schedule: the o projection's node, the q/k/v nodes
     @property
@@ -104,6 +113,8 @@ class AttentionMatch:
         )
         if self.norms:
             extra += f" cross_head_norms={[n.mean.name for n in self.norms]}"
+        if self.output is not None and (self.output.gates or self.output.norms):
+            extra += self.output.describe()
         return (
             f"attention {self.module} [{self.form}] q={self.q.name} k={self.k.name} v={self.v.name} "
             f"o={self.o.name} write={self.kv_write.name} core={self.core.name} scale={self.scale:g}{extra}"
@@ -113,6 +124,8 @@ class AttentionMatch:
         """The placeholders this region places (whatever the heads): for the report of what is left whole."""
         projs = [self.q, self.k, self.v, self.o]
         nodes = [(n, None, None) for p in projs for n in (p.weight, p.bias) if n is not None]
+        nodes += [(n, None, None) for n in (self.output.nodes() if self.output is not None else [])]
+        nodes += [(self.sink, None, None)] if self.sink is not None else []
         return nodes + [(w, None, None) for norm in self.norms for w in norm.weights] + [(self.keys, None, None),
                                                                                            (self.values, None, None)]
 
@@ -130,16 +143,18 @@ class AttentionMatch:
             rows, want = self.q.out_features, (heads.q + 2 * heads.k) * heads.d
             if rows != want:
                 raise ValueError(f"{self.module}: the fused qkv projection has {rows} rows, the config says {want}")
-            if self.fused == "qkv_heads" and (
-                self.split.width != 3 * heads.d or not isinstance(self.split, IndexSplit) and any(
-                    not is_method(c, {"chunk"}) or c.args[1] != 3 for c in self.split.cuts)
-            ):
-                raise UnsupportedModelError(
-                    f"{self.module}: fused qkv {self.q.name} is cut at width {self.split.width} by "
-                    f"{[c.name for c in self.split.cuts]}: neither stacked q|k|v nor per-head [q k v] of {heads.d}"
-                )
+            if self.fused == "qkv_heads" and isinstance(self.split, IndexSplit):
+                if self.split.width != 3 * heads.d:
+                    raise UnsupportedModelError(
+                        f"{self.module}: fused qkv {self.q.name} is cut at width {self.split.width} by "
+                        f"{[c.name for c in self.split.cuts]}: not per-head [q k v] of {heads.d}"
+                    )
+            elif self.fused == "qkv_heads":
+                per_group_qkv(self.module, self.q, self.split, heads)
             out = list(self.q.placements(self.fused))
         out += self.o.placements("o")
+        out += self.output.placements() if self.output is not None else []
+        out += [(self.sink, "q_heads", "weight")] if self.sink is not None else []
         for norm in self.norms:
             out += [(w, norm.role, "weight") for w in norm.weights]
         out += [(self.keys, "kv", "cache"), (self.values, "kv", "cache")]
@@ -169,14 +184,22 @@ class AttentionMatch:
                 if self.alibi.positions is not None:
                     kwargs["alibi_pos"] = env[self.alibi.positions.name]
             packed = graph.call_function(torch.ops.helix.partial_attention.default, args, kwargs)
+            if self.sink is not None and ctx.kvp_rank == 0:  # the sink joins one partial per KVP group
+                packed = add_sink(graph, packed, env[self.sink.name], heads.d, self.query.meta["example_value"].dtype)
             merged = exchange_and_merge(graph, packed, ctx, heads.d)
         core.replace_all_uses_with(merged)
         first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
+        if self.fused == "qkv_heads":
+            group = per_group_qkv(self.module, self.q, self.split, heads)
+            if (heads.q // layout.tpa) % group:
+                raise UnsupportedModelError(
+                    f"{self.module}: fused qkv {self.q.name} interleaves q, k and v per group of {group} heads; "
+                    f"tpa={layout.tpa} gives each rank {heads.q // layout.tpa} heads, not whole groups"
+                )
         q_local, k_local = heads.q // layout.tpa * heads.d, (stop - first) * heads.d
         if self.fused is None:
             for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, k_local)):
                 proj.column_parallel(env, width)
-                _local_head_views(env, proj, width // heads.d, heads.d)
         else:
             self.q.column_parallel(env, q_local + 2 * k_local)
             if isinstance(self.split, IndexSplit):
@@ -187,48 +210,13 @@ class AttentionMatch:
         for norm in self.norms:
             if layout.tpa > 1:
                 _all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.tpa_group)
-        _local_merge_width(env, self.o, heads.q * heads.d, ctx.split[ctx.kvp_rank] * heads.d)
-        for view in self.out_views:  # the heads this rank holds after the exchange, not all Q
-            _set_last_size(env[view.name], ctx.split[ctx.kvp_rank] * heads.d)
+        ratios = {"q": (heads.q // layout.tpa, heads.q), "kv": (stop - first, heads.k),
+                  "qkv": (heads.q // layout.tpa + 2 * (stop - first), heads.q + 2 * heads.k)}
+        for view in self.views:
+            view.replace_with(env, *ratios[view.path])
+        if self.output is not None:
+            self.output.replace_with(graph, env, ctx, heads.d)
         self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * heads.d)
-
-
-def _local_head_views(env: dict, proj: Projection, local_heads: int, d: int) -> None:
-    """A view that splits the projection's features into a constant head count, ``view(B, -1, H, D)`` (OPT), gets
-    the rank's local head count (a view with -1 for the heads needs nothing)."""
-    width = proj.out_features
-    if width % d:
-        return
-    frontier, seen = [proj.out], set()
-    while frontier:
-        node = frontier.pop()
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            out = shape(user)
-            if is_method(user, {"view", "reshape"}) and out is not None and len(out) == 4 and out[-2:] == (width // d, d):
-                local = env[user.name]
-                sizes = list(local.args[1] if len(local.args) == 2 and isinstance(local.args[1], (tuple, list))
-                             else local.args[1:])
-                if isinstance(sizes[-2], int) and sizes[-2] == width // d != local_heads:
-                    sizes[-2] = local_heads
-                    local.args = (local.args[0], *sizes)
-            elif is_pointwise(user) and shape(user) is not None and shape(user)[-1:] == (width,):
-                frontier.append(user)  # q_proj(x) * scaling (OPT) before the view
-
-
-def _local_merge_width(env: dict, o: Projection, width: int, local: int) -> None:
-    """A constant ``reshape(B, L, H * D)`` merging the heads before o (BLOOM's _merge_heads) -> the local width."""
-    if o.transposed:
-        return  # Conv1D: its input view is rewritten by row_parallel
-    x = env[o.node.args[0].name] if isinstance(o.node.args[0], fx.Node) else None
-    if x is None or not is_method(x, {"reshape", "view"}):
-        return
-    sizes = x.args[1] if len(x.args) == 2 and isinstance(x.args[1], (tuple, list)) else x.args[1:]
-    if sizes and sizes[-1] == width and isinstance(sizes[-1], int):
-        sizes = (*sizes[:-1], local)
-        x.args = (x.args[0], sizes) if len(x.args) == 2 and isinstance(x.args[1], (tuple, list)) else (x.args[0], *sizes)
 
 
 def exchange_and_merge(graph: fx.Graph, packed: fx.Node, ctx, head_dim: int) -> fx.Node:
@@ -325,7 +313,7 @@ def match_attention(graph: fx.Graph, config=None, skip=()) -> list[AttentionMatc
 def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
     keys, values, k, v, pos = write.args
     module = module_path(write)
-    form, core, query, scale, softcap, alibi = _find_core(keys, values, write)
+    form, core, query, scale, softcap, alibi, sink = _find_core(keys, values, write)
     norms: list[CrossHeadNorm] = []
     q = _projection_ancestor(query, module, f"query of {module}", norms, "q_norm")
     kp = _projection_ancestor(k, module, f"key of {module}", norms, "k_norm")
@@ -342,11 +330,14 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
     else:
         if not (q.node is kp.node is vp.node):
             raise UnsupportedModelError(f"{module}: two of q/k/v share projection '{q.name}' and the third does not")
-        split = find_split(q, f"fused qkv of {module}") or find_index_split(q.out, shape(query)[-1])
+        split = find_split(q, f"fused qkv of {module}") or head_select(q) or find_index_split(q.out, shape(query)[-1])
         if split is None:
             raise UnsupportedModelError(f"{module}: fused q/k/v projection {where(q.node)} without a split helix understands")
         fused = "qkv_heads" if split.width != q.out_features else "qkv"
-    o = _first_projection_after(core, f"attention output of {module}")
+    gate_norms: list[CrossHeadNorm] = []
+    output = match_output(core, module, f"attention output of {module}",
+                          lambda node, what: _projection_ancestor(node, module, what, gate_norms, None))
+    o = output.o
     if config is not None:
         configured = getattr(config, "attn_logit_softcapping", None) or 0.0
         if configured and not softcap:
@@ -356,24 +347,8 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
             )
     window = layer_window(config, _layer_index(keys, index)) if config is not None else 0
     return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
-                          fused, split, norms, _key_mask(form, core), alibi,
-                          _constant_width_views(core, o))
-
-
-def _constant_width_views(core: fx.Node, o: Projection) -> list[fx.Node]:
-    """The reshapes between the attention and its o projection whose last size is the constant Q*D (eager
-    BERT-style attention: ``view(size()[:-2] + (all_head_size,))``; others write -1). Each rank holds only its
-    heads there: the rewrite gives them the local width. ``_first_projection_after`` has checked the chain."""
-    out, node = [], core
-    while True:
-        node = next(iter(node.users))
-        if node is o.node or node is o.in_view:
-            return out
-        if is_method(node, {"view", "reshape"}) and len(node.args) >= 2:
-            sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-            if len(node.args) > 2 or isinstance(node.args[1], (tuple, list)):
-                if isinstance(sizes[-1], int) and sizes[-1] == o.in_features:
-                    out.append(node)
+                          fused, split, norms, _key_mask(form, core), alibi, output,
+                          input_views(q, kp, vp, query, k, v), sink)
 
 
 def _layer_index(keys: fx.Node, fallback: int) -> int:
@@ -416,7 +391,7 @@ def _projection_ancestor(start: fx.Node, attention_module: str, what: str, norms
         if not module_path(node).startswith(attention_module):
             continue  # e.g. RoPE cos/sin computed at model level: replicated, broadcast over heads
         inner.append(node)
-        stack.extend(n for n in node.all_input_nodes)
+        stack.extend(node.all_input_nodes if not is_method(node, {"view_as"}) else [node.args[0]])  # only its shape
     if len(found) != 1:
         raise UnsupportedModelError(
             f"{what}: expected exactly one projection feeding it inside '{attention_module}', found "
@@ -452,8 +427,8 @@ def _order(node: fx.Node) -> int:
 
 def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
     """Allow only ops that keep heads independent between a projection and attention (or a cross-head norm)."""
-    if node.op == "call_method" and node.target in SHAPE_METHODS or is_pointwise(node):
-        return None
+    if node.op == "call_method" and node.target in SHAPE_METHODS | {"view_as"} or is_pointwise(node):
+        return None  # view_as(x, y): y's local shape (a head-sharded y, else a loud shape error)
     if is_call(node, {torch.stack}) or is_method(node, {"repeat_interleave"}):  # interleaved RoPE: within a head
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and is_call(node, {torch.stack}) else
                               node.args[2] if len(node.args) > 2 else None)
@@ -464,6 +439,10 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         if dim in (-1, len(shape(node.args[0]) or ()) - 1):
             return None
+    if is_call(node, {torch.nn.functional.layer_norm, torch.layer_norm}):
+        x = shape(node.args[0]) or ()
+        if len(x) == 4 and tuple(node.args[1]) == x[-1:]:
+            return None  # a per-head LayerNorm over head_dim (Persimmon's q/k layernorm): weight of D, replicated
     reduces = (node.op == "call_method" and node.target in REDUCE_METHODS) or is_call(node, {torch.mean, torch.sum})
     if reduces:
         in_shape = shape(node.args[0])
@@ -490,8 +469,14 @@ def _cache_source(node: fx.Node) -> fx.Node | None:
     return node
 
 
+def _zero_init(mm: fx.Node) -> bool:
+    """baddbmm's input is zeros (scores = alpha * q k^T), not a bias such as BLOOM's ALiBi."""
+    init = mm.args[0]
+    return is_call(init, {torch.zeros}) or is_method(init, {"zero_"})
+
+
 def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
-    """Return (form, core, query, scale, softcap) for the attention that reads the cache placeholders."""
+    """Return (form, core, query, scale, softcap, alibi, sink) for the attention that reads the cache placeholders."""
     for user in _repeat_kv_users(keys):
         if user.op == "call_function" and user.target in SDPA_TARGETS:
             query, value = user.args[0], user.args[2] if len(user.args) > 2 else user.kwargs["value"]
@@ -504,13 +489,17 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
             scale = user.kwargs.get("scale")
             if scale is None:
                 scale = 1.0 / math.sqrt(shape(query)[-1])
-            return "sdpa", user, query, float(scale), 0.0, None
+            return "sdpa", user, query, float(scale), 0.0, None, None
         if user.op == "call_method" and user.target == "transpose":
             for mm in user.users:
                 if mm.op == "call_function" and mm.target is torch.matmul and mm.args[1] is user:
-                    return (*_eager_core(mm, values), None)
-                if is_call(mm, BMM | BADDBMM) or is_method(mm, {"bmm", "baddbmm"}):  # BLOOM: (B*H, L, D) batched matmuls, ALiBi through baddbmm
-                    return bmm_core(mm, user, values)
+                    form, core, query, scale, softcap, sink = _eager_core(mm, values)
+                    return form, core, query, scale, softcap, None, sink
+                if is_call(mm, {torch.baddbmm}) and len(mm.args) > 2 and mm.args[2] is user and _zero_init(mm):
+                    form, core, query, scale, softcap, sink = _eager_core(mm, values)  # GPT-NeoX-Japanese:
+                    return form, core, query, scale, softcap, None, sink  # baddbmm(zeros, q, k^T, alpha=scale)
+                if is_call(mm, BMM | BADDBMM) or is_method(mm, {"bmm", "baddbmm"}):  # BLOOM: (B*H, L, D) batched
+                    return (*bmm_core(mm, user, values), None)  # matmuls, ALiBi through baddbmm's input
     raise UnsupportedModelError(
         f"the cache write {where(write)} is not followed by an attention helix understands (SDPA or "
         f"matmul-softmax-matmul over the whole cache)"
@@ -568,13 +557,32 @@ def _repeat_kv_users(placeholder: fx.Node):
         for user in node.users:
             if (user.op == "call_method" and user.target in SHAPE_METHODS - {"transpose"}) or (
                 user.op == "call_function" and user.target is operator.getitem
-            ):
+            ) or _is_float_cast(user):
                 frontier.append(user)
             elif user.op == "call_function" and user.target in KV_WRITE:
                 continue
             else:
                 out.append(user)
     return out
+
+
+def _is_float_cast(node: fx.Node) -> bool:
+    """``x.float()`` / ``x.to(torch.float32)``: partial attention computes in fp32 anyway (Flint, GPT-Neo)."""
+    return is_method(node, {"float"}) or (is_method(node, {"to"}) and node.args[1:] == (torch.float32,) and not node.kwargs)
+
+
+def _baddbmm_scores(mm: fx.Node):
+    """(query (B, H, L, D), scale) of ``baddbmm(zeros, q.view(B*H, L, D), k^T, beta=1, alpha=scale)``."""
+    init, q3 = mm.args[0], mm.args[1]
+    beta, alpha = mm.kwargs.get("beta", 1), mm.kwargs.get("alpha", 1)
+    zeros = is_call(init, {torch.zeros}) or is_method(init, {"zero_"})
+    if not zeros or beta not in (0, 1, 0.0, 1.0) or not isinstance(alpha, (int, float)) or not is_method(q3, {"view"}):
+        raise UnsupportedModelError(f"eager attention scores {where(mm)}: a baddbmm helix does not understand (it "
+                                    f"needs baddbmm(zeros, q, k^T, beta=1, alpha=scale))")
+    query = q3.args[0]
+    if len(shape(query) or ()) != 4:
+        raise UnsupportedModelError(f"eager attention scores {where(mm)}: the query is not a (B, H, L, D) view")
+    return query, float(alpha)
 
 
 def _dropout_is_identity(node: fx.Node) -> bool:
@@ -584,10 +592,20 @@ def _dropout_is_identity(node: fx.Node) -> bool:
 
 
 def _eager_core(matmul: fx.Node, values: fx.Node):
-    """matmul(q, k^T) -> *scale -> [/c -> tanh -> *c] -> [+mask] -> softmax -> [to] -> [dropout] -> matmul(., v)."""
+    """matmul(q, k^T) -> *scale -> [/c -> tanh -> *c] -> [+mask] -> softmax -> [to] -> [dropout] -> matmul(., v),
+    with an attention sink in either form of ``sinks.py``."""
     query, node, scale, softcap, capping, masked = matmul.args[0], matmul, None, 0.0, None, False
+    sink, sink_lse = None, None
+    if is_call(matmul, {torch.baddbmm}):  # baddbmm(zeros, q.view(B*H, L, D), k^T, beta=1, alpha=scale)
+        query, scale = _baddbmm_scores(matmul)
+    while _is_float_cast(query):
+        query = query.args[0]
     while True:
         users = list(node.users)
+        lse = [u for u in users if is_call(u, {torch.logsumexp}) or is_method(u, {"logsumexp"})]
+        if len(users) == 2 and len(lse) == 1 and sink_lse is None:
+            sink_lse = lse[0]  # GraniteSWA's sink scale: sigmoid(logsumexp(scores) - sink)
+            users.remove(sink_lse)
         if len(users) != 1:
             raise UnsupportedModelError(f"eager attention scores are used more than once: {where(node)}")
         nxt = users[0]
@@ -617,8 +635,20 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
             _check_causal_mask(nxt.args[1] if nxt.args[0] is node else nxt.args[0], nxt)
         elif is_call(nxt, {torch.nn.functional.softmax, torch.softmax}):
             pass
+        elif is_call(nxt, {torch.cat}) and sink is None and sink_lse is None and concat_sink(nxt, node, "attention"):
+            sink = concat_sink(nxt, node, f"eager attention at {where(nxt)}")  # Flint: cat([scores, sinks], -1)
+        elif sink is not None and is_drop_last(nxt):
+            pass  # [..., :-1]: the sink's column dropped from the probabilities
         elif is_method(nxt, {"to", "float", "type_as"}):
             pass
+        elif is_call(matmul, {torch.baddbmm}) and node is matmul and is_method(nxt, {"view"}) and len(shape(nxt)) == 4:
+            pass  # the (B*H, L, S) scores viewed back as (B, H, L, S)
+        elif is_call(nxt, {torch.where}):
+            raise UnsupportedModelError(
+                f"eager attention masks its scores with {where(nxt)}: a mask helix cannot check is causal (e.g. "
+                f"GPT-Neo's `bias` buffer, sliced relative to the end of the static cache); helix masks by global "
+                f"position only"
+            )
         elif is_call(nxt, {torch.nn.functional.dropout}):
             if not _dropout_is_identity(nxt):
                 raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(nxt)}")
@@ -627,9 +657,10 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
                 _check_causal_mask(None, nxt)
             if _cache_source(nxt.args[1]) is not values:
                 raise UnsupportedModelError(f"eager attention does not read the cache values: {where(nxt)}")
-            if scale is None:
-                raise UnsupportedModelError(f"eager attention without a constant scale: {where(matmul)}")
-            return "eager", nxt, query, float(scale), float(softcap)
+            core = nxt
+            if sink_lse is not None:
+                sink, core = scale_sink(sink_lse, nxt, f"eager attention at {where(nxt)}")
+            return "eager", core, query, float(scale if scale is not None else 1.0), float(softcap), sink
         else:
             raise UnsupportedModelError(f"unexpected op in eager attention: {where(nxt)}")
         node = nxt

@@ -18,7 +18,9 @@ Rewrite (``replace_with``):
     in projections   column-parallel: each rank computes I/N of the intermediate features (a Conv1D's output
                      view gets the local width; a fused gate_up's cut offsets (0, I, 2I) become (0, i, 2i))
     out = proj(h, Wdown, b)  into  wait(all_reduce(proj(h, Wdown_shard), "sum", world)) [+ b]
-Refuses: mixture-of-experts blocks not claimed by ``moe.py`` (a safety net), more or fewer than one out projection, and any op between
+    mean(h, -1) over all I features between ins and out (a norm, BitNet's ffn_sub_norm; its (I,) weight sharded
+                     like the ins)  into  wait(all_reduce(sum(h, -1), "sum", world)) / I
+A module called several times (weights shared) is one region per call. Refuses: mixture-of-experts blocks not claimed by ``moe.py`` (a safety net), more or fewer than one out projection, and any op between
 the ins and the out that mixes intermediate features (named, with its module).
 """
 
@@ -34,6 +36,7 @@ from .common import (
     ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_method, module_path,
     where,
 )
+from .heads import all_reduce_mean
 from .projection import FusedSplit, Projection, find_split, is_projection, projection_of
 
 FFN_MODULES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
@@ -45,6 +48,8 @@ class DenseFFNMatch:
     ins: list[Projection]  # column-parallel (gate, up; or one fused gate_up)
     out: Projection  # row-parallel (down)
     split: FusedSplit | None = None  # the cut of a fused gate_up
+    norms: list = dataclasses.field(default_factory=list)  # mean(h, -1) over all intermediate features (BitNet)
+    norm_weights: list = dataclasses.field(default_factory=list)  # their 1-D weights (I,), sharded like the ins
 
     kind = "ffn"
 
@@ -53,12 +58,13 @@ class DenseFFNMatch:
         return f"ffn {self.module} ins={[p.name for p in self.ins]} out={self.out.name}{fused}"
 
     def placements_nodes(self):
-        return [(n, None, None) for p in (*self.ins, self.out) for n in (p.weight, p.bias) if n is not None]
+        nodes = [n for p in (*self.ins, self.out) for n in (p.weight, p.bias) if n is not None] + self.norm_weights
+        return [(n, None, None) for n in nodes]
 
     def placements(self, heads):
         role = "ffn_in_pair" if self.split is not None else "ffn_in"
         out = [pl for p in self.ins for pl in p.placements(role)]
-        return out + self.out.placements("ffn_out")
+        return out + self.out.placements("ffn_out") + [(w, "ffn_in", "weight") for w in self.norm_weights]
 
     def replace_with(self, graph: fx.Graph, env: dict, ctx) -> None:
         inter = self.out.in_features
@@ -67,6 +73,9 @@ class DenseFFNMatch:
             p.column_parallel(env, 2 * local if self.split is not None else local)
         if self.split is not None:
             self.split.replace_with(env, [0, inter, 2 * inter], [0, local, 2 * local])
+        if ctx.layout.world_size > 1:
+            for mean in self.norms:
+                all_reduce_mean(graph, env[mean.name], inter, ctx.world_group)
         self.out.row_parallel(graph, env, ctx.world_group, ctx.layout.world_size, local)
 
 
@@ -88,7 +97,7 @@ def match_dense_ffn(graph: fx.Graph, claimed: set, skip=()) -> list[DenseFFNMatc
         projections = [projection_of(n) for n in nodes if is_projection(n) and n not in claimed]
         if not projections:
             continue
-        regions.append(match_one(module, projections))
+        regions += [match_one(module, call) for call in _calls(module, projections)]
     return regions
 
 
@@ -126,11 +135,22 @@ def _inside(module: str):
     return lambda path: path.startswith(module)
 
 
+def _calls(module: str, projections: list[Projection]) -> list[list[Projection]]:
+    """The projections of each call of a module called more than once (HRM's recurrent layers reuse their
+    modules): each out projection with the ins it reads; one group when that does not partition them."""
+    by_out = {p.out: p for p in projections}
+    feeds = {p.node: _upstream(p, by_out, module) for p in projections}
+    outs = [p for p in projections if feeds[p.node]]
+    groups = [[p for p in projections if p.node in feeds[out.node]] + [out] for out in outs]
+    if len(outs) < 2 or sorted(id(p) for g in groups for p in g) != sorted(id(p) for p in projections):
+        return [projections]
+    return groups
+
+
 def _refuse_moe(module: str, nodes) -> None:
-    classes = {getattr(cls, "__name__", str(cls)) for _, cls in (nodes[0].meta.get("nn_module_stack") or {}).values()}
-    if any(n.target is torch.topk or "expert" in module_path(n) for n in nodes) or any(
-        "moe" in c.lower() or "sparse" in c.lower() for c in classes
-    ):
+    from .moe import is_moe  # the MoE matcher's own test (its module imports this one)
+
+    if any(n.target is torch.topk or "expert" in module_path(n) for n in nodes) or is_moe(module, nodes):
         raise UnsupportedModelError(f"{module}: mixture-of-experts FFNs are not supported yet (a later issue)")
 
 
@@ -148,11 +168,33 @@ def match_one(module: str, projections: list[Projection]) -> DenseFFNMatch:
     split = None
     if len(ins) == 1:
         split = find_split(ins[0], f"fused gate_up of {module}")
-    return DenseFFNMatch(module, ins, out, split)
+    norms = []
+    _upstream(out, by_out, module, norms)
+    weights = [w for m in norms for n in _after(m, out) for w in n.all_input_nodes
+               if w.op == "placeholder" and _shape(w) == (out.in_features,)]
+    return DenseFFNMatch(module, ins, out, split, norms, list(dict.fromkeys(weights)))
 
 
-def _upstream(proj: Projection, by_out: dict, module: str) -> list[fx.Node]:
-    """The projections of the module that ``proj`` reads, checking that only elementwise ops lie between."""
+def _shape(node):
+    val = node.meta.get("example_value")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _after(node: fx.Node, out: Projection) -> list:
+    """Nodes between ``node`` and the out projection (a norm's tail: rsqrt, products, its weight)."""
+    found, stack = [], list(node.users)
+    while stack:
+        n = stack.pop()
+        if n in found or n is out.node or n is out.in_view:
+            continue
+        found.append(n)
+        stack.extend(n.users)
+    return found
+
+
+def _upstream(proj: Projection, by_out: dict, module: str, norms: list | None = None) -> list[fx.Node]:
+    """The projections of the module that ``proj`` reads, checking that only elementwise ops lie between, or a
+    norm's ``mean(h, -1)`` over all the intermediate features (BitNet's ffn_sub_norm; appended to ``norms``)."""
     start = proj.in_view.args[0] if proj.transposed else proj.node.args[0]
     found, stack, seen = [], [start], set()
     ops, inside = [], _inside(module)
@@ -168,6 +210,10 @@ def _upstream(proj: Projection, by_out: dict, module: str) -> list[fx.Node]:
             continue  # the module's input (replicated)
         ops.append(node)
         stack.extend(node.all_input_nodes)
+    means = [n for n in ops if (is_method(n, {"mean"}) or n.target is torch.mean) and _over_features(n, proj.in_features)]
+    if norms is not None:
+        norms += sorted(means, key=lambda n: n._sort_key)
+    ops = [n for n in ops if n not in means]
     if found:
         allowed = ELEMENTWISE_METHODS | ELEMENTWISE_FUNCS | SHAPE_METHODS | {"chunk", "split", torch.chunk, torch.split}
         check_only(ops, allowed - {torch.cat}, module, pointwise=True)
@@ -178,6 +224,12 @@ def _upstream(proj: Projection, by_out: dict, module: str) -> list[fx.Node]:
             if node.op == "call_function" and node.target is operator.getitem and not isinstance(node.args[1], int):
                 raise UnsupportedModelError(f"{module}: {where(node)} indexes the intermediate features")
     return found
+
+
+def _over_features(mean: fx.Node, width: int) -> bool:
+    """mean(h, -1[, keepdim]) over all ``width`` features of h."""
+    dims = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
+    return _last(mean.args[0]) == width and dims in (-1, (-1,), [-1], len(_shape(mean.args[0]) or ()) - 1)
 
 
 def _last(node):

@@ -115,10 +115,23 @@ def _parameter(node: fx.Node) -> fx.Node:
 def is_moe(mlp: str, nodes: list[fx.Node]) -> bool:
     """A block is MoE when it has an ``experts`` child, a top-k, or a MoE-looking class: then this matcher owns it
     (and matches or refuses it: it is never handed to the dense matcher nor left replicated)."""
-    classes = {getattr(cls, "__name__", str(cls)) for n in nodes for _, cls in (n.meta.get("nn_module_stack") or {}).values()}
+    classes = {  # the block's own class and its children's (not the decoder layer's: AfmoeDecoderLayer says "moe"),
+        # except a dense MLP class of a MoE family (AfmoeMLP, Ernie4_5_MoeMLP)
+        getattr(cls, "__name__", str(cls)) for n in nodes for path, cls in (n.meta.get("nn_module_stack") or {}).values()
+        if _inside(_strip_root(path), mlp) and not getattr(cls, "__name__", "").endswith("MLP")
+    }
     return any(_inside(module_path(n), mlp + ".experts") or n.target is torch.topk or n.target == "topk" for n in nodes) or any(
         "moe" in c.lower() or "sparse" in c.lower() or "expert" in c.lower() for c in classes
     )
+
+
+def _strip_root(path: str) -> str:
+    """A ``nn_module_stack`` path without Dynamo's ``L['...']`` root (as ``common.module_path``)."""
+    if path.startswith("L["):
+        path = path[path.index("]") + 1 :]
+        while path.startswith("["):
+            path = path[path.index("]") + 1 :]
+    return path.lstrip(".")
 
 
 def _inside(path: str, module: str) -> bool:

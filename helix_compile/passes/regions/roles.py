@@ -10,10 +10,15 @@ stored transposed (in, out): its kind is ``weight_t`` and the same rows are its 
     q, k, v      rows of the TPA slice's heads: [tpa_rank*Q/tpa, (tpa_rank+1)*Q/tpa) * D (k, v: K instead of Q)
     qkv          fused [q; k; v] rows (Phi-3 qkv_proj, GPT-2 c_attn): the q, k and v rows above, concatenated
     qkv_heads    fused per-head [q_h k_h v_h] rows (GPT-NeoX query_key_value, MHA): [h0*3D, h1*3D)
+    q_heads      one value per query head (attention sinks): the TPA slice's Q/tpa heads
     q_norm, k_norm  a norm over all heads' features (OLMo2): the same rows as q / k; a per-head norm (Qwen3,
                  weight of D elements) is replicated
     o            columns of the heads r holds after the all-to-all (Layout.head_split); its bias is added once,
                  after the all-reduce
+    o_gate       rows (and bias) of an output gate projection (o = attn * act(gate_proj(x)), AFMoE, HRM, Laguna):
+                 those heads' rows, one per feature (Q*D rows) or one per head (Q rows)
+    o_norm       the 1-D weight of a norm over all heads' features between attention and o (BitNet attn_sub_norm):
+                 the features of those heads
     ffn_in       rows [r*I/N, (r+1)*I/N) (a dense FFN is TP over all N ranks, also in a MoE model)
     ffn_in_pair  fused [gate; up] rows (Phi-3 gate_up_proj): that range of each half, concatenated
     ffn_out      columns [r*I/N, (r+1)*I/N); bias after the all-reduce
@@ -40,6 +45,8 @@ ROLE_BY_NAME = {
     "dense_h_to_4h": "ffn_in", "dense_4h_to_h": "ffn_out",
     "attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "ffn_in", "mlp.c_proj": "ffn_out",  # GPT-2 (Conv1D)
     "q_norm": "q_norm", "k_norm": "k_norm",
+    "self_attn.gate_proj": "o_gate", "self_attn.g_proj": "o_gate",  # gated attention output (AFMoE, HRM, Laguna)
+    "attn_sub_norm": "o_norm", "ffn_sub_norm": "ffn_in",  # BitNet: norms over all heads / intermediate features
     "fc1": "ffn_in", "fc2": "ffn_out", "self_attn.dense": "o",  # Phi
     "experts.gate_up_proj": "experts_gate_up", "experts.down_proj": "experts_down",  # fused MoE experts (5.x)
     # BERT-style layers (BERT, RoBERTa, ELECTRA, RemBERT, RoFormer, ...): attention.self.{query,key,value},
@@ -103,6 +110,8 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
     k_rows = (first * d, stop * d)
     if role == "q":
         return Shard(0, *q_rows)
+    if role == "q_heads":  # one value per query head (attention sinks): the TPA slice's heads
+        return Shard(0, q_rows[0] // d, q_rows[1] // d)
     if role in ("k", "v"):
         return Shard(0, *k_rows)
     if role in ("q_norm", "k_norm"):
@@ -116,12 +125,17 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
         if heads.q != heads.k:
             raise ValueError(f"a per-head interleaved qkv projection needs as many KV heads as query heads ({heads})")
         return Shard(0, q_rows[0] * 3, q_rows[1] * 3)
-    if role == "o":
-        if kind == "bias":
+    if role in ("o", "o_gate", "o_norm"):
+        if role == "o" and kind == "bias":
             return None
         split = layout.head_split(heads.q // layout.tpa)
         h0 = tpa_rank * (heads.q // layout.tpa) + sum(split[:kvp_rank])
-        return Shard(1, h0 * d, (h0 + split[kvp_rank]) * d)
+        if role == "o":
+            return Shard(1, h0 * d, (h0 + split[kvp_rank]) * d)
+        per = shape[0] // heads.q  # rows per head: D (per feature) or 1 (a per-head gate)
+        if per * heads.q != shape[0]:
+            raise ValueError(f"an {role} parameter of {shape[0]} rows is not a multiple of the {heads.q} heads")
+        return Shard(0, h0 * per, (h0 + split[kvp_rank]) * per)
     if role in ("ffn_in", "ffn_out", "ffn_in_pair"):
         if role == "ffn_out" and kind == "bias":
             return None

@@ -1,0 +1,355 @@
+"""What lies around an attention core besides its q/k/v/o projections: views with constant head counts, the
+output side between the core and o_proj (gates, norms over all heads), and the per-head op vocabulary they share.
+
+Used by the attention matcher (``attention.py``); each piece owns its rewrite.
+
+Head views (pattern ... into ...)
+    view(x, B, L, H, D)            (any view/reshape on a head-sharded path whose size names the heads)
+        into  view(x, B, L, H_local, D)
+    The size that carries the heads is the first one where the view's output shape departs from its input's
+    (``(B, L, H*D) -> (B, L, H, D)``: H; ``(B, L, H, D) -> (B, L, H*D)``: H*D). It is scaled by local/global of the
+    path's features: q (Q/tpa of Q), kv (the rank's KV heads of K), qkv (a fused projection before its split),
+    o (the heads the rank holds after the all-to-all, of Q). -1 (inferred) needs nothing.
+
+Per-group fused qkv (``per_group_qkv``, ``head_select``)
+    one projection whose rows are [q_g k_g v_g] per group of g heads (any order of the three parts): GPT-NeoX
+    (g = 1, ``view(B, L, H, 3D).chunk(3, -1)``), CodeGen (``view(B, L, mp, 3w).split(w, -1)``, g = w / D heads
+    per group, q|v|k), Persimmon (``view(B, L, H, 3, D)[..., i, :]``). Its rows are sharded by whole groups (role
+    ``qkv_heads``); a layout whose TPA slice is not whole groups is refused.
+
+Output side (``match_output``; the dataflow from the attention core to its output projection)
+    core -> [reshapes, elementwise ops] -> o_proj, where an elementwise op's other operand is one of
+      - a value that does not vary over heads (a scalar, a size-1 feature dim): replicated;
+      - a gate: the output of another projection of the layer's input inside the attention module, reached
+        through per-head ops (``o = attn * sigmoid(gate_proj(x))``, AFMoE / HRM / Laguna / Beam), one gate value
+        per feature (Q*D rows) or per head (Q rows); its rows, and 1-D parameters of one value per head or feature
+        on its path (Beam's gate_bias), are sharded like o_proj's columns (role ``o_gate``);
+      - a 1-D weight as wide as all heads' features (Q*D) of a norm over all heads (BitNet's attn_sub_norm):
+        sharded like o_proj's columns (role ``o_norm``);
+    and ``mean(x, -1)`` over all heads' features (Q*D, the norm's mean) becomes
+        wait(all_reduce(sum(x, -1), "sum", world)) / (Q*D)
+    (after the all-to-all the N ranks hold disjoint heads, so the world group sums over all of them). Anything
+    else between the core and o_proj is refused naming the node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from .common import SHAPE_METHODS, UnsupportedModelError, is_call, is_method, is_pointwise, module_path, shape, where
+from .projection import FusedSplit, Projection, is_projection, projection_of
+
+funcol = torch.ops._c10d_functional
+VIEWS = {"view", "reshape"}
+
+
+# -- views with constant head counts ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class HeadView:
+    """A view/reshape on a head-sharded path whose size ``index`` (into the flat size list) counts heads."""
+
+    node: fx.Node
+    index: int
+    path: str  # "q", "kv", "qkv", "o"
+
+    def replace_with(self, env: dict, local: int, total: int) -> None:
+        node = env[self.node.name]
+        sizes = _sizes(node)
+        value = sizes[self.index]
+        if (value * local) % total:
+            raise UnsupportedModelError(
+                f"{where(self.node)}: its size {value} (heads of the {self.path} path) is not divisible into this "
+                f"rank's {local} of {total}"
+            )
+        sizes[self.index] = value * local // total
+        if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+            node.args = (node.args[0], tuple(sizes))
+        else:
+            node.args = (node.args[0], *sizes)
+
+
+def _sizes(node: fx.Node) -> list:
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return list(node.args[1])
+    return list(node.args[1:])
+
+
+def head_view(node: fx.Node, path: str, width: int) -> HeadView | None:
+    """The HeadView of a view/reshape node whose constant sizes name the heads (None: -1 there, no change, or
+    the change is not where the path's ``width`` features are: its sizes from there on must multiply to it)."""
+    if not is_method(node, VIEWS) or node.kwargs:
+        return None
+    before, after = shape(node.args[0]), shape(node)
+    if before is None or after is None:
+        return None
+    kept = [i for i, b in enumerate(after) if b != 1]  # size-1 dims (q_len 1, an inserted dim) carry nothing
+    squeezed = [a for a in before if a != 1]
+    index = next((j for a, j in zip(squeezed, kept) if a != after[j]), None)
+    sizes = _sizes(node)
+    if index is None or index >= len(sizes) or math.prod(after[index:]) != width:
+        return None
+    value = sizes[index]
+    if isinstance(value, int) and value == -1:
+        return None
+    if not isinstance(value, int):
+        raise UnsupportedModelError(f"{where(node)}: a computed size where the heads are; helix cannot shard it")
+    return HeadView(node, index, path)
+
+
+def path_nodes(start: fx.Node, end: fx.Node) -> set:
+    """Nodes that depend on ``start`` and that ``end`` depends on (both included)."""
+    ancestors, stack = set(), [end]
+    while stack:
+        node = stack.pop()
+        if node in ancestors or not isinstance(node, fx.Node):
+            continue
+        ancestors.add(node)
+        if node is not start:
+            stack.extend(node.all_input_nodes)
+    out, stack = set(), [start]
+    while stack:
+        node = stack.pop()
+        if node in out or node not in ancestors:
+            continue
+        out.add(node)
+        stack.extend(node.users)
+    return out
+
+
+def input_views(q: Projection, k: Projection, v: Projection, query: fx.Node, key: fx.Node, value: fx.Node) -> list:
+    """HeadViews between the q/k/v projections and the attention (a node on several paths: the fused ``qkv``)."""
+    paths = {"q": path_nodes(q.node, query), "k": path_nodes(k.node, key), "v": path_nodes(v.node, value)}
+    (_, hq, _, dq), (_, hk, _, dk) = shape(query), shape(key)
+    views, widths = [], {"q": hq * dq, "kv": hk * dk, "qkv": q.out_features}
+    for node in sorted(set().union(*paths.values()), key=lambda n: n._sort_key):
+        on = [p for p, nodes in paths.items() if node in nodes]
+        path = "qkv" if len(on) > 1 else "q" if on == ["q"] else "kv"
+        found = head_view(node, path, widths[path])
+        if found is not None:
+            views.append(found)
+    return views
+
+
+# -- per-group fused qkv ----------------------------------------------------------------------------------------
+def head_select(proj: Projection) -> FusedSplit | None:
+    """Persimmon's cut: ``view(..., H, 3, D)`` of the fused output, then ``[..., i, :]`` for i = 0, 1, 2."""
+    for view in proj.out.users:
+        after = shape(view)
+        if not is_method(view, VIEWS) or after is None or len(after) < 2 or after[-2] != 3:
+            continue
+        cuts = list(view.users)
+        if cuts and all(
+            is_call(c, {operator.getitem}) and isinstance(c.args[1], tuple) and len(c.args[1]) == 3
+            and c.args[1][0] is Ellipsis and isinstance(c.args[1][1], int) and c.args[1][2] == slice(None) for c in cuts
+        ) and {c.args[1][1] for c in cuts} == {0, 1, 2}:
+            return FusedSplit(proj, cuts, 3 * after[-1])
+    return None
+
+
+def per_group_qkv(module: str, proj: Projection, split: FusedSplit, heads) -> int:
+    """Heads per group of a per-group interleaved fused qkv (see the module docstring), checking its cuts."""
+    d, width = heads.d, split.width
+    group = width // (3 * d)
+    ok = width % (3 * d) == 0 and heads.q % group == 0 and heads.q == heads.k
+    for cut in split.cuts:
+        if is_method(cut, {"chunk"}):
+            ok = ok and cut.args[1] == 3
+        elif is_method(cut, {"split"}):
+            sizes = cut.args[1]
+            ok = ok and (sizes == width // 3 if isinstance(sizes, int) else list(sizes) == [width // 3] * 3)
+        elif is_call(cut, {operator.getitem}) and shape(cut.args[0])[-2:] == (3, d):
+            ok = ok and cut.args[0] is not proj.out  # head_select
+        elif is_call(cut, {operator.getitem}):  # [..., a:b] with a, b thirds of the width (GPT-NeoX-Japanese)
+            last = cut.args[1][-1]
+            thirds = {None, 0, width // 3, 2 * width // 3, width}
+            ok = ok and last.step in (None, 1) and last.start in thirds and last.stop in thirds
+        else:
+            ok = False
+    if not ok:
+        raise UnsupportedModelError(
+            f"{module}: fused qkv {proj.name} is cut at width {width} by {[c.name for c in split.cuts]}: neither "
+            f"stacked q|k|v nor [q k v] interleaved per group of heads of {d} features ({heads})"
+        )
+    return group
+
+
+# -- the output side -------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class OutputNorm:
+    """mean(x, -1) over all heads' features between the core and o_proj."""
+
+    mean: fx.Node
+    width: int
+
+
+@dataclasses.dataclass
+class OutputSide:
+    o: Projection
+    gates: list  # Projection: gate projections, rows sharded like o's columns
+    norms: list  # OutputNorm
+    views: list  # HeadView (path "o")
+    gate_views: list  # HeadView (path "o") on the gates' own paths
+    weights: list  # 1-D placeholders of all heads' features (the norms' weights), sharded like o's columns
+    gate_params: list  # 1-D placeholders of one value per head or feature on a gate's path (Beam's gate_bias)
+
+    def describe(self) -> str:
+        gates = f" gates={[g.name for g in self.gates]}" if self.gates else ""
+        return gates + (f" output_norms={[n.mean.name for n in self.norms]}" if self.norms else "")
+
+    def placements(self):
+        out = [(n, "o_gate", kind) for g in self.gates for n, _, kind in g.placements("o_gate")]
+        out += [(p, "o_gate", "bias") for p in self.gate_params]
+        return out + [(w, "o_norm", "weight") for w in self.weights]
+
+    def nodes(self):
+        return [n for g in self.gates for n in (g.weight, g.bias) if n is not None] + self.weights + self.gate_params
+
+    def replace_with(self, graph: fx.Graph, env: dict, ctx, head_dim: int) -> None:
+        local, total = ctx.split[ctx.kvp_rank], ctx.heads.q
+        for gate in self.gates:
+            gate.column_parallel(env, local * gate.out_features // total)
+        for view in self.views + self.gate_views:
+            view.replace_with(env, local, total)
+        if ctx.layout.world_size > 1:
+            for norm in self.norms:
+                all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.world_group)
+
+
+def all_reduce_mean(graph: fx.Graph, mean: fx.Node, width: int, group: str) -> None:
+    """mean(x, -1, keepdim) over this rank's features into the mean over every rank's (exact up to fp rounding)."""
+    x = mean.args[0]
+    keepdim = mean.kwargs.get("keepdim", mean.args[2] if len(mean.args) > 2 else False)
+    with graph.inserting_before(mean):
+        part = graph.call_function(torch.sum, (x, -1), {"keepdim": keepdim})
+        reduced = graph.call_function(funcol.all_reduce.default, (part, "sum", group))
+        total = graph.call_function(funcol.wait_tensor.default, (reduced,))
+        result = graph.call_function(operator.truediv, (total, float(width)))
+    mean.replace_all_uses_with(result)
+    graph.erase_node(mean)
+
+
+def match_output(core: fx.Node, module: str, region: str, gate_source) -> OutputSide:
+    """The output side of an attention core (see the module docstring). ``gate_source(node, what)`` finds the
+    projection a gate operand comes from through per-head ops (the attention matcher's ancestor walk)."""
+    heads, head_dim = shape(core)[1], shape(core)[-1]
+    width = heads * head_dim
+    region_nodes, frontier, outputs = {core}, [core], []
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in region_nodes or is_method(user, {"view_as"}) and user.args[0] is not node:
+                continue  # view_as(gate, attn): only the shape of the attention output
+            if is_projection(user):
+                outputs.append(user)
+                continue
+            if is_method(user, {"view"}) and user.users and all(is_call(u, {torch.addmm}) for u in user.users):
+                outputs.extend(user.users)  # a Conv1D's input view
+                continue
+            if not module_path(user).startswith(module):
+                raise UnsupportedModelError(
+                    f"{region}: {where(user)} uses the attention output outside '{module}' before any output "
+                    f"projection; helix expects the attention output to reach only its output projection"
+                )
+            region_nodes.add(user)
+            frontier.append(user)
+    outputs = list(dict.fromkeys(outputs))
+    if len(outputs) != 1:
+        raise UnsupportedModelError(
+            f"{region}: the attention output reaches {len(outputs)} projections {[o.name for o in outputs]}; helix "
+            f"expects exactly one output projection"
+        )
+    o = projection_of(outputs[0])
+    if o.in_features != width:
+        raise UnsupportedModelError(f"{region}: output projection {o.name} takes {o.in_features} features, the "
+                                    f"attention gives {heads} heads x {head_dim}")
+    gates, norms, views, gate_views, weights, gate_params = [], [], [], [], [], []
+    for node in sorted(region_nodes - {core}, key=lambda n: n._sort_key):
+        if node is o.in_view:
+            continue
+        if is_method(node, SHAPE_METHODS) or is_call(node, {operator.getitem}) and node.args[0] in region_nodes:
+            if is_call(node, {operator.getitem}):
+                raise UnsupportedModelError(f"{region}: {where(node)} indexes the attention output")
+            found = head_view(node, "o", width)
+            if found is not None:
+                views.append(found)
+            continue
+        here = shape(node)
+        reduces = is_method(node, {"mean"}) or is_call(node, {torch.mean})
+        if reduces:
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            x = shape(node.args[0])
+            if x is None or len(x) != 3 or x[-1] != width or dims not in (-1, 2, (-1,), [-1]):
+                raise UnsupportedModelError(
+                    f"{region}: {where(node)} reduces the attention output other than a mean over all heads' "
+                    f"features ({width}); helix does not support it"
+                )
+            norms.append(OutputNorm(node, width))
+            continue
+        if not is_pointwise(node):
+            raise UnsupportedModelError(
+                f"{region}: {where(node)} between the attention and its output projection is not a per-head op; "
+                f"each rank holds some heads there"
+            )
+        for operand in node.all_input_nodes:
+            if operand in region_nodes:
+                continue
+            kind = _operand_kind(operand, here, heads, head_dim)
+            if kind == "replicated":
+                continue
+            if kind == "weight":
+                if operand.op != "placeholder":
+                    raise UnsupportedModelError(f"{region}: {where(node)} multiplies by a computed tensor {operand.name} "
+                                                f"of all heads' features")
+                weights.append(operand) if operand not in weights else None
+                continue
+            gate = gate_source(operand, f"gate of {module}")
+            if gate.out_features not in (width, heads):
+                raise UnsupportedModelError(
+                    f"{region}: gate projection {gate.name} has {gate.out_features} outputs; helix shards a gate "
+                    f"of one value per head ({heads}) or per feature ({width})"
+                )
+            per_head = gate.out_features == heads
+            if per_head and (len(here) != 4 or shape(operand)[-1] != 1):
+                raise UnsupportedModelError(f"{region}: per-head gate {where(operand)} does not broadcast over the "
+                                            f"head dim")
+            if all(g.node is not gate.node for g in gates):
+                gates.append(gate)
+                for n in sorted(path_nodes(gate.node, operand), key=lambda n: n._sort_key):
+                    found = head_view(n, "o", gate.out_features)
+                    if found is not None:
+                        gate_views.append(found)
+                    gate_params.extend(p for p in map(_parameter, n.all_input_nodes)
+                                       if p is not None and shape(p) in ((heads,), (width,)) and p not in gate_params)
+    if weights and not norms:
+        raise UnsupportedModelError(f"{region}: weights {[w.name for w in weights]} over all heads' features "
+                                    f"without a norm helix understands")
+    return OutputSide(o, gates, norms, views, gate_views, weights, gate_params)
+
+
+def _parameter(node: fx.Node) -> fx.Node | None:
+    """The placeholder a node reads through indexing and views only (``gate_bias[None, None, :, None]``)."""
+    while is_call(node, {operator.getitem}) or is_method(node, SHAPE_METHODS):
+        node = node.args[0]
+    return node if node.op == "placeholder" else None
+
+
+def _operand_kind(operand: fx.Node, here, heads: int, head_dim: int) -> str:
+    """'replicated' (the same for every head), 'weight' (a 1-D tensor of all heads' features) or 'gate'."""
+    val = operand.meta.get("example_value")
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return "replicated"
+    s = tuple(val.shape)
+    if len(here) == 3:  # (B, L, H*D): a feature-wide operand varies over heads
+        if s[-1] == 1:
+            return "replicated"
+        return "weight" if len(s) == 1 else "gate"
+    if len(here) == 4:  # (B, L, H, D) or (B, H, L, D): the same for every head iff size 1 on the heads dim
+        full = (1,) * (4 - len(s)) + s
+        dims = [d for d in (1, 2) if here[d] == heads] or [1, 2]
+        return "replicated" if all(full[d] == 1 for d in dims) else "gate"
+    return "gate"
