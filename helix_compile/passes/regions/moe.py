@@ -1,21 +1,36 @@
 """Region matcher: a mixture-of-experts FFN (router + fused experts + shared experts) as TPF x EP.
 
-Match (pattern): one FFN module of the global Dynamo graph that holds an ``experts`` child (transformers 5.x:
-fused 3-D expert weights ``experts.gate_up_proj`` (E, 2I, H) and ``experts.down_proj`` (E, H, I), run by the
-``grouped_mm`` (default) or ``batched_mm`` experts implementation), a router (a projection with E outputs, then
-any replicated ops: softmax or sigmoid, correction bias, grouped top-k), optional shared-expert MLPs (matched as
-dense FFNs) and a shared-expert gate (a projection with 1 output).
+Match (pattern): one FFN module of the global Dynamo graph that ``is_moe`` (an ``experts`` child, a top-k, a 3-D
+parameter, or a MoE class at or below it; a family's dense ``...MoeMLP`` first layers are dense) and holds an
+``experts`` child: transformers 5.x fused 3-D expert weights ``experts.gate_up_proj`` / ``experts.down_proj``,
+stored (E, 2I, H) / (E, H, I) or transposed (E, H, 2I) / (E, I, H) (Aria; read from how the matmul consumes
+them), optional biases ``gate_up_proj_bias`` (E, 2I) / ``down_proj_bias`` (E, H), run by the ``grouped_mm``
+(default) or ``batched_mm`` experts implementation; a router (a projection with E outputs, then any replicated
+ops: softmax or sigmoid, correction bias, grouped top-k), shared-expert MLPs (any child module with two or more
+projections: ``shared_expert(s)``, HunYuan's ``shared_mlp``; matched as dense FFNs) and a shared-expert gate (a
+projection with 1 output). The experts' ops are checked by where they sit:
+    between the two matmuls   the intermediate, split by columns over tpf: ops on each element only (a custom
+                              gate such as MiniMax-M3's clamp / sigmoid / ``up + 1``), and one chunk(2, dim=-1)
+                              into the gate and up halves
+    after the down matmul     partial sums over tpf: linear ops only (routing weights, gathers, the sum over k,
+                              the down bias)
+    elsewhere                 the routing bookkeeping of the two implementations (sort, histc, gathers)
 ``placements`` gives the roles ``experts_gate_up`` / ``experts_down`` (``expert_shard``, asked by
 ``roles.role_shard``, which ``loading.from_pretrained`` shares); ``replace_with`` is the rewrite below.
-Refuses (``UnsupportedModelError`` naming the node): experts with biases, transposed or unfused expert weights,
-ops inside the experts module other than the two known implementations' (e.g. the ``eager`` implementation's
-``nonzero`` loop), and projections in the block other than a router (E outputs), a shared-expert gate (1 output)
-and shared-expert MLPs. A MoE block is never handed to the dense matcher nor left replicated: matched or refused.
+Refuses (``UnsupportedModelError`` naming the node or parameter): unfused or unknown expert parameters, ops
+across the intermediate features (gpt-oss's interleaved gate/up rows), non-linear ops after the down matmul (a
+post-expert norm), ops inside the experts module other than the two known implementations' (e.g. the ``eager``
+implementation's ``nonzero`` loop), projections in the block other than a router (E outputs), a shared-expert
+gate (1 output) and shared-expert MLPs, and experts outside an FFN module (``refuse_stray_experts``: JetMoE's
+routed attention heads). A MoE block is never handed to the dense matcher nor left replicated: matched or refused.
 
 Placement (rank r, ``ep_rank = r // tpf``, ``tpf_rank = r % tpf``, El = E / ep, Il = I / tpf):
     experts.gate_up_proj   experts [ep_rank*El, (ep_rank+1)*El), rows [tpf_rank*Il, (tpf_rank+1)*Il) of the gate
                            half and the same rows of the up half, concatenated: (El, 2*Il, H)
     experts.down_proj      the same experts, columns [tpf_rank*Il, (tpf_rank+1)*Il): (El, H, Il)
+    (transposed: the same pieces along the other dim: (El, H, 2*Il) and (El, Il, H))
+    gate_up_proj_bias      the rows of gate_up_proj: (El, 2*Il);  down_proj_bias: the experts whole, (El, H),
+                           added on tpf_rank 0 only (elsewhere the rewrite adds 0 * b: the all-reduce adds it once)
     router, shared-expert gate, e_score_correction_bias    replicated: routing is computed identically everywhere
     shared experts (a dense MLP)                          TP over all N ranks, like a dense FFN
 
