@@ -94,6 +94,7 @@ class MoEMatch:
     gate_up_bias: fx.Node | None = None  # placeholder (E, 2I)
     down_bias: fx.Node | None = None  # placeholder (E, H)
     down_bias_adds: list = dataclasses.field(default_factory=list)  # where the down bias joins the partial sums
+    routing: list = dataclasses.field(default_factory=list)  # other parameters the router reads (ERNIE's moe_statics)
 
     kind = "moe"
 
@@ -113,7 +114,7 @@ class MoEMatch:
         """The placeholders this region places or replicates on purpose (router, shared-expert gate): for the report
         of what is left whole."""
         projs = [*self.replicated, *(p for s in self.shared for p in (*s.ins, s.out))]
-        biases = [(b, None, None) for b in (self.gate_up_bias, self.down_bias) if b is not None]
+        biases = [(b, None, None) for b in (self.gate_up_bias, self.down_bias, *self.routing) if b is not None]
         return [(self.gate_up, None, None), (self.down, None, None), *biases] + [
             (_parameter(n), None, None) for p in projs for n in (p.weight, p.bias) if isinstance(n, fx.Node)]
 
@@ -304,9 +305,11 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
     if bias is not None and (len(down_bias_adds) != 1 or len(bias.users) != 1):
         raise UnsupportedModelError(f"{experts_path}: expected the down bias {bias.name} to be gathered and added once "
                                     f"after the down projection, found {[n.name for n in down_bias_adds]}")
+    weights_of = {x for r in replicated for x in (r.weight, r.bias)}
+    routing = list(dict.fromkeys(a for n in rest for a in n.all_input_nodes if a.op == "placeholder" and a not in weights_of))
     return MoEMatch(mlp, experts_path, count, ids, weights[0], by_role["gate_up"], by_role["down"], histc, outs[0],
                     experts, shared, replicated, transposed=gu_t, gate_up_bias=by_role.get("gate_up_bias"),
-                    down_bias=by_role.get("down_bias"), down_bias_adds=down_bias_adds)
+                    down_bias=by_role.get("down_bias"), down_bias_adds=down_bias_adds, routing=routing)
 
 
 def _from(source: fx.Node, inside: set) -> set:
