@@ -255,6 +255,12 @@ class StaticCache(Cache):
         latent = mla_latent(text)
         if latent is not None:  # MLA caches one latent "head": keys = the compressed kv, values = the rotary key
             heads, (k_dim, v_dim) = 1, latent
+        elif getattr(text, "v_head_dim", None) not in (None, head_dim):
+            raise ValueError(
+                f"{type(text).__name__} has keys of head_dim {head_dim} and values of v_head_dim {text.v_head_dim} "
+                f"(MiMo-V2-Flash); helix's attention assumes one head dim for the keys and values of its cache and "
+                f"does not support this yet"
+            )
         layers = [
             HelixLayer(self, max_cache_len, max_batch_size, heads, k_dim, v_dim, dtype, device)
             for _ in range(text.num_hidden_layers)

@@ -232,9 +232,9 @@ def moe_experts(config) -> tuple[int, int] | None:
     """(routed experts, intermediate size of one expert) of a mixture-of-experts config, else None.
 
     Spellings differ by family: ``num_local_experts`` (Mixtral), ``num_experts`` (Qwen-MoE, OLMoE),
-    ``n_routed_experts`` (DeepSeek); ``moe_intermediate_size`` when the family also has dense layers.
+    ``n_routed_experts`` (DeepSeek), ``moe_num_experts`` (Aria); ``moe_intermediate_size`` when the family also has dense layers.
     """
-    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+    for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
         count = getattr(config, name, None)
         if isinstance(count, int) and count > 0:
             inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size

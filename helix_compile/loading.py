@@ -79,9 +79,12 @@ def _read(piece, shape, spec) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
 
-def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int):
-    """The ``Shard`` of checkpoint tensor ``name`` (global ``shape``) that ``rank`` holds, or None (replicated)."""
+def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int, transposed: bool = False):
+    """The ``Shard`` of checkpoint tensor ``name`` (global ``shape``) that ``rank`` holds, or None (replicated).
+    ``transposed``: a fused expert weight stored (E, in, out) (the experts module's ``is_transposed``, Aria)."""
     role, kind = role_by_name(name)
+    if transposed and kind == "weight":
+        kind = "weight_t"
     return role_shard(role, kind, tuple(shape), heads, layout, rank) if role else None
 
 
@@ -176,6 +179,8 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     heads = Heads.of(config.get_text_config(decoder=True))
     params = dict(model.named_parameters(remove_duplicate=False))
+    transposed = {f"{m}.{p}" for m, mod in model.named_modules() if getattr(mod, "is_transposed", False)
+                  for p in ("gate_up_proj", "down_proj")}  # experts stored (E, in, out)
     loaded = set()
     buffers = {n: b for n, b in model.named_buffers() if b.device.type != "meta"}
     per_expert: dict[str, dict] = {}  # fused parameter -> {(expert, part): (file, checkpoint name)}
@@ -204,7 +209,7 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
             with safe_open(file, framework="pt") as f:
                 piece = f.get_slice(key)
                 shape = tuple(params[name].shape)
-                spec = shard_spec(name, shape, heads, layout, rank)
+                spec = shard_spec(name, shape, heads, layout, rank, transposed=name in transposed)
                 stored = tuple(piece.get_shape())
                 if local_files and spec is not None:  # a helix convert file holds the rank's piece itself
                     local = piece[:].to(device=device, dtype=dtype, copy=True).contiguous()
@@ -226,6 +231,9 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
         if name in loaded:
             continue
         shape = tuple(params[name].shape)
+        if name in transposed:
+            raise ValueError(f"{name}: per-expert checkpoint tensors for experts stored (E, in, out) are not supported; "
+                             f"use a checkpoint with the fused {name.rsplit('.', 1)[1]}")
         role, _ = role_by_name(name)
         spec = role_shard(role, "weight", shape, heads, layout, rank)
         local = _stack_experts(name, found, spec, shape).to(device=device, dtype=dtype, copy=True).contiguous()

@@ -25,6 +25,20 @@ FAMILIES = {
                                     num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
     "olmoe": ("olmoe", dict(num_attention_heads=8, num_key_value_heads=8, num_experts=4, num_experts_per_tok=2,
                             intermediate_size=32, eos_token_id=2)),  # q/k norms over all heads
+    # MoE structures of other families: experts stored transposed (E, in, out) (Aria); a dense first layer of a
+    # '...MoeMLP' class (GLM-4-MoE); a shared MLP named shared_mlp (HunYuan); a custom elementwise gate (MiniMax-M3)
+    "aria_text": ("aria_text", dict(num_attention_heads=8, num_key_value_heads=4, moe_num_experts=4, moe_topk=2,
+                                    intermediate_size=32, moe_num_shared_experts=1)),
+    "glm4_moe": ("glm4_moe", dict(num_attention_heads=8, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                  n_shared_experts=1, head_dim=8)),
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", dict(num_attention_heads=8, num_key_value_heads=4, num_experts=4, moe_topk=2,
+                                              intermediate_size=32, head_dim=8)),
+    "minimax_m3": ("minimax_m3_vl_text", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, rotary_dim=4,
+                                              num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                                              shared_intermediate_size=32, dense_intermediate_size=64)),
+    "mixtral_bias": ("mixtral", dict(num_attention_heads=8, num_key_value_heads=4, num_local_experts=4,
+                                     num_experts_per_tok=2, intermediate_size=32, sliding_window=None)),  # + expert biases
     # MLA (one latent KV head) + MoE: grouped router with correction bias, shared expert, dense first layer
     "deepseek_v3": ("deepseek_v3", dict(num_attention_heads=8, num_key_value_heads=8, n_routed_experts=4,
                                         num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
@@ -71,6 +85,7 @@ FAMILIES = {
 }
 ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
              "granite_swa": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
+EXPERT_BIASES = {"mixtral_bias"}  # routed experts given gate_up / down biases (gpt-oss's has_bias=True layout)
 
 
 def config(family: str, **extra):
@@ -85,6 +100,12 @@ def model(family: str, attn=None, seed=0, experts=None, **extra):
     torch.manual_seed(seed)
     kw = {} if experts is None else {"experts_implementation": experts}
     m = AutoModelForCausalLM.from_config(config(family, **extra), attn_implementation=attn, **kw).eval()
+    if family in EXPERT_BIASES:  # what transformers' has_bias=True experts hold; randomised below
+        for layer in m.model.layers:
+            experts = layer.mlp.experts
+            experts.has_bias = True
+            experts.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(experts.gate_up_proj.shape[:2]))
+            experts.down_proj_bias = torch.nn.Parameter(torch.zeros(experts.down_proj.shape[:2]))
     with torch.no_grad():  # random biases (HF initialises them to 0, which would hide a bias added twice)
         for name, p in m.named_parameters():
             if name.endswith("bias"):

@@ -1,7 +1,9 @@
 """Mixture-of-experts FFNs as TPF x EP: exact against single-device transformers on real gloo ranks.
 
 Families: Mixtral, Qwen2-MoE (shared expert and its sigmoid gate), Qwen3-MoE, OLMoE (q/k norms over all heads),
-DeepSeek (in test_mla.py); transformers' grouped_mm (default) and batched_mm experts implementations. CI runs a
+Aria (experts stored transposed), GLM-4-MoE (a dense first layer), HunYuan-MoE (shared_mlp), MiniMax-M3 (a custom
+elementwise gate), experts with biases, DeepSeek (in test_mla.py); transformers' grouped_mm (default) and
+batched_mm experts implementations. CI runs a
 representative subset of layouts (ep > 1 in most); ``HELIX_FULL_MATRIX=1`` runs every valid layout of 2 and 4 ranks.
 """
 
@@ -18,7 +20,8 @@ from models import config
 from models import model as model_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "aria_text", "glm4_moe", "hunyuan_v1_moe", "minimax_m3",
+            "mixtral_bias"]
 
 
 def test_moe_two_ranks():
@@ -27,6 +30,8 @@ def test_moe_two_ranks():
         ("qwen2_moe", dict(kvp=1, tpa=2, ep=2), None),
         ("qwen3_moe", dict(kvp=2, ep=1), "batched_mm"),  # tpf=2: every expert split in two
         ("olmoe", dict(kvp=2, ep=2), None),
+        ("aria_text", dict(kvp=2, ep=2), None),  # experts stored transposed (E, in, out)
+        ("mixtral_bias", dict(kvp=2, ep=1), None),  # expert biases, tpf=2: the down bias added on one rank
     ])
 
 
@@ -70,19 +75,45 @@ def test_layout_rules_for_moe():
 
 
 
-def test_experts_with_biases_refused_by_name():
-    """Experts with biases (gpt-oss's layout) are refused naming the parameter, never run replicated or as dense."""
+def _compile_one_rank(m):
     from helix_compile import StaticCache
 
-    torch._dynamo.reset()
-    m = model_of("mixtral")
-    for layer in m.model.layers:  # what transformers' has_bias=True experts hold
-        experts = layer.mlp.experts
-        experts.has_bias = True
-        experts.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(experts.gate_up_proj.shape[:2]))
-        experts.down_proj_bias = torch.nn.Parameter(torch.zeros(experts.down_proj.shape[:2]))
     cache = StaticCache(m.config, 2, 16, Layout(1))
     compiled = torch.compile(m, backend="helix", options={"layout": Layout(1), "executor": "eager"}, fullgraph=True)
-    with pytest.raises(Exception, match=r"mlp.experts: parameter '.*_proj_bias_' is not one of the fused "
-                                        r"gate_up_proj / down_proj weights"):
-        compiled(input_ids=torch.zeros((2, 3), dtype=torch.long), past_key_values=cache)
+    return lambda: compiled(input_ids=torch.zeros((2, 3), dtype=torch.long), past_key_values=cache)
+
+
+def _post_expert_norm(experts):  # transformers' has_post_expert_norm=True experts (Muse Spark): a norm over H
+    experts.has_post_expert_norm = True
+    experts.post_expert_norm = torch.nn.LayerNorm(experts.down_proj.shape[1], elementwise_affine=False)
+
+
+def _interleaved_gate(experts):  # gpt-oss's [g0, u0, g1, u1, ...] gate_up rows
+    experts._apply_gate = lambda gate_up: torch.nn.functional.silu(gate_up[..., ::2]) * gate_up[..., 1::2]
+
+
+@pytest.mark.parametrize("change,message", [
+    (_post_expert_norm, r"mlp.experts: node '.*' .* follows the down projection but is not linear in it"),
+    (_interleaved_gate, r"mlp.experts: node '.*' .* acts on the experts' intermediate features across columns"),
+])
+def test_experts_refused_by_name(change, message):
+    """Experts whose ops cannot be split exactly over tpf are refused naming the node, never run replicated."""
+    torch._dynamo.reset()
+    m = model_of("mixtral")
+    for layer in m.model.layers:
+        change(layer.mlp.experts)
+    with pytest.raises(Exception, match=message):
+        _compile_one_rank(m)()
+
+
+def test_mixture_of_attention_refused_by_name():
+    """JetMoE's routed query / output projections inside the attention are refused as what they are."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch._dynamo.reset()
+    cfg = AutoConfig.for_model("jetmoe", vocab_size=97, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, kv_channels=16, num_local_experts=4, num_experts_per_tok=2,
+                               intermediate_size=32, max_position_embeddings=64)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(Exception, match=r"model.layers.0.self_attention: routed experts inside the attention module"):
+        _compile_one_rank(m)()

@@ -43,18 +43,42 @@ SMALL = dict(
 )
 PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
 # Families whose config needs more than SMALL to build with 2 layers, or derives an attribute SMALL would override
-OVERRIDES = {
-    "gpt_bigcode": dict(num_key_value_heads=None),  # derived from multi_query (MQA: 1 KV head); None = not set
-    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=12),  # one global + one local layer
-    "cohere_compass_text": dict(rope_parameters={  # its default config has none, so transformers cannot build it
-        t: {"rope_type": "default", "rope_theta": 10000.0} for t in ("full_attention", "sliding_attention")}),
-}
 
 
 def _read_only(cls, name: str) -> bool:
     """A property without a setter (FalconConfig.head_dim): derived from other fields, not a constructor argument."""
     attr = getattr(cls, name, None)
     return isinstance(attr, property) and attr.fset is None
+
+# Per-family corrections to SMALL, keyed by model_type: for families whose config ties sizes together (transformers
+# cannot build or run them from SMALL alone). Each entry is passed to the family's config class as is, on top of
+# the SMALL values it has (for a composite config: into its text part). Keep one line of why per entry.
+_MLA = dict(  # multi-head latent attention: head_dim is the rotary part (qk_rope_head_dim), as DeepSeek sets it
+    kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+    num_key_value_heads=4,
+)
+FAMILY_CONFIG = {
+    "deepseek_v2": {**_MLA, "q_lora_rank": None, "first_k_dense_replace": 1},  # V2-Lite: no q compression
+    "deepseek_v3": {**_MLA, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1},
+    "glm4_moe_lite": {**_MLA, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1},
+    "longcat_flash": {**_MLA, "num_layers": 2, "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "moe_topk": 2},
+    "sarvam_mla": {**_MLA, "q_lora_rank": None, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1},
+    "youtu": _MLA,
+    "minicpm3": _MLA,
+    # DBRX: attention and FFN sizes live in sub-configs (its attention reads attn_config.rope_theta)
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=97,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),  # DBRX-base clips at 8
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2)),
+    # LFM2-MoE: layer_types is not derived from the layer count (LFM2's is: all attention, as used here too);
+    # layer 0 dense, layer 1 MoE
+    "lfm2_moe": dict(layer_types=["full_attention", "full_attention"], num_dense_layers=1),
+    "zaya": dict(num_experts_per_tok=1),  # ZAYA routes each token to one expert only
+    "mimo_v2_flash": dict(v_head_dim=8),  # values narrower than keys, as in the model (192 / 128)
+    "gpt_bigcode": dict(num_key_value_heads=None),  # derived from multi_query (MQA: 1 KV head); None = not set
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=12),  # one global + one local layer
+    "cohere_compass_text": dict(rope_parameters={  # its default config has none, so transformers cannot build it
+        t: {"rope_type": "default", "rope_theta": 10000.0} for t in ("full_attention", "sliding_attention")}),
+}
 
 
 def small_config(model_type: str):
@@ -65,7 +89,7 @@ def small_config(model_type: str):
     default = cls()
     text = default.get_text_config(decoder=True)
     kw = {k: v for k, v in SMALL.items() if hasattr(text, k) and not _read_only(type(text), k)}
-    kw = {k: v for k, v in {**kw, **OVERRIDES.get(model_type, {})}.items() if v is not None}
+    kw = {k: v for k, v in {**kw, **FAMILY_CONFIG.get(model_type, {})}.items() if v is not None}  # None: not set
     if getattr(default, "is_encoder_decoder", False):
         raise NotImplementedError("an encoder-decoder model: helix parallelises decoder-only causal LMs")
     sub = [k for k, v in vars(default).items() if v is text and k != "self"]
@@ -99,20 +123,32 @@ def build(model_type: str, seed: int = 0):
 
 
 def layouts(config, world: int):
-    """(kvp, tpa) with kvp * tpa = world that Layout.validate accepts for this config."""
+    """(kvp, tpa, ep) with kvp * tpa = world that Layout.validate accepts for this config, or (kvp, tpa, ep,
+    "n/a: why"): ep = 1 for every (kvp, tpa); a mixture-of-experts config adds kvp = world, ep = world (the routed
+    experts split over all ranks, tpf = 1)."""
     from helix_compile import Layout
+    from helix_compile.layout import moe_experts
 
     text = config.get_text_config(decoder=True)
+    candidates = [(world // tpa, tpa, 1) for tpa in (1, 2, 4) if world % tpa == 0]
+    try:
+        moe = moe_experts(text) is not None
+    except (AttributeError, TypeError):
+        moe = False
+    if moe and world > 1:
+        candidates.append((world, 1, world))
     out = []
-    for tpa in (1, 2, 4):
-        if world % tpa:
-            continue
+    for kvp, tpa, ep in candidates:
         try:
-            Layout(world // tpa, tpa, kv_block=KV_BLOCK).validate(text)
-            out.append((world // tpa, tpa))
+            Layout(kvp, tpa, ep=ep, kv_block=KV_BLOCK).validate(text)
+            out.append((kvp, tpa, ep))
         except (ValueError, AttributeError, TypeError) as e:
-            out.append((world // tpa, tpa, f"n/a: {e}"))
+            out.append((kvp, tpa, ep, f"n/a: {e}"))
     return out
+
+
+def _key(kvp: int, tpa: int, ep: int) -> str:
+    return f"kvp{kvp}-tpa{tpa}" + (f"-ep{ep}" if ep > 1 else "")
 
 
 def short(e: BaseException) -> str:
@@ -156,15 +192,15 @@ def run_family(model_type: str, world: int, steps: int):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, text.vocab_size, (BATCH, PROMPT_LEN), generator=g)
     for lay in layouts(model.config, world):
-        key = f"kvp{lay[0]}-tpa{lay[1]}"
-        if len(lay) == 3:
-            res["cells"][key] = {"status": "n/a", "message": lay[2][5:]}
+        key = _key(*lay[:3])
+        if len(lay) == 4:
+            res["cells"][key] = {"status": "n/a", "message": lay[3][5:]}
             continue
         torch._dynamo.reset()
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                r, bare = compare_as_user(model, Layout(lay[0], lay[1], kv_block=KV_BLOCK), ids, steps,
+                r, bare = compare_as_user(model, Layout(lay[0], lay[1], ep=lay[2], kv_block=KV_BLOCK), ids, steps,
                                           PROMPT_LEN + steps + 1)
             whole = sorted({str(w.message).split(":")[0] for w in caught if str(w.message).startswith("helix leaves")})
             res["cells"][key] = {"status": "ran", "err": r.max_rel_err, "tokens_equal": r.tokens_equal,

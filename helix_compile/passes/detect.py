@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from ..lowering import ops as _ops  # noqa: F401  registers helix::kv_write
 from .regions import match_attention, match_dense_ffn, match_mla, match_moe
+from .regions.moe import refuse_stray_experts
 from .regions.dense_ffn import FFN_MODULES
 from .regions.attention import KV_WRITE
 from .regions.common import UnsupportedModelError, module_path, shape, where  # noqa: F401  (re-exported)
@@ -86,6 +87,7 @@ def detect(gm: fx.GraphModule, config=None) -> Regions:
             "no helix cache write in the graph: call the compiled model with past_key_values=helix_compile.StaticCache(...)"
             " (a model without softmax attention over a KV cache, e.g. state-space or RWKV-like, is not supported)"
         )
+    refuse_stray_experts(graph, FFN_MODULES)  # experts where no FFN is (JetMoE's routed attention heads)
     mla = match_mla(graph)
     attention = match_attention(graph, config, skip={m.kv_write for m in mla})
     for node in graph.nodes:  # never a silent wrong answer: a user mask that no attention applies is refused

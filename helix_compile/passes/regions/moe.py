@@ -1,21 +1,36 @@
 """Region matcher: a mixture-of-experts FFN (router + fused experts + shared experts) as TPF x EP.
 
-Match (pattern): one FFN module of the global Dynamo graph that holds an ``experts`` child (transformers 5.x:
-fused 3-D expert weights ``experts.gate_up_proj`` (E, 2I, H) and ``experts.down_proj`` (E, H, I), run by the
-``grouped_mm`` (default) or ``batched_mm`` experts implementation), a router (a projection with E outputs, then
-any replicated ops: softmax or sigmoid, correction bias, grouped top-k), optional shared-expert MLPs (matched as
-dense FFNs) and a shared-expert gate (a projection with 1 output).
+Match (pattern): one FFN module of the global Dynamo graph that ``is_moe`` (an ``experts`` child, a top-k, a 3-D
+parameter, or a MoE class at or below it; a family's dense ``...MoeMLP`` first layers are dense) and holds an
+``experts`` child: transformers 5.x fused 3-D expert weights ``experts.gate_up_proj`` / ``experts.down_proj``,
+stored (E, 2I, H) / (E, H, I) or transposed (E, H, 2I) / (E, I, H) (Aria; read from how the matmul consumes
+them), optional biases ``gate_up_proj_bias`` (E, 2I) / ``down_proj_bias`` (E, H), run by the ``grouped_mm``
+(default) or ``batched_mm`` experts implementation; a router (a projection with E outputs, then any replicated
+ops: softmax or sigmoid, correction bias, grouped top-k), shared-expert MLPs (any child module with two or more
+projections: ``shared_expert(s)``, HunYuan's ``shared_mlp``; matched as dense FFNs) and a shared-expert gate (a
+projection with 1 output). The experts' ops are checked by where they sit:
+    between the two matmuls   the intermediate, split by columns over tpf: ops on each element only (a custom
+                              gate such as MiniMax-M3's clamp / sigmoid / ``up + 1``), and one chunk(2, dim=-1)
+                              into the gate and up halves
+    after the down matmul     partial sums over tpf: linear ops only (routing weights, gathers, the sum over k,
+                              the down bias)
+    elsewhere                 the routing bookkeeping of the two implementations (sort, histc, gathers)
 ``placements`` gives the roles ``experts_gate_up`` / ``experts_down`` (``expert_shard``, asked by
 ``roles.role_shard``, which ``loading.from_pretrained`` shares); ``replace_with`` is the rewrite below.
-Refuses (``UnsupportedModelError`` naming the node): experts with biases, transposed or unfused expert weights,
-ops inside the experts module other than the two known implementations' (e.g. the ``eager`` implementation's
-``nonzero`` loop), and projections in the block other than a router (E outputs), a shared-expert gate (1 output)
-and shared-expert MLPs. A MoE block is never handed to the dense matcher nor left replicated: matched or refused.
+Refuses (``UnsupportedModelError`` naming the node or parameter): unfused or unknown expert parameters, ops
+across the intermediate features (gpt-oss's interleaved gate/up rows), non-linear ops after the down matmul (a
+post-expert norm), ops inside the experts module other than the two known implementations' (e.g. the ``eager``
+implementation's ``nonzero`` loop), projections in the block other than a router (E outputs), a shared-expert
+gate (1 output) and shared-expert MLPs, and experts outside an FFN module (``refuse_stray_experts``: JetMoE's
+routed attention heads). A MoE block is never handed to the dense matcher nor left replicated: matched or refused.
 
 Placement (rank r, ``ep_rank = r // tpf``, ``tpf_rank = r % tpf``, El = E / ep, Il = I / tpf):
     experts.gate_up_proj   experts [ep_rank*El, (ep_rank+1)*El), rows [tpf_rank*Il, (tpf_rank+1)*Il) of the gate
                            half and the same rows of the up half, concatenated: (El, 2*Il, H)
     experts.down_proj      the same experts, columns [tpf_rank*Il, (tpf_rank+1)*Il): (El, H, Il)
+    (transposed: the same pieces along the other dim: (El, H, 2*Il) and (El, Il, H))
+    gate_up_proj_bias      the rows of gate_up_proj: (El, 2*Il);  down_proj_bias: the experts whole, (El, H),
+                           added on tpf_rank 0 only (elsewhere the rewrite adds 0 * b: the all-reduce adds it once)
     router, shared-expert gate, e_score_correction_bias    replicated: routing is computed identically everywhere
     shared experts (a dense MLP)                          TP over all N ranks, like a dense FFN
 
@@ -42,7 +57,7 @@ import torch.fx as fx
 
 from ...layout import Layout
 from ...shards import ExpertShard
-from .common import UnsupportedModelError, module_path, where
+from .common import UnsupportedModelError, is_pointwise, module_path, where
 from .projection import is_projection, projection_of
 
 funcol = torch.ops._c10d_functional
@@ -75,13 +90,20 @@ class MoEMatch:
     nodes: list[fx.Node]  # every node of the experts module
     shared: list  # DenseFFNMatch of the shared-expert MLPs (TP over N)
     replicated: list  # router and shared-expert gate projections: every rank computes them whole
+    transposed: bool = False  # expert weights stored (E, in, out): gate_up (E, H, 2I), down (E, I, H) (Aria)
+    gate_up_bias: fx.Node | None = None  # placeholder (E, 2I)
+    down_bias: fx.Node | None = None  # placeholder (E, H)
+    down_bias_adds: list = dataclasses.field(default_factory=list)  # where the down bias joins the partial sums
+    routing: list = dataclasses.field(default_factory=list)  # other parameters the router reads (ERNIE's moe_statics)
 
     kind = "moe"
 
     def describe(self) -> str:
         shared = "".join(f"; shared {s.describe()}" for s in self.shared)
+        extra = (" transposed" if self.transposed else "") + ("".join(
+            f" {b.name}" for b in (self.gate_up_bias, self.down_bias) if b is not None))
         return (f"moe {self.module} experts={self.count} ids={self.ids.name} weights={self.weights.name} "
-                f"gate_up={self.gate_up.name} down={self.down.name} out={self.out.name} "
+                f"gate_up={self.gate_up.name} down={self.down.name} out={self.out.name}{extra} "
                 f"replicated={[p.name for p in self.replicated]}{shared}")
 
     def projections(self) -> set:
@@ -92,11 +114,15 @@ class MoEMatch:
         """The placeholders this region places or replicates on purpose (router, shared-expert gate): for the report
         of what is left whole."""
         projs = [*self.replicated, *(p for s in self.shared for p in (*s.ins, s.out))]
-        return [(self.gate_up, None, None), (self.down, None, None)] + [
+        biases = [(b, None, None) for b in (self.gate_up_bias, self.down_bias, *self.routing) if b is not None]
+        return [(self.gate_up, None, None), (self.down, None, None), *biases] + [
             (_parameter(n), None, None) for p in projs for n in (p.weight, p.bias) if isinstance(n, fx.Node)]
 
     def placements(self, heads):
-        out = [(self.gate_up, "experts_gate_up", "weight"), (self.down, "experts_down", "weight")]
+        kind = "weight_t" if self.transposed else "weight"
+        out = [(self.gate_up, "experts_gate_up", kind), (self.down, "experts_down", kind)]
+        out += [(b, role, "bias") for b, role in ((self.gate_up_bias, "experts_gate_up"), (self.down_bias, "experts_down"))
+                if b is not None]
         return out + [pl for s in self.shared for pl in s.placements(heads)]
 
     def replace_with(self, graph: fx.Graph, env: dict, ctx) -> None:
@@ -113,20 +139,24 @@ def _parameter(node: fx.Node) -> fx.Node:
 
 
 def is_moe(mlp: str, nodes: list[fx.Node]) -> bool:
-    """A block is MoE when it has an ``experts`` child, a top-k, or a MoE-looking class: then this matcher owns it
-    (and matches or refuses it: it is never handed to the dense matcher nor left replicated)."""
-    classes = {  # the block's own class and its children's (not the decoder layer's: AfmoeDecoderLayer says "moe"),
-        # except a dense MLP class of a MoE family (AfmoeMLP, Ernie4_5_MoeMLP)
-        getattr(cls, "__name__", str(cls)) for n in nodes for path, cls in (n.meta.get("nn_module_stack") or {}).values()
-        if _inside(_strip_root(path), mlp) and not getattr(cls, "__name__", "").endswith("MLP")
-    }
+    """A block is MoE when it has an ``experts`` child, a top-k, a 3-D parameter, or a MoE-looking class at or
+    below the block (``...MoE``, ``...SparseMoeBlock``, ``...Experts``; not a family's dense ``...MoeMLP``, the
+    dense first layers of GLM-4-MoE, ERNIE-4.5-MoE, EXAONE-MoE): then this matcher owns it (and matches or
+    refuses it: it is never handed to the dense matcher nor left replicated)."""
+    classes = set()
+    for n in nodes:
+        for path, cls in (n.meta.get("nn_module_stack") or {}).values():
+            if _inside(_strip(path), mlp):
+                classes.add(getattr(cls, "__name__", str(cls)).lower())
+    params = {a for n in nodes for a in n.all_input_nodes if a.op == "placeholder"}
     return any(_inside(module_path(n), mlp + ".experts") or n.target is torch.topk or n.target == "topk" for n in nodes) or any(
-        "moe" in c.lower() or "sparse" in c.lower() or "expert" in c.lower() for c in classes
+        len(_shape(p) or ()) == 3 for p in params) or any(
+        ("moe" in c or "sparse" in c or "expert" in c) and not c.endswith("mlp") for c in classes
     )
 
 
-def _strip_root(path: str) -> str:
-    """A ``nn_module_stack`` path without Dynamo's ``L['...']`` root (as ``common.module_path``)."""
+def _strip(path: str) -> str:
+    """An ``nn_module_stack`` path without Dynamo's ``L['self']`` root (as ``module_path``)."""
     if path.startswith("L["):
         path = path[path.index("]") + 1 :]
         while path.startswith("["):
@@ -146,15 +176,49 @@ def match_moe(graph: fx.Graph, ffn_modules) -> list[MoEMatch]:
         hit = [i for i, p in enumerate(parts) if p in ffn_modules]
         if node.op in ("call_function", "call_method") and hit:
             groups.setdefault(".".join(parts[: hit[0] + 1]), []).append(node)
-    matches = [match(module, nodes) for module, nodes in groups.items() if is_moe(module, nodes)]
-    for node in graph.nodes:  # experts outside an FFN module helix knows by name: refused, never left replicated
-        path = module_path(node)
-        if "experts" in path.split(".") and not any(_inside(path, m.module) for m in matches):
+    refuse_stray_experts(graph, ffn_modules)
+    return [match(module, nodes) for module, nodes in groups.items() if is_moe(module, nodes)]
+
+
+def refuse_stray_experts(graph: fx.Graph, ffn_modules) -> None:
+    """Experts outside an FFN module helix knows by name are refused, never left replicated. ``detect`` asks this
+    before matching attention, so that routed experts inside an attention module (JetMoE's mixture of attention
+    heads) are refused by what they are."""
+    for node in graph.nodes:
+        parts = module_path(node).split(".")
+        if node.op == "placeholder" or "experts" not in parts or any(
+                p in ffn_modules for p in parts[: parts.index("experts")]):
+            continue
+        owner = ".".join(parts[: parts.index("experts")])
+        if "attn" in owner.split(".")[-1] or "attention" in owner.split(".")[-1]:
+            weights = sorted({str(_shape(a)) for n in graph.nodes if _inside(module_path(n), owner + ".experts")
+                              for a in n.all_input_nodes if a.op == "placeholder" and len(_shape(a) or ()) == 3})
             raise UnsupportedModelError(
-                f"{where(node)} belongs to experts outside a module named {'/'.join(ffn_modules)}; helix does not "
-                f"know this mixture-of-experts block"
+                f"{owner}: routed experts inside the attention module (a mixture of attention heads, as JetMoE's "
+                f"MoA: a router picks each token's query and output projections among the expert weights "
+                f"{', '.join(weights)}); helix splits attention by fixed per-head q/k/v/o projections and cannot run "
+                f"this exactly; first op: {where(node)}"
             )
-    return matches
+        raise UnsupportedModelError(
+            f"{where(node)} belongs to experts outside a module named {'/'.join(ffn_modules)}; helix does not "
+            f"know this mixture-of-experts block"
+        )
+
+
+_PARAM_ROLES = {  # the experts' parameters by the end of their placeholder name (transformers 5.x experts)
+    "gate_up_proj_bias_": "gate_up_bias", "down_proj_bias_": "down_bias", "gate_up_proj_": "gate_up",
+    "down_proj_": "down",
+}
+_MATMULS = (torch.bmm,)  # and transformers' grouped_mm ops (by name: torch._grouped_mm, transformers::grouped_mm_fallback)
+_LINEAR_AFTER_DOWN = {"view", "reshape", "unsqueeze", "squeeze", "contiguous", "to", "float", "type", "sum"}
+
+
+def _is_matmul(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in _MATMULS or "grouped_mm" in str(node.target))
+
+
+def _param_role(name: str):
+    return next((role for end, role in _PARAM_ROLES.items() if name.endswith(end)), None)
 
 
 def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
@@ -162,39 +226,49 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
     experts_path = mlp + ".experts"
     experts = [n for n in nodes if _inside(module_path(n), experts_path)]
     if not experts:
+        children = sorted({module_path(n)[len(mlp) + 1 :].split(".")[0] for n in nodes if module_path(n) != mlp})
         raise UnsupportedModelError(
             f"{mlp}: a mixture-of-experts block without a fused '{experts_path}' module (transformers 5.x "
-            f"experts with 3-D gate_up_proj/down_proj); helix cannot partition it"
+            f"experts with 3-D gate_up_proj/down_proj; this block's children: {children}); helix cannot partition it"
         )
     inside = set(experts)
     params = dict.fromkeys(p for n in experts for p in n.all_input_nodes if p.op == "placeholder")  # graph order
     by_role = {}
     for p in params:
-        role = "gate_up" if p.name.endswith("gate_up_proj_") else "down" if p.name.endswith("down_proj_") else None
+        role = _param_role(p.name)
         if role is None or role in by_role:
             raise UnsupportedModelError(
-                f"{experts_path}: parameter '{p.name}' is not one of the fused gate_up_proj / down_proj weights "
-                f"helix knows how to split (expert biases or an unfused up_proj are not supported yet)"
+                f"{experts_path}: parameter '{p.name}' {_shape(p)} is not one of the fused gate_up_proj / down_proj "
+                f"weights (and their biases) helix knows how to split (an unfused up_proj is not supported yet)"
             )
         by_role[role] = p
-    if set(by_role) != {"gate_up", "down"}:
+    if not {"gate_up", "down"} <= set(by_role):
         raise UnsupportedModelError(f"{experts_path}: expected gate_up_proj and down_proj, found {sorted(by_role)}")
-    for n in experts:
-        ok = (n.op == "call_method" and n.target in _EXPERT_METHODS) or (
-            n.op == "call_function" and (n.target in _EXPERT_FUNCS or "grouped_mm" in str(n.target))
-        )
-        if not ok:
-            raise UnsupportedModelError(
-                f"{experts_path}: {where(n)} is not an op of transformers' grouped_mm or batched_mm experts; "
-                f"compile the model with experts_implementation='grouped_mm' (default) or 'batched_mm'"
-            )
-    gu, dn = (tuple(by_role[r].meta["example_value"].shape) for r in ("gate_up", "down"))
-    if len(gu) != 3 or len(dn) != 3 or gu[0] != dn[0] or gu[2] != dn[1] or gu[1] != 2 * dn[2]:
+    outs = [n for n in experts if any(u not in inside for u in n.users)]
+    if len(outs) != 1 or _shape(outs[0]) is None or len(_shape(outs[0])) != 2:
+        raise UnsupportedModelError(f"{experts_path}: expected one (tokens, hidden) output, found {[n.name for n in outs]}")
+    hidden = _shape(outs[0])[-1]
+    gu_mm, gu_t = _weight_matmul(experts_path, by_role["gate_up"], inside)
+    dn_mm, dn_t = _weight_matmul(experts_path, by_role["down"], inside)
+    gu, dn = _shape(by_role["gate_up"]), _shape(by_role["down"])
+    if gu_t != dn_t:
+        raise UnsupportedModelError(f"{experts_path}: gate_up_proj {gu} and down_proj {dn} are used in different "
+                                    f"orientations ({'(E, in, out)' if gu_t else '(E, out, in)'} and the other)")
+    # (E, 2I, H) and (E, H, I) as stored, or transposed (E, H, 2I) and (E, I, H) (Aria: the layout grouped_mm reads)
+    inter = dn[1] if dn_t else dn[2]
+    want_gu, want_dn = ((gu[0], hidden, 2 * inter), (gu[0], inter, hidden)) if gu_t else (
+        (gu[0], 2 * inter, hidden), (gu[0], hidden, inter))
+    if len(gu) != 3 or (gu, dn) != (want_gu, want_dn):
         raise UnsupportedModelError(
-            f"{experts_path}: gate_up_proj {gu} and down_proj {dn} are not (E, 2I, H) and (E, H, I); transposed "
-            f"expert layouts are not supported yet"
+            f"{experts_path}: gate_up_proj {gu} and down_proj {dn} are not {want_gu} and {want_dn} for hidden size "
+            f"{hidden} ({'transposed: (E, in, out)' if gu_t else '(E, out, in)'})"
         )
     count = gu[0]
+    for role, want in (("gate_up_bias", (count, 2 * inter)), ("down_bias", (count, hidden))):
+        if role in by_role and _shape(by_role[role]) != want:
+            raise UnsupportedModelError(f"{experts_path}: {by_role[role].name} {_shape(by_role[role])} is not {want}")
+    mid, post = _check_expert_ops(experts_path, experts, inside, gu_mm, dn_mm, by_role)
+    _check_gate_split(experts_path, gu_mm, mid, inter)
     external = []
     for n in experts:
         for a in n.all_input_nodes:
@@ -214,9 +288,6 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
     for h in histc:
         if (h.kwargs.get("bins"), h.kwargs.get("min"), h.kwargs.get("max")) != (count, 0, count - 1) or len(h.args) != 1:
             raise UnsupportedModelError(f"{experts_path}: {where(h)} does not count tokens over the {count} experts")
-    outs = [n for n in experts if any(u not in inside for u in n.users)]
-    if len(outs) != 1:
-        raise UnsupportedModelError(f"{experts_path}: expected one output, found {[n.name for n in outs]}")
     shared, rest = _shared(mlp, nodes, inside)
     replicated = []
     for n in rest:
@@ -228,12 +299,147 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
                     f"inside an experts / shared-expert module; helix would not know how to split it"
                 )
             replicated.append(projection_of(n))
+    bias = by_role.get("down_bias")
+    down_bias_adds = [n for n in post if any(a.op == "call_function" and a.target is operator.getitem and a.args[0] is bias
+                                             for a in n.all_input_nodes)] if bias is not None else []
+    if bias is not None and (len(down_bias_adds) != 1 or len(bias.users) != 1):
+        raise UnsupportedModelError(f"{experts_path}: expected the down bias {bias.name} to be gathered and added once "
+                                    f"after the down projection, found {[n.name for n in down_bias_adds]}")
+    weights_of = {x for r in replicated for x in (r.weight, r.bias)}
+    routing = list(dict.fromkeys(a for n in rest for a in n.all_input_nodes if a.op == "placeholder" and a not in weights_of))
     return MoEMatch(mlp, experts_path, count, ids, weights[0], by_role["gate_up"], by_role["down"], histc, outs[0],
-                    experts, shared, replicated)
+                    experts, shared, replicated, transposed=gu_t, gate_up_bias=by_role.get("gate_up_bias"),
+                    down_bias=by_role.get("down_bias"), down_bias_adds=down_bias_adds, routing=routing)
+
+
+def _from(source: fx.Node, inside: set) -> set:
+    """``source`` and every node of the experts module computed from it."""
+    seen, stack = {source}, [source]
+    while stack:
+        for u in stack.pop().users:
+            if u in inside and u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _weight_matmul(experts_path: str, weight: fx.Node, inside: set):
+    """The one matmul that reads an expert weight (through transpose / index / cast only), and whether it reads it
+    as stored transposed, (E, in, out): grouped_mm(x, W) or bmm(x, W[ids]); (E, out, in) is grouped_mm(x, W.mT)
+    or bmm(W[ids], x)."""
+    node, flips = weight, 0
+    while True:
+        users = [u for u in node.users if u in inside]
+        if len(users) != 1:
+            raise UnsupportedModelError(f"{experts_path}: expected one use of {node.name}, found {[u.name for u in users]}")
+        user = users[0]
+        if _is_matmul(user):
+            if user.args[0] is node and user.args[1] is not node and user.target in _MATMULS:
+                return user, flips % 2 == 1  # bmm(W, x): out = W x, stored (E, out, in) unless flipped
+            if user.args[1] is node and user.args[0] is not node:
+                return user, flips % 2 == 0  # grouped_mm(x, W) / bmm(x, W): x @ W, W is (in, out)
+            raise UnsupportedModelError(f"{experts_path}: {where(user)} reads {weight.name} in a way helix does not know")
+        if user.op == "call_method" and user.target == "transpose" and sorted(
+                a % 3 for a in user.args[1:]) == [1, 2]:
+            flips += 1
+        elif not ((user.op == "call_method" and user.target in ("to", "float", "type", "contiguous"))
+                  or (user.op == "call_function" and user.target is operator.getitem and user.args[0] is node
+                      and isinstance(user.args[1], fx.Node))):  # W[expert_ids]: the batched_mm gather
+            raise UnsupportedModelError(f"{experts_path}: {where(user)} is not a use of the expert weight {weight.name} "
+                                        f"that helix knows")
+        node = user
+
+
+def _check_expert_ops(experts_path, experts, inside, gu_mm, dn_mm, by_role):
+    """Every op of the experts module, by where it sits: between the two matmuls (the intermediate, split by
+    columns over tpf: ops on each element only, so a custom gate such as MiniMax-M3's clamp / sigmoid / ``up +
+    1`` is exact), after the down matmul (partial sums over tpf: linear ops only, the routing weights, the
+    down bias (added once, see ``rewrite``)), or elsewhere (routing bookkeeping: transformers' grouped_mm /
+    batched_mm vocabulary)."""
+    after_gu = _from(gu_mm, inside)
+    if dn_mm not in after_gu:
+        raise UnsupportedModelError(f"{experts_path}: the down projection {dn_mm.name} does not read the gate_up output")
+    before_dn, stack = set(), [dn_mm]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in inside and a not in before_dn:
+                before_dn.add(a)
+                stack.append(a)
+    mid = (after_gu & before_dn) | {gu_mm}
+    post = _from(dn_mm, inside) - {dn_mm}
+    for n in experts:  # an in-place op (``out.add_(bias)``: its result unused) belongs where the tensor it changes is
+        if n.op == "call_method" and str(n.target).endswith("_") and n.args and n.args[0] in mid:
+            mid.add(n)
+        elif n.op == "call_method" and str(n.target).endswith("_") and n.args and n.args[0] in post | {dn_mm}:
+            post.add(n)
+    down_bias = _from(by_role["down_bias"], inside) if "down_bias" in by_role else set()
+    gu_bias = _from(by_role["gate_up_bias"], inside) if "gate_up_bias" in by_role else set()
+    for n in experts:
+        if n in (gu_mm, dn_mm):
+            continue
+        if n in mid:
+            ok = (is_pointwise(n) and n.target is not operator.getitem) or (n.op == "call_method" and n.target in (
+                "chunk", "to", "float", "type", "contiguous", "squeeze", "unsqueeze")) or (
+                n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int)
+                and n.args[0].op == "call_method" and n.args[0].target == "chunk") or (
+                n.op == "call_method" and n.target in ("view", "reshape") and _last(n) == _last(n.args[0]))
+            if not ok:
+                raise UnsupportedModelError(
+                    f"{experts_path}: {where(n)} acts on the experts' intermediate features across columns; helix splits "
+                    f"them over tpf ranks and supports only ops on each element there"
+                )
+        elif n in post:
+            others = [a for a in n.all_input_nodes if a not in post and a is not dn_mm]
+            linear = (n.op == "call_method" and n.target in _LINEAR_AFTER_DOWN) or (
+                n.op == "call_function" and n.target is operator.getitem) or (
+                n.op in ("call_function", "call_method") and n.target in (operator.mul, torch.mul, "mul")
+                and len(others) == len(n.all_input_nodes) - 1) or (
+                n.op == "call_method" and n.target in ("masked_fill", "masked_fill_") and n.args[2] in (0, 0.0)) or (
+                n.target in (operator.add, operator.iadd, torch.add, "add", "add_") and others
+                and all(a in down_bias for a in others))
+            if not linear:
+                raise UnsupportedModelError(
+                    f"{experts_path}: {where(n)} follows the down projection but is not linear in it; under tpf > 1 "
+                    f"each rank holds a partial sum there, so helix cannot run it exactly (e.g. a post-expert norm)"
+                )
+        elif n in down_bias or n in gu_bias:
+            if not (n.op == "call_function" and n.target is operator.getitem):
+                raise UnsupportedModelError(f"{experts_path}: {where(n)} is not the per-pair gather of an expert bias")
+        else:
+            ok = (n.op == "call_method" and n.target in _EXPERT_METHODS) or (
+                n.op == "call_function" and n.target in _EXPERT_FUNCS)
+            if not ok:
+                raise UnsupportedModelError(
+                    f"{experts_path}: {where(n)} is not an op of transformers' grouped_mm or batched_mm experts; "
+                    f"compile the model with experts_implementation='grouped_mm' (default) or 'batched_mm'"
+                )
+    return mid, post
+
+
+def _check_gate_split(experts_path, gu_mm, mid, inter):
+    """The gate_up output is cut as [gate | up] halves (one ``chunk(2, dim=-1)``), the layout whose tpf slices keep
+    each feature's gate and up on one rank; gpt-oss's interleaved [g0, u0, g1, u1, ...] is refused by name."""
+    cuts = [n for n in mid if n.op == "call_method" and n.target == "chunk"]
+    ok = len(cuts) == 1 and len(cuts[0].args) >= 2 and cuts[0].args[1] == 2 and (
+        cuts[0].args[2] if len(cuts[0].args) > 2 else cuts[0].kwargs.get("dim", 0)) in (-1, len(_shape(gu_mm) or ()) - 1)
+    if not ok:
+        raise UnsupportedModelError(
+            f"{experts_path}: the gate_up output ({2 * inter} features) is not cut once as chunk(2, dim=-1) into gate "
+            f"and up halves: {[where(c) for c in cuts]} (interleaved gate/up experts, as gpt-oss stores them, are not "
+            f"supported yet)"
+        )
+
+
+def _last(node):
+    shape = _shape(node)
+    return shape[-1] if shape else None
 
 
 def _shared(mlp, nodes, experts):
-    """Shared-expert MLPs (Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``): matched as dense FFNs."""
+    """Shared-expert MLPs (Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``, HunYuan ``shared_mlp``): every
+    child module of the block other than the experts that holds two or more projections, matched as a dense FFN
+    (which refuses what is not one). A child with a single projection (the router, a shared-expert gate) stays
+    with the block: ``match`` checks its width."""
     groups: dict[str, list[fx.Node]] = {}
     rest = []
     for n in nodes:
@@ -241,15 +447,16 @@ def _shared(mlp, nodes, experts):
             continue
         path = module_path(n)
         child = path[len(mlp) + 1 :].split(".")[0] if path.startswith(mlp + ".") else ""
-        if child.startswith("shared_expert") and child != "shared_expert_gate":
-            groups.setdefault(f"{mlp}.{child}", []).append(n)
-        else:
-            rest.append(n)
+        groups.setdefault(child, []).append(n)
     from .dense_ffn import match_one  # the dense matcher, on the shared expert's own projections
 
     shared = []
-    for module, group in groups.items():
-        shared.append(match_one(module, [projection_of(n) for n in group if is_projection(n)]))
+    for child, group in groups.items():
+        projections = [projection_of(n) for n in group if is_projection(n)]
+        if child and len(projections) >= 2:
+            shared.append(match_one(f"{mlp}.{child}", projections))
+        else:
+            rest.extend(group)
     return shared, rest
 
 
@@ -267,14 +474,23 @@ def _dtype(node):
 ROLES = {"gate_up_proj": "experts_gate_up", "down_proj": "experts_down"}
 
 
-def expert_shard(role: str, shape, layout: Layout, rank: int) -> ExpertShard:
-    """This rank's piece of a fused expert weight (see the module docstring). Raises naming the numbers."""
+def expert_shard(role: str, shape, layout: Layout, rank: int, kind: str = "weight") -> ExpertShard:
+    """This rank's piece of a fused expert weight or bias (see the module docstring). ``kind``: "weight" (stored
+    (E, out, in)), "weight_t" (stored (E, in, out): Aria) or "bias" ((E, 2I) for gate_up, (E, H) for down: the
+    down bias is not split over tpf; ``rewrite`` adds it on one tpf rank only). Raises naming the numbers."""
     count = shape[0]
     if count % layout.ep:
         raise ValueError(f"ep={layout.ep} does not divide the {count} experts of a {tuple(shape)} expert weight")
     per_e = count // layout.ep
     e0 = layout.ep_rank(rank) * per_e
-    dim, parts = (1, 2) if role == "experts_gate_up" else (2, 1)
+    if kind == "bias" and role == "experts_down":
+        return ExpertShard(e0, e0 + per_e, 1, 0, shape[1], 1)
+    if kind == "bias":
+        dim, parts = 1, 2
+    elif kind == "weight_t":
+        dim, parts = (2, 2) if role == "experts_gate_up" else (1, 1)
+    else:
+        dim, parts = (1, 2) if role == "experts_gate_up" else (2, 1)
     inter = shape[dim] // parts
     if inter % layout.tpf:
         raise ValueError(f"tpf={layout.tpf} does not divide the expert intermediate size {inter} ({tuple(shape)})")
@@ -309,8 +525,21 @@ def rewrite(graph: fx.Graph, region: MoEMatch, by_name: dict, layout: Layout, ra
     for h in region.histc:
         node = by_name[h.name]
         node.kwargs = {**node.kwargs, "bins": local_count, "max": local_count - 1}
+    if layout.tpf_rank(rank) != 0:  # the down bias joins the partial sums on one tpf rank: x + 0 * b elsewhere
+        for add in region.down_bias_adds:
+            node = by_name[add.name]
+            bias = next(a for a in node.all_input_nodes if _is_bias_gather(a, region, by_name))
+            with graph.inserting_before(node):
+                zero = graph.call_function(operator.mul, (bias, 0.0))
+            node.replace_input_with(bias, zero)
     if layout.world_size > 1:
         all_reduce_after(graph, by_name[region.out.name], world_group)
+
+
+def _is_bias_gather(node: fx.Node, region: MoEMatch, by_name: dict) -> bool:
+    """``down_proj_bias[expert_ids]``: the per-pair gather of the down bias."""
+    bias = by_name[region.down_bias.name]
+    return node.op == "call_function" and node.target is operator.getitem and node.args[0] is bias
 
 
 def all_reduce_after(graph: fx.Graph, node: fx.Node, world_group) -> fx.Node:

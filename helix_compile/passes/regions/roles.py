@@ -23,7 +23,8 @@ stored transposed (in, out): its kind is ``weight_t`` and the same rows are its 
     ffn_in_pair  fused [gate; up] rows (Phi-3 gate_up_proj): that range of each half, concatenated
     ffn_out      columns [r*I/N, (r+1)*I/N); bias after the all-reduce
     experts_gate_up, experts_down
-                 fused 3-D routed-expert weights: experts split over ep, each TP-split over tpf (``moe.expert_shard``)
+                 fused 3-D routed-expert weights: experts split over ep, each TP-split over tpf (``moe.expert_shard``);
+                 kind weight_t: stored (E, in, out) (Aria); kind bias: the experts' (E, 2I) / (E, H) biases
     MLA (Heads.latent)  q/kv projections replicated (tpa = 1); o as above with D = v_head_dim
 """
 
@@ -53,6 +54,7 @@ ROLE_BY_NAME = {
     # attention.output.dense; the FFN pair intermediate.dense / output.dense (the longest key wins)
     "self.query": "q", "self.key": "k", "self.value": "v", "attention.output.dense": "o",
     "intermediate.dense": "ffn_in", "output.dense": "ffn_out",
+    "experts.gate_up_proj_bias": "experts_gate_up", "experts.down_proj_bias": "experts_down",
 }
 CONV1D_NAMES = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}  # weights stored (in, out)
 
@@ -94,14 +96,14 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
 
     ``kind`` is 'weight', 'weight_t' (a Conv1D weight, stored (in, out)) or 'bias'; ``shape`` its global shape.
     """
+    if role in ("experts_gate_up", "experts_down"):  # 3-D: weight_t is the (E, in, out) layout (Aria), see moe.py
+        from .moe import expert_shard
+
+        return expert_shard(role, shape, layout, rank, kind)
     if kind == "weight_t":
         spec = role_shard(role, "weight", tuple(reversed(shape)), heads, layout, rank)
         return None if spec is None else dataclasses.replace(spec, dim=1 - spec.dim)
     tpa_rank, kvp_rank = layout.tpa_rank(rank), layout.kvp_rank(rank)
-    if role in ("experts_gate_up", "experts_down"):
-        from .moe import expert_shard
-
-        return expert_shard(role, shape, layout, rank)
     if heads.latent and role in ("q", "k", "v", "qkv", "q_norm", "k_norm"):
         return None  # MLA: tpa = 1, every rank projects all heads (its own KV lives in the latent cache shard)
     d = heads.d
@@ -160,7 +162,7 @@ def role_by_name(name: str) -> tuple[str | None, str]:
         return None, parts[-1]
     kind = parts[-1]
     if ".".join(parts[-2:]) in ROLE_BY_NAME:  # a fused expert tensor is a parameter of the experts module itself
-        return ROLE_BY_NAME[".".join(parts[-2:])], "weight"
+        return ROLE_BY_NAME[".".join(parts[-2:])], "bias" if parts[-1].endswith("_bias") else "weight"
     triple, pair = ".".join(parts[-4:-1]), ".".join(parts[-3:-1])
     role = ROLE_BY_NAME.get(triple) if len(parts) >= 4 else None  # attention.output.dense before output.dense
     role = role or (ROLE_BY_NAME.get(pair) if len(parts) >= 3 else None)
