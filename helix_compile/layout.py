@@ -103,6 +103,7 @@ class Layout:
     def validate(self, config, world_size: int | None = None) -> None:
         """Raise ``ValueError`` naming the rule and the numbers if this layout cannot run ``config``."""
         cls = type(config).__name__
+        _refuse_per_layer_heads(config)
         q = config.num_attention_heads
         k = getattr(config, "num_key_value_heads", None) or q
         n = self.world_size
@@ -135,8 +136,10 @@ class Layout:
             if self.ep != 1:
                 raise ValueError(f"ep={self.ep} needs a mixture-of-experts FFN; {cls} has a dense FFN (use ep=1)")
             inter = getattr(config, "intermediate_size", None)
-            if inter is not None and inter % self.tpf:
-                raise ValueError(f"tpf={self.tpf} does not divide intermediate_size={inter} of {cls}")
+            for layer, width in enumerate(inter if isinstance(inter, (list, tuple)) else [inter]):  # Gemma 3n: per layer
+                if width is not None and width % self.tpf:
+                    at = f" (layer {layer})" if isinstance(inter, (list, tuple)) else ""
+                    raise ValueError(f"tpf={self.tpf} does not divide intermediate_size={width}{at} of {cls}")
             return
         count, inter = experts
         if count % self.ep:
@@ -162,6 +165,25 @@ class Layout:
         """Name of this rank's TPA group (the ranks with the same ``kvp_rank``), from the same DeviceMesh: the
         all-reduce of a norm over all heads' features (OLMo2's q/k norm) runs over it."""
         return _group_names(self.kvp, self.tpa)[2]
+
+
+def _refuse_per_layer_heads(config) -> None:
+    """Refuse a config whose layers differ in head_dim or KV heads (transformers' heterogeneous configs, e.g.
+    Gemma 4's full-attention layers with ``global_head_dim``): helix plans one head shape for the whole model."""
+    if not getattr(config, "is_heterogeneous", False):
+        return
+    per_layer = getattr(config, "per_layer_config", None) or []
+    shapes = [
+        (getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None),
+         getattr(c, "head_dim", None))
+        for c in per_layer
+    ]
+    if len(set(shapes)) > 1:
+        raise ValueError(
+            f"{type(config).__name__} has layers of different attention shapes: (query heads, KV heads, head_dim) per "
+            f"layer {shapes}; helix plans one head shape for the whole model (its cache, its head split and its "
+            f"projection shards), so it cannot run this model"
+        )
 
 
 _GROUPS: dict[tuple[int, int], tuple[str, str, str]] = {}
