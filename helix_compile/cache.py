@@ -22,6 +22,16 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+try:
+    from transformers.cache_utils import DummyLayer
+except ImportError:  # transformers without kv-shared layers: no model asks for one
+
+    class DummyLayer:  # noqa: D101  (same interface as transformers' DummyLayer, never written)
+        is_initialized, is_compileable, keys, values = True, True, None, None
+
+        def reset(self):
+            pass
+
 from . import shards
 from .layout import Layout, mla_latent
 from .lowering.ops import ShardedEagerError  # importing ops registers helix::kv_write, which HelixLayer.update calls
@@ -145,6 +155,17 @@ def stand_ins(key_states, value_states, length: int, problem: str):
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
+def kv_shared_layers(text) -> set[int]:
+    """Layers that read the KV cache of an earlier layer and write none (Gemma 3n's last ``num_kv_shared_layers``,
+    ``kv_sharing_modes[i] == "reuse"``): transformers keeps a ``DummyLayer`` for them, and so does helix. Their
+    attention reads the earlier layer's helix cache, i.e. this rank's shard of it (see the attention matcher)."""
+    modes = getattr(text, "kv_sharing_modes", None)
+    if modes is not None:
+        return {i for i, mode in enumerate(modes) if mode == "reuse"}
+    shared = getattr(text, "num_kv_shared_layers", 0) or 0
+    return set(range(text.num_hidden_layers - shared, text.num_hidden_layers))
+
+
 def _refuse_without_kv_attention(text) -> None:
     """Refuse, saying so, a model without softmax attention over a KV cache in every layer (state-space,
     RWKV-like, linear attention, hybrids of them)."""
@@ -211,9 +232,11 @@ class StaticCache(Cache):
         latent = mla_latent(text)
         if latent is not None:  # MLA caches one latent "head": keys = the compressed kv, values = the rotary key
             heads, (k_dim, v_dim) = 1, latent
+        shared = kv_shared_layers(text)
         layers = [
+            DummyLayer() if i in shared else
             HelixLayer(self, max_cache_len, max_batch_size, heads, k_dim, v_dim, dtype, device)
-            for _ in range(text.num_hidden_layers)
+            for i in range(text.num_hidden_layers)
         ]
         super().__init__(layers=layers)
 
@@ -242,4 +265,9 @@ class StaticCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of KV data this rank stores."""
-        return sum(layer.nbytes for layer in self.layers)
+        return sum(layer.nbytes for layer in self.layers if isinstance(layer, HelixLayer))
+
+    @property
+    def writing_layers(self) -> int:
+        """Layers that write KV (the kv-shared layers of Gemma 3n read an earlier layer's and hold none)."""
+        return sum(isinstance(layer, HelixLayer) for layer in self.layers)

@@ -67,7 +67,7 @@ class Regions:
 
     def writes(self) -> list[fx.Node]:
         """Every cache write (attention and MLA), in graph order."""
-        return sorted((m.kv_write for m in self.matches if hasattr(m, "kv_write")), key=_order)
+        return sorted({m.kv_write for m in self.matches if hasattr(m, "kv_write")}, key=_order)  # kv-shared: once
 
     def describe(self) -> str:
         return "\n".join(r.describe() for r in [*self.matches, *self.whole])
@@ -96,7 +96,8 @@ def detect(gm: fx.GraphModule, config=None) -> Regions:
                 f"the attention_mask input '{node.name}' {shape(node)} does not reach every attention layer as HF's "
                 f"2-D padding mask; helix cannot apply it"
             )
-    claimed = {p.node for a in attention for p in (a.q, a.k, a.v, a.o)} | {n for m in mla for n in m.projections()}
+    claimed = {p.node for a in attention for p in (a.q, a.k, a.v, a.o) if p is not None}  # k, v: None in kv-shared layers
+    claimed |= {n for m in mla for n in m.projections()}
     moe = match_moe(graph, FFN_MODULES)
     claimed |= {n for m in moe for n in m.projections()}
     ffn = match_dense_ffn(graph, claimed, skip={m.module for m in moe})

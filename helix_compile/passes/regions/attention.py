@@ -10,6 +10,16 @@ Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache wri
             projection for all three (qkv) is cut by ``FusedSplit``
     o       the first projection after core, only reshapes between them
     window  per layer from the config (``layer_types`` / ``sliding_window`` / ``use_sliding_window``)
+    readers a core in another attention module that reads the same cache placeholders (Gemma 3n's kv-shared
+            layers, ``kv_sharing_modes == "reuse"``: no k/v projections and no cache write of their own): a match
+            of its own with ``shares`` = the writing module, k = v = None; its q and o as above
+
+Sliding windows vs. KV sharding: a sliding-window layer keeps every position in the helix cache, sharded along the
+sequence like a full-attention layer, and partial attention masks keys older than the window by their global
+position (exact; the memory of a full layer, 1/kvp of it per rank). Sharding only the window (a rolling buffer
+over kvp ranks) would save memory but move each block's owner as the window slides; it is a later optimisation.
+A kv-shared reader is exact for the same reason: every rank holds the writer's shard, all positions, and the
+reader's partial attention over that shard (with the reader's own mask and window) merges like the writer's.
 
 Rewrite (``replace_with``; pattern ... into ...):
     kv_write(keys, values, k, v, pos)
@@ -76,6 +86,7 @@ class AttentionMatch:
     split: FusedSplit | None = None
     norms: list = dataclasses.field(default_factory=list)  # CrossHeadNorm
     key_mask: fx.Node | None = None  # the 2-D (B, S_m) attention_mask placeholder HF's mask is built from
+    shares: str | None = None  # a kv-shared reader: the module whose cache write (``kv_write``) it reads
 
     kind = "attention"
 
@@ -95,6 +106,11 @@ class AttentionMatch:
         )
         if self.norms:
             extra += f" cross_head_norms={[n.mean.name for n in self.norms]}"
+        if self.shares is not None:
+            return (
+                f"attention {self.module} [{self.form}] q={self.q.name} reads the cache of {self.shares} "
+                f"(write={self.kv_write.name}) o={self.o.name} core={self.core.name} scale={self.scale:g}{extra}"
+            )
         return (
             f"attention {self.module} [{self.form}] q={self.q.name} k={self.k.name} v={self.v.name} "
             f"o={self.o.name} write={self.kv_write.name} core={self.core.name} scale={self.scale:g}{extra}"
@@ -102,14 +118,19 @@ class AttentionMatch:
 
     def placements_nodes(self):
         """The placeholders this region places (whatever the heads): for the report of what is left whole."""
-        projs = [self.q, self.k, self.v, self.o]
+        projs = [p for p in (self.q, self.k, self.v, self.o) if p is not None]
         nodes = [(n, None, None) for p in projs for n in (p.weight, p.bias) if n is not None]
         return nodes + [(w, None, None) for norm in self.norms for w in norm.weights] + [(self.keys, None, None),
                                                                                            (self.values, None, None)]
 
     def placements(self, heads):
         """(placeholder, role, kind) of every input this region shards; ``kv`` for the cache."""
-        if self.fused is None:
+        if self.shares is not None:  # a kv-shared reader: its query only (the writer places k, v and the cache)
+            if self.q.out_features != heads.q * heads.d:
+                raise ValueError(f"{self.module}: q_proj has {self.q.out_features} rows, the config says "
+                                 f"{heads.q}x{heads.d}")
+            out = list(self.q.placements("q"))
+        elif self.fused is None:
             q_rows, k_rows = self.q.out_features, self.k.out_features
             if q_rows != heads.q * heads.d or k_rows != heads.k * heads.d:
                 raise ValueError(
@@ -138,13 +159,19 @@ class AttentionMatch:
     def replace_with(self, graph: fx.Graph, env: dict, ctx) -> None:
         layout, heads = ctx.layout, ctx.heads
         keys, values, k, v, pos = (env[x.name] for x in self.kv_write.args)
-        write, core, query = env[self.kv_write.name], env[self.core.name], env[self.query.name]
-        with graph.inserting_before(write):
-            keys, values = _batch_rows(graph, keys, values, k)
-            graph.call_function(
-                torch.ops.helix.kv_write_local.default, (keys, values, k, v, pos, ctx.kvp_rank, layout.kvp, layout.kv_block)
-            )
-        graph.erase_node(write)
+        core, query = env[self.core.name], env[self.query.name]
+        if self.shares is not None:  # the writer's match rewrites the write; this layer reads the same local shard
+            with graph.inserting_before(core):
+                keys, values = _batch_rows(graph, keys, values, k)
+        else:
+            write = env[self.kv_write.name]
+            with graph.inserting_before(write):
+                keys, values = _batch_rows(graph, keys, values, k)
+                graph.call_function(
+                    torch.ops.helix.kv_write_local.default,
+                    (keys, values, k, v, pos, ctx.kvp_rank, layout.kvp, layout.kv_block),
+                )
+            graph.erase_node(write)
         args = (query, keys, values, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, self.scale)
         if self.softcap or self.window:
             args += (float(self.softcap), int(self.window))
@@ -155,7 +182,9 @@ class AttentionMatch:
         core.replace_all_uses_with(merged)
         first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
         q_local, k_local = heads.q // layout.tpa * heads.d, (stop - first) * heads.d
-        if self.fused is None:
+        if self.shares is not None:
+            self.q.column_parallel(env, q_local)
+        elif self.fused is None:
             for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, k_local)):
                 proj.column_parallel(env, width)
         else:
@@ -255,13 +284,20 @@ def match_attention(graph: fx.Graph, config=None, skip=()) -> list[AttentionMatc
     """One ``AttentionMatch`` per helix cache write, in graph order (refuses what it does not understand);
     ``skip``: writes claimed by another matcher (MLA)."""
     writes = [n for n in graph.nodes if n.op == "call_function" and n.target in KV_WRITE]
-    return [_match_one(write, i, config) for i, write in enumerate(writes) if write not in skip]
+    matches = []
+    for i, write in enumerate(writes):
+        if write in skip:
+            continue
+        own, readers = _find_cores(write)
+        matches.append(_match_one(write, i, config, own))
+        matches += [_match_reader(matches[-1], found, config) for found in readers]
+    return sorted(matches, key=lambda m: _order(m.core))
 
 
-def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
+def _match_one(write: fx.Node, index: int, config, found) -> AttentionMatch:
     keys, values, k, v, pos = write.args
     module = module_path(write)
-    form, core, query, scale, softcap = _find_core(keys, values, write)
+    form, core, query, scale, softcap = found
     norms: list[CrossHeadNorm] = []
     q = _projection_ancestor(query, module, f"query of {module}", norms, "q_norm")
     kp = _projection_ancestor(k, module, f"key of {module}", norms, "k_norm")
@@ -283,16 +319,41 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
             raise UnsupportedModelError(f"{module}: fused q/k/v projection {where(q.node)} without a split helix understands")
         fused = "qkv_heads" if split.width != q.out_features else "qkv"
     o = _first_projection_after(core, f"attention output of {module}")
-    if config is not None:
-        configured = getattr(config, "attn_logit_softcapping", None) or 0.0
-        if configured and not softcap:
-            raise UnsupportedModelError(
-                f"{module}: the config sets attn_logit_softcapping={configured} but helix found no soft-capping in "
-                f"{where(core)}; use attn_implementation='eager'"
-            )
+    _check_softcap(config, module, core, softcap)
     window = layer_window(config, _layer_index(keys, index)) if config is not None else 0
     return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
                           fused, split, norms, _key_mask(form, core))
+
+
+def _match_reader(writer: AttentionMatch, found, config) -> AttentionMatch:
+    """A kv-shared layer: attention in another module over ``writer``'s cache placeholders (see the module doc)."""
+    form, core, query, scale, softcap = found
+    module = module_path(core)
+    norms: list[CrossHeadNorm] = []
+    q = _projection_ancestor(query, module, f"query of {module}", norms, "q_norm")
+    cut = find_split(q, f"projection of {module}")
+    if cut is not None and cut.width == q.out_features:
+        raise UnsupportedModelError(f"{module}: {where(cut.cuts[0])} cuts the features of {q.name}; the query of a "
+                                    f"layer reading {writer.module}'s cache must be a projection of its own")
+    o = _first_projection_after(core, f"attention output of {module}")
+    _check_softcap(config, module, core, softcap)
+    layer = re.search(r"(?:^|\.)(\d+)\.[^.]+$", module)
+    if config is not None and layer is None:
+        raise UnsupportedModelError(f"{where(core)} reads the cache of {writer.module} but its module path names no "
+                                    f"layer index, so helix cannot find its sliding window")
+    window = layer_window(config, int(layer.group(1))) if config is not None else 0
+    return AttentionMatch(module, form, q, None, None, o, writer.kv_write, writer.keys, writer.values, writer.pos,
+                          query, core, scale, softcap, window, None, None, norms, _key_mask(form, core),
+                          shares=writer.module)
+
+
+def _check_softcap(config, module: str, core: fx.Node, softcap: float) -> None:
+    configured = (getattr(config, "attn_logit_softcapping", None) or 0.0) if config is not None else 0.0
+    if configured and not softcap:
+        raise UnsupportedModelError(
+            f"{module}: the config sets attn_logit_softcapping={configured} but helix found no soft-capping in "
+            f"{where(core)}; use attn_implementation='eager'"
+        )
 
 
 def _layer_index(keys: fx.Node, fallback: int) -> int:
@@ -409,8 +470,29 @@ def _cache_source(node: fx.Node) -> fx.Node | None:
     return node
 
 
-def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
-    """Return (form, core, query, scale, softcap) for the attention that reads the cache placeholders."""
+def _find_cores(write: fx.Node):
+    """(the writer's core, [cores of kv-shared readers]) among the attentions over the cache ``write`` fills, each
+    as (form, core, query, scale, softcap): the writer's is the one in the write's module (or the only one)."""
+    keys, values = write.args[:2]
+    cores = _find_core(keys, values, write)
+    module = module_path(write)
+    own = [c for c in cores if module_path(c[1]) == module] if len(cores) > 1 else cores
+    if len(own) != 1:
+        raise UnsupportedModelError(
+            f"the cache written by {where(write)} is read by {len(cores)} attentions "
+            f"{[where(c[1]) for c in cores]}, {len(own)} of them in the writing module; helix expects one there "
+            f"(the others read it as kv-shared layers)"
+        )
+    readers = [c for c in cores if c is not own[0]]
+    for c in readers:
+        if module_path(c[1]).startswith(module) or not module_path(c[1]):
+            raise UnsupportedModelError(f"{where(c[1])} reads the cache written by {where(write)} a second time")
+    return own[0], readers
+
+
+def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node) -> list:
+    """Every (form, core, query, scale, softcap) of an attention that reads the cache placeholders."""
+    found = []
     for user in _repeat_kv_users(keys):
         if user.op == "call_function" and user.target in SDPA_TARGETS:
             query, value = user.args[0], user.args[2] if len(user.args) > 2 else user.kwargs["value"]
@@ -423,11 +505,14 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
             scale = user.kwargs.get("scale")
             if scale is None:
                 scale = 1.0 / math.sqrt(shape(query)[-1])
-            return "sdpa", user, query, float(scale), 0.0
-        if user.op == "call_method" and user.target == "transpose":
+            found.append(("sdpa", user, query, float(scale), 0.0))
+        elif user.op == "call_method" and user.target == "transpose":
             for mm in user.users:
                 if mm.op == "call_function" and mm.target is torch.matmul and mm.args[1] is user:
-                    return _eager_core(mm, values)
+                    found.append(_eager_core(mm, values))
+                    break
+    if found:
+        return found
     raise UnsupportedModelError(
         f"the cache write {where(write)} is not followed by an attention helix understands (SDPA or "
         f"matmul-softmax-matmul over the whole cache)"
