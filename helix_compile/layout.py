@@ -103,29 +103,14 @@ class Layout:
     def validate(self, config, world_size: int | None = None) -> None:
         """Raise ``ValueError`` naming the rule and the numbers if this layout cannot run ``config``."""
         cls = type(config).__name__
-        _refuse_per_layer_heads(config)
-        q = config.num_attention_heads
-        k = getattr(config, "num_key_value_heads", None) or q
         n = self.world_size
         if world_size is not None and world_size != n:
             raise ValueError(
                 f"Layout kvp={self.kvp} x tpa={self.tpa} needs N={n} ranks, but the default process group has "
                 f"world size {world_size}"
             )
-        if self.tpa > k and self.tpa % k:
-            raise ValueError(
-                f"tpa={self.tpa} exceeds num_key_value_heads={k} of {cls} and is not a multiple of it: a TPA slice's "
-                f"query heads would read parts of two KV heads (use tpa dividing {k}, or a multiple of {k})"
-            )
-        if self.tpa <= k and k % self.tpa:
-            raise ValueError(f"tpa={self.tpa} does not divide num_key_value_heads={k} of {cls}")
-        if q % self.tpa:
-            raise ValueError(f"tpa={self.tpa} does not divide num_attention_heads={q} of {cls}")
-        if q // self.tpa < self.kvp:
-            raise ValueError(
-                f"kvp={self.kvp} exceeds the {q // self.tpa} query heads of a TPA slice (num_attention_heads={q} / "
-                f"tpa={self.tpa}) of {cls}: after the all-to-all every rank must hold at least one query head"
-            )
+        for q, k, at in _attention_shapes(config):
+            self._validate_heads(q, k, f"{cls}{at}")
         if mla_latent(config) is not None and self.tpa != 1:
             raise ValueError(
                 f"{cls} uses multi-head latent attention (MLA): its cache holds one latent KV head, so tpa must be 1 "
@@ -147,6 +132,22 @@ class Layout:
         if inter % self.tpf:
             raise ValueError(f"tpf={self.tpf} does not divide the expert intermediate size {inter} of {cls}")
 
+    def _validate_heads(self, q: int, k: int, cls: str) -> None:
+        if self.tpa > k and self.tpa % k:
+            raise ValueError(
+                f"tpa={self.tpa} exceeds num_key_value_heads={k} of {cls} and is not a multiple of it: a TPA slice's "
+                f"query heads would read parts of two KV heads (use tpa dividing {k}, or a multiple of {k})"
+            )
+        if self.tpa <= k and k % self.tpa:
+            raise ValueError(f"tpa={self.tpa} does not divide num_key_value_heads={k} of {cls}")
+        if q % self.tpa:
+            raise ValueError(f"tpa={self.tpa} does not divide num_attention_heads={q} of {cls}")
+        if q // self.tpa < self.kvp:
+            raise ValueError(
+                f"kvp={self.kvp} exceeds the {q // self.tpa} query heads of a TPA slice (num_attention_heads={q} / "
+                f"tpa={self.tpa}) of {cls}: after the all-to-all every rank must hold at least one query head"
+            )
+
     def key(self) -> str:
         """A short stable string, used in compiled-artifact keys and file names."""
         return (
@@ -167,23 +168,20 @@ class Layout:
         return _group_names(self.kvp, self.tpa)[2]
 
 
-def _refuse_per_layer_heads(config) -> None:
-    """Refuse a config whose layers differ in head_dim or KV heads (transformers' heterogeneous configs, e.g.
-    Gemma 4's full-attention layers with ``global_head_dim``): helix plans one head shape for the whole model."""
-    if not getattr(config, "is_heterogeneous", False):
-        return
-    per_layer = getattr(config, "per_layer_config", None) or []
-    shapes = [
-        (getattr(c, "num_attention_heads", None), getattr(c, "num_key_value_heads", None),
-         getattr(c, "head_dim", None))
-        for c in per_layer
-    ]
-    if len(set(shapes)) > 1:
-        raise ValueError(
-            f"{type(config).__name__} has layers of different attention shapes: (query heads, KV heads, head_dim) per "
-            f"layer {shapes}; helix plans one head shape for the whole model (its cache, its head split and its "
-            f"projection shards), so it cannot run this model"
-        )
+def _attention_shapes(config) -> list[tuple[int, int, str]]:
+    """(query heads, KV heads, where) of the model's layers: one entry, or one per distinct shape of a config whose
+    layers differ (transformers' heterogeneous configs, e.g. Gemma 4's full-attention layers)."""
+    if getattr(config, "is_heterogeneous", False):
+        shapes = {}
+        for i, c in enumerate(config.per_layer_config):
+            q = c.num_attention_heads
+            shapes.setdefault((q, getattr(c, "num_key_value_heads", None) or q), i)
+        if len(shapes) > 1:
+            return [(q, k, f" (layer {i})") for (q, k), i in shapes.items()]
+        ((q, k),) = shapes
+        return [(q, k, "")]
+    q = config.num_attention_heads
+    return [(q, getattr(config, "num_key_value_heads", None) or q, "")]
 
 
 _GROUPS: dict[tuple[int, int], tuple[str, str, str]] = {}

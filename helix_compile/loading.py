@@ -82,7 +82,7 @@ def _read(piece, shape, spec) -> torch.Tensor:
 def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int):
     """The ``Shard`` of checkpoint tensor ``name`` (global ``shape``) that ``rank`` holds, or None (replicated)."""
     role, kind = role_by_name(name)
-    return role_shard(role, kind, tuple(shape), heads, layout, rank) if role else None
+    return role_shard(role, kind, tuple(shape), heads.of_name(name), layout, rank) if role else None
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:

@@ -50,6 +50,18 @@ FAMILIES = {
     "glm": ("glm", dict(num_attention_heads=8, num_key_value_heads=4, partial_rotary_factor=0.5, pad_token_id=0,
                         eos_token_id=[1, 2])),  # interleaved RoPE
     "olmo2": ("olmo2", dict(num_attention_heads=8, num_key_value_heads=4, eos_token_id=2)),  # q/k RMSNorm over all heads
+    # kv-shared layers: layers 2, 3 read the caches of layers 0 (sliding) and 1 (full); per-layer inputs, AltUp,
+    # LAuReL (left whole), the gaussian top-k activation sparsity of layer 0 (a std over the intermediate features)
+    "gemma3n": ("gemma3n_text", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+                                     num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                                     num_kv_shared_layers=2, vocab_size_per_layer_input=97,
+                                     hidden_size_per_layer_input=8, laurel_rank=8,
+                                     activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])),
+    # full-attention layers with their own head_dim (global_head_dim), kv-shared layers, per-layer inputs
+    "gemma4": ("gemma4_text", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                                   sliding_window=6, num_hidden_layers=4, num_kv_shared_layers=2,
+                                   layer_types=["sliding_attention", "full_attention"] * 2,
+                                   vocab_size_per_layer_input=97, hidden_size_per_layer_input=8)),
 }
 ATTENTION = {"gemma2": "eager"}  # families without SDPA (soft-capping)
 

@@ -5,6 +5,8 @@ steps cross block boundaries on every rank. Logits within 1e-5 relative; greedy 
 identical on every rank.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -106,6 +108,15 @@ def test_fused_and_cross_head_norm_on_four_ranks():
     """kvp=2 x tpa=2: Phi-3's fused projections sliced per TPA rank; OLMo2's q/k norms over all heads, exact by
     an all-reduce of the partial sums of squares over the TPA group."""
     check_families(4, [("phi3", [(2, 2)]), ("olmo2", [(2, 2)])])
+
+
+@pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="heavier families: HELIX_FULL_MATRIX=1")
+def test_kv_shared_layers_and_per_layer_shapes():
+    """Gemma 3n and Gemma 4: layers that read an earlier layer's cache (each rank reads the writer's shard), a
+    std over all intermediate features (all-reduced), and full-attention layers of another head_dim (Gemma 4).
+    Opt-in (4 layers, per-layer inputs, AltUp: the heaviest tiny models); tests/passes/test_regions.py checks
+    their structure in CI, tools/coverage.py their numerics."""
+    check_families(2, [("gemma3n", [(2, 1), (1, 2)]), ("gemma4", [(2, 1), (1, 2)])])
 
 
 def test_eager_attention_form():

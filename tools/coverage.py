@@ -53,6 +53,7 @@ FAMILY = {
     "gemma4_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                         global_head_dim=32, num_global_key_value_heads=1, vocab_size_per_layer_input=97,
                         hidden_size_per_layer_input=8),
+    "gemma4_unified_text": dict(global_head_dim=32),
     # layer 0 chunked attention with RoPE, layer 1 full attention without (NoPE); chunks of 8 positions, so the
     # decode steps cross a chunk; attention temperature tuning from position 4 on
     "llama4_text": dict(no_rope_layer_interval=2, attention_chunk_size=8, floor_scale=4),
@@ -314,6 +315,7 @@ CAUSES = [  # (substring of the error, cause): first match wins
     ("multi-head latent attention", "MLA (a later issue)"),
     ("mixture-of-experts", "MoE FFN (a later issue)"),
     ("no softmax attention over a KV cache (no num_attention_heads", "state-space / RWKV-like: no KV cache attention"),
+    ("chunked-attention layers", "chunked attention (Llama 4: keys masked to the query's chunk)"),
     ("layers without softmax attention", "hybrid with linear / indexed / state-space layers"),
     ("without a mask over the cache", "bidirectional attention (an encoder)"),
     ("mask carries a bias", "additive attention bias (ALiBi, relative positions)"),

@@ -69,3 +69,36 @@ def test_interleaved_rope_is_per_head(fake_world):
     q and k): the ops on cos/sin carry no heads, the ones on q and k stay within a head."""
     done = passes(model("glm"))
     assert len(done.regions.attention) == 2 and not done.regions.whole
+
+
+def _count(gm, name):
+    return sum(1 for n in gm.graph.nodes if name in str(n.target))
+
+
+def test_kv_shared_layers_read_the_writers_shard(fake_world):
+    """Gemma 3n: layers 2 and 3 have no k/v projections and read the caches of layers 0 (sliding) and 1 (full): each
+    is an attention match over the writer's cache placeholders, with its own q, o and window, and no write."""
+    done = passes(model("gemma3n"))
+    attention = done.regions.attention
+    assert [a.shares for a in attention] == [None, None, "model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert [a.window for a in attention] == [6, 0, 6, 0]
+    assert attention[2].keys is attention[0].keys and attention[2].k is None
+    local = done.stages["partition"]
+    assert _count(local, "partial_attention") == 4 and _count(local, "kv_write_local") == 2
+    assert "reads the cache of model.layers.0.self_attn" in done.regions.describe()
+    # layer 0's gaussian top-k: a mean and a std over the intermediate features, each all-reduced over the world
+    assert [[s.kind for s in f.stats] for f in done.regions.ffn] == [["mean", "std"], [], [], []]
+
+
+def test_layers_of_another_head_dim_are_placed_with_their_own(fake_world):
+    """Gemma 4: the full-attention layers (1, 3) have head_dim 32, the sliding ones 16; rank 1 of kvp=2 x tpa=2 keeps
+    one query head after the all-to-all, so 16 or 32 columns of o_proj, and 16 or 32 rows of k_proj."""
+    done = passes(model("gemma4"))
+    widths = {}
+    for name, role in done.plan.roles.items():
+        layer = int(name.split("_layers_modules_")[1].split("_")[0])
+        spec = done.plan.inputs[name]
+        if role in ("o.weight", "k.weight") and layer < 2:
+            widths[(role, layer)] = spec.stop - spec.start
+    assert widths == {("o.weight", 0): 16, ("o.weight", 1): 32, ("k.weight", 0): 16, ("k.weight", 1): 32}
+    assert [a.layer for a in done.regions.attention] == [0, 1, 2, 3]

@@ -87,6 +87,7 @@ class AttentionMatch:
     norms: list = dataclasses.field(default_factory=list)  # CrossHeadNorm
     key_mask: fx.Node | None = None  # the 2-D (B, S_m) attention_mask placeholder HF's mask is built from
     shares: str | None = None  # a kv-shared reader: the module whose cache write (``kv_write``) it reads
+    layer: int | None = None  # decoder layer index (its Heads when layers differ in shape: ``Heads.layer``)
 
     kind = "attention"
 
@@ -157,6 +158,8 @@ class AttentionMatch:
         return out
 
     def replace_with(self, graph: fx.Graph, env: dict, ctx) -> None:
+        if ctx.heads.per_layer:  # this layer's shape (Gemma 4: full-attention layers have their own head_dim)
+            ctx = dataclasses.replace(ctx, heads=ctx.heads.layer(self.layer))
         layout, heads = ctx.layout, ctx.heads
         keys, values, k, v, pos = (env[x.name] for x in self.kv_write.args)
         core, query = env[self.core.name], env[self.query.name]
@@ -320,9 +323,10 @@ def _match_one(write: fx.Node, index: int, config, found) -> AttentionMatch:
         fused = "qkv_heads" if split.width != q.out_features else "qkv"
     o = _first_projection_after(core, f"attention output of {module}")
     _check_softcap(config, module, core, softcap)
-    window = layer_window(config, _layer_index(keys, index)) if config is not None else 0
+    layer = _layer_index(keys, index)
+    window = layer_window(config, layer) if config is not None else 0
     return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
-                          fused, split, norms, _key_mask(form, core))
+                          fused, split, norms, _key_mask(form, core), layer=layer)
 
 
 def _match_reader(writer: AttentionMatch, found, config) -> AttentionMatch:
@@ -341,10 +345,11 @@ def _match_reader(writer: AttentionMatch, found, config) -> AttentionMatch:
     if config is not None and layer is None:
         raise UnsupportedModelError(f"{where(core)} reads the cache of {writer.module} but its module path names no "
                                     f"layer index, so helix cannot find its sliding window")
-    window = layer_window(config, int(layer.group(1))) if config is not None else 0
+    index = int(layer.group(1)) if layer is not None else None
+    window = layer_window(config, index) if config is not None else 0
     return AttentionMatch(module, form, q, None, None, o, writer.kv_write, writer.keys, writer.values, writer.pos,
                           query, core, scale, softcap, window, None, None, norms, _key_mask(form, core),
-                          shares=writer.module)
+                          shares=writer.module, layer=index)
 
 
 def _check_softcap(config, module: str, core: fx.Node, softcap: float) -> None:
