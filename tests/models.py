@@ -57,8 +57,10 @@ FAMILIES = {
                                      num_kv_shared_layers=2, vocab_size_per_layer_input=97,
                                      hidden_size_per_layer_input=8, laurel_rank=8,
                                      activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])),
-    # full-attention layers with their own head_dim (global_head_dim), kv-shared layers, per-layer inputs
+    # full-attention layers with their own head_dim (global_head_dim) and one KV head whose values are the keys'
+    # projection (attention_k_eq_v), kv-shared layers, per-layer inputs
     "gemma4": ("gemma4_text", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                                   num_global_key_value_heads=1, attention_k_eq_v=True,
                                    sliding_window=6, num_hidden_layers=4, num_kv_shared_layers=2,
                                    layer_types=["sliding_attention", "full_attention"] * 2,
                                    vocab_size_per_layer_input=97, hidden_size_per_layer_input=8)),

@@ -49,10 +49,11 @@ FAMILY = {
     "gemma3n_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                          num_kv_shared_layers=2, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8,
                          laurel_rank=8, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0]),
-    # full-attention layers have their own head_dim (global_head_dim, 512 by default) and KV heads
+    # full-attention layers have their own head_dim (global_head_dim, 512 by default) and KV heads, and values that
+    # are the keys' projection (attention_k_eq_v, as in Gemma 4 31B); the last 2 layers kv-shared
     "gemma4_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
-                        global_head_dim=32, num_global_key_value_heads=1, vocab_size_per_layer_input=97,
-                        hidden_size_per_layer_input=8),
+                        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                        num_kv_shared_layers=2, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8),
     "gemma4_unified_text": dict(global_head_dim=32),
     # layer 0 chunked attention with RoPE, layer 1 full attention without (NoPE); chunks of 8 positions, so the
     # decode steps cross a chunk; attention temperature tuning from position 4 on

@@ -7,7 +7,8 @@ Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache wri
     q, k, v the projection among the ancestors of the query, of k, of v inside the attention module, reached
             through per-head ops only (reshapes, elementwise ops, RoPE, per-head norms, and norms over all heads'
             features, which become exact under tpa > 1 by an all-reduce of partial sums of squares); one fused
-            projection for all three (qkv) is cut by ``FusedSplit``
+            projection for all three (qkv) is cut by ``FusedSplit``; values that are the key projection's output
+            (Gemma 4's ``attention_k_eq_v``: v = v_norm(k_proj(x)), k = rope(k_norm(k_proj(x)))) share k's rows
     o       the first projection after core, only reshapes between them
     window  per layer from the config (``layer_types`` / ``sliding_window`` / ``use_sliding_window``)
     readers a core in another attention module that reads the same cache placeholders (Gemma 3n's kv-shared
@@ -138,7 +139,8 @@ class AttentionMatch:
                     f"{self.module}: q_proj has {q_rows} rows and k_proj {k_rows}, but the config says "
                     f"{heads.q}x{heads.d} query and {heads.k}x{heads.d} key rows"
                 )
-            out = [*self.q.placements("q"), *self.k.placements("k"), *self.v.placements("v")]
+            out = [*self.q.placements("q"), *self.k.placements("k")]
+            out += self.v.placements("v") if self.v.node is not self.k.node else []  # k = v: placed once
         else:
             rows, want = self.q.out_features, (heads.q + 2 * heads.k) * heads.d
             if rows != want:
@@ -189,6 +191,8 @@ class AttentionMatch:
             self.q.column_parallel(env, q_local)
         elif self.fused is None:
             for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, k_local)):
+                if proj is self.v and self.v.node is self.k.node:
+                    continue  # k = v (attention_k_eq_v): rewritten once, as k
                 proj.column_parallel(env, width)
         else:
             self.q.column_parallel(env, q_local + 2 * k_local)
@@ -306,8 +310,8 @@ def _match_one(write: fx.Node, index: int, config, found) -> AttentionMatch:
     kp = _projection_ancestor(k, module, f"key of {module}", norms, "k_norm")
     vp = _projection_ancestor(v, module, f"value of {module}", norms, None)
     fused, split = None, None
-    if len({q.node, kp.node, vp.node}) == 3:
-        for proj in (q, kp, vp):  # a cut of a projection's whole feature width would need a fused rewrite
+    if len({q.node, kp.node, vp.node}) == 3 or (kp.node is vp.node and q.node is not kp.node):
+        for proj in (q, kp) if kp.node is vp.node else (q, kp, vp):  # a cut of a projection's whole feature width would need a fused rewrite
             cut = find_split(proj, f"projection of {module}")
             flat = [c for c in (cut.cuts if cut else []) if len(shape(c.args[0]) or ()) < 4]  # (B, L, features)
             if flat and cut.width == proj.out_features:
