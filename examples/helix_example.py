@@ -121,6 +121,7 @@ def compare_on_ranks(model, tok, ids, args, prompt: str, reference_cache) -> int
     ref_text, text = tok.decode(ref_tokens), tok.decode(tokens)
     steps = min(len(ref_tokens), len(tokens))
     diff = (logits[:steps] - ref_logits[:steps]).abs().max().item()
+    scale = ref_logits[:steps].abs().max().item()
 
     def ms(ts):  # mean of the decode steps after the first (the first two calls also compile under helix)
         return f"{1000 * sum(ts[2:]) / max(1, len(ts[2:])):.0f} ms/token"
@@ -129,7 +130,8 @@ def compare_on_ranks(model, tok, ids, args, prompt: str, reference_cache) -> int
     print(f"single device : {ref_text!r}")
     print(f"helix {args.ranks} ranks: {text!r}")
     print(f"  layout kvp={args.kvp} tpa={args.tpa} kv_block={args.kv_block}, executor={args.executor}")
-    print(f"identical text: {ref_text == text}; max |logit diff| over {steps} steps: {diff:.2e}")
+    print(f"identical text: {ref_text == text}; max |logit diff| over {steps} steps: {diff:.2e} "
+          f"(relative to the largest |logit|, {scale:.1f}: {diff / scale:.1e})")
     print(f"single device: {ref_s:.1f}s for {len(ref_tokens)} tokens, decode {ms(ref_times)}")
     print(f"rank 0 holds {held / 2**20:.1f} MiB of weights (the model: {full_bytes / 2**20:.1f} MiB; embeddings and "
           f"norms are replicated) and {cache_bytes / 2**10:.0f} KiB of KV cache")

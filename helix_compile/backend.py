@@ -59,10 +59,10 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
     if layout != cache.layout:
         raise ValueError(f"the StaticCache was built for {cache.layout} but the backend was given {layout}")
     writes = sum(n.op == "call_function" and n.target in KV_WRITE for n in gm.graph.nodes)
-    if writes and writes != len(cache.layers):
+    if writes and writes != cache.writing_layers:
         raise ValueError(
-            f"helix StaticCache does not fit the model: the model has {writes} attention layers but the cache has "
-            f"{len(cache.layers)} (num_hidden_layers={config.num_hidden_layers}). {cache_fix}"
+            f"helix StaticCache does not fit the model: the model has {writes} attention layers that write KV but the "
+            f"cache has {cache.writing_layers} (num_hidden_layers={config.num_hidden_layers}). {cache_fix}"
         )
     regions = detect(gm, config)
     the_plan = make_plan(gm, regions, config, layout, rank)

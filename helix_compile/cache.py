@@ -22,6 +22,16 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+try:
+    from transformers.cache_utils import DummyLayer
+except ImportError:  # transformers without kv-shared layers: no model asks for one
+
+    class DummyLayer:  # noqa: D101  (same interface as transformers' DummyLayer, never written)
+        is_initialized, is_compileable, keys, values = True, True, None, None
+
+        def reset(self):
+            pass
+
 from . import shards
 from .layout import Layout, mla_latent
 from .lowering.ops import ShardedEagerError  # importing ops registers helix::kv_write, which HelixLayer.update calls
@@ -145,6 +155,34 @@ def stand_ins(key_states, value_states, length: int, problem: str):
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
+def _kv_shape(config) -> tuple[int, int, int]:
+    """(KV heads, key dim, value dim) of a layer's cache (one layer's config of a heterogeneous model, e.g. Gemma 4's
+    full-attention layers with their global_head_dim, or the model's)."""
+    latent = mla_latent(config)
+    if latent is not None:  # MLA caches one latent "head": keys = the compressed kv, values = the rotary key
+        return (1, *latent)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if getattr(config, "v_head_dim", None) not in (None, head_dim):
+        raise ValueError(
+            f"{type(config).__name__} has keys of head_dim {head_dim} and values of v_head_dim {config.v_head_dim} "
+            f"(MiMo-V2-Flash); helix's attention assumes one head dim for the keys and values of its cache and "
+            f"does not support this yet"
+        )
+    return heads, head_dim, head_dim
+
+
+def kv_shared_layers(text) -> set[int]:
+    """Layers that read the KV cache of an earlier layer and write none (Gemma 3n's last ``num_kv_shared_layers``,
+    ``kv_sharing_modes[i] == "reuse"``): transformers keeps a ``DummyLayer`` for them, and so does helix. Their
+    attention reads the earlier layer's helix cache, i.e. this rank's shard of it (see the attention matcher)."""
+    modes = getattr(text, "kv_sharing_modes", None)
+    if modes is not None:
+        return {i for i, mode in enumerate(modes) if mode == "reuse"}
+    shared = getattr(text, "num_kv_shared_layers", 0) or 0
+    return set(range(text.num_hidden_layers - shared, text.num_hidden_layers))
+
+
 def _refuse_without_kv_attention(text) -> None:
     """Refuse, saying so, a model without softmax attention over a KV cache in every layer (state-space,
     RWKV-like, linear attention, hybrids of them)."""
@@ -155,6 +193,12 @@ def _refuse_without_kv_attention(text) -> None:
             f"model); helix parallelises attention over a KV cache and cannot run it"
         )
     other = sorted({t for t in getattr(text, "layer_types", None) or [] if t not in _ATTENTION_LAYER_TYPES})
+    if "chunked_attention" in other:  # Llama 4: softmax attention over the cache, but masked to the query's chunk
+        raise ValueError(
+            f"{name} has chunked-attention layers (layer_types {other}, attention_chunk_size="
+            f"{getattr(text, 'attention_chunk_size', None)}: a query sees only the keys of its own chunk of positions); "
+            f"helix's partial attention masks keys by causal position and sliding window only, not by chunk"
+        )
     if other:
         raise ValueError(
             f"{name} has layers without softmax attention over a KV cache (layer_types {other}); helix supports "
@@ -249,21 +293,13 @@ class StaticCache(Cache):
         self.layout = layout
         self._max_batch_size, self._max_cache_len = max_batch_size, max_cache_len
         self.host_length = 0  # tokens written, tracked on the host so the bound is checked without a device sync
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        k_dim = v_dim = head_dim
-        latent = mla_latent(text)
-        if latent is not None:  # MLA caches one latent "head": keys = the compressed kv, values = the rotary key
-            heads, (k_dim, v_dim) = 1, latent
-        elif getattr(text, "v_head_dim", None) not in (None, head_dim):
-            raise ValueError(
-                f"{type(text).__name__} has keys of head_dim {head_dim} and values of v_head_dim {text.v_head_dim} "
-                f"(MiMo-V2-Flash); helix's attention assumes one head dim for the keys and values of its cache and "
-                f"does not support this yet"
-            )
+        shared = kv_shared_layers(text)
+        per_layer = getattr(text, "per_layer_config", None) if getattr(text, "is_heterogeneous", False) else None
         layers = [
-            HelixLayer(self, max_cache_len, max_batch_size, heads, k_dim, v_dim, dtype, device)
-            for _ in range(text.num_hidden_layers)
+            DummyLayer() if i in shared else
+            HelixLayer(self, max_cache_len, max_batch_size, *_kv_shape(per_layer[i] if per_layer else text), dtype,
+                       device)
+            for i in range(text.num_hidden_layers)
         ]
         super().__init__(layers=layers)
 
@@ -292,4 +328,9 @@ class StaticCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of KV data this rank stores."""
-        return sum(layer.nbytes for layer in self.layers)
+        return sum(layer.nbytes for layer in self.layers if isinstance(layer, HelixLayer))
+
+    @property
+    def writing_layers(self) -> int:
+        """Layers that write KV (the kv-shared layers of Gemma 3n read an earlier layer's and hold none)."""
+        return sum(isinstance(layer, HelixLayer) for layer in self.layers)

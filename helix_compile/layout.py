@@ -103,14 +103,36 @@ class Layout:
     def validate(self, config, world_size: int | None = None) -> None:
         """Raise ``ValueError`` naming the rule and the numbers if this layout cannot run ``config``."""
         cls = type(config).__name__
-        q = config.num_attention_heads
-        k = getattr(config, "num_key_value_heads", None) or q
         n = self.world_size
         if world_size is not None and world_size != n:
             raise ValueError(
                 f"Layout kvp={self.kvp} x tpa={self.tpa} needs N={n} ranks, but the default process group has "
                 f"world size {world_size}"
             )
+        for q, k, at in _attention_shapes(config):
+            self._validate_heads(q, k, f"{cls}{at}")
+        if mla_latent(config) is not None and self.tpa != 1:
+            raise ValueError(
+                f"{cls} uses multi-head latent attention (MLA): its cache holds one latent KV head, so tpa must be 1 "
+                f"(got tpa={self.tpa}); use kvp={n}, tpa=1"
+            )
+        experts = moe_experts(config)
+        if experts is None:
+            if self.ep != 1:
+                raise ValueError(f"ep={self.ep} needs a mixture-of-experts FFN; {cls} has a dense FFN (use ep=1)")
+            inter = getattr(config, "intermediate_size", None)
+            for layer, width in enumerate(inter if isinstance(inter, (list, tuple)) else [inter]):  # Gemma 3n: per layer
+                if width is not None and width % self.tpf:
+                    at = f" (layer {layer})" if isinstance(inter, (list, tuple)) else ""
+                    raise ValueError(f"tpf={self.tpf} does not divide intermediate_size={width}{at} of {cls}")
+            return
+        count, inter = experts
+        if count % self.ep:
+            raise ValueError(f"ep={self.ep} does not divide the {count} routed experts of {cls}")
+        if inter % self.tpf:
+            raise ValueError(f"tpf={self.tpf} does not divide the expert intermediate size {inter} of {cls}")
+
+    def _validate_heads(self, q: int, k: int, cls: str) -> None:
         if self.tpa > k and self.tpa % k:
             raise ValueError(
                 f"tpa={self.tpa} exceeds num_key_value_heads={k} of {cls} and is not a multiple of it: a TPA slice's "
@@ -125,24 +147,6 @@ class Layout:
                 f"kvp={self.kvp} exceeds the {q // self.tpa} query heads of a TPA slice (num_attention_heads={q} / "
                 f"tpa={self.tpa}) of {cls}: after the all-to-all every rank must hold at least one query head"
             )
-        if mla_latent(config) is not None and self.tpa != 1:
-            raise ValueError(
-                f"{cls} uses multi-head latent attention (MLA): its cache holds one latent KV head, so tpa must be 1 "
-                f"(got tpa={self.tpa}); use kvp={n}, tpa=1"
-            )
-        experts = moe_experts(config)
-        if experts is None:
-            if self.ep != 1:
-                raise ValueError(f"ep={self.ep} needs a mixture-of-experts FFN; {cls} has a dense FFN (use ep=1)")
-            inter = getattr(config, "intermediate_size", None)
-            if inter is not None and inter % self.tpf:
-                raise ValueError(f"tpf={self.tpf} does not divide intermediate_size={inter} of {cls}")
-            return
-        count, inter = experts
-        if count % self.ep:
-            raise ValueError(f"ep={self.ep} does not divide the {count} routed experts of {cls}")
-        if inter % self.tpf:
-            raise ValueError(f"tpf={self.tpf} does not divide the expert intermediate size {inter} of {cls}")
 
     def key(self) -> str:
         """A short stable string, used in compiled-artifact keys and file names."""
@@ -162,6 +166,22 @@ class Layout:
         """Name of this rank's TPA group (the ranks with the same ``kvp_rank``), from the same DeviceMesh: the
         all-reduce of a norm over all heads' features (OLMo2's q/k norm) runs over it."""
         return _group_names(self.kvp, self.tpa)[2]
+
+
+def _attention_shapes(config) -> list[tuple[int, int, str]]:
+    """(query heads, KV heads, where) of the model's layers: one entry, or one per distinct shape of a config whose
+    layers differ (transformers' heterogeneous configs, e.g. Gemma 4's full-attention layers)."""
+    if getattr(config, "is_heterogeneous", False):
+        shapes = {}
+        for i, c in enumerate(config.per_layer_config):
+            q = c.num_attention_heads
+            shapes.setdefault((q, getattr(c, "num_key_value_heads", None) or q), i)
+        if len(shapes) > 1:
+            return [(q, k, f" (layer {i})") for (q, k), i in shapes.items()]
+        ((q, k),) = shapes
+        return [(q, k, "")]
+    q = config.num_attention_heads
+    return [(q, getattr(config, "num_key_value_heads", None) or q, "")]
 
 
 _GROUPS: dict[tuple[int, int], tuple[str, str, str]] = {}

@@ -85,7 +85,7 @@ def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int, transp
     role, kind = role_by_name(name)
     if transposed and kind == "weight":
         kind = "weight_t"
-    return role_shard(role, kind, tuple(shape), heads, layout, rank) if role else None
+    return role_shard(role, kind, tuple(shape), heads.of_name(name), layout, rank) if role else None
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:

@@ -85,7 +85,7 @@ def compare(
         ref_tokens.append(ref_tok)
     seconds = time.perf_counter() - start
     tokens, ref_tokens = torch.cat(tokens, 1).tolist(), torch.cat(ref_tokens, 1).tolist()
-    ref_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in ref_cache.layers)
+    ref_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in ref_cache.layers if layer.keys is not None)
     return Report(
         cache.layout.key(), err, err / max(scale, 1e-30), tokens == ref_tokens, steps, cache.nbytes, ref_bytes,
         tokens, ref_tokens, out.float().cpu().tolist(), seconds,

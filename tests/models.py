@@ -82,6 +82,20 @@ FAMILIES = {
     "codegen": ("codegen", dict(num_attention_heads=8, rotary_dim=4, n_inner=96)),  # qkv as [q v k] per 2 heads
     "flint": ("flint", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)),  # sinks: cat([scores, s])
     "granite_swa": ("granite_swa", dict(num_attention_heads=8, num_key_value_heads=4)),  # sinks: sigmoid(lse - s)
+    # kv-shared layers: layers 2, 3 read the caches of layers 0 (sliding) and 1 (full); per-layer inputs, AltUp,
+    # LAuReL (left whole), the gaussian top-k activation sparsity of layer 0 (a std over the intermediate features)
+    "gemma3n": ("gemma3n_text", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+                                     num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                                     num_kv_shared_layers=2, vocab_size_per_layer_input=97,
+                                     hidden_size_per_layer_input=8, laurel_rank=8,
+                                     activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])),
+    # full-attention layers with their own head_dim (global_head_dim) and one KV head whose values are the keys'
+    # projection (attention_k_eq_v), kv-shared layers, per-layer inputs
+    "gemma4": ("gemma4_text", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                                   num_global_key_value_heads=1, attention_k_eq_v=True,
+                                   sliding_window=6, num_hidden_layers=4, num_kv_shared_layers=2,
+                                   layer_types=["sliding_attention", "full_attention"] * 2,
+                                   vocab_size_per_layer_input=97, hidden_size_per_layer_input=8)),
 }
 ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
              "granite_swa": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)

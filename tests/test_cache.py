@@ -62,7 +62,7 @@ def test_smaller_batch_is_exact():
     (None, lambda m: StaticCache(config("llama", num_hidden_layers=1), 2, 16, Layout(1)),
      "the model asks for cache layer 1 but the cache has 1 layers"),
     (None, lambda m: StaticCache(config("llama", num_hidden_layers=3), 2, 16, Layout(1)),
-     "the model has 2 attention layers but the cache has 3"),
+     "the model has 2 attention layers that write KV but the cache has 3"),
 ])
 def test_mismatch_is_a_clear_error(model_device, make_cache, message):
     m = model("llama")

@@ -130,6 +130,15 @@ def test_gated_and_head_view_families(world):
     check_families(world, [(f, splits(2, 2) if world == 2 else [(2, 2)]) for f in families])
 
 
+@pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="heavier families: HELIX_FULL_MATRIX=1")
+def test_kv_shared_layers_and_per_layer_shapes():
+    """Gemma 3n and Gemma 4: layers that read an earlier layer's cache (each rank reads the writer's shard), a
+    std over all intermediate features (all-reduced), and full-attention layers of another head_dim (Gemma 4).
+    Opt-in (4 layers, per-layer inputs, AltUp: the heaviest tiny models); tests/passes/test_regions.py checks
+    their structure in CI, tools/coverage.py their numerics."""
+    check_families(2, [("gemma3n", [(2, 1), (1, 2)]), ("gemma4", [(2, 1), (1, 2)])])
+
+
 def test_eager_attention_form():
     check(2, "llama", [(2, 1), (1, 2)], attn="eager")
 

@@ -78,7 +78,33 @@ FAMILY_CONFIG = {
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=12),  # one global + one local layer
     "cohere_compass_text": dict(rope_parameters={  # its default config has none, so transformers cannot build it
         t: {"rope_type": "default", "rope_theta": 10000.0} for t in ("full_attention", "sliding_attention")}),
+    # 4 layers (sliding, full, sliding, full); the last 2 reuse the KV of layers 0 and 1 (kv-shared layers);
+    # the per-layer input embedding (262144 x layers*256 by default) and LAuReL shrunk
+    "gemma3n_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                         num_kv_shared_layers=2, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8,
+                         laurel_rank=8, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0]),
+    # full-attention layers have their own head_dim (global_head_dim, 512 by default) and KV heads, and values that
+    # are the keys' projection (attention_k_eq_v, as in Gemma 4 31B); the last 2 layers kv-shared
+    "gemma4_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                        num_kv_shared_layers=2, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8),
+    "gemma4_unified_text": dict(global_head_dim=32),
+    # layer 0 chunked attention with RoPE, layer 1 full attention without (NoPE); chunks of 8 positions, so the
+    # decode steps cross a chunk; attention temperature tuning from position 4 on
+    "llama4_text": dict(no_rope_layer_interval=2, attention_chunk_size=8, floor_scale=4),
 }
+
+
+# Per text model type: what the sizes above leave invalid or huge, set so that the family's own features stay on
+# in the small model (each value is a size or a layer pattern, never a switch that turns a feature off).
+
+
+def _has(config, key: str) -> bool:
+    """``hasattr`` that also answers for per-layer attributes (Gemma 4), whose global read raises."""
+    try:
+        return hasattr(config, key)
+    except Exception:  # noqa: BLE001  transformers' AmbiguousGlobalPerLayerAttributeError
+        return key in getattr(type(config), "__dataclass_fields__", {})
 
 
 def small_config(model_type: str):
@@ -88,15 +114,17 @@ def small_config(model_type: str):
     cls = CONFIG_MAPPING[model_type]
     default = cls()
     text = default.get_text_config(decoder=True)
-    kw = {k: v for k, v in SMALL.items() if hasattr(text, k) and not _read_only(type(text), k)}
-    kw = {k: v for k, v in {**kw, **FAMILY_CONFIG.get(model_type, {})}.items() if v is not None}  # None: not set
+    kw = {k: v for k, v in SMALL.items() if _has(text, k) and not _read_only(type(text), k)}
+    family = {**FAMILY_CONFIG.get(text.model_type, {}), **FAMILY_CONFIG.get(model_type, {})}  # text part, family
+    kw = {k: v for k, v in {**kw, **family}.items() if v is not None}  # None: not set
     if getattr(default, "is_encoder_decoder", False):
         raise NotImplementedError("an encoder-decoder model: helix parallelises decoder-only causal LMs")
     sub = [k for k, v in vars(default).items() if v is text and k != "self"]
     if text is default or not sub:
         return cls(**kw)
-    base = {k: v for k, v in text.to_dict().items() if k not in ("layer_types", "model_type") or k == "model_type"}
-    base.pop("layer_types", None)  # recomputed for the new layer count
+    layers = text.to_dict().get("num_hidden_layers")
+    base = {k: v for k, v in text.to_dict().items()  # per-layer lists are recomputed for the new layer count
+            if not (isinstance(v, (list, dict)) and len(v) == layers) and k not in ("layer_types", "per_layer_config")}
     return cls(**{sub[0]: {**base, **kw}})  # a composite (multimodal) config: size its text part
 
 
@@ -358,6 +386,7 @@ CAUSES = [  # (substring of the error, cause): first match wins
     ("multi-head latent attention", "MLA (a later issue)"),
     ("mixture-of-experts", "MoE FFN (a later issue)"),
     ("no softmax attention over a KV cache (no num_attention_heads", "state-space / RWKV-like: no KV cache attention"),
+    ("chunked-attention layers", "chunked attention (Llama 4: keys masked to the query's chunk)"),
     ("layers without softmax attention", "hybrid with linear / indexed / state-space layers"),
     ("without a mask over the cache", "bidirectional attention (an encoder)"),
     ("mask carries a bias", "additive attention bias (ALiBi, relative positions)"),

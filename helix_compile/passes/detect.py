@@ -68,7 +68,7 @@ class Regions:
 
     def writes(self) -> list[fx.Node]:
         """Every cache write (attention and MLA), in graph order."""
-        return sorted((m.kv_write for m in self.matches if hasattr(m, "kv_write")), key=_order)
+        return sorted({m.kv_write for m in self.matches if hasattr(m, "kv_write")}, key=_order)  # kv-shared: once
 
     def describe(self) -> str:
         return "\n".join(r.describe() for r in [*self.matches, *self.whole])

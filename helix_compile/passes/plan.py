@@ -45,6 +45,8 @@ class Plan:
         heads = dataclasses.asdict(self.heads)
         if not heads["latent"]:
             del heads["latent"]  # plans without MLA read as before
+        if not heads["per_layer"]:
+            del heads["per_layer"]  # nor plans of models whose layers share one shape
         data = {
             "layout": dataclasses.asdict(self.layout),
             "rank": self.rank,
@@ -72,11 +74,13 @@ def plan(gm, regions: Regions, config, layout: Layout, rank: int) -> Plan:
     inputs = {n.name: "replicate" for n in gm.graph.nodes if n.op == "placeholder"}
     roles: dict[str, str] = {}
     for match in regions.matches:
-        for node, role, kind in match.placements(heads):
+        # layers of different shapes (Gemma 4): an attention match places with its layer's heads (FFN roles use none)
+        mh = heads.layer(match.layer) if heads.per_layer and match.kind == "attention" else heads
+        for node, role, kind in match.placements(mh):
             if role == "kv":
                 inputs[node.name] = "kv"
                 continue
-            spec = role_shard(role, kind, _example_shape(node), heads, layout, rank)
+            spec = role_shard(role, kind, _example_shape(node), mh, layout, rank)
             roles[node.name] = f"{role}.{kind}"
             if spec is not None:
                 inputs[node.name] = spec

@@ -121,7 +121,7 @@ def test_norms_over_all_heads_and_intermediate_features_all_reduced_over_world(f
     sharded like o_proj's columns / the ins' rows."""
     done = passes(model("bitnet"))
     assert all(len(a.output.norms) == 1 and len(a.output.weights) == 1 for a in done.regions.attention)
-    assert all(len(f.norms) == 1 and len(f.norm_weights) == 1 for f in done.regions.ffn)
+    assert all(len(f.stats) == 1 and f.stats[0].kind == "mean" and len(f.norm_weights) == 1 for f in done.regions.ffn)
     reduces = [n for n in done.stages["partition"].graph.nodes if "all_reduce" in str(n.target)]
     assert len(reduces) == 2 * 4  # per layer: o_proj, attn_sub_norm's mean, ffn_sub_norm's mean, down_proj
     assert len({n.args[2] for n in reduces}) == 1  # all over the world group (o_proj's)
@@ -138,3 +138,36 @@ def test_output_gate_sharded_like_o_columns(fake_world):
     shards = {name: spec for name, spec in done.plan.inputs.items() if "g_proj" in name or "o_proj" in name}
     assert {(s.start, s.stop) for n, s in shards.items() if "g_proj" in n} == {(4, 6)}
     assert {(s.start, s.stop) for n, s in shards.items() if "o_proj" in n} == {(32, 48)}
+
+
+def _count(gm, name):
+    return sum(1 for n in gm.graph.nodes if name in str(n.target))
+
+
+def test_kv_shared_layers_read_the_writers_shard(fake_world):
+    """Gemma 3n: layers 2 and 3 have no k/v projections and read the caches of layers 0 (sliding) and 1 (full): each
+    is an attention match over the writer's cache placeholders, with its own q, o and window, and no write."""
+    done = passes(model("gemma3n"))
+    attention = done.regions.attention
+    assert [a.shares for a in attention] == [None, None, "model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert [a.window for a in attention] == [6, 0, 6, 0]
+    assert attention[2].keys is attention[0].keys and attention[2].k is None
+    local = done.stages["partition"]
+    assert _count(local, "partial_attention") == 4 and _count(local, "kv_write_local") == 2
+    assert "reads the cache of model.layers.0.self_attn" in done.regions.describe()
+    # layer 0's gaussian top-k: a mean and a std over the intermediate features, each all-reduced over the world
+    assert [[s.kind for s in f.stats] for f in done.regions.ffn] == [["mean", "std"], [], [], []]
+
+
+def test_layers_of_another_head_dim_are_placed_with_their_own(fake_world):
+    """Gemma 4: the full-attention layers (1, 3) have head_dim 32, the sliding ones 16; rank 1 of kvp=2 x tpa=2 keeps
+    one query head after the all-to-all, so 16 or 32 columns of o_proj, and 16 or 32 rows of k_proj."""
+    done = passes(model("gemma4"))
+    widths = {}
+    for name, role in done.plan.roles.items():
+        layer = int(name.split("_layers_modules_")[1].split("_")[0])
+        spec = done.plan.inputs[name]
+        if role in ("o.weight", "k.weight") and layer < 2:
+            widths[(role, layer)] = spec.stop - spec.start
+    assert widths == {("o.weight", 0): 16, ("o.weight", 1): 32, ("k.weight", 0): 16, ("k.weight", 1): 32}
+    assert [a.layer for a in done.regions.attention] == [0, 1, 2, 3]

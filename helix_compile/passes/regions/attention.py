@@ -8,9 +8,21 @@ Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache wri
     q, k, v the projection among the ancestors of the query, of k, of v inside the attention module, reached
             through per-head ops only (reshapes, elementwise ops, RoPE, per-head norms, and norms over all heads'
             features, which become exact under tpa > 1 by an all-reduce of partial sums of squares); one fused
-            projection for all three (qkv) is cut by ``FusedSplit`` (or by index, BLOOM: ``alibi.IndexSplit``)
+            projection for all three (qkv) is cut by ``FusedSplit`` (or by index, BLOOM: ``alibi.IndexSplit``); values
+            that are the key projection's output (Gemma 4's ``attention_k_eq_v``: v = v_norm(k_proj(x)),
+            k = rope(k_norm(k_proj(x)))) share k's rows
     o       the first projection after core, only reshapes between them
     window  per layer from the config (``layer_types`` / ``sliding_window`` / ``use_sliding_window``)
+    readers a core in another attention module that reads the same cache placeholders (Gemma 3n's kv-shared
+            layers, ``kv_sharing_modes == "reuse"``: no k/v projections and no cache write of their own): a match
+            of its own with ``shares`` = the writing module, k = v = None; its q and o as above
+
+Sliding windows vs. KV sharding: a sliding-window layer keeps every position in the helix cache, sharded along the
+sequence like a full-attention layer, and partial attention masks keys older than the window by their global
+position (exact; the memory of a full layer, 1/kvp of it per rank). Sharding only the window (a rolling buffer
+over kvp ranks) would save memory but move each block's owner as the window slides; it is a later optimisation.
+A kv-shared reader is exact for the same reason: every rank holds the writer's shard, all positions, and the
+reader's partial attention over that shard (with the reader's own mask and window) merges like the writer's.
 
 Rewrite (``replace_with``; pattern ... into ...):
     kv_write(keys, values, k, v, pos)
@@ -89,13 +101,15 @@ class AttentionMatch:
     output: OutputSide | None = None  # gates and norms between core and o (heads.py)
     views: list = dataclasses.field(default_factory=list)  # heads.HeadView between q/k/v and the core
     sink: fx.Node | None = None  # a per-head attention sink parameter (Q,) (sinks.py)
+    shares: str | None = None  # a kv-shared reader: the module whose cache write (``kv_write``) it reads
+    layer: int | None = None  # decoder layer index (its Heads when layers differ in shape: ``Heads.layer``)
 
     kind = "attention"
 
     def projections(self) -> set:
         """The projection nodes this region claims (q, k, v, o and output gates)."""
         gates = self.output.gates if self.output is not None else []
-        return {p.node for p in (self.q, self.k, self.v, self.o, *gates)}
+        return {p.node for p in (self.q, self.k, self.v, self.o, *gates) if p is not None}  # k, v: None when kv-shared
 
     # names kept for the backend and the schedule: the o projection's node, the q/k/v nodes
     @property
@@ -115,6 +129,11 @@ class AttentionMatch:
             extra += f" cross_head_norms={[n.mean.name for n in self.norms]}"
         if self.output is not None and (self.output.gates or self.output.norms):
             extra += self.output.describe()
+        if self.shares is not None:
+            return (
+                f"attention {self.module} [{self.form}] q={self.q.name} reads the cache of {self.shares} "
+                f"(write={self.kv_write.name}) o={self.o.name} core={self.core.name} scale={self.scale:g}{extra}"
+            )
         return (
             f"attention {self.module} [{self.form}] q={self.q.name} k={self.k.name} v={self.v.name} "
             f"o={self.o.name} write={self.kv_write.name} core={self.core.name} scale={self.scale:g}{extra}"
@@ -122,7 +141,7 @@ class AttentionMatch:
 
     def placements_nodes(self):
         """The placeholders this region places (whatever the heads): for the report of what is left whole."""
-        projs = [self.q, self.k, self.v, self.o]
+        projs = [p for p in (self.q, self.k, self.v, self.o) if p is not None]
         nodes = [(n, None, None) for p in projs for n in (p.weight, p.bias) if n is not None]
         nodes += [(n, None, None) for n in (self.output.nodes() if self.output is not None else [])]
         nodes += [(self.sink, None, None)] if self.sink is not None else []
@@ -131,14 +150,20 @@ class AttentionMatch:
 
     def placements(self, heads):
         """(placeholder, role, kind) of every input this region shards; ``kv`` for the cache."""
-        if self.fused is None:
+        if self.shares is not None:  # a kv-shared reader: its query only (the writer places k, v and the cache)
+            if self.q.out_features != heads.q * heads.d:
+                raise ValueError(f"{self.module}: q_proj has {self.q.out_features} rows, the config says "
+                                 f"{heads.q}x{heads.d}")
+            out = list(self.q.placements("q"))
+        elif self.fused is None:
             q_rows, k_rows = self.q.out_features, self.k.out_features
             if q_rows != heads.q * heads.d or k_rows != heads.k * heads.d:
                 raise ValueError(
                     f"{self.module}: q_proj has {q_rows} rows and k_proj {k_rows}, but the config says "
                     f"{heads.q}x{heads.d} query and {heads.k}x{heads.d} key rows"
                 )
-            out = [*self.q.placements("q"), *self.k.placements("k"), *self.v.placements("v")]
+            out = [*self.q.placements("q"), *self.k.placements("k")]
+            out += self.v.placements("v") if self.v.node is not self.k.node else []  # k = v: placed once
         else:
             rows, want = self.q.out_features, (heads.q + 2 * heads.k) * heads.d
             if rows != want:
@@ -161,15 +186,23 @@ class AttentionMatch:
         return out
 
     def replace_with(self, graph: fx.Graph, env: dict, ctx) -> None:
+        if ctx.heads.per_layer:  # this layer's shape (Gemma 4: full-attention layers have their own head_dim)
+            ctx = dataclasses.replace(ctx, heads=ctx.heads.layer(self.layer))
         layout, heads = ctx.layout, ctx.heads
         keys, values, k, v, pos = (env[x.name] for x in self.kv_write.args)
-        write, core, query = env[self.kv_write.name], env[self.core.name], env[self.query.name]
-        with graph.inserting_before(write):
-            keys, values = _batch_rows(graph, keys, values, k)
-            graph.call_function(
-                torch.ops.helix.kv_write_local.default, (keys, values, k, v, pos, ctx.kvp_rank, layout.kvp, layout.kv_block)
-            )
-        graph.erase_node(write)
+        core, query = env[self.core.name], env[self.query.name]
+        if self.shares is not None:  # the writer's match rewrites the write; this layer reads the same local shard
+            with graph.inserting_before(core):
+                keys, values = _batch_rows(graph, keys, values, k)
+        else:
+            write = env[self.kv_write.name]
+            with graph.inserting_before(write):
+                keys, values = _batch_rows(graph, keys, values, k)
+                graph.call_function(
+                    torch.ops.helix.kv_write_local.default,
+                    (keys, values, k, v, pos, ctx.kvp_rank, layout.kvp, layout.kv_block),
+                )
+            graph.erase_node(write)
         args = (query, keys, values, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, self.scale)
         if self.softcap or self.window:
             args += (float(self.softcap), int(self.window))
@@ -197,8 +230,12 @@ class AttentionMatch:
                     f"tpa={layout.tpa} gives each rank {heads.q // layout.tpa} heads, not whole groups"
                 )
         q_local, k_local = heads.q // layout.tpa * heads.d, (stop - first) * heads.d
-        if self.fused is None:
+        if self.shares is not None:
+            self.q.column_parallel(env, q_local)
+        elif self.fused is None:
             for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, k_local)):
+                if proj is self.v and self.v.node is self.k.node:
+                    continue  # k = v (attention_k_eq_v): rewritten once, as k
                 proj.column_parallel(env, width)
         else:
             self.q.column_parallel(env, q_local + 2 * k_local)
@@ -307,20 +344,27 @@ def match_attention(graph: fx.Graph, config=None, skip=()) -> list[AttentionMatc
     """One ``AttentionMatch`` per helix cache write, in graph order (refuses what it does not understand);
     ``skip``: writes claimed by another matcher (MLA)."""
     writes = [n for n in graph.nodes if n.op == "call_function" and n.target in KV_WRITE]
-    return [_match_one(write, i, config) for i, write in enumerate(writes) if write not in skip]
+    matches = []
+    for i, write in enumerate(writes):
+        if write in skip:
+            continue
+        own, readers = _find_cores(write)
+        matches.append(_match_one(write, i, config, own))
+        matches += [_match_reader(matches[-1], found, config) for found in readers]
+    return sorted(matches, key=lambda m: _order(m.core))
 
 
-def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
+def _match_one(write: fx.Node, index: int, config, found) -> AttentionMatch:
     keys, values, k, v, pos = write.args
     module = module_path(write)
-    form, core, query, scale, softcap, alibi, sink = _find_core(keys, values, write)
+    form, core, query, scale, softcap, alibi, sink = found
     norms: list[CrossHeadNorm] = []
     q = _projection_ancestor(query, module, f"query of {module}", norms, "q_norm")
     kp = _projection_ancestor(k, module, f"key of {module}", norms, "k_norm")
     vp = _projection_ancestor(v, module, f"value of {module}", norms, None)
     fused, split = None, None
-    if len({q.node, kp.node, vp.node}) == 3:
-        for proj in (q, kp, vp):  # a cut of a projection's whole feature width would need a fused rewrite
+    if len({q.node, kp.node, vp.node}) == 3 or (kp.node is vp.node and q.node is not kp.node):
+        for proj in (q, kp) if kp.node is vp.node else (q, kp, vp):  # a cut of a projection's whole feature width would need a fused rewrite
             cut = find_split(proj, f"projection of {module}")
             flat = [c for c in (cut.cuts if cut else []) if len(shape(c.args[0]) or ()) < 4]  # (B, L, features)
             if flat and cut.width == proj.out_features:
@@ -338,17 +382,48 @@ def _match_one(write: fx.Node, index: int, config) -> AttentionMatch:
     output = match_output(core, module, f"attention output of {module}",
                           lambda node, what: _projection_ancestor(node, module, what, gate_norms, None))
     o = output.o
-    if config is not None:
-        configured = getattr(config, "attn_logit_softcapping", None) or 0.0
-        if configured and not softcap:
-            raise UnsupportedModelError(
-                f"{module}: the config sets attn_logit_softcapping={configured} but helix found no soft-capping in "
-                f"{where(core)}; use attn_implementation='eager'"
-            )
-    window = layer_window(config, _layer_index(keys, index)) if config is not None else 0
+    _check_softcap(config, module, core, softcap)
+    layer = _layer_index(keys, index)
+    window = layer_window(config, layer) if config is not None else 0
     return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
                           fused, split, norms, _key_mask(form, core), alibi, output,
-                          input_views(q, kp, vp, query, k, v), sink)
+                          input_views(q, kp, vp, query, k, v), sink, layer=layer)
+
+
+def _match_reader(writer: AttentionMatch, found, config) -> AttentionMatch:
+    """A kv-shared layer: attention in another module over ``writer``'s cache placeholders (see the module doc)."""
+    form, core, query, scale, softcap, alibi, sink = found
+    module = module_path(core)
+    if alibi is not None or sink is not None:
+        raise UnsupportedModelError(f"{where(core)} reads the cache of {writer.module} with "
+                                    f"{'ALiBi' if alibi is not None else 'an attention sink'}; helix supports "
+                                    f"kv-shared layers with plain causal attention only")
+    norms: list[CrossHeadNorm] = []
+    q = _projection_ancestor(query, module, f"query of {module}", norms, "q_norm")
+    cut = find_split(q, f"projection of {module}")
+    if cut is not None and cut.width == q.out_features:
+        raise UnsupportedModelError(f"{module}: {where(cut.cuts[0])} cuts the features of {q.name}; the query of a "
+                                    f"layer reading {writer.module}'s cache must be a projection of its own")
+    o = _first_projection_after(core, f"attention output of {module}")
+    _check_softcap(config, module, core, softcap)
+    layer = re.search(r"(?:^|\.)(\d+)\.[^.]+$", module)
+    if config is not None and layer is None:
+        raise UnsupportedModelError(f"{where(core)} reads the cache of {writer.module} but its module path names no "
+                                    f"layer index, so helix cannot find its sliding window")
+    index = int(layer.group(1)) if layer is not None else None
+    window = layer_window(config, index) if config is not None else 0
+    return AttentionMatch(module, form, q, None, None, o, writer.kv_write, writer.keys, writer.values, writer.pos,
+                          query, core, scale, softcap, window, None, None, norms, _key_mask(form, core),
+                          shares=writer.module, layer=index)
+
+
+def _check_softcap(config, module: str, core: fx.Node, softcap: float) -> None:
+    configured = (getattr(config, "attn_logit_softcapping", None) or 0.0) if config is not None else 0.0
+    if configured and not softcap:
+        raise UnsupportedModelError(
+            f"{module}: the config sets attn_logit_softcapping={configured} but helix found no soft-capping in "
+            f"{where(core)}; use attn_implementation='eager'"
+        )
 
 
 def _layer_index(keys: fx.Node, fallback: int) -> int:
@@ -475,8 +550,30 @@ def _zero_init(mm: fx.Node) -> bool:
     return is_call(init, {torch.zeros}) or is_method(init, {"zero_"})
 
 
-def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
-    """Return (form, core, query, scale, softcap, alibi, sink) for the attention that reads the cache placeholders."""
+def _find_cores(write: fx.Node):
+    """(the writer's core, [cores of kv-shared readers]) among the attentions over the cache ``write`` fills, each
+    as (form, core, query, scale, softcap, alibi, sink): the writer's is the one in the write's module (or the
+    only one)."""
+    keys, values = write.args[:2]
+    cores = _find_core(keys, values, write)
+    module = module_path(write)
+    own = [c for c in cores if module_path(c[1]) == module] if len(cores) > 1 else cores
+    if len(own) != 1:
+        raise UnsupportedModelError(
+            f"the cache written by {where(write)} is read by {len(cores)} attentions "
+            f"{[where(c[1]) for c in cores]}, {len(own)} of them in the writing module; helix expects one there "
+            f"(the others read it as kv-shared layers)"
+        )
+    readers = [c for c in cores if c is not own[0]]
+    for c in readers:
+        if module_path(c[1]).startswith(module) or not module_path(c[1]):
+            raise UnsupportedModelError(f"{where(c[1])} reads the cache written by {where(write)} a second time")
+    return own[0], readers
+
+
+def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node) -> list:
+    """Every (form, core, query, scale, softcap, alibi, sink) of an attention that reads the cache placeholders."""
+    found = []
     for user in _repeat_kv_users(keys):
         if user.op == "call_function" and user.target in SDPA_TARGETS:
             query, value = user.args[0], user.args[2] if len(user.args) > 2 else user.kwargs["value"]
@@ -489,17 +586,22 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node):
             scale = user.kwargs.get("scale")
             if scale is None:
                 scale = 1.0 / math.sqrt(shape(query)[-1])
-            return "sdpa", user, query, float(scale), 0.0, None, None
-        if user.op == "call_method" and user.target == "transpose":
+            found.append(("sdpa", user, query, float(scale), 0.0, None, None))
+        elif user.op == "call_method" and user.target == "transpose":
             for mm in user.users:
                 if mm.op == "call_function" and mm.target is torch.matmul and mm.args[1] is user:
                     form, core, query, scale, softcap, sink = _eager_core(mm, values)
-                    return form, core, query, scale, softcap, None, sink
+                    found.append((form, core, query, scale, softcap, None, sink))
+                    break
                 if is_call(mm, {torch.baddbmm}) and len(mm.args) > 2 and mm.args[2] is user and _zero_init(mm):
                     form, core, query, scale, softcap, sink = _eager_core(mm, values)  # GPT-NeoX-Japanese:
-                    return form, core, query, scale, softcap, None, sink  # baddbmm(zeros, q, k^T, alpha=scale)
+                    found.append((form, core, query, scale, softcap, None, sink))  # baddbmm(zeros, q, k^T, alpha)
+                    break
                 if is_call(mm, BMM | BADDBMM) or is_method(mm, {"bmm", "baddbmm"}):  # BLOOM: (B*H, L, D) batched
-                    return (*bmm_core(mm, user, values), None)  # matmuls, ALiBi through baddbmm's input
+                    found.append((*bmm_core(mm, user, values), None))  # matmuls, ALiBi through baddbmm's input
+                    break
+    if found:
+        return found
     raise UnsupportedModelError(
         f"the cache write {where(write)} is not followed by an attention helix understands (SDPA or "
         f"matmul-softmax-matmul over the whole cache)"

@@ -4,9 +4,12 @@ split applies to the routed experts only: its dense layers and shared experts us
 Match (pattern): the projections of one FFN module (``mlp``, ``feed_forward``, ``ffn``), classified by dataflow,
 not by name: the *in* projections (gate, up, fc1, c_fc, dense_h_to_4h; or one fused gate_up) read the module's
 input; the one *out* projection (down, fc2, c_proj, dense_4h_to_h) reads only what the ins computed, through
-elementwise ops (activations, products, casts, scaling, dropout). Whatever follows the out projection (dropout,
-residual scaling, casts) runs on its all-reduced, replicated value, so it is not constrained. A fused gate_up is
-cut by ``chunk`` / ``split`` on its last dim (``FusedSplit``).
+elementwise ops (activations, products, casts, scaling, dropout), and statistics over all intermediate features
+(``FeatureStat``: a mean or std over the last dim, e.g. Gemma 3n's activation sparsity, a gaussian top-k
+``relu(x - mean(x) - std(x) * c)``). Ops that read no projection (constants such as Gemma 3n's ``c``, an inverse
+normal CDF) are replicated values and not constrained. Whatever follows the out projection (dropout, residual
+scaling, casts) runs on its all-reduced, replicated value, so it is not constrained either. A fused gate_up is cut
+by ``chunk`` / ``split`` on its last dim (``FusedSplit``).
 BERT-style layers (BERT, RoBERTa, ELECTRA, MegatronBERT, RemBERT, BigBird, X-MOD, ...) split their FFN over two
 sibling modules, ``<layer>.intermediate`` (in projection, activation) and ``<layer>.output`` (out projection,
 dropout, LayerNorm(x + residual)): one region, named ``<layer>.intermediate+output``. An ``output`` module counts
@@ -18,8 +21,9 @@ Rewrite (``replace_with``):
     in projections   column-parallel: each rank computes I/N of the intermediate features (a Conv1D's output
                      view gets the local width; a fused gate_up's cut offsets (0, I, 2I) become (0, i, 2i))
     out = proj(h, Wdown, b)  into  wait(all_reduce(proj(h, Wdown_shard), "sum", world)) [+ b]
-    mean(h, -1) over all I features between ins and out (a norm, BitNet's ffn_sub_norm; its (I,) weight sharded
-                     like the ins)  into  wait(all_reduce(sum(h, -1), "sum", world)) / I
+    mean(x, -1)              into  wait(all_reduce(sum(x, -1), "sum", world)) / I              (fp32 sums)
+    std(x, -1, correction=c) into  sqrt(wait(all_reduce(sum((x - mean)^2, -1), "sum", world)) / (I - c))
+    (a norm over all I features, BitNet's ffn_sub_norm, is such a mean; its (I,) weight is sharded like the ins)
 A module called several times (weights shared) is one region per call. Refuses: mixture-of-experts blocks not claimed by ``moe.py`` (a safety net), more or fewer than one out projection, and any op between
 the ins and the out that mixes intermediate features (named, with its module).
 """
@@ -34,12 +38,12 @@ import torch.fx as fx
 
 from .common import (
     ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_method, module_path,
-    where,
+    shape, where,
 )
-from .heads import all_reduce_mean
 from .projection import FusedSplit, Projection, find_split, is_projection, projection_of
 
 FFN_MODULES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
+funcol = torch.ops._c10d_functional
 
 
 @dataclasses.dataclass
@@ -48,14 +52,15 @@ class DenseFFNMatch:
     ins: list[Projection]  # column-parallel (gate, up; or one fused gate_up)
     out: Projection  # row-parallel (down)
     split: FusedSplit | None = None  # the cut of a fused gate_up
-    norms: list = dataclasses.field(default_factory=list)  # mean(h, -1) over all intermediate features (BitNet)
-    norm_weights: list = dataclasses.field(default_factory=list)  # their 1-D weights (I,), sharded like the ins
+    stats: list = dataclasses.field(default_factory=list)  # FeatureStat: means/stds over all intermediate features
+    norm_weights: list = dataclasses.field(default_factory=list)  # 1-D weights (I,) after a mean, sharded like the ins
 
     kind = "ffn"
 
     def describe(self) -> str:
         fused = " fused=gate_up" if self.split is not None else ""
-        return f"ffn {self.module} ins={[p.name for p in self.ins]} out={self.out.name}{fused}"
+        stats = f" feature_stats={[f'{st.kind}:{st.node.name}' for st in self.stats]}" if self.stats else ""
+        return f"ffn {self.module} ins={[p.name for p in self.ins]} out={self.out.name}{fused}{stats}"
 
     def placements_nodes(self):
         nodes = [n for p in (*self.ins, self.out) for n in (p.weight, p.bias) if n is not None] + self.norm_weights
@@ -73,10 +78,64 @@ class DenseFFNMatch:
             p.column_parallel(env, 2 * local if self.split is not None else local)
         if self.split is not None:
             self.split.replace_with(env, [0, inter, 2 * inter], [0, local, 2 * local])
-        if ctx.layout.world_size > 1:
-            for mean in self.norms:
-                all_reduce_mean(graph, env[mean.name], inter, ctx.world_group)
         self.out.row_parallel(graph, env, ctx.world_group, ctx.layout.world_size, local)
+        if ctx.layout.world_size > 1:
+            for stat in self.stats:
+                stat.replace_with(graph, env[stat.node.name], inter, ctx.world_group)
+
+
+@dataclasses.dataclass
+class FeatureStat:
+    """A mean or standard deviation over all intermediate features (the last dim) of a column-parallel tensor:
+    each rank holds I/N of them, so the rank-local statistic becomes an all-reduced one (exact up to fp order)."""
+
+    node: fx.Node
+    kind: str  # "mean" or "std"
+    keepdim: bool
+    correction: int = 0  # std: divide by I - correction
+
+    def replace_with(self, graph: fx.Graph, node: fx.Node, width: int, group: str) -> None:
+        x = node.args[0]
+
+        def global_sum(t):
+            part = graph.call_function(torch.sum, (t, -1), {"keepdim": True, "dtype": torch.float32})
+            return graph.call_function(funcol.wait_tensor.default,
+                                       (graph.call_function(funcol.all_reduce.default, (part, "sum", group)),))
+
+        with graph.inserting_before(node):
+            result = graph.call_function(operator.truediv, (global_sum(x), float(width)))
+            if self.kind == "std":
+                dev = graph.call_function(operator.sub, (graph.call_method("float", (x,)), result))
+                var = graph.call_function(operator.truediv, (global_sum(graph.call_function(operator.mul, (dev, dev))),
+                                                             float(width - self.correction)))
+                result = graph.call_function(torch.sqrt, (var,))
+            result = graph.call_method("to", (result, node.meta["example_value"].dtype))
+            if not self.keepdim:
+                result = graph.call_method("squeeze", (result, -1))
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+
+
+def _feature_stat(node: fx.Node, width: int) -> FeatureStat | None:
+    """``node`` as a mean/std over the last dim of a tensor of ``width`` features, or None."""
+    kind = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or kind not in ("mean", "std"):
+        return None
+    if node.op == "call_function" and node.target not in (torch.mean, torch.std):
+        return None
+    x_shape = shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    extra = set(node.kwargs) - {"dim", "keepdim", "unbiased", "correction"}
+    if len(node.args) > 2 or extra or not x_shape or x_shape[-1] != width:
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dim not in (-1, len(x_shape) - 1, (-1,), [-1]):
+        return None
+    correction = node.kwargs.get("correction", None)
+    if correction is None:
+        correction = 1 if node.kwargs.get("unbiased", True) else 0
+    if kind == "mean" and ("unbiased" in node.kwargs or "correction" in node.kwargs):
+        return None
+    return FeatureStat(node, kind, bool(node.kwargs.get("keepdim", False)), int(correction))
 
 
 def match_dense_ffn(graph: fx.Graph, claimed: set, skip=()) -> list[DenseFFNMatch]:
@@ -139,7 +198,7 @@ def _calls(module: str, projections: list[Projection]) -> list[list[Projection]]
     """The projections of each call of a module called more than once (HRM's recurrent layers reuse their
     modules): each out projection with the ins it reads; one group when that does not partition them."""
     by_out = {p.out: p for p in projections}
-    feeds = {p.node: _upstream(p, by_out, module) for p in projections}
+    feeds = {p.node: _upstream(p, by_out, module, []) for p in projections}
     outs = [p for p in projections if feeds[p.node]]
     groups = [[p for p in projections if p.node in feeds[out.node]] + [out] for out in outs]
     if len(outs) < 2 or sorted(id(p) for g in groups for p in g) != sorted(id(p) for p in projections):
@@ -156,7 +215,8 @@ def _refuse_moe(module: str, nodes) -> None:
 
 def match_one(module: str, projections: list[Projection]) -> DenseFFNMatch:
     by_out = {p.out: p for p in projections}
-    feeds = {p.node: _upstream(p, by_out, module) for p in projections}
+    stats: list[FeatureStat] = []
+    feeds = {p.node: _upstream(p, by_out, module, stats) for p in projections}
     outs = [p for p in projections if feeds[p.node]]
     ins = [p for p in projections if not feeds[p.node]]
     if len(outs) != 1 or not ins or set(feeds[outs[0].node]) != {p.node for p in ins}:
@@ -168,11 +228,10 @@ def match_one(module: str, projections: list[Projection]) -> DenseFFNMatch:
     split = None
     if len(ins) == 1:
         split = find_split(ins[0], f"fused gate_up of {module}")
-    norms = []
-    _upstream(out, by_out, module, norms)
-    weights = [w for m in norms for n in _after(m, out) for w in n.all_input_nodes
+    means = [st.node for st in stats if st.kind == "mean"]  # a norm's weight (I,) follows its mean (BitNet)
+    weights = [w for m in means for n in _after(m, out) for w in n.all_input_nodes
                if w.op == "placeholder" and _shape(w) == (out.in_features,)]
-    return DenseFFNMatch(module, ins, out, split, norms, list(dict.fromkeys(weights)))
+    return DenseFFNMatch(module, ins, out, split, stats, list(dict.fromkeys(weights)))
 
 
 def _shape(node):
@@ -192,9 +251,9 @@ def _after(node: fx.Node, out: Projection) -> list:
     return found
 
 
-def _upstream(proj: Projection, by_out: dict, module: str, norms: list | None = None) -> list[fx.Node]:
-    """The projections of the module that ``proj`` reads, checking that only elementwise ops lie between, or a
-    norm's ``mean(h, -1)`` over all the intermediate features (BitNet's ffn_sub_norm; appended to ``norms``)."""
+def _upstream(proj: Projection, by_out: dict, module: str, stats: list) -> list[fx.Node]:
+    """The projections of the module that ``proj`` reads, checking that only elementwise ops (and the feature
+    statistics, appended to ``stats``) lie between; ops that read no projection are replicated values."""
     start = proj.in_view.args[0] if proj.transposed else proj.node.args[0]
     found, stack, seen = [], [start], set()
     ops, inside = [], _inside(module)
@@ -210,11 +269,14 @@ def _upstream(proj: Projection, by_out: dict, module: str, norms: list | None = 
             continue  # the module's input (replicated)
         ops.append(node)
         stack.extend(node.all_input_nodes)
-    means = [n for n in ops if (is_method(n, {"mean"}) or n.target is torch.mean) and _over_features(n, proj.in_features)]
-    if norms is not None:
-        norms += sorted(means, key=lambda n: n._sort_key)
-    ops = [n for n in ops if n not in means]
     if found:
+        sharded, reading = set(by_out), []  # the projections' outputs and what reads them carry the features
+        for node in sorted(ops, key=lambda n: n._sort_key):
+            if any(a in sharded for a in node.all_input_nodes):
+                sharded.add(node)
+                stat = _feature_stat(node, proj.in_features)
+                stats.append(stat) if stat is not None else reading.append(node)
+        ops = reading
         allowed = ELEMENTWISE_METHODS | ELEMENTWISE_FUNCS | SHAPE_METHODS | {"chunk", "split", torch.chunk, torch.split}
         check_only(ops, allowed - {torch.cat}, module, pointwise=True)
         for node in ops:
@@ -224,12 +286,6 @@ def _upstream(proj: Projection, by_out: dict, module: str, norms: list | None = 
             if node.op == "call_function" and node.target is operator.getitem and not isinstance(node.args[1], int):
                 raise UnsupportedModelError(f"{module}: {where(node)} indexes the intermediate features")
     return found
-
-
-def _over_features(mean: fx.Node, width: int) -> bool:
-    """mean(h, -1[, keepdim]) over all ``width`` features of h."""
-    dims = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
-    return _last(mean.args[0]) == width and dims in (-1, (-1,), [-1], len(_shape(mean.args[0]) or ()) - 1)
 
 
 def _last(node):

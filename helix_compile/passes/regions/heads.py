@@ -128,7 +128,7 @@ def input_views(q: Projection, k: Projection, v: Projection, query: fx.Node, key
     views, widths = [], {"q": hq * dq, "kv": hk * dk, "qkv": q.out_features}
     for node in sorted(set().union(*paths.values()), key=lambda n: n._sort_key):
         on = [p for p, nodes in paths.items() if node in nodes]
-        path = "qkv" if len(on) > 1 else "q" if on == ["q"] else "kv"
+        path = "qkv" if len(on) > 1 and "q" in on else "q" if on == ["q"] else "kv"  # k = v (k_eq_v): kv
         found = head_view(node, path, widths[path])
         if found is not None:
             views.append(found)

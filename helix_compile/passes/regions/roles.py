@@ -31,6 +31,7 @@ stored transposed (in, out): its kind is ``weight_t`` and the same rows are its 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 
@@ -65,15 +66,36 @@ class Heads:
     k: int  # num_key_value_heads (1 for MLA: one latent head)
     d: int  # head_dim of the attention output (v_head_dim for MLA)
     latent: bool = False  # MLA: q/kv projections stay whole (tpa = 1)
+    per_layer: tuple = ()  # layers of different shapes (Gemma 4's global_head_dim): each layer's Heads; q/k/d: layer 0's
 
     @classmethod
     def of(cls, config) -> "Heads":
+        if getattr(config, "is_heterogeneous", False):  # transformers' per-layer configs
+            layers = tuple(cls._one(c) for c in config.per_layer_config)
+            return dataclasses.replace(layers[0], per_layer=layers) if len(set(layers)) > 1 else layers[0]
+        return cls._one(config)
+
+    @classmethod
+    def _one(cls, config) -> "Heads":
         q = config.num_attention_heads
         if mla_latent(config) is not None:
             return cls(q, 1, config.v_head_dim, True)
         k = getattr(config, "num_key_value_heads", None) or q
         d = getattr(config, "head_dim", None) or config.hidden_size // q
         return cls(q, k, d)
+
+    def layer(self, index: int | None) -> "Heads":
+        """The heads of decoder layer ``index`` (the same for every layer unless ``per_layer``)."""
+        if not self.per_layer:
+            return self
+        if index is None:
+            raise ValueError(f"the layers have different attention shapes {self.per_layer}: a layer index is needed")
+        return self.per_layer[index]
+
+    def of_name(self, name: str) -> "Heads":
+        """The heads of the decoder layer a checkpoint tensor ``name`` (``...layers.<i>....``) belongs to."""
+        found = re.search(r"(?:^|\.)layers\.(\d+)\.", name) if self.per_layer else None
+        return self.layer(int(found.group(1))) if found else self
 
 
 @dataclasses.dataclass(frozen=True)
