@@ -137,7 +137,8 @@ def _gone(pid):
         return True
 
 
-GENERATE_SLOWLY = ["--prompt", PROMPT, "--max-new-tokens", "60", "--executor", "eager", "--step-delay", "0.2"]
+# 60 tokens at 0.5 s apart: the kill / Ctrl-C lands mid-generation even when a loaded machine reads the stream late
+GENERATE_SLOWLY = ["--prompt", PROMPT, "--max-new-tokens", "60", "--executor", "eager", "--step-delay", "0.5"]
 
 
 def test_rank_killed_mid_generation(converted):
