@@ -57,7 +57,7 @@ from .common import (
     shape, where,
 )
 from .alibi import BADDBMM, BMM, IndexSplit, bmm_core, find_index_split
-from .heads import OutputSide, head_select, input_views, match_output, per_group_qkv
+from .heads import OutputSide, all_reduce_mean, head_select, input_views, match_output, per_group_qkv
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 from .sinks import add_sink, concat_sink, is_drop_last, scale_sink
 
@@ -246,7 +246,7 @@ class AttentionMatch:
                 self.split.replace_with(env, [0, qd, qd + kd, qd + 2 * kd], [0, q_local, q_local + k_local, q_local + 2 * k_local])
         for norm in self.norms:
             if layout.tpa > 1:
-                _all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.tpa_group)
+                all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.tpa_group)
         ratios = {"q": (heads.q // layout.tpa, heads.q), "kv": (stop - first, heads.k),
                   "qkv": (heads.q // layout.tpa + 2 * (stop - first), heads.q + 2 * heads.k)}
         for view in self.views:
@@ -324,19 +324,6 @@ def _key_mask(form: str, core: fx.Node) -> fx.Node | None:
             f"supports only the 2-D (batch, length) attention_mask of padded batches"
         )
     return found[0] if found else None
-
-
-def _all_reduce_mean(graph: fx.Graph, mean: fx.Node, width: int, group: str) -> None:
-    """mean(x, -1, keepdim) over this rank's features into the mean over every rank's (exact up to fp rounding)."""
-    x = mean.args[0]
-    keepdim = mean.kwargs.get("keepdim", mean.args[2] if len(mean.args) > 2 else False)
-    with graph.inserting_before(mean):
-        part = graph.call_function(torch.sum, (x, -1), {"keepdim": keepdim})
-        reduced = graph.call_function(funcol.all_reduce.default, (part, "sum", group))
-        total = graph.call_function(funcol.wait_tensor.default, (reduced,))
-        result = graph.call_function(operator.truediv, (total, float(width)))
-    mean.replace_all_uses_with(result)
-    graph.erase_node(mean)
 
 
 # -- matching ------------------------------------------------------------------------------------------------------
