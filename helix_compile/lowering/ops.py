@@ -9,7 +9,8 @@ Rank-local ops (what the partitioned program calls):
         with kvp_rank == (p // kv_block) % kvp; every other rank writes it to its spare last slot (never read),
         so the op needs no data-dependent shapes and no host sync.
     helix::partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale,
-                             softcap=0.0, window=0, key_mask=None, alibi_slopes=None, alibi_pos=None) -> packed
+                             softcap=0.0, window=0, key_mask=None, alibi_slopes=None, alibi_pos=None,
+                             k_rope=None) -> packed
         attention of the local query heads over the local keys. Key at global position p is visible to the query
         at position t when p <= t, and t - p < window (window > 0: sliding window), and key_mask[b, p] != 0
         (key_mask given: the 2-D HF attention mask over global positions; p >= its length is not visible).
@@ -18,7 +19,10 @@ Rank-local ops (what the partitioned program calls):
         with a(b, p) = p, or alibi_pos[b, p] when alibi_pos (B, S_m) is given (BLOOM's position among the
         unmasked keys, (cumsum(mask) - 1) * mask; p >= S_m is never visible there). The query's own position t
         is a constant per row, which softmax ignores: it keeps the scores small, and every rank subtracts the
-        same t, so the LSEs merge exactly.
+        same t, so the LSEs merge exactly. k_rope (B, Hk, S + 1, Dr), when given, is the keys' second part: the
+        keys are cat([k_shard, k_rope], -1) and q has D + Dr dims (absorbed MLA: the latent and the rotary key
+        are read where they are cached, with no per-step concatenation; passing the latent as v_shard too lets the
+        kernel read it once).
         Returns ``packed`` of shape (Hq_local, B, L, D + e): the output o_r in q's dtype with its natural-log
         LSE (fp32, bit-cast into the last e = 4 / itemsize elements). Head-major so that the all-to-all over
         query heads splits dim 0. A row with no visible key has lse = -inf and o = 0.
@@ -130,14 +134,15 @@ def partial_attention(
     key_mask: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
     alibi_pos: Optional[torch.Tensor] = None,
+    k_rope: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if q.device.type == "cuda":
         from .triton_attention import partial_attention as triton_partial_attention
 
         return triton_partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask,
-                                        alibi_slopes=alibi_slopes, alibi_pos=alibi_pos)
+                                        alibi_slopes=alibi_slopes, alibi_pos=alibi_pos, k_rope=k_rope)
     return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask,
-                                       alibi_slopes, alibi_pos)
+                                       alibi_slopes, alibi_pos, k_rope)
 
 
 def visible_keys(pos, key_pos, window=0, key_mask=None):
@@ -163,11 +168,13 @@ def alibi_bias(slopes, pos, key_pos, alibi_pos=None):
 
 
 def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap=0.0, window=0,
-                                key_mask=None, alibi_slopes=None, alibi_pos=None):
+                                key_mask=None, alibi_slopes=None, alibi_pos=None, k_rope=None):
     """Reference (any device): scores in fp32 over the whole local shard, masked by global position."""
     b, hq, length, d = q.shape
     hk = k_shard.shape[1]
     capacity = k_shard.shape[2] - 1
+    if k_rope is not None:
+        k_shard = torch.cat([k_shard, k_rope], dim=-1)
     k = k_shard[:, :, :capacity].float()
     v = v_shard[:, :, :capacity].float()
     qf = q.float().reshape(b, hk, hq // hk, length, d)  # query head h reads KV head h // (hq / hk)

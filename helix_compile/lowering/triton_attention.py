@@ -42,10 +42,12 @@ def _local_count(p, kvp_rank, kvp, kv_block):
 
 
 @triton.jit
-def _store_packed(OUT, out_row, o, lse, D, d, d_mask, r_mask, LSE_ELEMS: tl.constexpr):
-    """Write o (BLOCK_R, BLOCK_D) and lse (BLOCK_R,) to packed rows: o in the output dtype, lse's fp32 bits after."""
+def _store_packed(OUT, out_row, o, lse, D, d, d_mask, r_mask, lse_mask, LSE_ELEMS: tl.constexpr):
+    """Write o (BLOCK_R, BLOCK_D: the columns d) and lse (BLOCK_R,) to packed rows: o in the output dtype, lse's
+    fp32 bits after (where lse_mask)."""
     base = OUT + out_row * (D + LSE_ELEMS)
     tl.store(base[:, None] + d[None, :], o.to(OUT.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
+    r_mask = lse_mask
     if LSE_ELEMS == 1:
         tl.store(base + D, lse.to(OUT.dtype.element_ty), mask=r_mask)
     else:  # two 16-bit halves of the fp32 bits, low half first (little-endian, as Tensor.view(float32) reads them)
@@ -57,13 +59,15 @@ def _store_packed(OUT, out_row, o, lse, D, d, d_mask, r_mask, LSE_ELEMS: tl.cons
 
 
 @triton.jit
-def _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN, slope, APOS, apos_row,
-          kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
+def _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN, slope, APOS,
+          apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask, dv, dv_mask,
           MASKED: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-          ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+          ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_D: tl.constexpr, TAIL: tl.constexpr, V_FROM_K: tl.constexpr):
     """One key tile [n0, n0 + BLOCK_N) of the online softmax. MASKED = False: every slot of the tile is below
     ``stop`` and visible to every row (no bounds, causal, window or key-mask test is needed; ``stop`` is below the
-    ALiBi positions' length, so their load needs no bound either)."""
+    ALiBi positions' length, so their load needs no bound either). TAIL: the key's dims [BLOCK_D, D) are a second
+    tile (q2 . k2). V_FROM_K: the values are the key tile's first BLOCK_D = DV dims (absorbed MLA), not loaded."""
     slots = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         in_range = slots < stop
@@ -75,6 +79,16 @@ def _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_r
         s = tl.dot(q, k.to(tl.float32), input_precision="tf32x3")
     else:
         s = tl.dot(q, k)
+    if TAIL:
+        if MASKED:
+            k2 = tl.load(k2_base + slots[None, :] * stride_k2s + d2[:, None],
+                         mask=in_range[None, :] & d2_mask[:, None], other=0.0)
+        else:
+            k2 = tl.load(k2_base + slots[None, :] * stride_k2s + d2[:, None], mask=d2_mask[:, None], other=0.0)
+        if PRECISION == "tf32x3":
+            s += tl.dot(q2, k2.to(tl.float32), input_precision="tf32x3")
+        else:
+            s += tl.dot(q2, k2)
     s = (s * scale).to(tl.float32)  # Inductor may pass Python floats as fp64 scalars
     if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
         s = (softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))).to(tl.float32)
@@ -101,7 +115,9 @@ def _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_r
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
-    if MASKED:
+    if V_FROM_K:
+        v = tl.trans(k)
+    elif MASKED:
         v = tl.load(v_base + slots[:, None] * stride_vs + dv[None, :], mask=in_range[:, None] & dv_mask[None, :],
                     other=0.0)
     else:
@@ -117,9 +133,10 @@ def _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_r
 
 @triton.jit
 def _attention(
-    Q, K, V, POS, MASK, SLOPES, APOS, OUT, M_PART, L_PART, ACC_PART,
+    Q, K, K2, V, POS, MASK, SLOPES, APOS, OUT, M_PART, L_PART, ACC_PART,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_ks,
+    stride_k2b, stride_k2h, stride_k2s, k2_col,
     stride_vb, stride_vh, stride_vs,
     stride_mb, stride_ab,
     HQ, HK, LQ, GROUP, CAPACITY, MASK_LEN, APOS_LEN, ROW_BLOCKS, B,
@@ -127,7 +144,8 @@ def _attention(
     D: tl.constexpr, DV: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
     ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, LSE_ELEMS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b, kh, row block)
     split = tl.program_id(1)
@@ -142,10 +160,19 @@ def _attention(
     d_mask = d < D
     dv = tl.arange(0, BLOCK_DV)  # the value head dim (MLA: DV != D)
     dv_mask = dv < DV
-    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + l_idx[:, None] * stride_ql + d[None, :],
-                mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    q_row = Q + b * stride_qb + head[:, None] * stride_qh + l_idx[:, None] * stride_ql
+    q = tl.load(q_row + d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    # a head dim that is no power of two, as absorbed MLA's 512 + 64: BLOCK_D = the largest power of two below D
+    # and a second tile of BLOCK_D2 for the rest (instead of padding D to 1024)
+    TAIL: tl.constexpr = BLOCK_D2 > 0
+    d2 = tl.arange(0, BLOCK_D2 if BLOCK_D2 > 0 else 16)
+    d2_mask = d2 < D - BLOCK_D
+    q2 = q
+    if TAIL:
+        q2 = tl.load(q_row + BLOCK_D + d2[None, :], mask=r_mask[:, None] & d2_mask[None, :], other=0.0)
     if PRECISION == "tf32x3":
         q = q.to(tl.float32)
+        q2 = q2.to(tl.float32)
     q_pos = tl.load(POS + l_idx, mask=r_mask, other=-1)
     slope = q_pos  # unused without ALiBi
     if ALIBI:
@@ -178,24 +205,27 @@ def _attention(
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
     k_base = K + b * stride_kb + kh * stride_kh
+    k2_base = K2 + b * stride_k2b + kh * stride_k2h + k2_col  # the key tail: k_rope, or K's own columns [BLOCK_D, D)
     v_base = V + b * stride_vb + kh * stride_vh
     mask_row = b * stride_mb
     apos_row = b * stride_ab
     for n0 in range(start, bulk, BLOCK_N):
-        m_i, l_i, acc = _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
-                              slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
-                              False, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N)
+        m_i, l_i, acc = _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
+                              slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask,
+                              dv, dv_mask, False, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N, BLOCK_D,
+                              TAIL, V_FROM_K)
     for n0 in range(bulk, stop, BLOCK_N):
-        m_i, l_i, acc = _tile(q, k_base, v_base, stride_ks, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
-                              slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, dv, dv_mask,
-                              True, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N)
+        m_i, l_i, acc = _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
+                              slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask,
+                              dv, dv_mask, True, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N, BLOCK_D,
+                              TAIL, V_FROM_K)
     # packed output row of (head, b, l); partial buffers are indexed the same way
     out_row = (head * B + b) * LQ + l_idx
     if NUM_SPLITS == 1:
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-        _store_packed(OUT, out_row, o, lse, DV, dv, dv_mask, r_mask, LSE_ELEMS)
+        _store_packed(OUT, out_row, o, lse, DV, dv, dv_mask, r_mask, r_mask, LSE_ELEMS)
     else:
         part_row = out_row * NUM_SPLITS + split
         tl.store(M_PART + part_row, m_i, mask=r_mask)
@@ -206,38 +236,38 @@ def _attention(
 @triton.jit
 def _combine(
     M_PART, L_PART, ACC_PART, OUT, D,
-    NUM_SPLITS: tl.constexpr, LSE_ELEMS: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, LSE_ELEMS: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
-    """Merge the NUM_SPLITS partial results of one row into the packed output: the peak and the total over all
-    splits first (m and l only), then the weighted sum of the accumulators, CHUNK_S splits at a time."""
+    """Merge the NUM_SPLITS partial results of one row into the packed output, for the BLOCK_DC output columns of
+    this program (axis 1): the peak and the total over all splits in one load (m and l: BLOCK_S >= NUM_SPLITS),
+    then the weighted sum of the accumulators, CHUNK_S splits at a time (loads independent of each other, so they
+    pipeline). The program of the first column block also writes the row's LSE."""
     row = tl.program_id(0)
-    d = tl.arange(0, BLOCK_D)
+    dc = tl.program_id(1)
+    base = row.to(tl.int64) * NUM_SPLITS
+    s_all = tl.arange(0, BLOCK_S)
+    m_all = tl.load(M_PART + base + s_all, mask=s_all < NUM_SPLITS, other=float("-inf"))
+    l_all = tl.load(L_PART + base + s_all, mask=s_all < NUM_SPLITS, other=0.0)
+    top = tl.max(m_all, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.exp(m_all - top) * l_all, axis=0)  # exp(-inf) = 0 for empty splits
+    d = dc * BLOCK_DC + tl.arange(0, BLOCK_DC)
     d_mask = d < D
     c = tl.arange(0, CHUNK_S)
-    base = row.to(tl.int64) * NUM_SPLITS
-    peak = tl.full((CHUNK_S,), float("-inf"), tl.float32)
-    for s0 in range(0, NUM_SPLITS, CHUNK_S):
-        m = tl.load(M_PART + base + s0 + c, mask=s0 + c < NUM_SPLITS, other=float("-inf"))
-        peak = tl.maximum(peak, m)
-    top = tl.max(peak, axis=0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.zeros((CHUNK_S,), tl.float32)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
+    acc = tl.zeros((BLOCK_DC,), tl.float32)
     for s0 in range(0, NUM_SPLITS, CHUNK_S):
         inside = s0 + c < NUM_SPLITS
-        m = tl.load(M_PART + base + s0 + c, mask=inside, other=float("-inf"))
-        l_s = tl.load(L_PART + base + s0 + c, mask=inside, other=0.0)
-        w = tl.exp(m - top)  # 0 for empty splits
-        total += w * l_s
+        w = tl.exp(tl.load(M_PART + base + s0 + c, mask=inside, other=float("-inf")) - top)
         a = tl.load(ACC_PART + (base + s0 + c)[:, None] * BLOCK_D + d[None, :], mask=inside[:, None] & d_mask[None, :],
                     other=0.0)
         acc += tl.sum(w[:, None] * a, axis=0)
-    total_sum = tl.sum(total, axis=0)
-    empty = total_sum == 0.0
-    o = acc / tl.where(empty, 1.0, total_sum)
-    lse = tl.where(empty, float("-inf"), top + tl.log(tl.where(empty, 1.0, total_sum)))
+    empty = total == 0.0
+    o = acc / tl.where(empty, 1.0, total)
+    lse = tl.where(empty, float("-inf"), top + tl.log(tl.where(empty, 1.0, total)))
     one = tl.arange(0, 1)
-    _store_packed(OUT, row + one, o[None, :], lse + tl.zeros((1,), tl.float32), D, d, d_mask, one < 1, LSE_ELEMS)
+    _store_packed(OUT, row + one, o[None, :], lse + tl.zeros((1,), tl.float32), D, d, d_mask, one < 1,
+                  one + dc < 1, LSE_ELEMS)
 
 
 # Triton's CPU interpreter (3.9) multiplies 16-bit dot operands wrongly; there the kernel takes its fp32 path.
@@ -255,11 +285,11 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
     Decode (one query position) packs the group's heads into one row block and splits the keys so that about
     two programs run per SM, each over 512 slots or more; prefill takes 128-row blocks (64 in fp32) (enough
     programs already) and no split. A prefill length is symbolic under dynamic shapes: only ``length == 1`` is
-    asked of it, which needs no guard. ``width`` = BLOCK_D + BLOCK_DV: heads wider than 512 together (absorbed
-    MLA: 576 + 512, padded to 1024 + 512) get key tiles of at most ~32 KB per stage and 32-row prefill blocks, so
-    that a program fits the shared memory and registers; those widths are not yet measured on a GPU.
+    asked of it, which needs no guard. ``width`` = the key and value columns one key tile loads: heads wider than 512
+    (absorbed MLA: 512 + 64 key columns, the values the first 512 of them) get key tiles of at most 64 KB per stage
+    and 32-row prefill blocks, so that a program fits the shared memory and registers.
     """
-    most = max(16, triton.next_power_of_2((16384 if dtype.itemsize < 4 else 8192) // width + 1) // 2)
+    most = max(16, triton.next_power_of_2(65536 // (width * dtype.itemsize) + 1) // 2)  # key tiles <= 64 KB
     if length == 1:
         block_r = max(16, min(64, triton.next_power_of_2(group)))
         programs = batch * hk * triton.cdiv(group, block_r)
@@ -277,8 +307,19 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
     return 64, 32, 1, 4, 2
 
 
+def head_dim_tiles(d: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): a head dim that is a power of two is one tile; otherwise the largest power of two below
+    it and a second, smaller tile for the rest when that pads less (576 = 512 + 64, 96 = 64 + 32, 80 = 64 + 16)."""
+    whole = max(16, triton.next_power_of_2(d))
+    main = 1 << (d.bit_length() - 1)
+    if main == d or main < 16:
+        return whole, 0
+    tail = max(16, triton.next_power_of_2(d - main))
+    return (main, tail) if main + tail < whole else (whole, 0)
+
+
 def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap=0.0, window=0, key_mask=None,
-                      config=None, alibi_slopes=None, alibi_pos=None):
+                      config=None, alibi_slopes=None, alibi_pos=None, k_rope=None):
     """Same contract as ``ops.partial_attention`` (packed (Hq, B, L, D + e) output). Called inside the op's
     ``triton_op`` body, so under Inductor the two kernels are emitted into the generated code."""
     from .ops import lse_elems
@@ -288,16 +329,31 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
     group = hq // hk
     if q.stride(-1) != 1:
         q = q.contiguous()
+    values_are_keys = v_shard is k_shard  # absorbed MLA passes the latent as both
     k, v = k_shard, v_shard
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
+        if values_are_keys:
+            v = k
     sms = _sm_count(q.device.index) if q.is_cuda else 8
     e = lse_elems(q.dtype)
     dv = v_shard.shape[-1]  # MLA: the value head dim differs from the query/key one
-    block_d = max(16, triton.next_power_of_2(d))
+    if k_rope is not None:  # the keys' second part, where it is cached: the tail tile reads it
+        dk = k_shard.shape[-1]
+        if dk != triton.next_power_of_2(dk) or dk < 16 or dk + k_rope.shape[-1] != d:
+            raise ValueError(f"k_rope: the keys' first part must be a power of two >= 16 wide and the two parts "
+                             f"{dk} + {k_rope.shape[-1]} must make the query's {d}")
+        k2 = k_rope if k_rope.stride(-1) == 1 else k_rope.contiguous()
+        block_d, block_d2 = dk, max(16, triton.next_power_of_2(d - dk))
+    else:
+        k2 = k  # the tail (if any) is the same tensor at column BLOCK_D
+        block_d, block_d2 = head_dim_tiles(d)
     block_dv = max(16, triton.next_power_of_2(dv))
+    # values read from the key tile already loaded: the same tensor, and the whole first key tile is the value
+    v_from_k = values_are_keys and dv == block_d and (block_d2 > 0 or dv == d)
+    width = block_d + block_d2 + (0 if v_from_k else block_dv)
     block_r, block_n, splits, warps, stages = config or launch_config(b, hk, group, length, capacity, sms, q.dtype,
-                                                                      block_d + block_dv)
+                                                                      width)
     out = torch.empty((hq, b, length, dv + e), device=q.device, dtype=q.dtype)
     rows = hq * b * length
     if splits > 1:
@@ -311,9 +367,10 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
     apos = alibi_pos.contiguous() if alibi_pos is not None else pos
     row_blocks = triton.cdiv(group * length, block_r)
     wrap_triton(_attention)[(b * hk * row_blocks, splits)](
-        q, k, v, pos, mask, slopes, apos, out, m, l_sum, acc,
+        q, k, k2, v, pos, mask, slopes, apos, out, m, l_sum, acc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
+        k2.stride(0), k2.stride(1), k2.stride(2), 0 if k_rope is not None else block_d,
         v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0) if key_mask is not None else 0, apos.stride(0) if alibi_pos is not None else 0,
         hq, hk, length, group, capacity, key_mask.shape[1] if key_mask is not None else 0,
@@ -322,10 +379,13 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
         NUM_SPLITS=splits, HAS_MASK=key_mask is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
         ALIBI=alibi_slopes is not None, HAS_APOS=alibi_pos is not None,
         LSE_ELEMS=e, PRECISION="tf32x3" if q.dtype == torch.float32 or _INTERPRETED else "native",
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv, V_FROM_K=v_from_k,
+        num_warps=warps, num_stages=stages,
     )
     if splits > 1:
-        wrap_triton(_combine)[(rows,)](
-            m, l_sum, acc, out, dv, NUM_SPLITS=splits, LSE_ELEMS=e, CHUNK_S=16, BLOCK_D=block_dv, num_warps=4,
+        block_dc = min(block_dv, 64)  # column blocks: at batch 1 the rows alone leave most SMs idle
+        wrap_triton(_combine)[(rows, triton.cdiv(dv, block_dc))](
+            m, l_sum, acc, out, dv, NUM_SPLITS=splits, LSE_ELEMS=e, BLOCK_S=max(16, triton.next_power_of_2(splits)),
+            CHUNK_S=32, BLOCK_D=block_dv, BLOCK_DC=block_dc, num_warps=4,
         )
     return out

@@ -74,7 +74,7 @@ def _chunk(graph: fx.Graph, partial: fx.Node, chunks: int) -> None:
         for i in range(chunks):
             q_i, k_i, v_i = (graph.call_function(torch.narrow, (x, 0, i * rows, rows)) for x in (query, keys, values))
             kwargs_i = {
-                name: graph.call_function(torch.narrow, (x, 0, i * rows, rows)) if name in ("key_mask", "alibi_pos") else x
+                name: graph.call_function(torch.narrow, (x, 0, i * rows, rows)) if name in ("key_mask", "alibi_pos", "k_rope") else x
                 for name, x in partial.kwargs.items()
             }
             p_i = graph.call_function(PARTIAL, (q_i, k_i, v_i, pos, *rest), kwargs_i)

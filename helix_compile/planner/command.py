@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-replicas", action="store_true", help="use all N GPUs for one model instance")
     p.add_argument("--no-hopb", action="store_true", help="Helix without HOP-B overlap")
     p.add_argument("--costing", choices=("backend", "paper"), default="backend",
-                   help="backend: the program helix_compile runs today (replicated LM head, absorbed MLA with a cache concat, "
+                   help="backend: the program helix_compile runs today (replicated LM head, absorbed MLA, "
                         "exposed collectives; default); paper: the paper's target (absorbed MLA, vocab-parallel "
                         "head, TP overlapping its all-reduces)")
     p.add_argument("--json", action="store_true", help="print every evaluated layout as JSON on stdout")

@@ -10,7 +10,7 @@ Per GPU and layer (all times are per decode step; the batch decodes one token pe
                     (hw.per_layer_overhead_us: launches, synchronisation, kernel tails the roofline leaves out)
 
 What is costed (``Costing``): BACKEND, the program our backend emits today (a replicated LM head; MLA
-absorbed, with a per-step concatenation of the latent shard; every collective exposed), or PAPER, the target the
+absorbed, the latent and rotary key read where cached; every collective exposed), or PAPER, the target the
 paper simulates (absorbed MLA, vocab-parallel LM head, TP baselines overlapping their all-reduces with GEMMs).
 Collective payloads are in the configuration's precision (``dtype``); the LSE stays fp32.
 
@@ -40,19 +40,17 @@ BACKEND_STRATEGIES = ("helix", "tp")  # what helix_compile runs: Layout(kvp, tpa
 class Costing:
     """Which program is costed. mla: 'up-projected' (transformers' code: kv_b_proj over the whole local cache
     every step) or 'absorbed' (attention over the latent, W_UK/W_UV folded in, as the backend runs it since
-    2026-11-29). mla_concat: the latent and rotary parts of the cache are concatenated every step before the
-    attention (the backend's absorbed form: one more read and one write of the local latent shard).
+    2026-11-29; the kernel reads the latent and the rotary key where they are cached, with no concatenation).
     lm_head: 'replicated' (every rank computes all logits, as the backend does) or 'vocab-parallel' (+ an
     all-gather of each rank's best token). tp_overlap: the TP baselines hide the bandwidth part of their
     all-reduces under the layer's GEMMs (the paper's TP baseline overlaps communication with compute); their
     latency stays exposed."""
     mla: str = "up-projected"
-    mla_concat: bool = False
     lm_head: str = "replicated"
     tp_overlap: bool = False
 
 
-BACKEND = Costing(mla="absorbed", mla_concat=True)
+BACKEND = Costing(mla="absorbed")
 PAPER = Costing(mla="absorbed", lm_head="vocab-parallel", tp_overlap=True)
 
 
@@ -174,8 +172,6 @@ def layer_cost(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, m
     extra_bytes = 0.0
     if m.is_mla and costing.mla == "absorbed":  # MQA over the (kv_lora + rope) latent, then W_UV per head
         att_flops = 2 * b_att * q_loc * s_loc * (2 * m.kv_lora + m.rope_dim) + 2 * b_att * q_loc * m.kv_lora * m.v_dim
-        if costing.mla_concat:  # cat([latent, rope]) of the local shard: read it and write it once more
-            extra_bytes = 2 * kv_read
     elif m.is_mla:  # transformers: kv_b_proj over every cached position, K/V materialised, then attention
         qk = m.nope_dim + m.rope_dim
         att_flops = (2 * b_att * s_loc * m.kv_lora * q_loc * (m.nope_dim + m.v_dim)

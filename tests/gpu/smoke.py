@@ -43,6 +43,8 @@ CONFIGS = [  # (family, dtype, executor, layouts, hopb_chunks)
     ("gemma2", torch.bfloat16, "inductor", [(2, 1)], 1),
     ("gemma3", torch.float32, "inductor", [(2, 1)], 1),
     ("gpt2", torch.bfloat16, "inductor", [(2, 1)], 1),
+    ("bloom", torch.float32, "inductor", [(2, 1)], 1),  # ALiBi inside the kernel
+    ("bloom", torch.bfloat16, "inductor", [(2, 1)], 1),
 ]
 OWN_HEAD_DIMS = {"deepseek_v3", "deepseek_v2"}  # MLA: qk_nope / qk_rope / v head dims of their own
 

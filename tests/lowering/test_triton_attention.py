@@ -70,6 +70,34 @@ def test_absorbed_mla_values_are_a_view_of_the_keys():
     _check(mqa, 9, dv=32, v_of_k=True)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_head_dim_split_into_two_tiles(case):
+    """A head dim of 80 runs as a 64-column and a 16-column tile (``head_dim_tiles``), not padded to 128."""
+    from helix_compile.lowering.triton_attention import head_dim_tiles
+
+    assert head_dim_tiles(80) == (64, 16) and head_dim_tiles(576) == (512, 64) and head_dim_tiles(128) == (128, 0)
+    assert head_dim_tiles(24) == (32, 0)  # 16 + 16 pads as much as 32
+    _check(case[:4] + (80,) + case[5:], 9)
+
+
+@pytest.mark.parametrize("config,length", [((16, 16, 3, 4, 1), 1), ((16, 16, 1, 4, 1), 5)])
+def test_keys_in_two_parts_values_the_first(config, length):
+    """Absorbed MLA as the MLA pass calls it: keys [latent (32) | rotary key (8)] read in place from two tensors
+    (``k_rope``), the latent passed as the values too (read once, from the key tile); decode with splits, and
+    prefill."""
+    g = torch.Generator().manual_seed(3)
+    b, hq, capacity, rank, kvp, block = 2, 8, 40, 1, 2, 4
+    q = torch.randn(b, hq, length, 40, generator=g)
+    latent = torch.randn(b, 1, capacity + 1, 32, generator=g)
+    rope = torch.randn(b, 1, capacity + 1, 8, generator=g)
+    pos = torch.arange(length) + 20
+    want = ops.partial_attention_reference(q, torch.cat([latent, rope], -1), latent, pos, rank, kvp, block, 0.3)
+    got = triton_partial_attention(q, latent, latent, pos, rank, kvp, block, 0.3, config=config, k_rope=rope)
+    assert torch.equal(ops.partial_attention_reference(q, latent, latent, pos, rank, kvp, block, 0.3, k_rope=rope),
+                       want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]])
 def test_alibi(case):
     """ALiBi: slope[h] * (key position - query position) on the global positions of the local slots (decode with

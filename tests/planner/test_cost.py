@@ -92,15 +92,17 @@ def test_lm_head_costed_as_the_backend_runs_it():
 
 
 def test_mla_costed_absorbed_for_the_backend():
-    """The backend runs MLA absorbed (attention over the latent cache), but concatenates [latent | rotary key] of
-    the local shard every step: 3x the latent bytes of the paper's absorbed kernel, far below transformers'
-    up-projection of the whole cache. All forms exchange v_dim-wide partials (W_UV commutes with the LSE merge)."""
+    """The backend runs MLA absorbed as the paper does (attention over the latent cache, read where it is cached:
+    the same layer cost as the paper's kernel, helix's layout having no TP all-reduce to overlap), far below
+    transformers' up-projection of the whole cache. All forms exchange v_dim-wide partials (W_UV commutes with the
+    LSE merge)."""
     m, hw = get_model("deepseek-v2-lite"), get_hardware("h200")
     c = Candidate("helix", 4, 4, 1, 4, 1, 8)
     backend, paper = evaluate(m, hw, c, 131072, "bf16"), evaluate(m, hw, c, 131072, "bf16", costing=PAPER)
     up = evaluate(m, hw, c, 131072, "bf16", costing=Costing(mla="up-projected"))
     assert backend.per_layer["kv_read"] == paper.per_layer["kv_read"] == up.per_layer["kv_read"]  # one latent cache
-    assert paper.per_layer["total"] < backend.per_layer["total"] < up.per_layer["total"] / 3  # 3.9x (16 heads)
+    assert paper.per_layer["total"] == pytest.approx(backend.per_layer["total"])
+    assert backend.per_layer["total"] < up.per_layer["total"] / 3
 
 
 def test_collective_payload_in_the_config_precision():

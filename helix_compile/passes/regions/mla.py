@@ -17,16 +17,16 @@ attention over the latent cache itself, one KV head, as the Helix paper runs MLA
 into
     W_UK, W_UV = kv_b_proj.weight.view(H, dn+dv, r).split([dn, dv], 1)     # (H, dn, r), (H, dv, r)
     q_abs = cat([einsum("bhld,hdr->bhlr", q[..., :dn], W_UK), q[..., dn:]], -1)   # (B, H, L, r + dr)
-    k_abs = cat([keys_local, values_local], -1)   # (B, 1, C+1, r + dr): this rank's latent shard, one KV head
-    packed = partial_attention(q_abs, k_abs, k_abs[..., :r], pos, kvp_rank, kvp, kv_block, scale)  # (H, B, L, r + e)
+    # keys cat([latent, rotary key]) of this rank's shard, one KV head, read in place (k_rope); values the latent
+    packed = partial_attention(q_abs, latent, latent, pos, kvp_rank, kvp, kv_block, scale, k_rope=rot)  # (H, B, L, r + e)
     packed = cat([einsum("hblr,hvr->hblv", packed[..., :r], W_UV), packed[..., r:]], -1)   # (H, B, L, dv + e)
     o = lse_merge(wait(all_to_all_single(packed, kvp group)), kvp, dv)       # (B, H/N, L, dv): this rank's heads
 Exact by associativity: q_nope . (W_UK c) = (q_nope W_UK) . c for every cached latent c, and
 sum_s p_s (W_UV c_s) = W_UV (sum_s p_s c_s); the scale and the softmax are unchanged. W_UV is applied to each
 rank's partial output before the exchange (the LSE merge is a weighted sum, which W_UV commutes with), so the
 all-to-all carries dv values per head, not r. Each step reads the local latent shard (r + dr values per slot)
-instead of up-projecting it to H (dn + dv) values per slot; the concatenation [keys | values] copies the shard
-once per step (the kernel does not yet take the two parts separately). The partial attentions and the LSE merge
+instead of up-projecting it to H (dn + dv) values per slot, where it is cached: the kernel takes the key's two
+parts separately (``k_rope``) and reads the latent once for keys and values. The partial attentions and the LSE merge
 are the usual exact Helix math. The o_proj columns follow the heads each rank
 holds after the all-to-all, with head_dim = v_head_dim.
 """
@@ -203,11 +203,9 @@ def absorbed_attention(graph: fx.Graph, region: MLAMatch, query, keys, values, w
     q_rot = graph.call_function(operator.getitem, (query, (Ellipsis, slice(nope, None))))
     q_lat = graph.call_function(torch.einsum, ("bhld,hdr->bhlr", q_nope, w_uk))
     q_abs = graph.call_function(torch.cat, ([q_lat, q_rot],), {"dim": -1})
-    k_abs = graph.call_function(torch.cat, ([keys, values],), {"dim": -1})
-    v_abs = graph.call_function(operator.getitem, (k_abs, (Ellipsis, slice(None, r))))
-    packed = graph.call_function(
+    packed = graph.call_function(  # keys [latent | rotary key] read in place (k_rope): no per-step concatenation
         torch.ops.helix.partial_attention.default,
-        (q_abs, k_abs, v_abs, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, region.scale),
+        (q_abs, keys, keys, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, region.scale), {"k_rope": values},
     )
     o_part = graph.call_function(operator.getitem, (packed, (Ellipsis, slice(None, r))))
     lse = graph.call_function(operator.getitem, (packed, (Ellipsis, slice(r, None))))
