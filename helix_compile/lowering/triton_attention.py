@@ -283,8 +283,8 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
     """(BLOCK_R, BLOCK_N, NUM_SPLITS, num_warps, num_stages) for one call.
 
     Decode (one query position) packs the group's heads into one row block and splits the keys so that about
-    two programs run per SM, each over 512 slots or more; prefill takes 128-row blocks (64 in fp32) (enough
-    programs already) and no split. A prefill length is symbolic under dynamic shapes: only ``length == 1`` is
+    two programs run per SM, each over 512 slots or more, with at most one split per SM; prefill takes 128-row
+    blocks (64 in fp32) (enough programs already) and no split. A prefill length is symbolic under dynamic shapes: only ``length == 1`` is
     asked of it, which needs no guard. ``width`` = the key and value columns one key tile loads: heads wider than 512
     (absorbed MLA: 512 + 64 key columns, the values the first 512 of them) get key tiles of at most 64 KB per stage
     and 32-row prefill blocks, so that a program fits the shared memory and registers.
@@ -293,10 +293,14 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
     if length == 1:
         block_r = max(16, min(64, triton.next_power_of_2(group)))
         programs = batch * hk * triton.cdiv(group, block_r)
-        splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(capacity, 512)))
-        # measured on H200 (docs/perf.md, the launch-config grid): 128-key tiles pay when 32+ rows share a KV head
-        # and 64+ programs fill the SMs (MQA at batch 64: 91% of HBM against 68% with 64), 4 stages without splits
-        block_n = 32 if dtype.itemsize == 4 else 128 if block_r >= 32 and programs >= 64 else 64
+        # at most one split per SM: at batch 1 with one KV head (32 rows per program), 264 splits ran 49.7 us
+        # against 47.8 us for 128 at 256K slots, the combine growing with the splits (docs/perf.md)
+        splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(capacity, 512), sms))
+        # measured on H200 (docs/perf.md, the launch-config grids): 128-key tiles pay when 32+ rows share a KV head
+        # and either 64+ programs fill the SMs (MQA at batch 64: 91% of HBM against 68% with 64) or all programs
+        # and splits fit in one wave (MQA at batch 1, 256K: 73% against 66%); 4 stages without splits
+        one_wave = programs * splits <= sms
+        block_n = 32 if dtype.itemsize == 4 else 128 if block_r >= 32 and (programs >= 64 or one_wave) else 64
         if width > 512:
             return block_r, min(block_n, most), splits, 4, 2
         return block_r, block_n, splits, 4, 3 if splits > 1 else 4
