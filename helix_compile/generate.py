@@ -183,6 +183,7 @@ def rank_main(args, path: Path, layout) -> int:
 
     import helix_compile
     from helix_compile import StaticCache
+    from helix_compile.verify import generate_inputs
 
     warnings.filterwarnings("ignore", message="`past_key_values` is deprecated")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -218,7 +219,10 @@ def rank_main(args, path: Path, layout) -> int:
     with torch.no_grad():
         for step in range(args.max_new_tokens):
             start = time.perf_counter()
-            logits = compiled(input_ids=step_input, past_key_values=cache).logits[:, -1].float()
+            # what transformers' generate passes (attention_mask, position_ids): some families (OPT, BioGPT, XGLM)
+            # cannot be traced over a static cache without them
+            inputs = generate_inputs(model, step_input, seen.shape[1] - step_input.shape[1])
+            logits = compiled(input_ids=step_input, past_key_values=cache, **inputs).logits[:, -1].float()
             if args.temperature > 0:
                 probs = torch.softmax(warpers(seen, logits), dim=-1)
                 token = torch.multinomial(probs, num_samples=1)
@@ -236,7 +240,9 @@ def rank_main(args, path: Path, layout) -> int:
                 time.sleep(args.step_delay)
     if streamer is not None:
         streamer.end()
-    decode = times[2:] or times[1:]  # the first two calls compile (prefill, then the decode graph)
+    # the first three calls compile: prefill, the decode graph, and the decode graph with the attention mask's
+    # length dynamic (it grows every step)
+    decode = times[3:] or times[2:] or times[1:]
     if decode:
         ttl = 1000 * sum(decode) / len(decode)
         _say(rank, f"helix generate: {len(times)} tokens; prefill {1000 * times[0]:.0f} ms (compiles); TTL "

@@ -16,6 +16,7 @@ FAMILIES = {
     "gemma": ("gemma", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16)),  # MQA family
     "olmo": ("olmo", dict(num_attention_heads=4, num_key_value_heads=4)),  # MHA family
     "granite": ("granite", dict(num_attention_heads=8, num_key_value_heads=4)),  # scaled residuals
+    "opt": ("opt", dict(num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64)),  # positions from the mask
     # mixture of experts: 4 routed experts, top-2, expert intermediate 32 (ep and tpf up to 4)
     "mixtral": ("mixtral", dict(num_attention_heads=8, num_key_value_heads=4, num_local_experts=4,
                                 num_experts_per_tok=2, intermediate_size=32, sliding_window=None)),

@@ -57,6 +57,16 @@ def test_sampling_equals_transformers_sampling_under_the_same_seed(tmp_path):
     assert want != greedy_text(ckpt, PROMPT, 10)  # it did sample
 
 
+def test_family_that_needs_generate_inputs(tmp_path):
+    """OPT derives its positions from the cache's length when the call has no attention_mask: the command calls
+    the model as transformers' generate does, so it traces and gives generate's text (kvp=2)."""
+    ckpt = save(tmp_path / "hf", "opt", seed=2)
+    done = _run(["generate", str(ckpt), "--kvp", "2", "--kv-block", "4", "--prompt", PROMPT, "--max-new-tokens", "8",
+                 "--executor", "eager"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == greedy_text(ckpt, PROMPT, 8)
+
+
 def test_torchrun_two_nodes_loopback(converted):
     """Two torchrun launchers (--nnodes 2, one rank each) meet through a c10d rendezvous on 127.0.0.1."""
     ckpt, out = converted

@@ -10,6 +10,9 @@ elementwise ops (activations, products, casts, scaling, dropout), and statistics
 normal CDF) are replicated values and not constrained. Whatever follows the out projection (dropout, residual
 scaling, casts) runs on its all-reduced, replicated value, so it is not constrained either. A fused gate_up is cut
 by ``chunk`` / ``split`` on its last dim (``FusedSplit``).
+OPT-style layers (OPT, BioGPT, XGLM) hold ``fc1`` and ``fc2`` themselves, with the activation and dropout in
+the layer's own forward: one region, named ``<layer>.fc1+fc2``, whose ops are the layer's own and those of its
+fc1, fc2 and ``activation_fn`` modules.
 BERT-style layers (BERT, RoBERTa, ELECTRA, MegatronBERT, RemBERT, BigBird, X-MOD, ...) split their FFN over two
 sibling modules, ``<layer>.intermediate`` (in projection, activation) and ``<layer>.output`` (out projection,
 dropout, LayerNorm(x + residual)): one region, named ``<layer>.intermediate+output``. An ``output`` module counts
@@ -161,6 +164,7 @@ def match_dense_ffn(graph: fx.Graph, claimed: set, skip=()) -> list[DenseFFNMatc
 
 
 SPLIT_IN, SPLIT_OUT = "intermediate", "output"  # BERT-style FFN: two sibling modules of the layer
+LAYER_FFN = ("fc1", "fc2")  # OPT-style FFN: projections of the decoder layer itself
 
 
 def _split_layer(path: str, names) -> str | None:
@@ -171,12 +175,15 @@ def _split_layer(path: str, names) -> str | None:
 
 
 def ffn_module(path: str, layers=()) -> str | None:
-    """The FFN region a node of this module path belongs to: ``<...>.mlp`` (first FFN_MODULES component), or
-    ``<layer>.intermediate+output`` for the two sibling modules of a BERT-style ``layer`` (one of ``layers``)."""
+    """The FFN region a node of this module path belongs to: ``<...>.mlp`` (first FFN_MODULES component),
+    ``<layer>.intermediate+output`` for the two sibling modules of a BERT-style ``layer`` (one of ``layers``), or
+    ``<layer>.fc1+fc2`` for the projections an OPT-style layer holds itself (OPT, BioGPT, XGLM)."""
     parts = path.split(".")
     hit = [i for i, p in enumerate(parts) if p in FFN_MODULES]
     if hit:
         return ".".join(parts[: hit[0] + 1])
+    if len(parts) > 1 and parts[-1] in LAYER_FFN:
+        return f"{'.'.join(parts[:-1])}.{'+'.join(LAYER_FFN)}"
     for i, p in enumerate(parts):
         if p in (SPLIT_IN, SPLIT_OUT) and ".".join(parts[:i]) in layers:
             if p == SPLIT_OUT and len(parts) > i + 2:
@@ -186,7 +193,12 @@ def ffn_module(path: str, layers=()) -> str | None:
 
 
 def _inside(module: str):
-    """Whether a module path lies inside the FFN region ``module`` (both siblings of a BERT-style pair)."""
+    """Whether a module path lies inside the FFN region ``module`` (both siblings of a BERT-style pair; for an
+    OPT-style layer, the layer's own ops and its fc1, fc2 and activation modules)."""
+    if module.endswith(f".{'+'.join(LAYER_FFN)}"):
+        layer = module[: -len(f".{'+'.join(LAYER_FFN)}")]
+        prefixes = tuple(f"{layer}.{p}" for p in (*LAYER_FFN, "activation_fn"))
+        return lambda path: path == layer or any(path == p or path.startswith(p + ".") for p in prefixes)
     if module.endswith(f".{SPLIT_IN}+{SPLIT_OUT}"):
         layer = module[: -len(f".{SPLIT_IN}+{SPLIT_OUT}")]
         prefixes = (f"{layer}.{SPLIT_IN}", f"{layer}.{SPLIT_OUT}")
