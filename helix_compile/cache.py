@@ -152,7 +152,9 @@ def stand_ins(key_states, value_states, length: int, problem: str):
             torch.ops.helix.cache_mismatch(value_states, length, problem))
 
 
-_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+# chunked attention (Llama 4): a query sees the keys of its own chunk of positions only; every position is kept
+# and partial attention masks keys below the query's chunk start by global position (see the attention matcher)
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 
 
 def _kv_shape(config) -> tuple[int, int, int]:
@@ -193,16 +195,10 @@ def _refuse_without_kv_attention(text) -> None:
             f"model); helix parallelises attention over a KV cache and cannot run it"
         )
     other = sorted({t for t in getattr(text, "layer_types", None) or [] if t not in _ATTENTION_LAYER_TYPES})
-    if "chunked_attention" in other:  # Llama 4: softmax attention over the cache, but masked to the query's chunk
-        raise ValueError(
-            f"{name} has chunked-attention layers (layer_types {other}, attention_chunk_size="
-            f"{getattr(text, 'attention_chunk_size', None)}: a query sees only the keys of its own chunk of positions); "
-            f"helix's partial attention masks keys by causal position and sliding window only, not by chunk"
-        )
     if other:
         raise ValueError(
             f"{name} has layers without softmax attention over a KV cache (layer_types {other}); helix supports "
-            f"full and sliding-window attention layers only"
+            f"full, sliding-window and chunked attention layers only"
         )
 
 

@@ -97,6 +97,14 @@ FAMILIES = {
                                    sliding_window=6, num_hidden_layers=4, num_kv_shared_layers=2,
                                    layer_types=["sliding_attention", "full_attention"] * 2,
                                    vocab_size_per_layer_input=97, hidden_size_per_layer_input=8)),
+    # Llama 4: layer 0 chunked attention (chunks of 8 positions) with complex RoPE, L2 q/k norms and a dense FFN;
+    # layer 1 full attention without RoPE, with temperature tuning, and MoE: dense experts stored (E, in, out), a
+    # shared expert, a sigmoid router
+    "llama4_text": ("llama4_text", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        attention_chunk_size=8, no_rope_layer_interval=2, floor_scale=4,
+                                        interleave_moe_layer_step=2, intermediate_size=32, intermediate_size_mlp=96,
+                                        num_local_experts=4, num_experts_per_tok=1, pad_token_id=0, bos_token_id=1,
+                                        eos_token_id=2)),
 }
 ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
              "granite_swa": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)

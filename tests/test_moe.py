@@ -1,7 +1,7 @@
 """Mixture-of-experts FFNs as TPF x EP: exact against single-device transformers on real gloo ranks.
 
 Families: Mixtral, Qwen2-MoE (shared expert and its sigmoid gate), Qwen3-MoE, OLMoE (q/k norms over all heads),
-Aria (experts stored transposed), GLM-4-MoE (a dense first layer), HunYuan-MoE (shared_mlp), MiniMax-M3 (a custom
+Aria (experts stored transposed), Llama 4 (dense experts: every token through every expert), GLM-4-MoE (a dense first layer), HunYuan-MoE (shared_mlp), MiniMax-M3 (a custom
 elementwise gate), experts with biases, DeepSeek (in test_mla.py); transformers' grouped_mm (default) and
 batched_mm experts implementations. CI runs a
 representative subset of layouts (ep > 1 in most); ``HELIX_FULL_MATRIX=1`` runs every valid layout of 2 and 4 ranks.
@@ -21,7 +21,7 @@ from models import model as model_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "aria_text", "glm4_moe", "hunyuan_v1_moe", "minimax_m3",
-            "mixtral_bias"]
+            "mixtral_bias", "llama4_text"]
 
 
 def test_moe_two_ranks():
@@ -32,6 +32,7 @@ def test_moe_two_ranks():
         ("olmoe", dict(kvp=2, ep=2), None),
         ("aria_text", dict(kvp=2, ep=2), None),  # experts stored transposed (E, in, out)
         ("mixtral_bias", dict(kvp=2, ep=1), None),  # expert biases, tpf=2: the down bias added on one rank
+        ("llama4_text", dict(kvp=2, ep=2), None),  # dense experts (every token through each), chunked attention
     ])
 
 

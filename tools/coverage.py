@@ -89,9 +89,11 @@ FAMILY_CONFIG = {
                         global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
                         num_kv_shared_layers=2, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8),
     "gemma4_unified_text": dict(global_head_dim=32),
-    # layer 0 chunked attention with RoPE, layer 1 full attention without (NoPE); chunks of 8 positions, so the
-    # decode steps cross a chunk; attention temperature tuning from position 4 on
-    "llama4_text": dict(no_rope_layer_interval=2, attention_chunk_size=8, floor_scale=4),
+    # layer 0 chunked attention with RoPE and a dense FFN, layer 1 full attention without (NoPE) and MoE (dense and
+    # MoE layers interleaved, as in the 128E model); chunks of 8 positions, so the decode steps cross a chunk;
+    # attention temperature tuning from position 4 on
+    "llama4_text": dict(no_rope_layer_interval=2, attention_chunk_size=8, floor_scale=4, interleave_moe_layer_step=2,
+                        intermediate_size_mlp=32),
 }
 
 

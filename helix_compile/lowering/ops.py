@@ -10,10 +10,13 @@ Rank-local ops (what the partitioned program calls):
         so the op needs no data-dependent shapes and no host sync.
     helix::partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale,
                              softcap=0.0, window=0, key_mask=None, alibi_slopes=None, alibi_pos=None,
-                             k_rope=None) -> packed
+                             k_rope=None, chunk=0) -> packed
         attention of the local query heads over the local keys. Key at global position p is visible to the query
         at position t when p <= t, and t - p < window (window > 0: sliding window), and key_mask[b, p] != 0
-        (key_mask given: the 2-D HF attention mask over global positions; p >= its length is not visible).
+        (key_mask given: the 2-D HF attention mask over global positions; p >= its length is not visible), and
+        p >= t - (t - lp[b]) mod chunk (chunk > 0: Llama 4's chunked attention, a query sees the keys of its own
+        chunk of positions only; lp[b] = the leading zeros of key_mask[b], its left padding, 0 without key_mask:
+        chunks start at the row's first real token, as transformers' ``chunked_overlay`` counts them).
         Scores are q.k * scale, then softcap * tanh(score / softcap) when softcap > 0 (Gemma 2), then
         + alibi_slopes[h] * (a(b, p) - t) when alibi_slopes (fp32, one per local query head h) is given: ALiBi,
         with a(b, p) = p, or alibi_pos[b, p] when alibi_pos (B, S_m) is given (BLOOM's position among the
@@ -135,21 +138,37 @@ def partial_attention(
     alibi_slopes: Optional[torch.Tensor] = None,
     alibi_pos: Optional[torch.Tensor] = None,
     k_rope: Optional[torch.Tensor] = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     if q.device.type == "cuda":
         from .triton_attention import partial_attention as triton_partial_attention
 
         return triton_partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask,
-                                        alibi_slopes=alibi_slopes, alibi_pos=alibi_pos, k_rope=k_rope)
+                                        alibi_slopes=alibi_slopes, alibi_pos=alibi_pos, k_rope=k_rope, chunk=chunk)
     return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask,
-                                       alibi_slopes, alibi_pos, k_rope)
+                                       alibi_slopes, alibi_pos, k_rope=k_rope, chunk=chunk)
 
 
-def visible_keys(pos, key_pos, window=0, key_mask=None):
+def left_padding(key_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the leading zeros of each row of the 2-D attention mask (transformers' ``left_padding_tokens``)."""
+    return (key_mask.cumsum(dim=-1) == 0).sum(dim=-1)
+
+
+def chunk_start(pos, chunk, key_mask=None):
+    """(B or 1, L): the first global position of the chunk of the query at ``pos[l]`` (chunks of ``chunk``
+    positions counted from the row's left padding: t - (t - lp[b]) mod chunk, a floor modulo)."""
+    lp = left_padding(key_mask) if key_mask is not None else torch.zeros(1, dtype=pos.dtype, device=pos.device)
+    t = pos[None, :]
+    return t - torch.remainder(t - lp[:, None].to(pos.dtype), chunk)
+
+
+def visible_keys(pos, key_pos, window=0, key_mask=None, chunk=0):
     """(B or 1, L, S) bool: key at global ``key_pos[s]`` visible to the query at ``pos[l]`` (see the module doc)."""
     seen = key_pos[None, None, :] <= pos[None, :, None]
     if window > 0:
         seen = seen & (pos[None, :, None] - key_pos[None, None, :] < window)
+    if chunk > 0:
+        seen = seen & (key_pos[None, None, :] >= chunk_start(pos, chunk, key_mask)[:, :, None])
     if key_mask is not None:
         inside = key_pos < key_mask.shape[1]
         allowed = key_mask.gather(1, key_pos.clamp(max=key_mask.shape[1] - 1).expand(key_mask.shape[0], -1)) != 0
@@ -168,7 +187,7 @@ def alibi_bias(slopes, pos, key_pos, alibi_pos=None):
 
 
 def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap=0.0, window=0,
-                                key_mask=None, alibi_slopes=None, alibi_pos=None, k_rope=None):
+                                key_mask=None, alibi_slopes=None, alibi_pos=None, k_rope=None, chunk=0):
     """Reference (any device): scores in fp32 over the whole local shard, masked by global position."""
     b, hq, length, d = q.shape
     hk = k_shard.shape[1]
@@ -185,7 +204,7 @@ def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_bloc
     if alibi_slopes is not None:
         bias = alibi_bias(alibi_slopes, pos, key_pos, alibi_pos)  # (B or 1, Hq, L, S)
         scores = scores + bias.reshape(bias.shape[0], hk, hq // hk, length, capacity)
-    visible = visible_keys(pos, key_pos, window, key_mask)
+    visible = visible_keys(pos, key_pos, window, key_mask, chunk)
     if alibi_slopes is not None and alibi_pos is not None:
         visible = visible & (key_pos < alibi_pos.shape[1])[None, None, :]
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))

@@ -9,13 +9,14 @@ Keys. Local slot s holds global position key_pos(s) = (s // kv_block) * kv_block
 + s % kv_block (``ops.slot_positions``). Slots are filled in order, so the keys any row of the program can see
 are
 the slots [lo, hi): hi counts the slots below the block's last query position + 1 (and below the key mask's
-length), lo the slots that every row's sliding window has left. Both come from the positions on the device, so a
+length), lo the slots that every row's sliding window (or chunk) has left. Both come from the positions on the device, so a
 half-empty cache is never read and the host never syncs. A program with NUM_SPLITS > 1 takes one of NUM_SPLITS
 equal parts of [lo, hi) (flash decoding: at batch 1 the splits fill the SMs).
 
 Math. Per row: scores = q.k * scale (then softcap * tanh(score / softcap) if softcap > 0; then ALiBi's
 slope[head] * (a(key) - q_pos) with a(key) the key's global position, or ALIBI_POS[b, key position]), masked by global
-position (causal, window, key mask), online softmax in fp32 with natural exp. Products run on tensor cores:
+position (causal, window, key mask, chunk: keys from the query's chunk start q_pos - (q_pos - LP[b]) mod chunk on,
+LP[b] the row's left padding), online softmax in fp32 with natural exp. Products run on tensor cores:
 exact for 16-bit inputs (fp32 accumulation, as SDPA), "tf32x3" (about fp32 accuracy) for fp32 inputs. One split:
 the program writes o = acc / l and lse = m + ln l straight into the packed output. Several: it writes (m, l, acc)
 and ``_combine`` merges the splits exactly (lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s). A row with
@@ -61,13 +62,14 @@ def _store_packed(OUT, out_row, o, lse, D, d, d_mask, r_mask, lse_mask, LSE_ELEM
 @triton.jit
 def _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN, slope, APOS,
           apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask, dv, dv_mask,
-          MASKED: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+          q_first, MASKED: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
           ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_D: tl.constexpr, TAIL: tl.constexpr, V_FROM_K: tl.constexpr):
+          BLOCK_D: tl.constexpr, TAIL: tl.constexpr, V_FROM_K: tl.constexpr, CHUNK: tl.constexpr):
     """One key tile [n0, n0 + BLOCK_N) of the online softmax. MASKED = False: every slot of the tile is below
-    ``stop`` and visible to every row (no bounds, causal, window or key-mask test is needed; ``stop`` is below the
-    ALiBi positions' length, so their load needs no bound either). TAIL: the key's dims [BLOCK_D, D) are a second
-    tile (q2 . k2). V_FROM_K: the values are the key tile's first BLOCK_D = DV dims (absorbed MLA), not loaded."""
+    ``stop`` and visible to every row (no bounds, causal, window, chunk or key-mask test is needed; ``stop`` is below
+    the ALiBi positions' length, so their load needs no bound either). ``q_first``: each row's chunk start (CHUNK).
+    TAIL: the key's dims [BLOCK_D, D) are a second tile (q2 . k2). V_FROM_K: the values are the key tile's first
+    BLOCK_D = DV dims (absorbed MLA), not loaded."""
     slots = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         in_range = slots < stop
@@ -107,6 +109,8 @@ def _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, 
         visible = in_range[None, :] & (key_pos[None, :] <= q_pos[:, None])
         if WINDOW:
             visible = visible & (q_pos[:, None] - key_pos[None, :] < window)
+        if CHUNK:
+            visible = visible & (key_pos[None, :] >= q_first[:, None])
         if HAS_MASK:
             allowed = tl.load(MASK + mask_row + key_pos, mask=in_range & (key_pos < MASK_LEN), other=0)
             visible = visible & (allowed != 0)[None, :]
@@ -133,17 +137,18 @@ def _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, 
 
 @triton.jit
 def _attention(
-    Q, K, K2, V, POS, MASK, SLOPES, APOS, OUT, M_PART, L_PART, ACC_PART,
+    Q, K, K2, V, POS, MASK, SLOPES, APOS, LP, OUT, M_PART, L_PART, ACC_PART,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_ks,
     stride_k2b, stride_k2h, stride_k2s, k2_col,
     stride_vb, stride_vh, stride_vs,
     stride_mb, stride_ab,
     HQ, HK, LQ, GROUP, CAPACITY, MASK_LEN, APOS_LEN, ROW_BLOCKS, B,
-    kvp_rank, kvp, kv_block, scale, softcap, window,
+    kvp_rank, kvp, kv_block, scale, softcap, window, chunk,
     D: tl.constexpr, DV: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-    ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, LSE_ELEMS: tl.constexpr, PRECISION: tl.constexpr,
+    ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, CHUNK: tl.constexpr, LSE_ELEMS: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr,
 ):
@@ -188,6 +193,12 @@ def _attention(
     if WINDOW:
         lowest = tl.min(tl.where(r_mask, q_pos, 2147483647))
         lo = _local_count(tl.maximum(lowest - window + 1, 0), kvp_rank, kvp, kv_block)
+    q_first = q_pos  # unused without CHUNK
+    if CHUNK:  # each row's chunk start t - (t - lp) mod chunk (a floor modulo: t < lp on padding rows)
+        rel = (q_pos - tl.load(LP + b)) % chunk
+        q_first = q_pos - tl.where(rel < 0, rel + chunk, rel)
+        lo = tl.maximum(lo, _local_count(tl.maximum(tl.min(tl.where(r_mask, q_first, 2147483647)), 0), kvp_rank,
+                                          kvp, kv_block))
     if NUM_SPLITS > 1:
         part = tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS * BLOCK_N) * BLOCK_N
         start = lo + split * part
@@ -198,7 +209,7 @@ def _attention(
     # [start, bulk): whole tiles that every row sees (below the lowest row's position; no window or key mask),
     # run without any mask; [bulk, stop): the masked tail (in decode, one partial tile)
     bulk = start
-    if not WINDOW and not HAS_MASK:
+    if not WINDOW and not HAS_MASK and not CHUNK:
         seen_by_all = _local_count(tl.min(tl.where(r_mask, q_pos, 2147483647)) + 1, kvp_rank, kvp, kv_block)
         bulk = start + tl.maximum(tl.minimum(stop, seen_by_all) - start, 0) // BLOCK_N * BLOCK_N
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -212,13 +223,13 @@ def _attention(
     for n0 in range(start, bulk, BLOCK_N):
         m_i, l_i, acc = _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
                               slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask,
-                              dv, dv_mask, False, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N, BLOCK_D,
-                              TAIL, V_FROM_K)
+                              dv, dv_mask, q_first, False, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N, BLOCK_D,
+                              TAIL, V_FROM_K, CHUNK)
     for n0 in range(bulk, stop, BLOCK_N):
         m_i, l_i, acc = _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
                               slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask,
-                              dv, dv_mask, True, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N, BLOCK_D,
-                              TAIL, V_FROM_K)
+                              dv, dv_mask, q_first, True, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N, BLOCK_D,
+                              TAIL, V_FROM_K, CHUNK)
     # packed output row of (head, b, l); partial buffers are indexed the same way
     out_row = (head * B + b) * LQ + l_idx
     if NUM_SPLITS == 1:
@@ -323,10 +334,10 @@ def head_dim_tiles(d: int) -> tuple[int, int]:
 
 
 def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap=0.0, window=0, key_mask=None,
-                      config=None, alibi_slopes=None, alibi_pos=None, k_rope=None):
+                      config=None, alibi_slopes=None, alibi_pos=None, k_rope=None, chunk=0):
     """Same contract as ``ops.partial_attention`` (packed (Hq, B, L, D + e) output). Called inside the op's
     ``triton_op`` body, so under Inductor the two kernels are emitted into the generated code."""
-    from .ops import lse_elems
+    from .ops import left_padding, lse_elems
 
     b, hq, length, d = q.shape
     hk, capacity = k_shard.shape[1], k_shard.shape[2] - 1
@@ -369,9 +380,13 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
     mask = key_mask if key_mask is not None else pos
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else pos  # pos: an unused pointer
     apos = alibi_pos.contiguous() if alibi_pos is not None else pos
+    lp = pos  # an unused pointer without chunks
+    if chunk > 0:  # each row's left padding: its chunks start at its first real token
+        lp = (left_padding(key_mask) if key_mask is not None else torch.zeros(b, dtype=torch.int64, device=q.device))
+        lp = lp.to(pos.dtype).contiguous()
     row_blocks = triton.cdiv(group * length, block_r)
     wrap_triton(_attention)[(b * hk * row_blocks, splits)](
-        q, k, k2, v, pos, mask, slopes, apos, out, m, l_sum, acc,
+        q, k, k2, v, pos, mask, slopes, apos, lp, out, m, l_sum, acc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         k2.stride(0), k2.stride(1), k2.stride(2), 0 if k_rope is not None else block_d,
@@ -379,9 +394,9 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
         mask.stride(0) if key_mask is not None else 0, apos.stride(0) if alibi_pos is not None else 0,
         hq, hk, length, group, capacity, key_mask.shape[1] if key_mask is not None else 0,
         alibi_pos.shape[1] if alibi_pos is not None else 0, row_blocks, b,
-        kvp_rank, kvp, kv_block, scale, softcap, window, D=d, DV=dv,
+        kvp_rank, kvp, kv_block, scale, softcap, window, chunk, D=d, DV=dv,
         NUM_SPLITS=splits, HAS_MASK=key_mask is not None, SOFTCAP=softcap > 0, WINDOW=window > 0,
-        ALIBI=alibi_slopes is not None, HAS_APOS=alibi_pos is not None,
+        ALIBI=alibi_slopes is not None, HAS_APOS=alibi_pos is not None, CHUNK=chunk > 0,
         LSE_ELEMS=e, PRECISION="tf32x3" if q.dtype == torch.float32 or _INTERPRETED else "native",
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv, V_FROM_K=v_from_k,
         num_warps=warps, num_stages=stages,

@@ -45,6 +45,9 @@ CONFIGS = [  # (family, dtype, executor, layouts, hopb_chunks)
     ("gpt2", torch.bfloat16, "inductor", [(2, 1)], 1),
     ("bloom", torch.float32, "inductor", [(2, 1)], 1),  # ALiBi inside the kernel
     ("bloom", torch.bfloat16, "inductor", [(2, 1)], 1),
+    # chunked attention (the Triton kernel's chunk bound), complex RoPE, dense experts
+    ("llama4_text", torch.float32, "inductor", [(2, 1), (1, 2)], 1),
+    ("llama4_text", torch.bfloat16, "inductor", [(2, 1)], 1),
 ]
 OWN_HEAD_DIMS = {"deepseek_v3", "deepseek_v2"}  # MLA: qk_nope / qk_rope / v head dims of their own
 

@@ -19,7 +19,8 @@ CASES = [  # batch, query heads, kv heads, query len, head dim, local capacity, 
 ]
 
 
-def _check(case, first_pos, softcap=0.0, window=0, key_mask=None, dv=None, v_of_k=False, alibi=False, alibi_pos=None):
+def _check(case, first_pos, softcap=0.0, window=0, key_mask=None, dv=None, v_of_k=False, alibi=False, alibi_pos=None,
+           chunk=0):
     b, hq, hk, length, dk, capacity, kvp, rank, block, dtype, config = case
     d = dv or dk
     g = torch.Generator().manual_seed(first_pos)
@@ -29,9 +30,9 @@ def _check(case, first_pos, softcap=0.0, window=0, key_mask=None, dv=None, v_of_
     pos = torch.arange(length) + first_pos
     slopes = 2.0 ** -torch.arange(1, hq + 1, dtype=torch.float32) if alibi else None
     want = ops.partial_attention_reference(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask, slopes,
-                                           alibi_pos)
+                                           alibi_pos, chunk=chunk)
     got = triton_partial_attention(q, k, v, pos, rank, kvp, block, 0.3, softcap, window, key_mask, config=config,
-                                   alibi_slopes=slopes, alibi_pos=alibi_pos)
+                                   alibi_slopes=slopes, alibi_pos=alibi_pos, chunk=chunk)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got[..., :d].float(), want[..., :d].float(), rtol=tol, atol=tol)
     lse_want = want[..., d:].contiguous().view(torch.float32)
@@ -110,3 +111,18 @@ def test_alibi(case):
     _check(case, 30, alibi=True)
     _check(case, 5, alibi=True)
     _check(case, 30, key_mask=mask, alibi=True, alibi_pos=(mask.cumsum(-1) - 1) * mask)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]])
+def test_chunked(case):
+    """Llama 4's chunked attention: a query sees the keys of its own chunk of positions only (chunk starts that fall
+    inside the shard, before it and on a row block's rows; decode with splits, MQA with several positions, prefill),
+    and chunks counted from a left-padded row's first real token (transformers' chunked_overlay)."""
+    b = case[0]
+    mask = torch.ones(b, 40, dtype=torch.long)
+    mask[0, :6] = 0  # row 0 is left-padded by 6 positions: its chunks start at 6, 6 + chunk, ...
+    _check(case, 30, chunk=8)
+    _check(case, 5, chunk=3)
+    _check(case, 30, chunk=8, key_mask=mask)
+    _check(case, 3, chunk=4, key_mask=mask)  # row 0's queries at 3..: padding rows, no visible key before 6
+    _check(case, 30, chunk=6, window=4)

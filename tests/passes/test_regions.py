@@ -171,3 +171,38 @@ def test_layers_of_another_head_dim_are_placed_with_their_own(fake_world):
             widths[(role, layer)] = spec.stop - spec.start
     assert widths == {("o.weight", 0): 16, ("o.weight", 1): 32, ("k.weight", 0): 16, ("k.weight", 1): 32}
     assert [a.layer for a in done.regions.attention] == [0, 1, 2, 3]
+
+
+def test_llama4_chunks_complex_rope_and_dense_experts(fake_world):
+    """Llama 4: layer 0 is chunked (chunks of 8 positions, partial attention's chunk), layer 1 full; the reshapes of
+    complex RoPE (view(B, L, H, -1, 2) before view_as_complex) name this rank's heads (kvp=2 x tpa=2: 2 query heads,
+    1 KV head); layer 1's dense experts (every token through each) narrowed to this rank's experts (ep=2)."""
+    done = passes(model("llama4_text"), Layout(2, 2, ep=2, kv_block=4))
+    assert [a.chunk for a in done.regions.attention] == [8, 0]
+    local = done.stages["partition"]
+    chunks = [n.kwargs.get("chunk", 0) for n in local.graph.nodes if "partial_attention" in str(n.target)]
+    assert chunks == [8, 0]
+    pairs = [n for n in local.graph.nodes if n.op == "call_method" and n.target == "reshape"
+             and any(u.target is torch.view_as_complex for u in n.users)]
+    assert sorted(tuple(n.args[3:]) for n in pairs) == [(1, -1, 2), (2, -1, 2)]  # k (1 KV head), q (2 heads)
+    (moe,) = [m for m in done.regions.matches if m.kind == "moe"]
+    assert moe.dense is not None and moe.transposed
+    assert [n.args[1:] for n in local.graph.nodes if n.target is torch.narrow and n.args[0].name == moe.dense.name] \
+        == [(0, 0, 2)]  # rank 1, tpf=2 x ep=2: ep_rank = 1 // 2 = 0, experts 0 and 1
+
+
+@pytest.mark.parametrize("swap,message", [
+    ("create_chunked_causal_mask", r"model.layers.0.self_attn: the config makes it a chunked-attention layer "
+                                   r"\(attention_chunk_size=8\) but its mask .* compares chunks nowhere"),
+    ("create_causal_mask", r"model.layers.1.self_attn: its mask .* compares chunks of positions \(divisors \[\(8, 8\)\]\) "
+                           r"but the config does not make it a chunked-attention layer"),
+])
+def test_chunk_mask_that_disagrees_with_the_config_is_refused(fake_world, monkeypatch, swap, message):
+    """A chunked layer whose mask is plain causal, or a full layer whose mask is chunked: refused, never run with
+    the config's mask."""
+    import transformers.models.llama4.modeling_llama4 as llama4
+
+    other = "create_causal_mask" if swap == "create_chunked_causal_mask" else "create_chunked_causal_mask"
+    monkeypatch.setattr(llama4, swap, getattr(llama4, other))
+    with pytest.raises(Exception, match=message):
+        passes(model("llama4_text"))

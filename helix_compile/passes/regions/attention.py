@@ -13,6 +13,7 @@ Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache wri
             k = rope(k_norm(k_proj(x)))) share k's rows
     o       the first projection after core, only reshapes between them
     window  per layer from the config (``layer_types`` / ``sliding_window`` / ``use_sliding_window``)
+    chunk   per layer from the config (``layer_types`` "chunked_attention", Llama 4), its mask checked: ``chunks.py``
     readers a core in another attention module that reads the same cache placeholders (Gemma 3n's kv-shared
             layers, ``kv_sharing_modes == "reuse"``: no k/v projections and no cache write of their own): a match
             of its own with ``shares`` = the writing module, k = v = None; its q and o as above
@@ -29,7 +30,8 @@ Rewrite (``replace_with``; pattern ... into ...):
         into  kv_write_local(keys, values, k, v, pos, kvp_rank, kvp, kv_block)          # owner-only write
     core = sdpa(q, repeat_kv(keys), repeat_kv(values), mask)   (or the eager chain)
         into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale[, softcap, window]
-                                         [, key_mask=][, alibi_slopes= this rank's heads' slopes, alibi_pos=])
+                                         [, key_mask=][, alibi_slopes= this rank's heads' slopes, alibi_pos=]
+                                         [, chunk=])
               recv   = wait(all_to_all_single(packed, out=[h]*kvp, in=split, kvp_group))  # kvp > 1 only
               core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
     o = proj(x, Wo, b)   into  wait(all_reduce(proj(x, Wo_shard), "sum", world)) [+ b]  # N > 1 only
@@ -57,7 +59,9 @@ from .common import (
     shape, where,
 )
 from .alibi import BADDBMM, BMM, IndexSplit, bmm_core, find_index_split
+from .chunks import check_chunk_mask, layer_chunk
 from .heads import OutputSide, all_reduce_mean, head_select, input_views, match_output, per_group_qkv
+from .rope import complex_views, is_complex_view
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 from .sinks import add_sink, concat_sink, is_drop_last, scale_sink
 
@@ -103,6 +107,7 @@ class AttentionMatch:
     sink: fx.Node | None = None  # a per-head attention sink parameter (Q,) (sinks.py)
     shares: str | None = None  # a kv-shared reader: the module whose cache write (``kv_write``) it reads
     layer: int | None = None  # decoder layer index (its Heads when layers differ in shape: ``Heads.layer``)
+    chunk: int = 0  # chunked attention (chunks.py): keys of the query's own chunk of positions only
 
     kind = "attention"
 
@@ -122,7 +127,8 @@ class AttentionMatch:
 
     def describe(self) -> str:
         extra = "".join(
-            f" {k}={v}" for k, v in (("fused", self.fused), ("softcap", self.softcap or None), ("window", self.window or None))
+            f" {k}={v}" for k, v in (("fused", self.fused), ("softcap", self.softcap or None), ("window", self.window or None),
+                                          ("chunk", self.chunk or None))
             if v is not None
         )
         if self.norms:
@@ -207,6 +213,8 @@ class AttentionMatch:
         if self.softcap or self.window:
             args += (float(self.softcap), int(self.window))
         kwargs = {"key_mask": env[self.key_mask.name]} if self.key_mask is not None else {}
+        if self.chunk:
+            kwargs["chunk"] = int(self.chunk)
         with graph.inserting_before(core):
             if self.alibi is not None:  # the slopes of this rank's query heads (its TPA slice)
                 per = heads.q // layout.tpa
@@ -372,9 +380,20 @@ def _match_one(write: fx.Node, index: int, config, found) -> AttentionMatch:
     _check_softcap(config, module, core, softcap)
     layer = _layer_index(keys, index)
     window = layer_window(config, layer) if config is not None else 0
+    chunk = layer_chunk(config, layer)
+    check_chunk_mask(_mask_operand(form, core), core, chunk, module)
     return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
-                          fused, split, norms, _key_mask(form, core), alibi, output,
-                          input_views(q, kp, vp, query, k, v), sink, layer=layer)
+                          fused, split, norms, _key_mask(form, core), alibi, output, _views(q, kp, vp, query, k, v, fused),
+                          sink, layer=layer, chunk=chunk)
+
+
+def _views(q, kp, vp, query, k, v, fused) -> list:
+    """The head views between the projections and the core: ``heads.input_views``, and (separate projections)
+    the reshapes of complex RoPE (``rope.py``)."""
+    views = input_views(q, kp, vp, query, k, v)
+    if fused is None:
+        views += [c for c in complex_views(q, kp, vp, query, k, v) if all(c.node is not h.node for h in views)]
+    return views
 
 
 def _match_reader(writer: AttentionMatch, found, config) -> AttentionMatch:
@@ -399,9 +418,11 @@ def _match_reader(writer: AttentionMatch, found, config) -> AttentionMatch:
                                     f"layer index, so helix cannot find its sliding window")
     index = int(layer.group(1)) if layer is not None else None
     window = layer_window(config, index) if config is not None else 0
+    chunk = layer_chunk(config, index)
+    check_chunk_mask(_mask_operand(form, core), core, chunk, module)
     return AttentionMatch(module, form, q, None, None, o, writer.kv_write, writer.keys, writer.values, writer.pos,
                           query, core, scale, softcap, window, None, None, norms, _key_mask(form, core),
-                          shares=writer.module, layer=index)
+                          shares=writer.module, layer=index, chunk=chunk)
 
 
 def _check_softcap(config, module: str, core: fx.Node, softcap: float) -> None:
@@ -426,9 +447,10 @@ def layer_window(config, layer: int) -> int:
         kind = types[layer]
         if kind == "sliding_attention":
             return int(window)
-        if kind == "full_attention":
+        if kind in ("full_attention", "chunked_attention"):  # chunks: layer_chunk (chunks.py)
             return 0
-        raise UnsupportedModelError(f"layer {layer} has attention type {kind!r}; helix supports full and sliding attention")
+        raise UnsupportedModelError(f"layer {layer} has attention type {kind!r}; helix supports full, sliding and "
+                                    f"chunked attention")
     if window and getattr(config, "use_sliding_window", True) is not False:
         return int(window)  # Mistral: every layer slides
     return 0
@@ -491,6 +513,8 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
     """Allow only ops that keep heads independent between a projection and attention (or a cross-head norm)."""
     if node.op == "call_method" and node.target in SHAPE_METHODS | {"view_as"} or is_pointwise(node):
         return None  # view_as(x, y): y's local shape (a head-sharded y, else a loud shape error)
+    if is_complex_view(node):
+        return None  # complex RoPE (Llama 4): pairs within a head (rope.py)
     if is_call(node, {torch.stack}) or is_method(node, {"repeat_interleave"}):  # interleaved RoPE: within a head
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and is_call(node, {torch.stack}) else
                               node.args[2] if len(node.args) > 2 else None)

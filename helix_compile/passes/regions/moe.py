@@ -42,7 +42,16 @@ into
     out'   = experts(h, ids', w') with the local weights, histc(bins=El, max=El-1)
     out    = wait(all_reduce(out', "sum", world))                  # sum over EP (experts) and TPF (columns)
 The combine is exact: each (token, expert) pair is computed on exactly the ranks holding that expert's column
-slices, every other rank adds an exact 0 (0 * finite), and the all-reduce sums the partial products. The cost
+slices, every other rank adds an exact 0 (0 * finite), and the all-reduce sums the partial products.
+
+Dense experts (Llama 4's ``Llama4TextExperts``: no expert ids; every token goes through every expert, the routing
+scores already applied to the input, 0 for the experts a token does not pick): the experts' only input is
+x (E*T, H), viewed (E, T, H) and run as bmm(x3, gate_up (E, H, 2I)) -> chunk -> act -> bmm(., down (E, I, H)) ->
+view(E*T, H). ``dense`` is that view to (E, ...). Pattern ... into ...:
+    x3 = view(x, E, -1, H)          into  x3 = narrow(view(x, E, -1, H), 0, ep_rank*El, El)     # the local experts
+    y  = bmm(., down)  (E, T, H)    into  y = pad(bmm(., down_local), experts before / after)   # other experts: 0
+    out = view(y, -1, H)            into  wait(all_reduce(out, "sum", world))                   # EP and TPF sums
+The cost
 (later work): each rank runs all T*k pairs through its local experts (a pair of another rank's expert goes
 through local expert 0 with weight 0) instead of an all-to-all dispatch of the pairs it owns.
 """
@@ -95,6 +104,8 @@ class MoEMatch:
     down_bias: fx.Node | None = None  # placeholder (E, H)
     down_bias_adds: list = dataclasses.field(default_factory=list)  # where the down bias joins the partial sums
     routing: list = dataclasses.field(default_factory=list)  # other parameters the router reads (ERNIE's moe_statics)
+    dense: fx.Node | None = None  # dense experts (Llama 4; ids, weights None): the input's view to (E, T, H)
+    down_mm: fx.Node | None = None  # dense experts: the down bmm (E, T, H)
 
     kind = "moe"
 
@@ -102,7 +113,9 @@ class MoEMatch:
         shared = "".join(f"; shared {s.describe()}" for s in self.shared)
         extra = (" transposed" if self.transposed else "") + ("".join(
             f" {b.name}" for b in (self.gate_up_bias, self.down_bias) if b is not None))
-        return (f"moe {self.module} experts={self.count} ids={self.ids.name} weights={self.weights.name} "
+        routing = (f"dense={self.dense.name}" if self.dense is not None else
+                   f"ids={self.ids.name} weights={self.weights.name}")
+        return (f"moe {self.module} experts={self.count} {routing} "
                 f"gate_up={self.gate_up.name} down={self.down.name} out={self.out.name}{extra} "
                 f"replicated={[p.name for p in self.replicated]}{shared}")
 
@@ -275,10 +288,14 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
             if a not in inside and a.op != "placeholder" and a not in external:
                 external.append(a)
     ints = [a for a in external if _dtype(a) is not None and not _dtype(a).is_floating_point]
-    if len(ints) != 1:
+    dense = _dense_input(experts_path, external, gu_mm, count, hidden) if not ints and gu_t else None
+    if dense is not None:
+        ints, weights = [None], [None]
+    elif len(ints) != 1:
         raise UnsupportedModelError(f"{experts_path}: expected one expert-id input from the router, found {[a.name for a in ints]}")
     ids = ints[0]
-    weights = [a for a in external if a is not ids and _shape(a) == _shape(ids) and _dtype(a).is_floating_point]
+    if dense is None:
+        weights = [a for a in external if a is not ids and _shape(a) == _shape(ids) and _dtype(a).is_floating_point]
     if len(weights) != 1:
         raise UnsupportedModelError(
             f"{experts_path}: expected one routing-weight input shaped like the ids {_shape(ids)}, found "
@@ -309,7 +326,25 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
     routing = list(dict.fromkeys(a for n in rest for a in n.all_input_nodes if a.op == "placeholder" and a not in weights_of))
     return MoEMatch(mlp, experts_path, count, ids, weights[0], by_role["gate_up"], by_role["down"], histc, outs[0],
                     experts, shared, replicated, transposed=gu_t, gate_up_bias=by_role.get("gate_up_bias"),
-                    down_bias=by_role.get("down_bias"), down_bias_adds=down_bias_adds, routing=routing)
+                    down_bias=by_role.get("down_bias"), down_bias_adds=down_bias_adds, routing=routing, dense=dense,
+                    down_mm=dn_mm if dense is not None else None)
+
+
+def _dense_input(experts_path: str, external: list, gu_mm: fx.Node, count: int, hidden: int) -> fx.Node | None:
+    """Dense experts (see the module doc): the view (E, -1, H) of the experts' one input that the gate_up bmm
+    reads; None when the experts are not of that form (then ``match`` asks for the router's ids)."""
+    x3 = gu_mm.args[0]
+    if len(external) != 1 or gu_mm.target is not torch.bmm or not isinstance(x3, fx.Node):
+        return None
+    if not (x3.op == "call_method" and x3.target in ("view", "reshape") and x3.args[0] is external[0]):
+        return None
+    if _shape(x3) is None or len(_shape(x3)) != 3 or (_shape(x3)[0], _shape(x3)[2]) != (count, hidden):
+        raise UnsupportedModelError(f"{experts_path}: {where(x3)} feeds the experts {_shape(x3)}, not ({count}, "
+                                    f"tokens, {hidden}) (every token through every expert)")
+    if x3.args[1:2] != (count,) or len(x3.users) != 1:
+        raise UnsupportedModelError(f"{experts_path}: {where(x3)} does not view the experts' input as ({count}, -1, "
+                                    f"{hidden}) once")
+    return x3
 
 
 def _from(source: fx.Node, inside: set) -> set:
@@ -505,6 +540,8 @@ def rewrite(graph: fx.Graph, region: MoEMatch, by_name: dict, layout: Layout, ra
     experts, count tokens over the local experts, all-reduce the partial output over the world."""
     local_count = region.count // layout.ep
     first = layout.ep_rank(rank) * local_count
+    if region.dense is not None:
+        return _rewrite_dense(graph, region, by_name, layout, first, local_count, world_group)
     ids, weights = by_name[region.ids.name], by_name[region.weights.name]
     experts = {by_name[n.name] for n in region.nodes}
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -532,6 +569,25 @@ def rewrite(graph: fx.Graph, region: MoEMatch, by_name: dict, layout: Layout, ra
             with graph.inserting_before(node):
                 zero = graph.call_function(operator.mul, (bias, 0.0))
             node.replace_input_with(bias, zero)
+    if layout.world_size > 1:
+        all_reduce_after(graph, by_name[region.out.name], world_group)
+
+
+def _rewrite_dense(graph, region, by_name, layout, first, local_count, world_group) -> None:
+    """Dense experts (see the module doc): the local experts' slice of the input, their outputs padded with zeros
+    for the other experts, the world all-reduce."""
+    if region.down_bias is not None or region.gate_up_bias is not None:
+        raise UnsupportedModelError(f"{region.experts}: dense experts with biases are not supported")
+    if local_count != region.count:
+        x3 = by_name[region.dense.name]
+        with graph.inserting_after(x3):
+            mine = graph.call_function(torch.narrow, (x3, 0, first, local_count))
+        x3.replace_all_uses_with(mine, delete_user_cb=lambda user: user is not mine)
+        down = by_name[region.down_mm.name]
+        with graph.inserting_after(down):
+            padded = graph.call_function(torch.nn.functional.pad,
+                                         (down, (0, 0, 0, 0, first, region.count - first - local_count)))
+        down.replace_all_uses_with(padded, delete_user_cb=lambda user: user is not padded)
     if layout.world_size > 1:
         all_reduce_after(graph, by_name[region.out.name], world_group)
 
