@@ -7,7 +7,8 @@ Head views (pattern ... into ...)
     view(x, B, L, H, D)            (any view/reshape on a head-sharded path whose size names the heads)
         into  view(x, B, L, H_local, D)
     The size that carries the heads is the first one where the view's output shape departs from its input's
-    (``(B, L, H*D) -> (B, L, H, D)``: H; ``(B, L, H, D) -> (B, L, H*D)``: H*D). It is scaled by local/global of the
+    (``(B, L, H*D) -> (B, L, H, D)``: H; ``(B, L, H, D) -> (B, L, H*D)``: H*D). A view to the shape its input
+    already has (Falcon's ``reshape(B, H, L, D)`` after a transpose) is dropped: its uses read its input. It is scaled by local/global of the
     path's features: q (Q/tpa of Q), kv (the rank's KV heads of K), qkv (a fused projection before its split),
     o (the heads the rank holds after the all-to-all, of Q). -1 (inferred) needs nothing.
 
@@ -54,11 +55,15 @@ class HeadView:
     """A view/reshape on a head-sharded path whose size ``index`` (into the flat size list) counts heads."""
 
     node: fx.Node
-    index: int
+    index: int | None  # None: a view to the shape its input already has (Falcon's reshape(B, H, L, D)): dropped
     path: str  # "q", "kv", "qkv", "o"
 
     def replace_with(self, env: dict, local: int, total: int) -> None:
         node = env[self.node.name]
+        if self.index is None:  # the identity: its uses (and later rewrites, through env) read its input
+            node.replace_all_uses_with(node.args[0])
+            env[self.node.name] = node.args[0]
+            return
         sizes = _sizes(node)
         value = sizes[self.index]
         if (value * local) % total:
@@ -91,6 +96,8 @@ def head_view(node: fx.Node, path: str, width: int) -> HeadView | None:
     squeezed = [a for a in before if a != 1]
     index = next((j for a, j in zip(squeezed, kept) if a != after[j]), None)
     sizes = _sizes(node)
+    if index is None and tuple(before) == tuple(after) and any(isinstance(v, int) and v > 1 for v in sizes):
+        return HeadView(node, None, path)  # constant sizes (maybe the global head count) that change nothing
     if index is None or index >= len(sizes) or math.prod(after[index:]) != width:
         return None
     value = sizes[index]
@@ -124,12 +131,12 @@ def path_nodes(start: fx.Node, end: fx.Node) -> set:
 def input_views(q: Projection, k: Projection, v: Projection, query: fx.Node, key: fx.Node, value: fx.Node) -> list:
     """HeadViews between the q/k/v projections and the attention (a node on several paths: the fused ``qkv``)."""
     paths = {"q": path_nodes(q.node, query), "k": path_nodes(k.node, key), "v": path_nodes(v.node, value)}
-    (_, hq, _, dq), (_, hk, _, dk) = shape(query), shape(key)
+    (_, hq, _, dq), (_, hk, _, dk), dv = shape(query), shape(key), shape(value)[-1]
     views, widths = [], {"q": hq * dq, "kv": hk * dk, "qkv": q.out_features}
     for node in sorted(set().union(*paths.values()), key=lambda n: n._sort_key):
         on = [p for p, nodes in paths.items() if node in nodes]
         path = "qkv" if len(on) > 1 and "q" in on else "q" if on == ["q"] else "kv"  # k = v (k_eq_v): kv
-        found = head_view(node, path, widths[path])
+        found = head_view(node, path, hk * dv if on == ["v"] else widths[path])  # values: their own head dim
         if found is not None:
             views.append(found)
     return views
@@ -149,6 +156,73 @@ def head_select(proj: Projection) -> FusedSplit | None:
         ) and {c.args[1][1] for c in cuts} == {0, 1, 2}:
             return FusedSplit(proj, cuts, 3 * after[-1])
     return None
+
+
+@dataclasses.dataclass
+class HeadSlices:
+    """A stacked q|k|v projection viewed as (B, L, Q+2K, D) and cut along that heads dim by index: Falcon's
+    multi-query ``query_key_value`` (``[..., :-2, :]``, ``[..., [-2], :]``, ``[..., [-1], :]``). Each cut must take
+    whole parts (q, k or v); ``replace_with`` rewrites its head indices to the rank's local parts (the view's head
+    count is a ``HeadView`` of the qkv path)."""
+
+    projection: Projection
+    view: fx.Node
+    cuts: list  # getitem nodes: a slice, or a one-element list, of the heads dim
+    width: int  # the projection's features: one stacked q|k|v ("qkv")
+    head_dim: int
+
+    def replace_with(self, env: dict, global_bounds: list[int], local_bounds: list[int]) -> None:
+        """``global_bounds`` / ``local_bounds``: the parts' feature offsets (0, Q*D, (Q+K)*D, (Q+2K)*D) and the rank's."""
+        d = self.head_dim
+        total, to_local = global_bounds[-1] // d, {g // d: l // d for g, l in zip(global_bounds, local_bounds)}
+
+        def local(i, cut):
+            i = i + total if i < 0 else i
+            if i not in to_local:
+                raise UnsupportedModelError(f"{where(cut)}: head {i} is not a boundary of the q|k|v parts "
+                                            f"{sorted(to_local)}")
+            return to_local[i]
+
+        for cut in self.cuts:
+            node = env[cut.name]
+            index = node.args[1]
+            sel = index[-2]
+            if isinstance(sel, slice):
+                new = slice(None if sel.start is None else local(sel.start, cut),
+                            None if sel.stop is None else local(sel.stop, cut), sel.step)
+            else:  # [i]: one head, a whole part of one head (the KV head of multi-query attention)
+                i = sel[0] + total if sel[0] < 0 else sel[0]
+                if local(i + 1, cut) - local(i, cut) != 1:
+                    raise UnsupportedModelError(f"{where(cut)}: takes head {i}, not a whole q, k or v part")
+                new = [local(i, cut)]
+            node.args = (node.args[0], (*index[:-2], new, index[-1]))
+
+
+def head_slices(proj: Projection, head_dim: int) -> HeadSlices | None:
+    """``view(out, (B, L, H', D))`` of the whole fused output whose only users index its heads dim (see
+    ``HeadSlices``), else None."""
+    for view in proj.out.users:
+        s = shape(view)
+        if not is_method(view, VIEWS) or s is None or len(s) != 4 or s[-1] != head_dim or s[-2] * head_dim != \
+                proj.out_features:
+            continue
+        cuts = list(view.users)
+        if len(cuts) == 3 and all(_head_index(c) for c in cuts):
+            return HeadSlices(proj, view, cuts, proj.out_features, head_dim)
+    return None
+
+
+def _head_index(cut: fx.Node) -> bool:
+    """``x[..., a:b, :]`` or ``x[..., [i], :]`` (constant ints) on the heads dim of a (B, L, H', D) view."""
+    if not is_call(cut, {operator.getitem}) or not isinstance(cut.args[1], tuple) or len(cut.args[1]) < 2:
+        return False
+    index = cut.args[1]
+    lead, sel = index[:-2], index[-2]
+    if index[-1] != slice(None) or not (lead == (Ellipsis,) or lead == (slice(None),) * 2):
+        return False
+    if isinstance(sel, slice):
+        return sel.step in (None, 1) and all(isinstance(v, int) or v is None for v in (sel.start, sel.stop))
+    return isinstance(sel, list) and len(sel) == 1 and isinstance(sel[0], int)
 
 
 def per_group_qkv(module: str, proj: Projection, split: FusedSplit, heads) -> int:
