@@ -58,7 +58,8 @@ from .common import (
 )
 from .alibi import BADDBMM, BMM, IndexSplit, bmm_core, find_index_split
 from .heads import (
-    OutputSide, all_reduce_mean, head_select, head_slices, input_views, match_output, per_group_qkv,
+    GroupSlices, OutputSide, all_reduce_mean, fused_rows, group_slices, head_select, head_slices, input_views,
+    match_output, per_group_qkv,
 )
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 from .sinks import add_sink, concat_sink, is_drop_last, scale_sink
@@ -168,7 +169,7 @@ class AttentionMatch:
             out = [*self.q.placements("q"), *self.k.placements("k")]
             out += self.v.placements("v") if self.v.node is not self.k.node else []  # k = v: placed once
         else:
-            rows, want = self.q.out_features, (heads.q + heads.k) * heads.d + heads.k * heads.dv
+            rows, want = self.q.out_features, fused_rows(self.split, heads)
             if rows != want:
                 raise ValueError(f"{self.module}: the fused qkv projection has {rows} rows, the config says {want}")
             if self.fused == "qkv_heads" and isinstance(self.split, IndexSplit):
@@ -366,10 +367,10 @@ def _match_one(write: fx.Node, index: int, config, found) -> AttentionMatch:
         if not (q.node is kp.node is vp.node):
             raise UnsupportedModelError(f"{module}: two of q/k/v share projection '{q.name}' and the third does not")
         split = (find_split(q, f"fused qkv of {module}") or head_select(q) or find_index_split(q.out, shape(query)[-1])
-                 or head_slices(q, shape(query)[-1]))
+                 or head_slices(q, shape(query)[-1]) or group_slices(q, shape(query)[-1]))
         if split is None:
             raise UnsupportedModelError(f"{module}: fused q/k/v projection {where(q.node)} without a split helix understands")
-        fused = "qkv_heads" if split.width != q.out_features else "qkv"
+        fused = "qkv_heads" if split.width != q.out_features or isinstance(split, GroupSlices) else "qkv"
     gate_norms: list[CrossHeadNorm] = []
     output = match_output(core, module, f"attention output of {module}",
                           lambda node, what: _projection_ancestor(node, module, what, gate_norms, None))
@@ -496,6 +497,8 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
     """Allow only ops that keep heads independent between a projection and attention (or a cross-head norm)."""
     if node.op == "call_method" and node.target in SHAPE_METHODS | {"view_as"} or is_pointwise(node):
         return None  # view_as(x, y): y's local shape (a head-sharded y, else a loud shape error)
+    if is_call(node, {torch.broadcast_to}):
+        return None  # copies along size-1 dims (Falcon-40B: a KV head over its group), sizes: heads.Broadcast
     if is_call(node, {torch.stack}) or is_method(node, {"repeat_interleave"}):  # interleaved RoPE: within a head
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and is_call(node, {torch.stack}) else
                               node.args[2] if len(node.args) > 2 else None)

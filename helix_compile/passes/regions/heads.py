@@ -136,7 +136,7 @@ def input_views(q: Projection, k: Projection, v: Projection, query: fx.Node, key
     for node in sorted(set().union(*paths.values()), key=lambda n: n._sort_key):
         on = [p for p, nodes in paths.items() if node in nodes]
         path = "qkv" if len(on) > 1 and "q" in on else "q" if on == ["q"] else "kv"  # k = v (k_eq_v): kv
-        found = head_view(node, path, hk * dv if on == ["v"] else widths[path])  # values: their own head dim
+        found = head_view(node, path, hk * dv if on == ["v"] else widths[path]) or broadcast_view(node, path)
         if found is not None:
             views.append(found)
     return views
@@ -225,8 +225,86 @@ def _head_index(cut: fx.Node) -> bool:
     return isinstance(sel, list) and len(sel) == 1 and isinstance(sel[0], int)
 
 
+@dataclasses.dataclass
+class GroupSlices:
+    """Falcon's new decoder architecture (Falcon-40B/180B): the fused rows are, per KV group, [q_1 .. q_g k v] (g
+    query heads and their KV head), viewed as (B, L, Kc, g+2, D) and cut by index within each group
+    (``[:, :, :, :-2]``, ``[:, :, :, [-2]]``, ``[:, :, :, [-1]]``); the model broadcasts the KV head over its
+    group's query heads before the cache (``broadcast_to``: ``broadcast_view``), so the cache holds Q heads. Rows
+    sharded by whole groups (role ``qkv_heads``); the cuts index within a group and need no rewrite."""
+
+    projection: Projection
+    view: fx.Node
+    cuts: list
+    width: int  # (g + 2) * D: one group's rows
+    group: int  # g
+
+    def check(self, module: str, heads) -> int:
+        """g, checking the shape against the heads (the cache holds Q heads: one per query head)."""
+        if heads.q % self.group or heads.k != heads.q or heads.dv != heads.d or self.width != (self.group + 2) * heads.d:
+            raise UnsupportedModelError(f"{module}: fused qkv {self.projection.name} in groups of {self.group} query "
+                                        f"heads + k + v ({self.width} rows each) does not fit {heads}")
+        return self.group
+
+
+def group_slices(proj: Projection, head_dim: int) -> GroupSlices | None:
+    """``view(out, (B, L, Kc, g+2, D))`` whose only users take, within each group, its g query heads, its key and its
+    value (see ``GroupSlices``), else None."""
+    for view in proj.out.users:
+        s = shape(view)
+        if not is_method(view, VIEWS) or s is None or len(s) != 5 or s[-1] != head_dim or s[-2] < 3 \
+                or math.prod(s[2:]) != proj.out_features:
+            continue
+        parts, cuts = [], list(view.users)
+        for cut in cuts:
+            index = cut.args[1] if is_call(cut, {operator.getitem}) and isinstance(cut.args[1], tuple) else ()
+            lead = index[:3] == (slice(None),) * 3 and len(index) in (4, 5) and index[4:] in ((), (slice(None),))
+            sel = index[3] if lead else None
+            if isinstance(sel, slice) and sel.step in (None, 1):
+                parts.append(tuple(range(s[-2]))[sel])
+            elif isinstance(sel, list) and len(sel) == 1 and isinstance(sel[0], int):
+                parts.append((sel[0] % s[-2],))
+            else:
+                parts = None
+                break
+        g = s[-2] - 2
+        if parts is not None and sorted(parts) == [tuple(range(g)), (g,), (g + 1,)]:
+            return GroupSlices(proj, view, cuts, s[-2] * head_dim, g)
+    return None
+
+
+def fused_rows(split, heads) -> int:
+    """Rows of a fused q|k|v projection: (Q + K) * D + K * Dv, or (Q + 2 Q/g) * D for ``GroupSlices``."""
+    if isinstance(split, GroupSlices):
+        return (heads.q + 2 * heads.q // split.group) * heads.d
+    return (heads.q + heads.k) * heads.d + heads.k * heads.dv
+
+
+@dataclasses.dataclass
+class Broadcast:
+    """``broadcast_to(x, sizes)`` on a head-sharded path (Falcon-40B: a KV head over its group's query heads): the
+    sizes the input already has become -1 (the rank's local ones), the broadcast sizes (within a group) stay."""
+
+    node: fx.Node
+    path: str
+
+    def replace_with(self, env: dict, local: int, total: int) -> None:
+        node = env[self.node.name]
+        before, sizes = shape(self.node.args[0]), list(node.args[1])
+        lead = len(sizes) - len(before)
+        node.args = (node.args[0], tuple(-1 if i >= lead and before[i - lead] == v else v for i, v in enumerate(sizes)))
+
+
+def broadcast_view(node: fx.Node, path: str) -> Broadcast | None:
+    if is_call(node, {torch.broadcast_to}) and len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return Broadcast(node, path)
+    return None
+
+
 def per_group_qkv(module: str, proj: Projection, split: FusedSplit, heads) -> int:
     """Heads per group of a per-group interleaved fused qkv (see the module docstring), checking its cuts."""
+    if isinstance(split, GroupSlices):
+        return split.check(module, heads)
     d, width = heads.d, split.width
     group = width // (3 * d)
     ok = width % (3 * d) == 0 and heads.q % group == 0 and heads.q == heads.k

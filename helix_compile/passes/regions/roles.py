@@ -11,7 +11,8 @@ stored transposed (in, out): its kind is ``weight_t`` and the same rows are its 
     q, k, v      rows of the TPA slice's heads: [tpa_rank*Q/tpa, (tpa_rank+1)*Q/tpa) * D (k, v: K instead of Q;
                  v: Dv instead of D)
     qkv          fused [q; k; v] rows (Phi-3 qkv_proj, GPT-2 c_attn): the q, k and v rows above, concatenated
-    qkv_heads    fused per-head [q_h k_h v_h] rows (GPT-NeoX query_key_value, MHA): [h0*3D, h1*3D)
+    qkv_heads    fused per-head [q_h k_h v_h] rows (GPT-NeoX query_key_value, MHA): [h0*3D, h1*3D); per group of g
+                 query heads [q_1..q_g k v] (Falcon-40B, the cache holding Q heads): [h0/g*(g+2)*D, h1/g*(g+2)*D)
     q_heads      one value per query head (attention sinks): the TPA slice's Q/tpa heads
     q_norm, k_norm  a norm over all heads' features (OLMo2): the same rows as q / k; a per-head norm (Qwen3,
                  weight of D elements) is replicated
@@ -144,10 +145,16 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
     if role == "qkv":
         qd, kd = heads.q * d, heads.k * d
         return Pieces(0, (q_rows, (qd + k_rows[0], qd + k_rows[1]), (qd + kd + v_rows[0], qd + kd + v_rows[1])))
-    if role == "qkv_heads":
+    if role == "qkv_heads":  # per group of g query heads: [q_1..q_g k v] (g = 1: GPT-NeoX; Falcon-40B: g = Q/Kc)
         if heads.q != heads.k or dv != d:
             raise ValueError(f"a per-head interleaved qkv projection needs as many KV heads as query heads ({heads})")
-        return Shard(0, q_rows[0] * 3, q_rows[1] * 3)
+        groups = (shape[0] // d - heads.q) // 2  # KV heads of the fused rows, one per group
+        g, first, stop = heads.q // max(groups, 1), q_rows[0] // d, q_rows[1] // d
+        if groups < 1 or heads.q % groups or first % g or stop % g or (heads.q + 2 * groups) * d != shape[0]:
+            raise ValueError(f"a fused qkv of {shape[0]} rows in groups of [q.. k v] ({groups} groups of "
+                             f"{heads.q // max(groups, 1)} query heads) does not split into whole groups over the query "
+                             f"heads [{first}, {stop}) of a TPA slice ({heads}); use a tpa that divides the groups")
+        return Shard(0, first // g * (g + 2) * d, stop // g * (g + 2) * d)
     if role in ("o", "o_gate", "o_norm"):
         if role == "o" and kind == "bias":
             return None
