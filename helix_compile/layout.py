@@ -280,17 +280,18 @@ def attention_shape(config, layer: int = 0) -> AttentionShape:
     if getattr(config, "is_heterogeneous", False):
         config = config.per_layer_config[layer]
     q = config.num_attention_heads
-    if mla_latent(config) is not None:
-        return AttentionShape(q, 1, config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim)
-    d = getattr(config, "head_dim", None) or config.hidden_size // q
+    if mla_latent(config) is not None:  # (the planner's stand-in configs have the latent sizes only)
+        nope, v = getattr(config, "qk_nope_head_dim", None) or 0, getattr(config, "v_head_dim", None) or 0
+        return AttentionShape(q, 1, nope + config.qk_rope_head_dim, v)
+    d = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", None) or 0) // q  # 0: a stand-in
     family = _KV_HEADS.get(getattr(config, "model_type", None))
     k = family(config, layer) if family is not None else getattr(config, "num_key_value_heads", None) or q
     return AttentionShape(q, k, d, getattr(config, "v_head_dim", None) or d)
 
 
 def layer_shapes(config) -> list[AttentionShape]:
-    """``attention_shape`` of every decoder layer."""
-    return [attention_shape(config, i) for i in range(config.num_hidden_layers)]
+    """``attention_shape`` of every decoder layer (of one, for a stand-in config without num_hidden_layers)."""
+    return [attention_shape(config, i) for i in range(getattr(config, "num_hidden_layers", None) or 1)]
 
 
 def mla_latent(config) -> tuple[int, int] | None:

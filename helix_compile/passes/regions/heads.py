@@ -96,8 +96,9 @@ def head_view(node: fx.Node, path: str, width: int) -> HeadView | None:
     squeezed = [a for a in before if a != 1]
     index = next((j for a, j in zip(squeezed, kept) if a != after[j]), None)
     sizes = _sizes(node)
-    if index is None and tuple(before) == tuple(after) and any(isinstance(v, int) and v > 1 for v in sizes):
-        return HeadView(node, None, path)  # constant sizes (maybe the global head count) that change nothing
+    if index is None and tuple(before) == tuple(after) and -1 not in sizes and any(
+            isinstance(v, int) and v > 1 for v in sizes):
+        return HeadView(node, None, path)  # all sizes given (so the global head count, if any), changing nothing
     if index is None or index >= len(sizes) or math.prod(after[index:]) != width:
         return None
     value = sizes[index]
