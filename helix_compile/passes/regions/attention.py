@@ -67,6 +67,8 @@ from .sinks import add_sink, concat_sink, is_drop_last, scale_sink
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 KV_WRITE = {torch.ops.helix.kv_write, torch.ops.helix.kv_write.default}  # Dynamo records the packet
 funcol = torch.ops._c10d_functional
+MATMUL = {torch.matmul, operator.matmul}  # ``a @ b`` (Falcon's eager attention) traces to operator.matmul
+DIV = {operator.truediv, operator.itruediv, torch.div}  # ``scores /= sqrt(D)`` (Falcon): operator.itruediv
 
 
 @dataclasses.dataclass
@@ -294,7 +296,7 @@ def _mask_operand(form: str, core: fx.Node) -> fx.Node | None:
     while isinstance(node, fx.Node) and node.op != "placeholder":
         if node.op == "call_function" and node.target in (operator.add, torch.add):
             return node.args[1] if isinstance(node.args[1], fx.Node) else None
-        if node.op == "call_function" and node.target in (torch.matmul, torch.bmm, torch.baddbmm):
+        if node.op == "call_function" and node.target in (torch.matmul, operator.matmul, torch.bmm, torch.baddbmm):
             return None
         node = node.args[0]
     return None
@@ -584,7 +586,7 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node) -> list:
             found.append(("sdpa", user, query, float(scale), 0.0, None, None))
         elif user.op == "call_method" and user.target == "transpose":
             for mm in user.users:
-                if mm.op == "call_function" and mm.target is torch.matmul and mm.args[1] is user:
+                if mm.op == "call_function" and mm.target in MATMUL and mm.args[1] is user:
                     form, core, query, scale, softcap, sink = _eager_core(mm, values)
                     found.append((form, core, query, scale, softcap, None, sink))
                     break
@@ -719,9 +721,9 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
                 scale = nxt.args[1]
             else:
                 raise UnsupportedModelError(f"eager attention scaled twice: {where(nxt)}")
-        elif is_call(nxt, {operator.truediv, torch.div}) and isinstance(nxt.args[1], float) and scale is not None:
+        elif is_call(nxt, DIV) and isinstance(nxt.args[1], float) and scale is not None:
             capping = (nxt.args[1], "div")  # Gemma 2: scores / softcap -> tanh -> * softcap
-        elif is_call(nxt, {operator.truediv, torch.div}) and isinstance(nxt.args[1], float):
+        elif is_call(nxt, DIV) and isinstance(nxt.args[1], float):
             scale = 1.0 / nxt.args[1]  # scores / sqrt(D)
         elif is_call(nxt, {torch.tanh}) or is_method(nxt, {"tanh"}):
             if capping is None or capping[1] != "div":
@@ -753,7 +755,7 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
         elif is_call(nxt, {torch.nn.functional.dropout}):
             if not _dropout_is_identity(nxt):
                 raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(nxt)}")
-        elif is_call(nxt, {torch.matmul}):
+        elif is_call(nxt, MATMUL):
             if not masked:
                 _check_causal_mask(None, nxt)
             if _cache_source(nxt.args[1]) is not values:
