@@ -7,16 +7,24 @@ Head views (pattern ... into ...)
     view(x, B, L, H, D)            (any view/reshape on a head-sharded path whose size names the heads)
         into  view(x, B, L, H_local, D)
     The size that carries the heads is the first one where the view's output shape departs from its input's
-    (``(B, L, H*D) -> (B, L, H, D)``: H; ``(B, L, H, D) -> (B, L, H*D)``: H*D). A view to the shape its input
-    already has (Falcon's ``reshape(B, H, L, D)`` after a transpose) is dropped: its uses read its input. It is scaled by local/global of the
-    path's features: q (Q/tpa of Q), kv (the rank's KV heads of K), qkv (a fused projection before its split),
-    o (the heads the rank holds after the all-to-all, of Q). -1 (inferred) needs nothing.
+    (``(B, L, H*D) -> (B, L, H, D)``: H; ``(B, L, H, D) -> (B, L, H*D)``: H*D). It is scaled by local/global of the
+    path's features: q (Q/tpa of Q), kv (the rank's KV heads of K; the values' own head dim on the v path), qkv (a
+    fused projection before its split), o (the heads the rank holds after the all-to-all, of Q). -1 (inferred)
+    needs nothing. A view to the shape its input already has, every size given (Falcon's ``reshape(B, H, L, D)``
+    after a transpose), is dropped: its uses read its input.
+    broadcast_to(x, sizes)         (Falcon-40B: a KV head over its group's query heads, ``Broadcast``)
+        into  broadcast_to(x, sizes with -1 wherever x already has that size)
 
 Per-group fused qkv (``per_group_qkv``, ``head_select``)
     one projection whose rows are [q_g k_g v_g] per group of g heads (any order of the three parts): GPT-NeoX
     (g = 1, ``view(B, L, H, 3D).chunk(3, -1)``), CodeGen (``view(B, L, mp, 3w).split(w, -1)``, g = w / D heads
-    per group, q|v|k), Persimmon (``view(B, L, H, 3, D)[..., i, :]``). Its rows are sharded by whole groups (role
-    ``qkv_heads``); a layout whose TPA slice is not whole groups is refused.
+    per group, q|v|k), Persimmon (``view(B, L, H, 3, D)[..., i, :]``), Falcon-40B (``GroupSlices``: [q_1..q_g k v]
+    per KV group, ``view(B, L, Kc, g+2, D)`` cut within the group, the KV head broadcast over the group). Its rows
+    are sharded by whole groups (role ``qkv_heads``); a layout whose TPA slice is not whole groups is refused.
+
+Stacked q|k|v cut by head index (``HeadSlices``, Falcon's multi-query ``query_key_value``)
+    view(qkv, B, L, Q+2K, D)[..., :-2, :] / [..., [-2], :] / [..., [-1], :]
+        into  the same with the head indices of the rank's local parts (each cut must take whole parts)
 
 Output side (``match_output``; the dataflow from the attention core to its output projection)
     core -> [reshapes, elementwise ops] -> o_proj, where an elementwise op's other operand is one of
