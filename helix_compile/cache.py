@@ -33,7 +33,7 @@ except ImportError:  # transformers without kv-shared layers: no model asks for 
             pass
 
 from . import shards
-from .layout import Layout, mla_latent
+from .layout import Layout, attention_shape, mla_latent
 from .lowering.ops import ShardedEagerError  # importing ops registers helix::kv_write, which HelixLayer.update calls
 
 
@@ -157,21 +157,15 @@ def stand_ins(key_states, value_states, length: int, problem: str):
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 
 
-def _kv_shape(config) -> tuple[int, int, int]:
-    """(KV heads, key dim, value dim) of a layer's cache (one layer's config of a heterogeneous model, e.g. Gemma 4's
-    full-attention layers with their global_head_dim, or the model's)."""
-    latent = mla_latent(config)
+def _kv_shape(config, layer: int) -> tuple[int, int, int]:
+    """(KV heads, key dim, value dim) of decoder layer ``layer``'s cache, as the model builds it
+    (``layout.attention_shape``: Gemma 4's full-attention layers with their global_head_dim, Falcon's multi-query
+    cache, MiMo-V2-Flash's narrower values and its sliding layers' doubled KV heads)."""
+    latent = mla_latent(config.per_layer_config[layer] if getattr(config, "is_heterogeneous", False) else config)
     if latent is not None:  # MLA caches one latent "head": keys = the compressed kv, values = the rotary key
         return (1, *latent)
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if getattr(config, "v_head_dim", None) not in (None, head_dim):
-        raise ValueError(
-            f"{type(config).__name__} has keys of head_dim {head_dim} and values of v_head_dim {config.v_head_dim} "
-            f"(MiMo-V2-Flash); helix's attention assumes one head dim for the keys and values of its cache and "
-            f"does not support this yet"
-        )
-    return heads, head_dim, head_dim
+    shape = attention_shape(config, layer)
+    return shape.k, shape.d, shape.dv
 
 
 def kv_shared_layers(text) -> set[int]:
@@ -290,11 +284,9 @@ class StaticCache(Cache):
         self._max_batch_size, self._max_cache_len = max_batch_size, max_cache_len
         self.host_length = 0  # tokens written, tracked on the host so the bound is checked without a device sync
         shared = kv_shared_layers(text)
-        per_layer = getattr(text, "per_layer_config", None) if getattr(text, "is_heterogeneous", False) else None
         layers = [
             DummyLayer() if i in shared else
-            HelixLayer(self, max_cache_len, max_batch_size, *_kv_shape(per_layer[i] if per_layer else text), dtype,
-                       device)
+            HelixLayer(self, max_cache_len, max_batch_size, *_kv_shape(text, i), dtype, device)
             for i in range(text.num_hidden_layers)
         ]
         super().__init__(layers=layers)

@@ -169,19 +169,15 @@ class Layout:
 
 
 def _attention_shapes(config) -> list[tuple[int, int, str]]:
-    """(query heads, KV heads, where) of the model's layers: one entry, or one per distinct shape of a config whose
-    layers differ (transformers' heterogeneous configs, e.g. Gemma 4's full-attention layers)."""
-    if getattr(config, "is_heterogeneous", False):
-        shapes = {}
-        for i, c in enumerate(config.per_layer_config):
-            q = c.num_attention_heads
-            shapes.setdefault((q, getattr(c, "num_key_value_heads", None) or q), i)
-        if len(shapes) > 1:
-            return [(q, k, f" (layer {i})") for (q, k), i in shapes.items()]
-        ((q, k),) = shapes
-        return [(q, k, "")]
-    q = config.num_attention_heads
-    return [(q, getattr(config, "num_key_value_heads", None) or q, "")]
+    """(query heads, KV heads, where) of the model's layers (``attention_shape``): one entry, or one per distinct
+    shape of a model whose layers differ (Gemma 4's full-attention layers, MiMo-V2-Flash's sliding layers)."""
+    shapes = {}
+    for i, s in enumerate(layer_shapes(config)):
+        shapes.setdefault((s.q, s.k), i)
+    if len(shapes) > 1:
+        return [(q, k, f" (layer {i})") for (q, k), i in shapes.items()]
+    ((q, k),) = shapes
+    return [(q, k, "")]
 
 
 _GROUPS: dict[tuple[int, int], tuple[str, str, str]] = {}
@@ -237,6 +233,67 @@ def group_ranks(group_name: str) -> list[int]:
 
 
 # -- model families whose shapes change the layout rules ----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """What one decoder layer's attention builds: ``q`` query heads, ``k`` KV heads in its cache (what the model's
+    ``cache.update`` receives, which is not always the config's ``num_key_value_heads``), keys (and queries) of
+    ``d`` features per head, values of ``dv`` (the attention output's features per head)."""
+
+    q: int
+    k: int
+    d: int
+    dv: int
+
+
+def _falcon_kv_heads(config, layer: int) -> int:
+    """FalconAttention: the new decoder architecture (Falcon-40B) broadcasts each of its ``num_kv_heads`` KV heads
+    over its query group *before* the cache (``_split_heads``: ``broadcast_to(key, query.shape)``), so the cache holds
+    one KV head per query head; otherwise ``multi_query`` (the default) means one KV head, and ``num_kv_heads`` the
+    rest (transformers/models/falcon/modeling_falcon.py, FalconAttention.__init__ and forward)."""
+    if getattr(config, "new_decoder_architecture", False):  # FalconConfig's defaults where a config.json omits them
+        return config.num_attention_heads
+    if getattr(config, "multi_query", True):
+        return 1
+    return getattr(config, "num_kv_heads", None) or config.num_attention_heads
+
+
+def _mimo_kv_heads(config, layer: int) -> int:
+    """MiMoV2FlashAttention: sliding-window layers have twice ``num_key_value_heads`` (and attention sinks)."""
+    kinds = getattr(config, "layer_types", None) or ()  # a config.json without it: MiMo's default pattern unknown
+    twice = layer < len(kinds) and kinds[layer] == "sliding_attention"
+    return config.num_key_value_heads * (2 if twice else 1)
+
+
+# model_type -> KV heads of layer i, for families whose attention does not build ``num_key_value_heads`` KV heads
+_KV_HEADS = {"falcon": _falcon_kv_heads, "mimo_v2_flash": _mimo_kv_heads}
+
+
+def attention_shape(config, layer: int = 0) -> AttentionShape:
+    """The attention shape of decoder layer ``layer`` as the model builds it (the one place helix derives KV heads and
+    head dims from a config: the cache, ``Layout.validate``, the plan's ``Heads`` and the planner ask it).
+
+    A heterogeneous config (Gemma 4's full-attention layers, ``per_layer_config``) gives the layer's own; MLA has one
+    latent KV "head" (keys of qk_nope + qk_rope features, values of ``v_head_dim``); ``v_head_dim`` otherwise sets
+    values narrower than the keys (MiMo-V2-Flash); ``_KV_HEADS`` has the families whose KV heads differ from
+    ``num_key_value_heads`` (default: the query heads).
+    """
+    if getattr(config, "is_heterogeneous", False):
+        config = config.per_layer_config[layer]
+    q = config.num_attention_heads
+    if mla_latent(config) is not None:  # (the planner's stand-in configs have the latent sizes only)
+        nope, v = getattr(config, "qk_nope_head_dim", None) or 0, getattr(config, "v_head_dim", None) or 0
+        return AttentionShape(q, 1, nope + config.qk_rope_head_dim, v)
+    d = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", None) or 0) // q  # 0: a stand-in
+    family = _KV_HEADS.get(getattr(config, "model_type", None))
+    k = family(config, layer) if family is not None else getattr(config, "num_key_value_heads", None) or q
+    return AttentionShape(q, k, d, getattr(config, "v_head_dim", None) or d)
+
+
+def layer_shapes(config) -> list[AttentionShape]:
+    """``attention_shape`` of every decoder layer (of one, for a stand-in config without num_hidden_layers)."""
+    return [attention_shape(config, i) for i in range(getattr(config, "num_hidden_layers", None) or 1)]
+
+
 def mla_latent(config) -> tuple[int, int] | None:
     """(kv_lora_rank, qk_rope_head_dim) of a multi-head latent attention model (DeepSeek-V2/V3), else None.
 

@@ -105,9 +105,19 @@ FAMILIES = {
                                         interleave_moe_layer_step=2, intermediate_size=32, intermediate_size_mlp=96,
                                         num_local_experts=4, num_experts_per_tok=1, pad_token_id=0, bos_token_id=1,
                                         eos_token_id=2)),
+    # KV heads that are not num_key_value_heads (layout.attention_shape): Falcon's multi-query cache (1 KV head; its
+    # query_key_value viewed (B, L, Q+2, D) and cut by head index; FalconLinear: x @ W.T + b); Falcon-40B's new
+    # decoder architecture ([q q k v] per KV group, each KV head broadcast over its group: the cache holds Q heads)
+    "falcon": ("falcon", dict(num_attention_heads=4, multi_query=True, bias=True)),
+    "falcon_40b": ("falcon", dict(num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2, bias=True)),
+    # MiMo-V2-Flash: values narrower than the keys (v_head_dim 8 < head_dim 16), its sliding layer (1) with twice
+    # the KV heads and attention sinks, the row maximum subtracted from the scores; MoE layer 1 (no shared expert)
+    "mimo": ("mimo_v2_flash", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, v_head_dim=8,
+                                   sliding_window=6, n_routed_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=32)),
 }
 ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
-             "granite_swa": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
+             "granite_swa": "eager", "mimo": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
 EXPERT_BIASES = {"mixtral_bias"}  # routed experts given gate_up / down biases (gpt-oss's has_bias=True layout)
 
 

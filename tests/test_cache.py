@@ -83,3 +83,33 @@ def test_compiled_generate_is_refused_with_the_working_form():
     with pytest.raises(ShardedEagerError, match="model.forward = torch.compile\\(model.forward, backend='helix'"):
         c.generate(prompt(), attention_mask=torch.ones(2, 7, dtype=torch.long), max_new_tokens=2,
                    past_key_values=StaticCache(m, 2, 16, Layout(1)))
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("llama", {}), ("mqa", {}), ("gpt_bigcode", {}),
+    ("falcon", {}),  # multi_query: 1 KV head, whatever num_kv_heads says
+    ("falcon", dict(multi_query=False)),  # num_kv_heads (= the query heads by default)
+    ("falcon_40b", {}), ("falcon_40b", dict(num_kv_heads=1)),  # KV heads broadcast over their group: Q in the cache
+    ("mimo", {}),  # values of v_head_dim 8 < head_dim 16; the sliding layer 1 has twice num_key_value_heads
+])
+def test_attention_shape_is_what_the_model_caches(family, extra):
+    """``layout.attention_shape`` (the one derivation of KV heads and head dims from a config) against the keys and
+    values transformers' own DynamicCache receives from the model, per layer; the helix cache and the plan's Heads
+    follow it, and so does the planner."""
+    from transformers import DynamicCache
+
+    from helix_compile.layout import attention_shape
+    from helix_compile.passes.regions.roles import Heads
+    from helix_compile.planner.model import from_config
+
+    m = model(family, **extra)
+    reference = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(input_ids=prompt(), past_key_values=reference)
+    ours, heads = StaticCache(m, 2, 16, Layout(1)), Heads.of(m.config)
+    for i, layer in enumerate(reference.layers):
+        s = attention_shape(m.config, i)
+        assert (s.k, s.d, s.dv) == (layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]), (i, s)
+        assert (ours.layers[i].num_heads, ours.layers[i].k_head_dim, ours.layers[i].v_head_dim) == (s.k, s.d, s.dv)
+        assert (heads.layer(i).k, heads.layer(i).d, heads.layer(i).dv) == (s.k, s.d, s.dv)
+    assert from_config(m.config).kv_heads == min(attention_shape(m.config, i).k for i in range(len(reference.layers)))

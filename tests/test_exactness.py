@@ -118,8 +118,13 @@ def test_fused_and_cross_head_norm_on_four_ranks():
 def test_gated_attention_sinks_and_uneven_mqa_split():
     """CI's cheap cases of regions/heads.py and sinks.py: Laguna's per-head output gate, its rows sharded like
     o_proj's columns after the all-to-all (kvp=2); Flint's attention sinks folded into one partial per KVP group
-    (kvp=2); GPT-BigCode's MQA c_attn cut unevenly into q|k|v, its one KV head duplicated (tpa=2)."""
-    check_families(2, [("laguna", [(2, 1)]), ("flint", [(2, 1)]), ("gpt_bigcode", [(1, 2)])])
+    (kvp=2); GPT-BigCode's MQA c_attn cut unevenly into q|k|v, its one KV head duplicated (tpa=2). And the KV shapes
+    that are not the config's num_key_value_heads x head_dim (layout.attention_shape): Falcon's multi-query cache
+    (tpa=2: its query_key_value cut by head index, the one KV head duplicated); MiMo-V2-Flash's values narrower than
+    the keys, exchanged and merged at their own width, with sinks and twice the KV heads in its sliding layer
+    (kvp=2)."""
+    check_families(2, [("laguna", [(2, 1)]), ("flint", [(2, 1)]), ("gpt_bigcode", [(1, 2)]), ("falcon", [(1, 2)]),
+                       ("mimo", [(2, 1)])])
 
 
 @pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")
@@ -129,8 +134,10 @@ def test_gated_and_head_view_families(world):
     output gates per head (Laguna) and per feature; BitNet's RMSNorms over all heads' and all intermediate
     features (all-reduced over the world); GPT-BigCode's MQA c_attn cut unevenly q|k|v; views naming the head
     count (StableLM); CodeGen's qkv interleaved [q v k] per group of 2 heads; attention sinks in both forms
-    (Flint, GraniteSWA; sinks.py). Every layout of 2 ranks; kvp=2 x tpa=2 on 4."""
-    families = ["laguna", "laguna_elem", "bitnet", "gpt_bigcode", "stablelm", "codegen", "flint", "granite_swa"]
+    (Flint, GraniteSWA; sinks.py); Falcon's multi-query and Falcon-40B's per-group query_key_value; MiMo-V2-Flash's
+    narrower values. Every layout of 2 ranks; kvp=2 x tpa=2 on 4."""
+    families = ["laguna", "laguna_elem", "bitnet", "gpt_bigcode", "stablelm", "codegen", "flint", "granite_swa",
+                "falcon", "falcon_40b", "mimo"]
     check_families(world, [(f, splits(2, 2) if world == 2 else [(2, 2)]) for f in families])
 
 

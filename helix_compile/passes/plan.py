@@ -47,6 +47,9 @@ class Plan:
             del heads["latent"]  # plans without MLA read as before
         if not heads["per_layer"]:
             del heads["per_layer"]  # nor plans of models whose layers share one shape
+        for layer in [heads, *heads.get("per_layer", ())]:
+            if layer["dv"] == layer["d"]:
+                del layer["dv"]  # nor plans whose values are as wide as the keys
         data = {
             "layout": dataclasses.asdict(self.layout),
             "rank": self.rank,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
 from dataclasses import dataclass, replace
 
 
@@ -106,6 +107,11 @@ def from_config(cfg, name: str = "config") -> ModelSpec:
     Q = int(_get(cfg, "num_attention_heads"))
     K = int(_get(cfg, "num_key_value_heads", default=Q))
     head_dim = int(_get(cfg, "head_dim", default=H // Q))
+    if not int(_get(cfg, "kv_lora_rank", default=0) or 0):  # the KV heads the model builds (Falcon's multi-query)
+        from ..layout import attention_shape
+
+        view = types.SimpleNamespace(**cfg) if isinstance(cfg, dict) else cfg
+        K = min(attention_shape(view, i).k for i in range(int(_get(cfg, "num_hidden_layers"))))
     ffn = int(_get(cfg, "intermediate_size", default=4 * H))
     experts = int(_get(cfg, "n_routed_experts", "num_experts", "num_local_experts", default=0) or 0)
     kv_lora = int(_get(cfg, "kv_lora_rank", default=0) or 0)

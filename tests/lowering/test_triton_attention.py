@@ -61,8 +61,10 @@ def test_softcap_window_and_key_mask(case):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
 def test_value_head_dim_differs(case):
-    """MLA: keys of dn + dr = 24 dims, values of 16 (decode with splits, and prefill)."""
+    """MLA: keys of dn + dr = 24 dims, values of 16 (decode with splits, and prefill); MiMo-V2-Flash: GQA keys of 16
+    dims and values of 8 in a sliding window."""
     _check(case[:4] + (24,) + case[5:], 9, dv=16)
+    _check(case, 30, window=7, dv=8)
 
 
 def test_absorbed_mla_values_are_a_view_of_the_keys():

@@ -206,3 +206,32 @@ def test_chunk_mask_that_disagrees_with_the_config_is_refused(fake_world, monkey
     monkeypatch.setattr(llama4, swap, getattr(llama4, other))
     with pytest.raises(Exception, match=message):
         passes(model("llama4_text"))
+
+
+def test_values_narrower_than_keys_and_per_layer_kv_heads(fake_world):
+    """MiMo-V2-Flash: values of v_head_dim 8 (keys 16) and, in its sliding layer 1, twice the KV heads (4, with
+    sinks). Rank 1 of kvp=2 x tpa=2 holds KV head 1 of layer 0 and heads 2-3 of layer 1: k rows of 16 per head, v
+    rows of 8; one query head after the all-to-all, so 8 columns of o_proj; the partials merge at width 8."""
+    done = passes(model("mimo"))
+    rows = {}
+    for name, role in done.plan.roles.items():
+        if role in ("k.weight", "v.weight", "o.weight", "q_heads.weight"):
+            layer = int(name.split("_layers_modules_")[1].split("_")[0])
+            spec = done.plan.inputs[name]
+            rows[(role, layer)] = (spec.start, spec.stop)
+    assert rows == {("k.weight", 0): (16, 32), ("v.weight", 0): (8, 16), ("o.weight", 0): (16, 24),
+                    ("k.weight", 1): (32, 64), ("v.weight", 1): (16, 32), ("o.weight", 1): (16, 24),
+                    ("q_heads.weight", 1): (2, 4)}
+    merges = [n for n in done.stages["partition"].graph.nodes if "lse_merge" in str(n.target)]
+    assert [n.args[2] for n in merges] == [8, 8]
+
+
+def test_falcon_40b_query_key_value_sharded_by_kv_group(fake_world):
+    """Falcon's new decoder architecture: query_key_value holds [q q k v] per KV group (2 groups of 2 query heads)
+    and the model broadcasts each KV head over its group before the cache (4 KV heads cached). Rank 1 (tpa_rank 1)
+    holds group 1: rows [64, 128); the broadcast keeps its group size (2) and takes the local sizes (-1)."""
+    done = passes(model("falcon_40b"))
+    specs = {name: done.plan.inputs[name] for name, role in done.plan.roles.items() if role == "qkv_heads.weight"}
+    assert [(s.dim, s.start, s.stop) for s in specs.values()] == [(0, 64, 128)] * 2
+    broadcasts = [n for n in done.stages["partition"].graph.nodes if n.target is torch.broadcast_to]
+    assert [tuple(n.args[1]) for n in broadcasts] == [(-1, -1, -1, 2, -1)] * 4

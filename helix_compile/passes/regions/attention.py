@@ -60,7 +60,10 @@ from .common import (
 )
 from .alibi import BADDBMM, BMM, IndexSplit, bmm_core, find_index_split
 from .chunks import check_chunk_mask, layer_chunk
-from .heads import OutputSide, all_reduce_mean, head_select, input_views, match_output, per_group_qkv
+from .heads import (
+    GroupSlices, OutputSide, all_reduce_mean, fused_rows, group_slices, head_select, head_slices, input_views,
+    match_output, per_group_qkv,
+)
 from .rope import complex_views, is_complex_view
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 from .sinks import add_sink, concat_sink, is_drop_last, scale_sink
@@ -68,6 +71,8 @@ from .sinks import add_sink, concat_sink, is_drop_last, scale_sink
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 KV_WRITE = {torch.ops.helix.kv_write, torch.ops.helix.kv_write.default}  # Dynamo records the packet
 funcol = torch.ops._c10d_functional
+MATMUL = {torch.matmul, operator.matmul}  # ``a @ b`` (Falcon's eager attention) traces to operator.matmul
+DIV = {operator.truediv, operator.itruediv, torch.div}  # ``scores /= sqrt(D)`` (Falcon): operator.itruediv
 
 
 @dataclasses.dataclass
@@ -163,15 +168,16 @@ class AttentionMatch:
             out = list(self.q.placements("q"))
         elif self.fused is None:
             q_rows, k_rows = self.q.out_features, self.k.out_features
-            if q_rows != heads.q * heads.d or k_rows != heads.k * heads.d:
+            v_rows = self.v.out_features if self.v.node is not self.k.node else heads.k * heads.dv
+            if q_rows != heads.q * heads.d or k_rows != heads.k * heads.d or v_rows != heads.k * heads.dv:
                 raise ValueError(
-                    f"{self.module}: q_proj has {q_rows} rows and k_proj {k_rows}, but the config says "
-                    f"{heads.q}x{heads.d} query and {heads.k}x{heads.d} key rows"
+                    f"{self.module}: q_proj has {q_rows} rows, k_proj {k_rows} and v_proj {v_rows}, but the config "
+                    f"says {heads.q}x{heads.d} query, {heads.k}x{heads.d} key and {heads.k}x{heads.dv} value rows"
                 )
             out = [*self.q.placements("q"), *self.k.placements("k")]
             out += self.v.placements("v") if self.v.node is not self.k.node else []  # k = v: placed once
         else:
-            rows, want = self.q.out_features, (heads.q + 2 * heads.k) * heads.d
+            rows, want = self.q.out_features, fused_rows(self.split, heads)
             if rows != want:
                 raise ValueError(f"{self.module}: the fused qkv projection has {rows} rows, the config says {want}")
             if self.fused == "qkv_heads" and isinstance(self.split, IndexSplit):
@@ -226,8 +232,8 @@ class AttentionMatch:
                     kwargs["alibi_pos"] = env[self.alibi.positions.name]
             packed = graph.call_function(torch.ops.helix.partial_attention.default, args, kwargs)
             if self.sink is not None and ctx.kvp_rank == 0:  # the sink joins one partial per KVP group
-                packed = add_sink(graph, packed, env[self.sink.name], heads.d, self.query.meta["example_value"].dtype)
-            merged = exchange_and_merge(graph, packed, ctx, heads.d)
+                packed = add_sink(graph, packed, env[self.sink.name], heads.dv, self.query.meta["example_value"].dtype)
+            merged = exchange_and_merge(graph, packed, ctx, heads.dv)
         core.replace_all_uses_with(merged)
         first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
         if self.fused == "qkv_heads":
@@ -237,21 +243,22 @@ class AttentionMatch:
                     f"{self.module}: fused qkv {self.q.name} interleaves q, k and v per group of {group} heads; "
                     f"tpa={layout.tpa} gives each rank {heads.q // layout.tpa} heads, not whole groups"
                 )
-        q_local, k_local = heads.q // layout.tpa * heads.d, (stop - first) * heads.d
+        q_local, k_local, v_local = heads.q // layout.tpa * heads.d, (stop - first) * heads.d, (stop - first) * heads.dv
         if self.shares is not None:
             self.q.column_parallel(env, q_local)
         elif self.fused is None:
-            for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, k_local)):
+            for proj, width in ((self.q, q_local), (self.k, k_local), (self.v, v_local)):
                 if proj is self.v and self.v.node is self.k.node:
                     continue  # k = v (attention_k_eq_v): rewritten once, as k
                 proj.column_parallel(env, width)
         else:
-            self.q.column_parallel(env, q_local + 2 * k_local)
+            self.q.column_parallel(env, q_local + k_local + v_local)
             if isinstance(self.split, IndexSplit):
                 self.split.replace_with(env)
             if self.fused == "qkv" and self.split is not None:
-                qd, kd = heads.q * heads.d, heads.k * heads.d
-                self.split.replace_with(env, [0, qd, qd + kd, qd + 2 * kd], [0, q_local, q_local + k_local, q_local + 2 * k_local])
+                qd, kd, vd = heads.q * heads.d, heads.k * heads.d, heads.k * heads.dv
+                self.split.replace_with(env, [0, qd, qd + kd, qd + kd + vd],
+                                        [0, q_local, q_local + k_local, q_local + k_local + v_local])
         for norm in self.norms:
             if layout.tpa > 1:
                 all_reduce_mean(graph, env[norm.mean.name], norm.width, ctx.tpa_group)
@@ -260,8 +267,8 @@ class AttentionMatch:
         for view in self.views:
             view.replace_with(env, *ratios[view.path])
         if self.output is not None:
-            self.output.replace_with(graph, env, ctx, heads.d)
-        self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * heads.d)
+            self.output.replace_with(graph, env, ctx, heads.dv)
+        self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * heads.dv)
 
 
 def exchange_and_merge(graph: fx.Graph, packed: fx.Node, ctx, head_dim: int) -> fx.Node:
@@ -297,7 +304,7 @@ def _mask_operand(form: str, core: fx.Node) -> fx.Node | None:
     while isinstance(node, fx.Node) and node.op != "placeholder":
         if node.op == "call_function" and node.target in (operator.add, torch.add):
             return node.args[1] if isinstance(node.args[1], fx.Node) else None
-        if node.op == "call_function" and node.target in (torch.matmul, torch.bmm, torch.baddbmm):
+        if node.op == "call_function" and node.target in (torch.matmul, operator.matmul, torch.bmm, torch.baddbmm):
             return None
         node = node.args[0]
     return None
@@ -369,10 +376,11 @@ def _match_one(write: fx.Node, index: int, config, found) -> AttentionMatch:
     else:
         if not (q.node is kp.node is vp.node):
             raise UnsupportedModelError(f"{module}: two of q/k/v share projection '{q.name}' and the third does not")
-        split = find_split(q, f"fused qkv of {module}") or head_select(q) or find_index_split(q.out, shape(query)[-1])
+        split = (find_split(q, f"fused qkv of {module}") or head_select(q) or find_index_split(q.out, shape(query)[-1])
+                 or head_slices(q, shape(query)[-1]) or group_slices(q, shape(query)[-1]))
         if split is None:
             raise UnsupportedModelError(f"{module}: fused q/k/v projection {where(q.node)} without a split helix understands")
-        fused = "qkv_heads" if split.width != q.out_features else "qkv"
+        fused = "qkv_heads" if split.width != q.out_features or isinstance(split, GroupSlices) else "qkv"
     gate_norms: list[CrossHeadNorm] = []
     output = match_output(core, module, f"attention output of {module}",
                           lambda node, what: _projection_ancestor(node, module, what, gate_norms, None))
@@ -515,6 +523,8 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
         return None  # view_as(x, y): y's local shape (a head-sharded y, else a loud shape error)
     if is_complex_view(node):
         return None  # complex RoPE (Llama 4): pairs within a head (rope.py)
+    if is_call(node, {torch.broadcast_to}):
+        return None  # copies along size-1 dims (Falcon-40B: a KV head over its group), sizes: heads.Broadcast
     if is_call(node, {torch.stack}) or is_method(node, {"repeat_interleave"}):  # interleaved RoPE: within a head
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and is_call(node, {torch.stack}) else
                               node.args[2] if len(node.args) > 2 else None)
@@ -600,7 +610,7 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node) -> list:
             found.append(("sdpa", user, query, float(scale), 0.0, None, None))
         elif user.op == "call_method" and user.target == "transpose":
             for mm in user.users:
-                if mm.op == "call_function" and mm.target is torch.matmul and mm.args[1] is user:
+                if mm.op == "call_function" and mm.target in MATMUL and mm.args[1] is user:
                     form, core, query, scale, softcap, sink = _eager_core(mm, values)
                     found.append((form, core, query, scale, softcap, None, sink))
                     break
@@ -714,6 +724,10 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
     while _is_float_cast(query):
         query = query.args[0]
     while True:
+        shifted = _max_shift(node)
+        if shifted is not None:  # scores - scores.max(-1, keepdim=True).values: softmax is unchanged (MiMo-V2-Flash)
+            node = shifted
+            continue
         users = list(node.users)
         lse = [u for u in users if is_call(u, {torch.logsumexp}) or is_method(u, {"logsumexp"})]
         if len(users) == 2 and len(lse) == 1 and sink_lse is None:
@@ -731,9 +745,9 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
                 scale = nxt.args[1]
             else:
                 raise UnsupportedModelError(f"eager attention scaled twice: {where(nxt)}")
-        elif is_call(nxt, {operator.truediv, torch.div}) and isinstance(nxt.args[1], float) and scale is not None:
+        elif is_call(nxt, DIV) and isinstance(nxt.args[1], float) and scale is not None:
             capping = (nxt.args[1], "div")  # Gemma 2: scores / softcap -> tanh -> * softcap
-        elif is_call(nxt, {operator.truediv, torch.div}) and isinstance(nxt.args[1], float):
+        elif is_call(nxt, DIV) and isinstance(nxt.args[1], float):
             scale = 1.0 / nxt.args[1]  # scores / sqrt(D)
         elif is_call(nxt, {torch.tanh}) or is_method(nxt, {"tanh"}):
             if capping is None or capping[1] != "div":
@@ -765,7 +779,7 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
         elif is_call(nxt, {torch.nn.functional.dropout}):
             if not _dropout_is_identity(nxt):
                 raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(nxt)}")
-        elif is_call(nxt, {torch.matmul}):
+        elif is_call(nxt, MATMUL):
             if not masked:
                 _check_causal_mask(None, nxt)
             if _cache_source(nxt.args[1]) is not values:
@@ -777,6 +791,29 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
         else:
             raise UnsupportedModelError(f"unexpected op in eager attention: {where(nxt)}")
         node = nxt
+
+
+def _max_shift(node: fx.Node) -> fx.Node | None:
+    """The ``sub`` node of ``node - node.max(dim=-1, keepdim=True).values`` when those are ``node``'s only users (the
+    row maximum subtracted before the softmax, for bf16 stability: the probabilities do not change), else None."""
+    users = list(node.users)
+    if len(users) != 2:
+        return None
+    peak = next((u for u in users if is_method(u, {"max", "amax"}) or is_call(u, {torch.max, torch.amax})), None)
+    sub = next((u for u in users if is_call(u, {operator.sub, torch.sub}) and u.args[0] is node), None)
+    if peak is None or sub is None or peak.args[0] is not node:
+        return None
+    dim = peak.kwargs.get("dim", peak.args[1] if len(peak.args) > 1 else None)
+    keepdim = peak.kwargs.get("keepdim", peak.args[2] if len(peak.args) > 2 else False)
+    if dim not in (-1, (-1,), [-1], len(shape(node) or ()) - 1) or keepdim is not True:
+        return None
+    value = sub.args[1]
+    if peak.target in ("max", torch.max):  # max(dim) returns (values, indices): .values is getitem 0
+        if not (is_call(value, {operator.getitem}) and value.args == (peak, 0) and len(peak.users) == 1):
+            return None
+    elif value is not peak:
+        return None
+    return sub
 
 
 def _first_projection_after(node: fx.Node, region: str) -> Projection:

@@ -8,14 +8,23 @@ Head views (pattern ... into ...)
         into  view(x, B, L, H_local, D)
     The size that carries the heads is the first one where the view's output shape departs from its input's
     (``(B, L, H*D) -> (B, L, H, D)``: H; ``(B, L, H, D) -> (B, L, H*D)``: H*D). It is scaled by local/global of the
-    path's features: q (Q/tpa of Q), kv (the rank's KV heads of K), qkv (a fused projection before its split),
-    o (the heads the rank holds after the all-to-all, of Q). -1 (inferred) needs nothing.
+    path's features: q (Q/tpa of Q), kv (the rank's KV heads of K; the values' own head dim on the v path), qkv (a
+    fused projection before its split), o (the heads the rank holds after the all-to-all, of Q). -1 (inferred)
+    needs nothing. A view to the shape its input already has, every size given (Falcon's ``reshape(B, H, L, D)``
+    after a transpose), is dropped: its uses read its input.
+    broadcast_to(x, sizes)         (Falcon-40B: a KV head over its group's query heads, ``Broadcast``)
+        into  broadcast_to(x, sizes with -1 wherever x already has that size)
 
 Per-group fused qkv (``per_group_qkv``, ``head_select``)
     one projection whose rows are [q_g k_g v_g] per group of g heads (any order of the three parts): GPT-NeoX
     (g = 1, ``view(B, L, H, 3D).chunk(3, -1)``), CodeGen (``view(B, L, mp, 3w).split(w, -1)``, g = w / D heads
-    per group, q|v|k), Persimmon (``view(B, L, H, 3, D)[..., i, :]``). Its rows are sharded by whole groups (role
-    ``qkv_heads``); a layout whose TPA slice is not whole groups is refused.
+    per group, q|v|k), Persimmon (``view(B, L, H, 3, D)[..., i, :]``), Falcon-40B (``GroupSlices``: [q_1..q_g k v]
+    per KV group, ``view(B, L, Kc, g+2, D)`` cut within the group, the KV head broadcast over the group). Its rows
+    are sharded by whole groups (role ``qkv_heads``); a layout whose TPA slice is not whole groups is refused.
+
+Stacked q|k|v cut by head index (``HeadSlices``, Falcon's multi-query ``query_key_value``)
+    view(qkv, B, L, Q+2K, D)[..., :-2, :] / [..., [-2], :] / [..., [-1], :]
+        into  the same with the head indices of the rank's local parts (each cut must take whole parts)
 
 Output side (``match_output``; the dataflow from the attention core to its output projection)
     core -> [reshapes, elementwise ops] -> o_proj, where an elementwise op's other operand is one of
@@ -54,11 +63,15 @@ class HeadView:
     """A view/reshape on a head-sharded path whose size ``index`` (into the flat size list) counts heads."""
 
     node: fx.Node
-    index: int
+    index: int | None  # None: a view to the shape its input already has (Falcon's reshape(B, H, L, D)): dropped
     path: str  # "q", "kv", "qkv", "o"
 
     def replace_with(self, env: dict, local: int, total: int) -> None:
         node = env[self.node.name]
+        if self.index is None:  # the identity: its uses (and later rewrites, through env) read its input
+            node.replace_all_uses_with(node.args[0])
+            env[self.node.name] = node.args[0]
+            return
         sizes = _sizes(node)
         value = sizes[self.index]
         if (value * local) % total:
@@ -91,6 +104,9 @@ def head_view(node: fx.Node, path: str, width: int) -> HeadView | None:
     squeezed = [a for a in before if a != 1]
     index = next((j for a, j in zip(squeezed, kept) if a != after[j]), None)
     sizes = _sizes(node)
+    if index is None and tuple(before) == tuple(after) and -1 not in sizes and any(
+            isinstance(v, int) and v > 1 for v in sizes):
+        return HeadView(node, None, path)  # all sizes given (so the global head count, if any), changing nothing
     if index is None or index >= len(sizes) or math.prod(after[index:]) != width:
         return None
     value = sizes[index]
@@ -124,12 +140,12 @@ def path_nodes(start: fx.Node, end: fx.Node) -> set:
 def input_views(q: Projection, k: Projection, v: Projection, query: fx.Node, key: fx.Node, value: fx.Node) -> list:
     """HeadViews between the q/k/v projections and the attention (a node on several paths: the fused ``qkv``)."""
     paths = {"q": path_nodes(q.node, query), "k": path_nodes(k.node, key), "v": path_nodes(v.node, value)}
-    (_, hq, _, dq), (_, hk, _, dk) = shape(query), shape(key)
+    (_, hq, _, dq), (_, hk, _, dk), dv = shape(query), shape(key), shape(value)[-1]
     views, widths = [], {"q": hq * dq, "kv": hk * dk, "qkv": q.out_features}
     for node in sorted(set().union(*paths.values()), key=lambda n: n._sort_key):
         on = [p for p, nodes in paths.items() if node in nodes]
         path = "qkv" if len(on) > 1 and "q" in on else "q" if on == ["q"] else "kv"  # k = v (k_eq_v): kv
-        found = head_view(node, path, widths[path])
+        found = head_view(node, path, hk * dv if on == ["v"] else widths[path]) or broadcast_view(node, path)
         if found is not None:
             views.append(found)
     return views
@@ -151,8 +167,153 @@ def head_select(proj: Projection) -> FusedSplit | None:
     return None
 
 
+@dataclasses.dataclass
+class HeadSlices:
+    """A stacked q|k|v projection viewed as (B, L, Q+2K, D) and cut along that heads dim by index: Falcon's
+    multi-query ``query_key_value`` (``[..., :-2, :]``, ``[..., [-2], :]``, ``[..., [-1], :]``). Each cut must take
+    whole parts (q, k or v); ``replace_with`` rewrites its head indices to the rank's local parts (the view's head
+    count is a ``HeadView`` of the qkv path)."""
+
+    projection: Projection
+    view: fx.Node
+    cuts: list  # getitem nodes: a slice, or a one-element list, of the heads dim
+    width: int  # the projection's features: one stacked q|k|v ("qkv")
+    head_dim: int
+
+    def replace_with(self, env: dict, global_bounds: list[int], local_bounds: list[int]) -> None:
+        """``global_bounds`` / ``local_bounds``: the parts' feature offsets (0, Q*D, (Q+K)*D, (Q+2K)*D) and the rank's."""
+        d = self.head_dim
+        total, to_local = global_bounds[-1] // d, {g // d: l // d for g, l in zip(global_bounds, local_bounds)}
+
+        def local(i, cut):
+            i = i + total if i < 0 else i
+            if i not in to_local:
+                raise UnsupportedModelError(f"{where(cut)}: head {i} is not a boundary of the q|k|v parts "
+                                            f"{sorted(to_local)}")
+            return to_local[i]
+
+        for cut in self.cuts:
+            node = env[cut.name]
+            index = node.args[1]
+            sel = index[-2]
+            if isinstance(sel, slice):
+                new = slice(None if sel.start is None else local(sel.start, cut),
+                            None if sel.stop is None else local(sel.stop, cut), sel.step)
+            else:  # [i]: one head, a whole part of one head (the KV head of multi-query attention)
+                i = sel[0] + total if sel[0] < 0 else sel[0]
+                if local(i + 1, cut) - local(i, cut) != 1:
+                    raise UnsupportedModelError(f"{where(cut)}: takes head {i}, not a whole q, k or v part")
+                new = [local(i, cut)]
+            node.args = (node.args[0], (*index[:-2], new, index[-1]))
+
+
+def head_slices(proj: Projection, head_dim: int) -> HeadSlices | None:
+    """``view(out, (B, L, H', D))`` of the whole fused output whose only users index its heads dim (see
+    ``HeadSlices``), else None."""
+    for view in proj.out.users:
+        s = shape(view)
+        if not is_method(view, VIEWS) or s is None or len(s) != 4 or s[-1] != head_dim or s[-2] * head_dim != \
+                proj.out_features:
+            continue
+        cuts = list(view.users)
+        if len(cuts) == 3 and all(_head_index(c) for c in cuts):
+            return HeadSlices(proj, view, cuts, proj.out_features, head_dim)
+    return None
+
+
+def _head_index(cut: fx.Node) -> bool:
+    """``x[..., a:b, :]`` or ``x[..., [i], :]`` (constant ints) on the heads dim of a (B, L, H', D) view."""
+    if not is_call(cut, {operator.getitem}) or not isinstance(cut.args[1], tuple) or len(cut.args[1]) < 2:
+        return False
+    index = cut.args[1]
+    lead, sel = index[:-2], index[-2]
+    if index[-1] != slice(None) or not (lead == (Ellipsis,) or lead == (slice(None),) * 2):
+        return False
+    if isinstance(sel, slice):
+        return sel.step in (None, 1) and all(isinstance(v, int) or v is None for v in (sel.start, sel.stop))
+    return isinstance(sel, list) and len(sel) == 1 and isinstance(sel[0], int)
+
+
+@dataclasses.dataclass
+class GroupSlices:
+    """Falcon's new decoder architecture (Falcon-40B/180B): the fused rows are, per KV group, [q_1 .. q_g k v] (g
+    query heads and their KV head), viewed as (B, L, Kc, g+2, D) and cut by index within each group
+    (``[:, :, :, :-2]``, ``[:, :, :, [-2]]``, ``[:, :, :, [-1]]``); the model broadcasts the KV head over its
+    group's query heads before the cache (``broadcast_to``: ``broadcast_view``), so the cache holds Q heads. Rows
+    sharded by whole groups (role ``qkv_heads``); the cuts index within a group and need no rewrite."""
+
+    projection: Projection
+    view: fx.Node
+    cuts: list
+    width: int  # (g + 2) * D: one group's rows
+    group: int  # g
+
+    def check(self, module: str, heads) -> int:
+        """g, checking the shape against the heads (the cache holds Q heads: one per query head)."""
+        if heads.q % self.group or heads.k != heads.q or heads.dv != heads.d or self.width != (self.group + 2) * heads.d:
+            raise UnsupportedModelError(f"{module}: fused qkv {self.projection.name} in groups of {self.group} query "
+                                        f"heads + k + v ({self.width} rows each) does not fit {heads}")
+        return self.group
+
+
+def group_slices(proj: Projection, head_dim: int) -> GroupSlices | None:
+    """``view(out, (B, L, Kc, g+2, D))`` whose only users take, within each group, its g query heads, its key and its
+    value (see ``GroupSlices``), else None."""
+    for view in proj.out.users:
+        s = shape(view)
+        if not is_method(view, VIEWS) or s is None or len(s) != 5 or s[-1] != head_dim or s[-2] < 3 \
+                or math.prod(s[2:]) != proj.out_features:
+            continue
+        parts, cuts = [], list(view.users)
+        for cut in cuts:
+            index = cut.args[1] if is_call(cut, {operator.getitem}) and isinstance(cut.args[1], tuple) else ()
+            lead = index[:3] == (slice(None),) * 3 and len(index) in (4, 5) and index[4:] in ((), (slice(None),))
+            sel = index[3] if lead else None
+            if isinstance(sel, slice) and sel.step in (None, 1):
+                parts.append(tuple(range(s[-2]))[sel])
+            elif isinstance(sel, list) and len(sel) == 1 and isinstance(sel[0], int):
+                parts.append((sel[0] % s[-2],))
+            else:
+                parts = None
+                break
+        g = s[-2] - 2
+        if parts is not None and sorted(parts) == [tuple(range(g)), (g,), (g + 1,)]:
+            return GroupSlices(proj, view, cuts, s[-2] * head_dim, g)
+    return None
+
+
+def fused_rows(split, heads) -> int:
+    """Rows of a fused q|k|v projection: (Q + K) * D + K * Dv, or (Q + 2 Q/g) * D for ``GroupSlices``."""
+    if isinstance(split, GroupSlices):
+        return (heads.q + 2 * heads.q // split.group) * heads.d
+    return (heads.q + heads.k) * heads.d + heads.k * heads.dv
+
+
+@dataclasses.dataclass
+class Broadcast:
+    """``broadcast_to(x, sizes)`` on a head-sharded path (Falcon-40B: a KV head over its group's query heads): the
+    sizes the input already has become -1 (the rank's local ones), the broadcast sizes (within a group) stay."""
+
+    node: fx.Node
+    path: str
+
+    def replace_with(self, env: dict, local: int, total: int) -> None:
+        node = env[self.node.name]
+        before, sizes = shape(self.node.args[0]), list(node.args[1])
+        lead = len(sizes) - len(before)
+        node.args = (node.args[0], tuple(-1 if i >= lead and before[i - lead] == v else v for i, v in enumerate(sizes)))
+
+
+def broadcast_view(node: fx.Node, path: str) -> Broadcast | None:
+    if is_call(node, {torch.broadcast_to}) and len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return Broadcast(node, path)
+    return None
+
+
 def per_group_qkv(module: str, proj: Projection, split: FusedSplit, heads) -> int:
     """Heads per group of a per-group interleaved fused qkv (see the module docstring), checking its cuts."""
+    if isinstance(split, GroupSlices):
+        return split.check(module, heads)
     d, width = heads.d, split.width
     group = width // (3 * d)
     ok = width % (3 * d) == 0 and heads.q % group == 0 and heads.q == heads.k

@@ -1,7 +1,8 @@
 """Projections, plain or fused: the matcher every region kind builds on.
 
-A projection is ``y = x W^T + b`` (``nn.Linear``: one ``linear`` node) or ``y = x W + b`` (transformers'
-``Conv1D``, GPT-2: ``view(x, (-1, in)) -> addmm(b, ., W) -> view(..., out)``, weight stored (in, out)).
+A projection is ``y = x W^T + b`` (``nn.Linear``: one ``linear`` node; FalconLinear: ``matmul(x, W.T)`` and, with a
+bias, ``+ b`` as a separate ``add``) or ``y = x W + b`` (transformers' ``Conv1D``, GPT-2: ``view(x, (-1, in)) ->
+addmm(b, ., W) -> view(..., out)``, weight stored (in, out)).
 ``Projection`` normalises both, and owns the two rewrites a region asks of it:
 
     column-parallel (the rank computes some output features):   only the constant output width of a Conv1D's
@@ -22,7 +23,9 @@ import operator
 import torch
 import torch.fx as fx
 
-from .common import ADDMM, LINEAR, SHAPE_METHODS, UnsupportedModelError, is_call, is_method, shape, where
+from .common import (
+    ADDMM, LINEAR, SHAPE_METHODS, UnsupportedModelError, is_call, is_method, module_path, shape, where,
+)
 
 funcol = torch.ops._c10d_functional
 
@@ -34,6 +37,7 @@ class Projection:
     weight: fx.Node
     bias: fx.Node | None
     in_view: fx.Node | None = None  # Conv1D only: view(x, (-1, in))
+    separate_bias: bool = False  # matmul(x, W.T) [-> add(., b) = out]: the bias is its own node (FalconLinear)
 
     @property
     def transposed(self) -> bool:
@@ -78,6 +82,8 @@ class Projection:
             node.replace_all_uses_with(mm)
             graph.erase_node(node)
             node = mm
+        elif self.separate_bias:
+            bias = None  # its add follows the matmul, so it reads the all-reduced sum: added once
         else:
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             node.args = (node.args[0], node.args[1], None)
@@ -93,14 +99,40 @@ class Projection:
 
 
 def is_projection(node) -> bool:
-    return is_call(node, {LINEAR}) or is_call(node, {ADDMM})
+    return is_call(node, {LINEAR}) or is_call(node, {ADDMM}) or _matmul_weight(node) is not None
+
+
+def _matmul_weight(node) -> fx.Node | None:
+    """W of ``matmul(x, W.T)`` with W a 2-D placeholder (FalconLinear: ``input @ self.weight.T``), else None."""
+    if not is_call(node, {torch.matmul, operator.matmul}) or len(node.args) != 2:
+        return None
+    wt = node.args[1]
+    if not (is_call(wt, {getattr}) and wt.args[1] == "T" or is_method(wt, {"t"})):
+        return None
+    weight = wt.args[0]
+    return weight if weight.op == "placeholder" and len(shape(weight) or ()) == 2 else None
+
+
+def _matmul_bias(node: fx.Node) -> fx.Node | None:
+    """The ``add`` of a 1-D placeholder of the output width right after ``matmul(x, W.T)`` (FalconLinear's bias)."""
+    users = list(node.users)
+    if len(users) != 1 or not is_call(users[0], {operator.add, torch.add}) or users[0].args[0] is not node:
+        return None
+    bias = users[0].args[1]
+    width = shape(node)[-1] if shape(node) else None
+    ok = isinstance(bias, fx.Node) and bias.op == "placeholder" and shape(bias) == (width,)
+    return users[0] if ok and module_path(users[0]) == module_path(node) else None
 
 
 def as_projection(node: fx.Node) -> Projection:
-    """Normalise a ``linear`` or a Conv1D ``addmm`` node (refusing any other addmm)."""
+    """Normalise a ``linear``, a ``matmul(x, W.T) [+ b]`` or a Conv1D ``addmm`` node (refusing any other addmm)."""
     if node.target is LINEAR:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         return Projection(node, node, node.args[1], bias)
+    weight = _matmul_weight(node)
+    if weight is not None:
+        add = _matmul_bias(node)
+        return Projection(node, add or node, weight, add.args[1] if add is not None else None, separate_bias=True)
     bias, x, weight = node.args[:3]
     users = list(node.users)
     if (

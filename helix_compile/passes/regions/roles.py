@@ -3,17 +3,20 @@
 Both the plan pass (parameters found in the graph by the region matchers) and ``loading.from_pretrained``
 (parameters found by name in a checkpoint) ask ``role_shard``; they cannot disagree.
 
-Rank r: kvp_rank = r // tpa, tpa_rank = r % tpa, N = kvp * tpa, D = head_dim, Q / K query / KV heads, I the FFN
+Rank r: kvp_rank = r // tpa, tpa_rank = r % tpa, N = kvp * tpa, D = head_dim (queries, keys), Dv = the values' head
+dim (D but for MiMo-V2-Flash), Q / K query / KV heads (``Heads``: as the model builds them), I the FFN
 intermediate size. Rows are output features of an ``nn.Linear`` weight (out, in); a Conv1D weight (GPT-2) is
 stored transposed (in, out): its kind is ``weight_t`` and the same rows are its columns.
 
-    q, k, v      rows of the TPA slice's heads: [tpa_rank*Q/tpa, (tpa_rank+1)*Q/tpa) * D (k, v: K instead of Q)
+    q, k, v      rows of the TPA slice's heads: [tpa_rank*Q/tpa, (tpa_rank+1)*Q/tpa) * D (k, v: K instead of Q;
+                 v: Dv instead of D)
     qkv          fused [q; k; v] rows (Phi-3 qkv_proj, GPT-2 c_attn): the q, k and v rows above, concatenated
-    qkv_heads    fused per-head [q_h k_h v_h] rows (GPT-NeoX query_key_value, MHA): [h0*3D, h1*3D)
+    qkv_heads    fused per-head [q_h k_h v_h] rows (GPT-NeoX query_key_value, MHA): [h0*3D, h1*3D); per group of g
+                 query heads [q_1..q_g k v] (Falcon-40B, the cache holding Q heads): [h0/g*(g+2)*D, h1/g*(g+2)*D)
     q_heads      one value per query head (attention sinks): the TPA slice's Q/tpa heads
     q_norm, k_norm  a norm over all heads' features (OLMo2): the same rows as q / k; a per-head norm (Qwen3,
                  weight of D elements) is replicated
-    o            columns of the heads r holds after the all-to-all (Layout.head_split); its bias is added once,
+    o            columns (Dv per head) of the heads r holds after the all-to-all (Layout.head_split); its bias is added once,
                  after the all-reduce
     o_gate       rows (and bias) of an output gate projection (o = attn * act(gate_proj(x)), AFMoE, HRM, Laguna):
                  those heads' rows, one per feature (Q*D rows) or one per head (Q rows)
@@ -35,7 +38,7 @@ import re
 
 import torch
 
-from ...layout import Layout, mla_latent
+from ...layout import Layout, layer_shapes, mla_latent
 from ...shards import Shard
 
 # HF parameter names (for loading checkpoints before any graph exists). A "parent.name" key wins over "name".
@@ -63,26 +66,23 @@ CONV1D_NAMES = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}  # weigh
 @dataclasses.dataclass(frozen=True)
 class Heads:
     q: int  # num_attention_heads
-    k: int  # num_key_value_heads (1 for MLA: one latent head)
-    d: int  # head_dim of the attention output (v_head_dim for MLA)
+    k: int  # KV heads of the cache (``layout.attention_shape``; 1 for MLA: one latent head)
+    d: int  # head_dim of the queries and keys (for MLA: v_head_dim, the attention output's)
     latent: bool = False  # MLA: q/kv projections stay whole (tpa = 1)
     per_layer: tuple = ()  # layers of different shapes (Gemma 4's global_head_dim): each layer's Heads; q/k/d: layer 0's
+    dv: int | None = None  # head_dim of the values and the attention output (MiMo-V2-Flash: narrower); None: d
+
+    def __post_init__(self):
+        if self.dv is None:
+            object.__setattr__(self, "dv", self.d)
 
     @classmethod
     def of(cls, config) -> "Heads":
-        if getattr(config, "is_heterogeneous", False):  # transformers' per-layer configs
-            layers = tuple(cls._one(c) for c in config.per_layer_config)
-            return dataclasses.replace(layers[0], per_layer=layers) if len(set(layers)) > 1 else layers[0]
-        return cls._one(config)
-
-    @classmethod
-    def _one(cls, config) -> "Heads":
-        q = config.num_attention_heads
-        if mla_latent(config) is not None:
-            return cls(q, 1, config.v_head_dim, True)
-        k = getattr(config, "num_key_value_heads", None) or q
-        d = getattr(config, "head_dim", None) or config.hidden_size // q
-        return cls(q, k, d)
+        """Each decoder layer's heads as the model builds them (``layout.attention_shape``); ``per_layer`` when the
+        layers differ (Gemma 4's full-attention layers, MiMo-V2-Flash's sliding layers with twice the KV heads)."""
+        latent = mla_latent(config) is not None and not getattr(config, "is_heterogeneous", False)
+        layers = tuple(cls(s.q, 1, s.dv, True) if latent else cls(s.q, s.k, s.d, dv=s.dv) for s in layer_shapes(config))
+        return dataclasses.replace(layers[0], per_layer=layers) if len(set(layers)) > 1 else layers[0]
 
     def layer(self, index: int | None) -> "Heads":
         """The heads of decoder layer ``index`` (the same for every layer unless ``per_layer``)."""
@@ -128,34 +128,40 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
     tpa_rank, kvp_rank = layout.tpa_rank(rank), layout.kvp_rank(rank)
     if heads.latent and role in ("q", "k", "v", "qkv", "q_norm", "k_norm"):
         return None  # MLA: tpa = 1, every rank projects all heads (its own KV lives in the latent cache shard)
-    d = heads.d
+    d, dv = heads.d, heads.dv
     q_rows = (tpa_rank * heads.q // layout.tpa * d, (tpa_rank + 1) * heads.q // layout.tpa * d)
     first, stop = layout.kv_heads(heads.k, rank)  # tpa > K (TP baseline): the one KV head the slice reads
-    k_rows = (first * d, stop * d)
+    k_rows, v_rows = (first * d, stop * d), (first * dv, stop * dv)
     if role == "q":
         return Shard(0, *q_rows)
     if role == "q_heads":  # one value per query head (attention sinks): the TPA slice's heads
         return Shard(0, q_rows[0] // d, q_rows[1] // d)
     if role in ("k", "v"):
-        return Shard(0, *k_rows)
+        return Shard(0, *(k_rows if role == "k" else v_rows))
     if role in ("q_norm", "k_norm"):
         rows = q_rows if role == "q_norm" else k_rows
         full = (heads.q if role == "q_norm" else heads.k) * d
         return Shard(0, *rows) if shape[0] == full and layout.tpa > 1 else None
     if role == "qkv":
         qd, kd = heads.q * d, heads.k * d
-        return Pieces(0, (q_rows, (qd + k_rows[0], qd + k_rows[1]), (qd + kd + k_rows[0], qd + kd + k_rows[1])))
-    if role == "qkv_heads":
-        if heads.q != heads.k:
+        return Pieces(0, (q_rows, (qd + k_rows[0], qd + k_rows[1]), (qd + kd + v_rows[0], qd + kd + v_rows[1])))
+    if role == "qkv_heads":  # per group of g query heads: [q_1..q_g k v] (g = 1: GPT-NeoX; Falcon-40B: g = Q/Kc)
+        if heads.q != heads.k or dv != d:
             raise ValueError(f"a per-head interleaved qkv projection needs as many KV heads as query heads ({heads})")
-        return Shard(0, q_rows[0] * 3, q_rows[1] * 3)
+        groups = (shape[0] // d - heads.q) // 2  # KV heads of the fused rows, one per group
+        g, first, stop = heads.q // max(groups, 1), q_rows[0] // d, q_rows[1] // d
+        if groups < 1 or heads.q % groups or first % g or stop % g or (heads.q + 2 * groups) * d != shape[0]:
+            raise ValueError(f"a fused qkv of {shape[0]} rows in groups of [q.. k v] ({groups} groups of "
+                             f"{heads.q // max(groups, 1)} query heads) does not split into whole groups over the query "
+                             f"heads [{first}, {stop}) of a TPA slice ({heads}); use a tpa that divides the groups")
+        return Shard(0, first // g * (g + 2) * d, stop // g * (g + 2) * d)
     if role in ("o", "o_gate", "o_norm"):
         if role == "o" and kind == "bias":
             return None
         split = layout.head_split(heads.q // layout.tpa)
         h0 = tpa_rank * (heads.q // layout.tpa) + sum(split[:kvp_rank])
         if role == "o":
-            return Shard(1, h0 * d, (h0 + split[kvp_rank]) * d)
+            return Shard(1, h0 * dv, (h0 + split[kvp_rank]) * dv)
         per = shape[0] // heads.q  # rows per head: D (per feature) or 1 (a per-head gate)
         if per * heads.q != shape[0]:
             raise ValueError(f"an {role} parameter of {shape[0]} rows is not a multiple of the {heads.q} heads")
