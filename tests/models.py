@@ -82,6 +82,11 @@ FAMILIES = {
     "codegen": ("codegen", dict(num_attention_heads=8, rotary_dim=4, n_inner=96)),  # qkv as [q v k] per 2 heads
     "flint": ("flint", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)),  # sinks: cat([scores, s])
     "granite_swa": ("granite_swa", dict(num_attention_heads=8, num_key_value_heads=4)),  # sinks: sigmoid(lse - s)
+    # sinks: softmax(cat([s, sink]) - row max)[..., :-1]; sliding + full layers; MoE: router with bias, experts
+    # with biases and interleaved [g0 u0 g1 u1 ...] gate_up rows, clamp, (up + 1) * glu
+    "gpt_oss": ("gpt_oss", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, sliding_window=6,
+                                num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                                layer_types=["sliding_attention", "full_attention"])),
     # kv-shared layers: layers 2, 3 read the caches of layers 0 (sliding) and 1 (full); per-layer inputs, AltUp,
     # LAuReL (left whole), the gaussian top-k activation sparsity of layer 0 (a std over the intermediate features)
     "gemma3n": ("gemma3n_text", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
@@ -98,7 +103,7 @@ FAMILIES = {
                                    vocab_size_per_layer_input=97, hidden_size_per_layer_input=8)),
 }
 ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
-             "granite_swa": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
+             "granite_swa": "eager", "gpt_oss": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
 EXPERT_BIASES = {"mixtral_bias"}  # routed experts given gate_up / down biases (gpt-oss's has_bias=True layout)
 
 

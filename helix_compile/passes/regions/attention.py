@@ -59,7 +59,7 @@ from .common import (
 from .alibi import BADDBMM, BMM, IndexSplit, bmm_core, find_index_split
 from .heads import OutputSide, all_reduce_mean, head_select, input_views, match_output, per_group_qkv
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
-from .sinks import add_sink, concat_sink, is_drop_last, scale_sink
+from .sinks import add_sink, concat_sink, is_drop_last, max_shift, scale_sink
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 KV_WRITE = {torch.ops.helix.kv_write, torch.ops.helix.kv_write.default}  # Dynamo records the packet
@@ -501,6 +501,9 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         if dim in (-1, len(shape(node.args[0]) or ()) - 1):
             return None
+    if is_call(node, {torch.chunk, torch.split}) and len(shape(node.args[0]) or ()) == 4:  # gpt-oss's RoPE halves:
+        if node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0) in (-1, 3):  # torch.chunk(x, 2, -1)
+            return None  # within a head: the last dim of a (B, H, L, D) / (B, L, H, D) tensor is head_dim
     if is_call(node, {torch.nn.functional.layer_norm, torch.layer_norm}):
         x = shape(node.args[0]) or ()
         if len(x) == 4 and tuple(node.args[1]) == x[-1:]:
@@ -695,6 +698,9 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
         if len(users) == 2 and len(lse) == 1 and sink_lse is None:
             sink_lse = lse[0]  # GraniteSWA's sink scale: sigmoid(logsumexp(scores) - sink)
             users.remove(sink_lse)
+        if sink is not None and is_call(node, {torch.cat}) and max_shift(node) is not None:
+            node = max_shift(node)  # gpt-oss: cat - cat.max(-1, keepdim=True)[0] before the softmax, which ignores it
+            continue
         if len(users) != 1:
             raise UnsupportedModelError(f"eager attention scores are used more than once: {where(node)}")
         nxt = users[0]
