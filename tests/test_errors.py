@@ -114,18 +114,6 @@ def _tiny(model_type, attn="sdpa", **kw):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
-@pytest.mark.parametrize("model_type,kw,message", [
-    ("gpt_oss", dict(attn="eager", num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
-                     layer_types=["full_attention"]),
-     "eager attention scores are used more than once: node 'combined_logits'"),  # sinks, then a max subtracted
-])
-def test_unsupported_structure_is_refused(model_type, kw, message):
-    m = _tiny(model_type, **kw)
-    cache = StaticCache(m.config, 1, 16, Layout(1))
-    with pytest.raises(Exception, match=message):
-        compiled(m)(input_ids=prompt(batch=1), past_key_values=cache)
-
-
 def test_attention_mask_2d_accepted_4d_refused():
     """The 2-D padding mask is applied by partial attention (exactness: tests/test_generate.py); a 4-D mask, which
     could say anything about each (query, key) pair, is refused."""

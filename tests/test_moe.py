@@ -88,13 +88,14 @@ def _post_expert_norm(experts):  # transformers' has_post_expert_norm=True exper
     experts.post_expert_norm = torch.nn.LayerNorm(experts.down_proj.shape[1], elementwise_affine=False)
 
 
-def _interleaved_gate(experts):  # gpt-oss's [g0, u0, g1, u1, ...] gate_up rows
-    experts._apply_gate = lambda gate_up: torch.nn.functional.silu(gate_up[..., ::2]) * gate_up[..., 1::2]
+def _sliced_gate(experts):  # [gate | up] cut by slices at the global width I: wrong on a rank's 2*I/tpf columns
+    inter = experts.down_proj.shape[-1]
+    experts._apply_gate = lambda gate_up: torch.nn.functional.silu(gate_up[..., :inter]) * gate_up[..., inter:]
 
 
 @pytest.mark.parametrize("change,message", [
     (_post_expert_norm, r"mlp.experts: node '.*' .* follows the down projection but is not linear in it"),
-    (_interleaved_gate, r"mlp.experts: node '.*' .* acts on the experts' intermediate features across columns"),
+    (_sliced_gate, r"mlp.experts: node '.*' .* acts on the experts' intermediate features across columns"),
 ])
 def test_experts_refused_by_name(change, message):
     """Experts whose ops cannot be split exactly over tpf are refused naming the node, never run replicated."""
