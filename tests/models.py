@@ -82,6 +82,10 @@ FAMILIES = {
     "codegen": ("codegen", dict(num_attention_heads=8, rotary_dim=4, n_inner=96)),  # qkv as [q v k] per 2 heads
     "flint": ("flint", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)),  # sinks: cat([scores, s])
     "granite_swa": ("granite_swa", dict(num_attention_heads=8, num_key_value_heads=4)),  # sinks: sigmoid(lse - s)
+    # eager scores masked by where(bias[:, :, S-L:S, :S], scores, min) (a tril buffer: implied by the causal mask)
+    # plus the additive causal mask, scores not scaled; local layers are refused (regions/where_mask.py)
+    "gpt_neo": ("gpt_neo", dict(num_attention_heads=4, attention_types=[[["global"], 2]], bos_token_id=1,
+                                eos_token_id=2)),
     # sinks: softmax(cat([s, sink]) - row max)[..., :-1]; sliding + full layers; MoE: router with bias, experts
     # with biases and interleaved [g0 u0 g1 u1 ...] gate_up rows, clamp, (up + 1) * glu
     "gpt_oss": ("gpt_oss", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, sliding_window=6,
@@ -103,7 +107,7 @@ FAMILIES = {
                                    vocab_size_per_layer_input=97, hidden_size_per_layer_input=8)),
 }
 ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
-             "granite_swa": "eager", "gpt_oss": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
+             "granite_swa": "eager", "gpt_oss": "eager", "gpt_neo": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
 EXPERT_BIASES = {"mixtral_bias"}  # routed experts given gate_up / down biases (gpt-oss's has_bias=True layout)
 
 
