@@ -162,7 +162,8 @@ def test_linear_attention_layers_refused():
 @pytest.mark.parametrize("model_type,kw,message", [
     ("camembert", dict(num_key_value_heads=4), "attends without a mask over the cache \\(bidirectional attention"),  # encoder, no is_decoder
     ("gpt_neo", dict(attn="eager", attention_types=[[["local"], 1]], window_size=5, num_key_value_heads=4),
-     "masks its scores with node 'attn_weights_1'.* is a local window of 5 keys"),  # window at the cache's end
+     "h.0.attn.attention: local attention over a window of 5 keys that ends at the end of the static cache.*"
+     "node 'attn_weights_1'"),  # GPT-Neo's where(tril ^ tril(-w) [S-L:S], scores, min)
 ])
 def test_unsupported_attention_refused_by_name(model_type, kw, message):
     m = _tiny(model_type, **kw)

@@ -34,7 +34,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .common import UnsupportedModelError, is_call, shape, where
+from .common import UnsupportedModelError, is_call, module_path, shape, where
 
 
 def check_where_mask(node: fx.Node, scores: fx.Node) -> None:
@@ -70,12 +70,12 @@ def check_where_mask(node: fx.Node, scores: fx.Node) -> None:
         return  # every causal key passes: the where is the identity where it counts (module doc)
     window = _window(value[0, 0].cpu(), causal)
     if window is not None:
-        raise UnsupportedModelError(
-            f"{region}: its mask {where(bias)} is a local window of {window} keys (GPT-Neo's local layer: "
-            f"tril(ones) ^ tril(ones, -{window})), sliced at rows [S - L, S) of the static cache (S = {keys}): the "
-            f"window ends at the end of the cache, not at the query's position, so on a static cache the layer sees "
-            f"none of the cached keys until the cache is nearly full (transformers' own StaticCache gives results "
-            f"that depend on max_cache_len); helix computes sliding windows by position only"
+        raise UnsupportedModelError(  # the reason first: tables of results cut long messages
+            f"{module_path(node)}: local attention over a window of {window} keys that ends at the end of the static "
+            f"cache, not at the query's position (GPT-Neo's local layer: where(bias[:, :, S-L:S, :S], scores, min), "
+            f"bias = tril(ones) ^ tril(ones, -{window}), S = {keys}): on a static cache it sees none of the cached "
+            f"keys until the cache is nearly full and transformers' own StaticCache gives results that depend on "
+            f"max_cache_len; helix computes sliding windows by position only. At {where(node)}"
         )
     raise UnsupportedModelError(
         f"{region}: its mask {where(bias)} is not tril(ones({size}, {size})), a causal mask helix can prove"
