@@ -2,7 +2,8 @@
 
 Families: Mixtral, Qwen2-MoE (shared expert and its sigmoid gate), Qwen3-MoE, OLMoE (q/k norms over all heads),
 Aria (experts stored transposed), GLM-4-MoE (a dense first layer), HunYuan-MoE (shared_mlp), MiniMax-M3 (a custom
-elementwise gate), experts with biases, DeepSeek (in test_mla.py); transformers' grouped_mm (default) and
+elementwise gate), experts with biases, gpt-oss (interleaved gate_up rows, biases, router bias; attention sinks),
+DeepSeek (in test_mla.py); transformers' grouped_mm (default) and
 batched_mm experts implementations. CI runs a
 representative subset of layouts (ep > 1 in most); ``HELIX_FULL_MATRIX=1`` runs every valid layout of 2 and 4 ranks.
 """
@@ -21,7 +22,7 @@ from models import model as model_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "aria_text", "glm4_moe", "hunyuan_v1_moe", "minimax_m3",
-            "mixtral_bias"]
+            "mixtral_bias", "gpt_oss"]
 
 
 def test_moe_two_ranks():
@@ -31,7 +32,10 @@ def test_moe_two_ranks():
         ("qwen3_moe", dict(kvp=2, ep=1), "batched_mm"),  # tpf=2: every expert split in two
         ("olmoe", dict(kvp=2, ep=2), None),
         ("aria_text", dict(kvp=2, ep=2), None),  # experts stored transposed (E, in, out)
-        ("mixtral_bias", dict(kvp=2, ep=1), None),  # expert biases, tpf=2: the down bias added on one rank
+        # expert biases, tpf=2: the down bias added on one rank, over gpt-oss's interleaved [g0 u0 ...] gate_up rows,
+        # router bias, attention sinks over kvp=2, sliding + full layers (mixtral_bias: the same biases over [gate |
+        # up] halves, in the full matrix)
+        ("gpt_oss", dict(kvp=2, ep=1), None),
     ])
 
 
@@ -61,6 +65,15 @@ def test_expert_shards_tile_the_experts(world):
                 piece = expert_shard(role, shape, layout, world - 1).take(ids)
                 gate, up = piece.chunk(2, dim=1)
                 assert torch.equal(up - gate, torch.full_like(gate, 16 * 4))
+                # interleaved rows [g0 u0 g1 u1 ...] (gpt-oss): one range per rank, (gate, up) pairs of its features
+                pieces = [expert_shard(role, shape, layout, r, "weight_interleaved").take(ids) for r in range(world)]
+                seen = torch.cat([p.flatten() for p in pieces])
+                assert torch.equal(seen.sort().values, ids.flatten()), (world, ep, "interleaved")
+                for r, piece in enumerate(pieces):  # the rank's features, each row pair (gate, up) whole
+                    per, e0 = 16 // layout.tpf, layout.ep_rank(r) * (8 // ep)
+                    rows = slice(2 * layout.tpf_rank(r) * per, 2 * (layout.tpf_rank(r) + 1) * per)
+                    assert torch.equal(piece, ids[e0 : e0 + 8 // ep, rows]), (world, ep, r)
+                    assert torch.equal(piece[:, 1::2] - piece[:, ::2], torch.full_like(piece[:, ::2], 4))
 
 
 def test_layout_rules_for_moe():

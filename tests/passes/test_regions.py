@@ -171,3 +171,29 @@ def test_layers_of_another_head_dim_are_placed_with_their_own(fake_world):
             widths[(role, layer)] = spec.stop - spec.start
     assert widths == {("o.weight", 0): 16, ("o.weight", 1): 32, ("k.weight", 0): 16, ("k.weight", 1): 32}
     assert [a.layer for a in done.regions.attention] == [0, 1, 2, 3]
+
+
+def test_gpt_neo_where_mask_is_proven_from_the_buffer(fake_world):
+    """GPT-Neo's where(bias[:, :, S-L:S, :S], scores, min) is dropped only because the live buffer is tril(ones):
+    the same graph with another buffer value is refused (regions/where_mask.py)."""
+    m = model("gpt_neo")
+    done = passes(m)
+    assert [(a.form, a.scale, a.window) for a in done.regions.attention] == [("eager", 1.0, 0)] * 2  # unscaled
+    with torch.no_grad():
+        m.transformer.h[1].attn.attention.bias[..., 3, 4] = True  # row 3 sees a later key
+    with pytest.raises(Exception, match=r"h.1.attn.attention.*its mask .*bias.* is not tril\(ones\(256, 256\)\)"):
+        passes(m)
+
+
+def test_gpt_oss_sinks_and_interleaved_experts(fake_world):
+    """gpt-oss: the sink concat with the row max subtracted is a sink (placed per query head); the experts' gate_up
+    rows are interleaved, so each tpf rank holds one range of (gate, up) row pairs, their bias alike."""
+    done = passes(model("gpt_oss"))  # rank 1 of kvp=2 x tpa=2: tpf = 4
+    assert [(a.sink is not None, a.window) for a in done.regions.attention] == [(True, 6), (True, 0)]
+    moe = [m for m in done.regions.matches if m.kind == "moe"]
+    assert len(moe) == 2 and all(m.interleaved and m.transposed for m in moe)
+    gate_up, bias = (done.plan.inputs[getattr(moe[0], f).name] for f in ("gate_up", "gate_up_bias"))
+    per = 32 // 4  # intermediate 32 over tpf = 4, rank 1: features [8, 16) = rows [16, 32) of the 64 interleaved
+    assert (gate_up.dim, gate_up.start, gate_up.stop, gate_up.parts) == (2, 2 * per, 4 * per, 1)
+    assert (bias.dim, bias.start, bias.stop, bias.parts) == (1, 2 * per, 4 * per, 1)
+    assert done.plan.roles[moe[0].gate_up.name] == "experts_gate_up.weight_t_interleaved"

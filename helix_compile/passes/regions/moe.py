@@ -438,12 +438,13 @@ def _strided_cut(node: fx.Node):
 def _check_gate_split(experts_path, gu_mm, mid, inter) -> bool:
     """How the gate_up output is cut into gate and up (whether its rows are interleaved), in one of the two layouts
     whose tpf slices keep each feature's gate and up on one rank: [gate | up] halves cut by one
-    ``chunk(2, dim=-1)`` (False), or [g0 u0 g1 u1 ...] cut by ``[..., ::2]`` and ``[..., 1::2]`` of the matmul's
-    output itself (True: gpt-oss). Refuses anything else."""
+    ``chunk(2, dim=-1)`` (False), or [g0 u0 g1 u1 ...] cut by ``[..., ::2]`` and ``[..., 1::2]`` of one node of
+    all 2I features (True: gpt-oss; the ops before it are per element, checked by ``_check_expert_ops``). Refuses
+    anything else."""
     cuts = [n for n in mid if n.op == "call_method" and n.target == "chunk"]
     strided = sorted((_strided_cut(n), n.name) for n in mid if _strided_cut(n) is not None)
-    if not cuts and [s for s, _ in strided] == [0, 1] and all(
-            n.args[0] is gu_mm for n in mid if _strided_cut(n) is not None):
+    sources = {n.args[0] for n in mid if _strided_cut(n) is not None}  # the matmul's output (+ bias: per element)
+    if not cuts and [s for s, _ in strided] == [0, 1] and len(sources) == 1 and _last(*sources) == 2 * inter:
         return True
     ok = not strided and len(cuts) == 1 and len(cuts[0].args) >= 2 and cuts[0].args[1] == 2 and (
         cuts[0].args[2] if len(cuts[0].args) > 2 else cuts[0].kwargs.get("dim", 0)) in (-1, len(_shape(gu_mm) or ()) - 1)
