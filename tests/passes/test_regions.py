@@ -1,5 +1,7 @@
 """Region matchers: what detect finds and what the plan reports, on the decode graph of rank 1 of 4 (fake group)."""
 
+import operator
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -197,3 +199,19 @@ def test_gpt_oss_sinks_and_interleaved_experts(fake_world):
     assert (gate_up.dim, gate_up.start, gate_up.stop, gate_up.parts) == (2, 2 * per, 4 * per, 1)
     assert (bias.dim, bias.start, bias.stop, bias.parts) == (1, 2 * per, 4 * per, 1)
     assert done.plan.roles[moe[0].gate_up.name] == "experts_gate_up.weight_t_interleaved"
+
+
+def test_sink_max_shift_only_straight_into_softmax():
+    """softmax(c - c.max(-1, keepdim=True)[0]) ignores the shift (gpt-oss); an op between them (here soft-capping)
+    does not, and the form is not recognised (the matcher then refuses the scores' second use)."""
+    from helix_compile.passes.regions.sinks import max_shift
+
+    def shifted(c, capped: bool):
+        d = c - c.max(-1, keepdim=True)[0]
+        return torch.softmax(torch.tanh(d / 5.0) * 5.0 if capped else d.float(), dim=-1)
+
+    for capped in (False, True):
+        graph = torch.fx.symbolic_trace(lambda c: shifted(c, capped)).graph
+        c = next(n for n in graph.nodes if n.op == "placeholder")
+        found = max_shift(c)
+        assert (found is None) == capped and (capped or found.target is operator.sub)

@@ -50,8 +50,10 @@ def concat_sink(cat: fx.Node, scores: fx.Node, region: str) -> fx.Node | None:
 
 
 def max_shift(node: fx.Node) -> fx.Node | None:
-    """``node - node.max(-1, keepdim=True)[0]`` (or ``amax``), the only two uses of ``node``: the subtraction,
-    which softmax ignores (softmax(x - m) = softmax(x) for any m per row); None: not this form."""
+    """``node - node.max(-1, keepdim=True)[0]`` (or ``amax``), the only two uses of ``node``, the difference going
+    straight (through casts only) into a softmax over the last dim, which ignores it (softmax(x - m) = softmax(x)
+    for any m per row): the subtraction node; None: not this form (an op between them, such as soft-capping,
+    would not ignore the shift)."""
     users = list(node.users)
     if len(users) != 2:
         return None
@@ -70,6 +72,13 @@ def max_shift(node: fx.Node) -> fx.Node | None:
     dim = peak.kwargs.get("dim", peak.args[1] if len(peak.args) > 1 else None)
     keepdim = peak.kwargs.get("keepdim", peak.args[2] if len(peak.args) > 2 else False)
     if not reduce_ok or peak.args[0] is not node or dim not in (-1, 3, (-1,), [-1]) or keepdim is not True:
+        return None
+    after = sub
+    while len(after.users) == 1 and is_method(next(iter(after.users)), {"to", "float"}):
+        after = next(iter(after.users))
+    soft = next(iter(after.users)) if len(after.users) == 1 else None
+    if not is_call(soft, {torch.nn.functional.softmax, torch.softmax}) or soft.args[0] is not after or soft.kwargs.get(
+            "dim", soft.args[1] if len(soft.args) > 1 else None) not in (-1, 3):
         return None
     return sub
 
