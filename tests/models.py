@@ -83,6 +83,15 @@ FAMILIES = {
     "codegen": ("codegen", dict(num_attention_heads=8, rotary_dim=4, n_inner=96)),  # qkv as [q v k] per 2 heads
     "flint": ("flint", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)),  # sinks: cat([scores, s])
     "granite_swa": ("granite_swa", dict(num_attention_heads=8, num_key_value_heads=4)),  # sinks: sigmoid(lse - s)
+    # eager scores masked by where(bias[:, :, S-L:S, :S], scores, min) (a tril buffer: implied by the causal mask)
+    # plus the additive causal mask, scores not scaled; local layers are refused (regions/where_mask.py)
+    "gpt_neo": ("gpt_neo", dict(num_attention_heads=4, attention_types=[[["global"], 2]], bos_token_id=1,
+                                eos_token_id=2)),
+    # sinks: softmax(cat([s, sink]) - row max)[..., :-1]; sliding + full layers; MoE: router with bias, experts
+    # with biases and interleaved [g0 u0 g1 u1 ...] gate_up rows, clamp, (up + 1) * glu
+    "gpt_oss": ("gpt_oss", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, sliding_window=6,
+                                num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                                layer_types=["sliding_attention", "full_attention"])),
     # kv-shared layers: layers 2, 3 read the caches of layers 0 (sliding) and 1 (full); per-layer inputs, AltUp,
     # LAuReL (left whole), the gaussian top-k activation sparsity of layer 0 (a std over the intermediate features)
     "gemma3n": ("gemma3n_text", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
@@ -117,7 +126,7 @@ FAMILIES = {
                                    moe_intermediate_size=32)),
 }
 ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
-             "granite_swa": "eager", "mimo": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
+             "granite_swa": "eager", "mimo": "eager", "gpt_oss": "eager", "gpt_neo": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
 EXPERT_BIASES = {"mixtral_bias"}  # routed experts given gate_up / down biases (gpt-oss's has_bias=True layout)
 
 

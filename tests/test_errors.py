@@ -114,18 +114,6 @@ def _tiny(model_type, attn="sdpa", **kw):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
-@pytest.mark.parametrize("model_type,kw,message", [
-    ("gpt_oss", dict(attn="eager", num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
-                     layer_types=["full_attention"]),
-     "node 'chunk' .* is not a per-head op"),  # its RoPE: torch.chunk (the max subtracted after its sinks is fine)
-])
-def test_unsupported_structure_is_refused(model_type, kw, message):
-    m = _tiny(model_type, **kw)
-    cache = StaticCache(m.config, 1, 16, Layout(1))
-    with pytest.raises(Exception, match=message):
-        compiled(m)(input_ids=prompt(batch=1), past_key_values=cache)
-
-
 def test_attention_mask_2d_accepted_4d_refused():
     """The 2-D padding mask is applied by partial attention (exactness: tests/test_generate.py); a 4-D mask, which
     could say anything about each (query, key) pair, is refused."""
@@ -173,8 +161,9 @@ def test_linear_attention_layers_refused():
 
 @pytest.mark.parametrize("model_type,kw,message", [
     ("camembert", dict(num_key_value_heads=4), "attends without a mask over the cache \\(bidirectional attention"),  # encoder, no is_decoder
-    ("gpt_neo", dict(attn="eager", attention_types=[[["global"], 1]], num_key_value_heads=4),
-     "masks its scores with node 'attn_weights_1'.*GPT-Neo's `bias` buffer"),  # torch.where(bias[...], scores, min)
+    ("gpt_neo", dict(attn="eager", attention_types=[[["local"], 1]], window_size=5, num_key_value_heads=4),
+     "h.0.attn.attention: local attention over a window of 5 keys that ends at the end of the static cache.*"
+     "node 'attn_weights_1'"),  # GPT-Neo's where(tril ^ tril(-w) [S-L:S], scores, min)
 ])
 def test_unsupported_attention_refused_by_name(model_type, kw, message):
     m = _tiny(model_type, **kw)

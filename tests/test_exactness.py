@@ -135,9 +135,10 @@ def test_gated_and_head_view_families(world):
     features (all-reduced over the world); GPT-BigCode's MQA c_attn cut unevenly q|k|v; views naming the head
     count (StableLM); CodeGen's qkv interleaved [q v k] per group of 2 heads; attention sinks in both forms
     (Flint, GraniteSWA; sinks.py); Falcon's multi-query and Falcon-40B's per-group query_key_value; MiMo-V2-Flash's
-    narrower values. Every layout of 2 ranks; kvp=2 x tpa=2 on 4."""
+    narrower values; GPT-Neo's where-masked eager scores (where_mask.py). Every layout of 2 ranks; kvp=2 x tpa=2 on
+    4."""
     families = ["laguna", "laguna_elem", "bitnet", "gpt_bigcode", "stablelm", "codegen", "flint", "granite_swa",
-                "falcon", "falcon_40b", "mimo"]
+                "falcon", "falcon_40b", "mimo", "gpt_neo"]
     check_families(world, [(f, splits(2, 2) if world == 2 else [(2, 2)]) for f in families])
 
 
@@ -172,7 +173,7 @@ def test_hopb_inductor():
     check(2, "llama", [(2, 1)], executor="inductor", hopb=2, batch=4)
 
 
-def _lengths_body(rank, lengths, executor):
+def _lengths_body(rank, lengths, executor, family="llama", layout=(2, 1)):
     import torch._inductor.compile_fx as inductor
     from transformers import StaticCache as HFStaticCache
 
@@ -180,7 +181,7 @@ def _lengths_body(rank, lengths, executor):
 
     compiles, original = [], inductor.compile_fx
     inductor.compile_fx = lambda *a, **k: compiles.append(1) or original(*a, **k)
-    m, layout = model("llama"), Layout(2, 1, kv_block=4)
+    m, layout = model(family), Layout(*layout, kv_block=4)
     compiled = torch.compile(m, backend="helix", options={"layout": layout, "executor": executor}, fullgraph=True)
     worst, counts = 0.0, []
     try:
@@ -208,6 +209,15 @@ def test_prompt_lengths_vary(executor, lengths):
         assert worst < 1e-5, worst
         if executor == "inductor":
             assert counts[1] > counts[0] > 0 and counts[-1] == counts[1], counts
+
+
+@pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")
+@pytest.mark.parametrize("layout", [(2, 1), (1, 2)])
+def test_prompt_lengths_vary_symbolic_head_views(layout):
+    """GPT-Neo sizes its head split / merge views as x.size()[:-1] + (H, D): once the length is symbolic Dynamo
+    records view(x, torch.Size([...])), whose head count helix rewrites like a tuple's (heads.py)."""
+    for worst, _ in run_ranks(2, _lengths_body, [7, 5, 9, 3], "eager", "gpt_neo", layout):
+        assert worst < 1e-5, worst
 
 
 def _auto_body(rank):

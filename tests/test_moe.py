@@ -1,8 +1,10 @@
 """Mixture-of-experts FFNs as TPF x EP: exact against single-device transformers on real gloo ranks.
 
 Families: Mixtral, Qwen2-MoE (shared expert and its sigmoid gate), Qwen3-MoE, OLMoE (q/k norms over all heads),
-Aria (experts stored transposed), Llama 4 (dense experts: every token through every expert), GLM-4-MoE (a dense first layer), HunYuan-MoE (shared_mlp), MiniMax-M3 (a custom
-elementwise gate), experts with biases, DeepSeek (in test_mla.py); transformers' grouped_mm (default) and
+Aria (experts stored transposed), Llama 4 (dense experts: every token through every expert), GLM-4-MoE (a dense
+first layer), HunYuan-MoE (shared_mlp), MiniMax-M3 (a custom elementwise gate), experts with biases, gpt-oss
+(interleaved gate_up rows, biases, router bias; attention sinks), DeepSeek (in test_mla.py); transformers'
+grouped_mm (default) and
 batched_mm experts implementations. CI runs a
 representative subset of layouts (ep > 1 in most); ``HELIX_FULL_MATRIX=1`` runs every valid layout of 2 and 4 ranks.
 """
@@ -21,7 +23,7 @@ from models import model as model_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "aria_text", "glm4_moe", "hunyuan_v1_moe", "minimax_m3",
-            "mixtral_bias", "llama4_text"]
+            "mixtral_bias", "llama4_text", "gpt_oss"]
 
 
 def test_moe_two_ranks():
@@ -31,8 +33,11 @@ def test_moe_two_ranks():
         ("qwen3_moe", dict(kvp=2, ep=1), "batched_mm"),  # tpf=2: every expert split in two
         ("olmoe", dict(kvp=2, ep=2), None),
         ("aria_text", dict(kvp=2, ep=2), None),  # experts stored transposed (E, in, out)
-        ("mixtral_bias", dict(kvp=2, ep=1), None),  # expert biases, tpf=2: the down bias added on one rank
         ("llama4_text", dict(kvp=2, ep=2), None),  # dense experts (every token through each), chunked attention
+        # expert biases, tpf=2: the down bias added on one rank, over gpt-oss's interleaved [g0 u0 ...] gate_up rows,
+        # router bias, attention sinks over kvp=2, sliding + full layers (mixtral_bias: the same biases over [gate |
+        # up] halves, in the full matrix)
+        ("gpt_oss", dict(kvp=2, ep=1), None),
     ])
 
 
@@ -62,6 +67,15 @@ def test_expert_shards_tile_the_experts(world):
                 piece = expert_shard(role, shape, layout, world - 1).take(ids)
                 gate, up = piece.chunk(2, dim=1)
                 assert torch.equal(up - gate, torch.full_like(gate, 16 * 4))
+                # interleaved rows [g0 u0 g1 u1 ...] (gpt-oss): one range per rank, (gate, up) pairs of its features
+                pieces = [expert_shard(role, shape, layout, r, "weight_interleaved").take(ids) for r in range(world)]
+                seen = torch.cat([p.flatten() for p in pieces])
+                assert torch.equal(seen.sort().values, ids.flatten()), (world, ep, "interleaved")
+                for r, piece in enumerate(pieces):  # the rank's features, each row pair (gate, up) whole
+                    per, e0 = 16 // layout.tpf, layout.ep_rank(r) * (8 // ep)
+                    rows = slice(2 * layout.tpf_rank(r) * per, 2 * (layout.tpf_rank(r) + 1) * per)
+                    assert torch.equal(piece, ids[e0 : e0 + 8 // ep, rows]), (world, ep, r)
+                    assert torch.equal(piece[:, 1::2] - piece[:, ::2], torch.full_like(piece[:, ::2], 4))
 
 
 def test_layout_rules_for_moe():
@@ -89,13 +103,14 @@ def _post_expert_norm(experts):  # transformers' has_post_expert_norm=True exper
     experts.post_expert_norm = torch.nn.LayerNorm(experts.down_proj.shape[1], elementwise_affine=False)
 
 
-def _interleaved_gate(experts):  # gpt-oss's [g0, u0, g1, u1, ...] gate_up rows
-    experts._apply_gate = lambda gate_up: torch.nn.functional.silu(gate_up[..., ::2]) * gate_up[..., 1::2]
+def _sliced_gate(experts):  # [gate | up] cut by slices at the global width I: wrong on a rank's 2*I/tpf columns
+    inter = experts.down_proj.shape[-1]
+    experts._apply_gate = lambda gate_up: torch.nn.functional.silu(gate_up[..., :inter]) * gate_up[..., inter:]
 
 
 @pytest.mark.parametrize("change,message", [
     (_post_expert_norm, r"mlp.experts: node '.*' .* follows the down projection but is not linear in it"),
-    (_interleaved_gate, r"mlp.experts: node '.*' .* acts on the experts' intermediate features across columns"),
+    (_sliced_gate, r"mlp.experts: node '.*' .* acts on the experts' intermediate features across columns"),
 ])
 def test_experts_refused_by_name(change, message):
     """Experts whose ops cannot be split exactly over tpf are refused naming the node, never run replicated."""

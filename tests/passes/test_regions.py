@@ -1,5 +1,7 @@
 """Region matchers: what detect finds and what the plan reports, on the decode graph of rank 1 of 4 (fake group)."""
 
+import operator
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -235,3 +237,45 @@ def test_falcon_40b_query_key_value_sharded_by_kv_group(fake_world):
     assert [(s.dim, s.start, s.stop) for s in specs.values()] == [(0, 64, 128)] * 2
     broadcasts = [n for n in done.stages["partition"].graph.nodes if n.target is torch.broadcast_to]
     assert [tuple(n.args[1]) for n in broadcasts] == [(-1, -1, -1, 2, -1)] * 4
+
+
+def test_gpt_neo_where_mask_is_proven_from_the_buffer(fake_world):
+    """GPT-Neo's where(bias[:, :, S-L:S, :S], scores, min) is dropped only because the live buffer is tril(ones):
+    the same graph with another buffer value is refused (regions/where_mask.py)."""
+    m = model("gpt_neo")
+    done = passes(m)
+    assert [(a.form, a.scale, a.window) for a in done.regions.attention] == [("eager", 1.0, 0)] * 2  # unscaled
+    with torch.no_grad():
+        m.transformer.h[1].attn.attention.bias[..., 3, 4] = True  # row 3 sees a later key
+    with pytest.raises(Exception, match=r"h.1.attn.attention.*its mask .*bias.* is not tril\(ones\(256, 256\)\)"):
+        passes(m)
+
+
+def test_gpt_oss_sinks_and_interleaved_experts(fake_world):
+    """gpt-oss: the sink concat with the row max subtracted is a sink (placed per query head); the experts' gate_up
+    rows are interleaved, so each tpf rank holds one range of (gate, up) row pairs, their bias alike."""
+    done = passes(model("gpt_oss"))  # rank 1 of kvp=2 x tpa=2: tpf = 4
+    assert [(a.sink is not None, a.window) for a in done.regions.attention] == [(True, 6), (True, 0)]
+    moe = [m for m in done.regions.matches if m.kind == "moe"]
+    assert len(moe) == 2 and all(m.interleaved and m.transposed for m in moe)
+    gate_up, bias = (done.plan.inputs[getattr(moe[0], f).name] for f in ("gate_up", "gate_up_bias"))
+    per = 32 // 4  # intermediate 32 over tpf = 4, rank 1: features [8, 16) = rows [16, 32) of the 64 interleaved
+    assert (gate_up.dim, gate_up.start, gate_up.stop, gate_up.parts) == (2, 2 * per, 4 * per, 1)
+    assert (bias.dim, bias.start, bias.stop, bias.parts) == (1, 2 * per, 4 * per, 1)
+    assert done.plan.roles[moe[0].gate_up.name] == "experts_gate_up.weight_t_interleaved"
+
+
+def test_sink_max_shift_only_straight_into_softmax():
+    """softmax(c - c.max(-1, keepdim=True)[0]) ignores the shift (gpt-oss); an op between them (here soft-capping)
+    does not, and the form is not recognised (the matcher then refuses the scores' second use)."""
+    from helix_compile.passes.regions.sinks import max_shift
+
+    def shifted(c, capped: bool):
+        d = c - c.max(-1, keepdim=True)[0]
+        return torch.softmax(torch.tanh(d / 5.0) * 5.0 if capped else d.float(), dim=-1)
+
+    for capped in (False, True):
+        graph = torch.fx.symbolic_trace(lambda c: shifted(c, capped)).graph
+        c = next(n for n in graph.nodes if n.op == "placeholder")
+        found = max_shift(c)
+        assert (found is None) == capped and (capped or found.target is operator.sub)

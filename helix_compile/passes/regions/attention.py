@@ -3,7 +3,8 @@
 Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache write of one attention layer):
     core    the SDPA node, or the final matmul of the eager chain
             matmul(q, k^T) -> *scale -> [/softcap -> tanh -> *softcap] -> [+mask] -> softmax -> [to] -> [dropout]
-            -> matmul(., v), whose keys/values trace back (through repeat_kv views) to the cache placeholders;
+            -> matmul(., v), whose keys/values trace back (through repeat_kv views) to the cache placeholders
+            (a where(mask, scores, min) among them only where ``where_mask.py`` proves the causal mask implies it);
             or the (B*H, L, D) batched-matmul form with an optional ALiBi bias (BLOOM, XGLM: ``alibi.py``)
     q, k, v the projection among the ancestors of the query, of k, of v inside the attention module, reached
             through per-head ops only (reshapes, elementwise ops, RoPE, per-head norms, and norms over all heads'
@@ -66,7 +67,8 @@ from .heads import (
 )
 from .rope import complex_views, is_complex_view
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
-from .sinks import add_sink, concat_sink, is_drop_last, scale_sink
+from .sinks import add_sink, concat_sink, is_drop_last, max_shift, scale_sink
+from .where_mask import check_where_mask
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 KV_WRITE = {torch.ops.helix.kv_write, torch.ops.helix.kv_write.default}  # Dynamo records the packet
@@ -306,7 +308,7 @@ def _mask_operand(form: str, core: fx.Node) -> fx.Node | None:
             return node.args[1] if isinstance(node.args[1], fx.Node) else None
         if node.op == "call_function" and node.target in (torch.matmul, operator.matmul, torch.bmm, torch.baddbmm):
             return None
-        node = node.args[0]
+        node = node.args[1] if is_call(node, {torch.where}) else node.args[0]  # where(cond, scores, m): the scores
     return None
 
 
@@ -535,6 +537,9 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         if dim in (-1, len(shape(node.args[0]) or ()) - 1):
             return None
+    if is_call(node, {torch.chunk, torch.split}) and len(shape(node.args[0]) or ()) == 4:  # gpt-oss's RoPE halves:
+        if node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0) in (-1, 3):  # torch.chunk(x, 2, -1)
+            return None  # within a head: the last dim of a (B, H, L, D) / (B, L, H, D) tensor is head_dim
     if is_call(node, {torch.nn.functional.layer_norm, torch.layer_norm}):
         x = shape(node.args[0]) or ()
         if len(x) == 4 and tuple(node.args[1]) == x[-1:]:
@@ -733,6 +738,9 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
         if len(users) == 2 and len(lse) == 1 and sink_lse is None:
             sink_lse = lse[0]  # GraniteSWA's sink scale: sigmoid(logsumexp(scores) - sink)
             users.remove(sink_lse)
+        if sink is not None and is_call(node, {torch.cat}) and max_shift(node) is not None:
+            node = max_shift(node)  # gpt-oss: cat - cat.max(-1, keepdim=True)[0] before the softmax, which ignores it
+            continue
         if len(users) != 1:
             raise UnsupportedModelError(f"eager attention scores are used more than once: {where(node)}")
         nxt = users[0]
@@ -771,11 +779,7 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
         elif is_call(matmul, {torch.baddbmm}) and node is matmul and is_method(nxt, {"view"}) and len(shape(nxt)) == 4:
             pass  # the (B*H, L, S) scores viewed back as (B, H, L, S)
         elif is_call(nxt, {torch.where}):
-            raise UnsupportedModelError(
-                f"eager attention masks its scores with {where(nxt)}: a mask helix cannot check is causal (e.g. "
-                f"GPT-Neo's `bias` buffer, sliced relative to the end of the static cache); helix masks by global "
-                f"position only"
-            )
+            check_where_mask(nxt, node)  # GPT-Neo: where(tril bias[...], scores, min), implied by the causal mask
         elif is_call(nxt, {torch.nn.functional.dropout}):
             if not _dropout_is_identity(nxt):
                 raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(nxt)}")

@@ -80,13 +80,28 @@ class HeadView:
                 f"rank's {local} of {total}"
             )
         sizes[self.index] = value * local // total
-        if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        size = _size_node(node)
+        if size is not None:  # view(x, torch.Size([...])): the size node is this view's alone (checked in head_view)
+            size.args = (list(sizes),)
+        elif len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
             node.args = (node.args[0], tuple(sizes))
         else:
             node.args = (node.args[0], *sizes)
 
 
+def _size_node(node: fx.Node) -> fx.Node | None:
+    """The ``torch.Size([...])`` node of ``view(x, torch.Size([...]))``: how Dynamo records a size tuple with
+    symbolic entries (GPT-Neo's ``x.size()[:-1] + (heads, D)`` once the length is dynamic), else None."""
+    arg = node.args[1] if len(node.args) == 2 else None
+    if is_call(arg, {torch.Size}) and len(arg.args) == 1 and isinstance(arg.args[0], (tuple, list)):
+        return arg
+    return None
+
+
 def _sizes(node: fx.Node) -> list:
+    size = _size_node(node)
+    if size is not None:
+        return list(size.args[0])
     if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
         return list(node.args[1])
     return list(node.args[1:])
@@ -114,6 +129,9 @@ def head_view(node: fx.Node, path: str, width: int) -> HeadView | None:
         return None
     if not isinstance(value, int):
         raise UnsupportedModelError(f"{where(node)}: a computed size where the heads are; helix cannot shard it")
+    if _size_node(node) is not None and len(_size_node(node).users) != 1:
+        raise UnsupportedModelError(f"{where(node)}: its size {_size_node(node).name} is used elsewhere too; helix "
+                                    f"cannot change it for this view alone")
     return HeadView(node, index, path)
 
 

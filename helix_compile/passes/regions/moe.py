@@ -10,15 +10,16 @@ ops: softmax or sigmoid, correction bias, grouped top-k), shared-expert MLPs (an
 projections: ``shared_expert(s)``, HunYuan's ``shared_mlp``; matched as dense FFNs) and a shared-expert gate (a
 projection with 1 output). The experts' ops are checked by where they sit:
     between the two matmuls   the intermediate, split by columns over tpf: ops on each element only (a custom
-                              gate such as MiniMax-M3's clamp / sigmoid / ``up + 1``), and one chunk(2, dim=-1)
-                              into the gate and up halves
+                              gate such as MiniMax-M3's clamp / sigmoid / ``up + 1``), and either one
+                              chunk(2, dim=-1) into the gate and up halves, or the two strided cuts
+                              ``[..., ::2]`` / ``[..., 1::2]`` of gate_up rows interleaved [g0 u0 g1 u1 ...] (gpt-oss)
     after the down matmul     partial sums over tpf: linear ops only (routing weights, gathers, the sum over k,
                               the down bias)
     elsewhere                 the routing bookkeeping of the two implementations (sort, histc, gathers)
 ``placements`` gives the roles ``experts_gate_up`` / ``experts_down`` (``expert_shard``, asked by
 ``roles.role_shard``, which ``loading.from_pretrained`` shares); ``replace_with`` is the rewrite below.
 Refuses (``UnsupportedModelError`` naming the node or parameter): unfused or unknown expert parameters, ops
-across the intermediate features (gpt-oss's interleaved gate/up rows), non-linear ops after the down matmul (a
+across the intermediate features (any other cut of the gate_up output), non-linear ops after the down matmul (a
 post-expert norm), ops inside the experts module other than the two known implementations' (e.g. the ``eager``
 implementation's ``nonzero`` loop), projections in the block other than a router (E outputs), a shared-expert
 gate (1 output) and shared-expert MLPs, and experts outside an FFN module (``refuse_stray_experts``: JetMoE's
@@ -26,7 +27,9 @@ routed attention heads). A MoE block is never handed to the dense matcher nor le
 
 Placement (rank r, ``ep_rank = r // tpf``, ``tpf_rank = r % tpf``, El = E / ep, Il = I / tpf):
     experts.gate_up_proj   experts [ep_rank*El, (ep_rank+1)*El), rows [tpf_rank*Il, (tpf_rank+1)*Il) of the gate
-                           half and the same rows of the up half, concatenated: (El, 2*Il, H)
+                           half and the same rows of the up half, concatenated: (El, 2*Il, H); interleaved rows
+                           (gpt-oss, kind ``..._interleaved``): the one range [2*tpf_rank*Il, 2*(tpf_rank+1)*Il),
+                           the same features' (gate, up) pairs, which the model's own [..., ::2] / [..., 1::2] cut
     experts.down_proj      the same experts, columns [tpf_rank*Il, (tpf_rank+1)*Il): (El, H, Il)
     (transposed: the same pieces along the other dim: (El, H, 2*Il) and (El, Il, H))
     gate_up_proj_bias      the rows of gate_up_proj: (El, 2*Il);  down_proj_bias: the experts whole, (El, H),
@@ -100,6 +103,7 @@ class MoEMatch:
     shared: list  # DenseFFNMatch of the shared-expert MLPs (TP over N)
     replicated: list  # router and shared-expert gate projections: every rank computes them whole
     transposed: bool = False  # expert weights stored (E, in, out): gate_up (E, H, 2I), down (E, I, H) (Aria)
+    interleaved: bool = False  # gate_up features interleaved [g0 u0 g1 u1 ...], cut by [..., ::2] / [..., 1::2]
     gate_up_bias: fx.Node | None = None  # placeholder (E, 2I)
     down_bias: fx.Node | None = None  # placeholder (E, H)
     down_bias_adds: list = dataclasses.field(default_factory=list)  # where the down bias joins the partial sums
@@ -111,7 +115,7 @@ class MoEMatch:
 
     def describe(self) -> str:
         shared = "".join(f"; shared {s.describe()}" for s in self.shared)
-        extra = (" transposed" if self.transposed else "") + ("".join(
+        extra = (" transposed" if self.transposed else "") + (" interleaved" if self.interleaved else "") + ("".join(
             f" {b.name}" for b in (self.gate_up_bias, self.down_bias) if b is not None))
         routing = (f"dense={self.dense.name}" if self.dense is not None else
                    f"ids={self.ids.name} weights={self.weights.name}")
@@ -133,9 +137,10 @@ class MoEMatch:
 
     def placements(self, heads):
         kind = "weight_t" if self.transposed else "weight"
-        out = [(self.gate_up, "experts_gate_up", kind), (self.down, "experts_down", kind)]
-        out += [(b, role, "bias") for b, role in ((self.gate_up_bias, "experts_gate_up"), (self.down_bias, "experts_down"))
-                if b is not None]
+        pairs = INTERLEAVED if self.interleaved else ""  # the gate_up rows' layout (see expert_shard)
+        out = [(self.gate_up, "experts_gate_up", kind + pairs), (self.down, "experts_down", kind)]
+        out += [(b, role, "bias" + (pairs if role == "experts_gate_up" else ""))
+                for b, role in ((self.gate_up_bias, "experts_gate_up"), (self.down_bias, "experts_down")) if b is not None]
         return out + [pl for s in self.shared for pl in s.placements(heads)]
 
     def replace_with(self, graph: fx.Graph, env: dict, ctx) -> None:
@@ -281,7 +286,7 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
         if role in by_role and _shape(by_role[role]) != want:
             raise UnsupportedModelError(f"{experts_path}: {by_role[role].name} {_shape(by_role[role])} is not {want}")
     mid, post = _check_expert_ops(experts_path, experts, inside, gu_mm, dn_mm, by_role)
-    _check_gate_split(experts_path, gu_mm, mid, inter)
+    interleaved = _check_gate_split(experts_path, gu_mm, mid, inter)
     external = []
     for n in experts:
         for a in n.all_input_nodes:
@@ -325,7 +330,8 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
     weights_of = {x for r in replicated for x in (r.weight, r.bias)}
     routing = list(dict.fromkeys(a for n in rest for a in n.all_input_nodes if a.op == "placeholder" and a not in weights_of))
     return MoEMatch(mlp, experts_path, count, ids, weights[0], by_role["gate_up"], by_role["down"], histc, outs[0],
-                    experts, shared, replicated, transposed=gu_t, gate_up_bias=by_role.get("gate_up_bias"),
+                    experts, shared, replicated, transposed=gu_t, interleaved=interleaved,
+                    gate_up_bias=by_role.get("gate_up_bias"),
                     down_bias=by_role.get("down_bias"), down_bias_adds=down_bias_adds, routing=routing, dense=dense,
                     down_mm=dn_mm if dense is not None else None)
 
@@ -416,7 +422,7 @@ def _check_expert_ops(experts_path, experts, inside, gu_mm, dn_mm, by_role):
             ok = (is_pointwise(n) and n.target is not operator.getitem) or (n.op == "call_method" and n.target in (
                 "chunk", "to", "float", "type", "contiguous", "squeeze", "unsqueeze")) or (
                 n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int)
-                and n.args[0].op == "call_method" and n.args[0].target == "chunk") or (
+                and n.args[0].op == "call_method" and n.args[0].target == "chunk") or _strided_cut(n) is not None or (
                 n.op == "call_method" and n.target in ("view", "reshape") and _last(n) == _last(n.args[0]))
             if not ok:
                 raise UnsupportedModelError(
@@ -451,18 +457,39 @@ def _check_expert_ops(experts_path, experts, inside, gu_mm, dn_mm, by_role):
     return mid, post
 
 
-def _check_gate_split(experts_path, gu_mm, mid, inter):
-    """The gate_up output is cut as [gate | up] halves (one ``chunk(2, dim=-1)``), the layout whose tpf slices keep
-    each feature's gate and up on one rank; gpt-oss's interleaved [g0, u0, g1, u1, ...] is refused by name."""
+def _strided_cut(node: fx.Node):
+    """0 for ``x[..., ::2]``, 1 for ``x[..., 1::2]`` (the gate / up features of interleaved rows), else None."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple)):
+        return None
+    index = node.args[1]
+    if len(index) != 2 or index[0] is not Ellipsis or not isinstance(index[1], slice):
+        return None
+    cut = index[1]
+    if cut.step != 2 or cut.stop is not None or cut.start not in (None, 0, 1):
+        return None
+    return cut.start or 0
+
+
+def _check_gate_split(experts_path, gu_mm, mid, inter) -> bool:
+    """How the gate_up output is cut into gate and up (whether its rows are interleaved), in one of the two layouts
+    whose tpf slices keep each feature's gate and up on one rank: [gate | up] halves cut by one
+    ``chunk(2, dim=-1)`` (False), or [g0 u0 g1 u1 ...] cut by ``[..., ::2]`` and ``[..., 1::2]`` of one node of
+    all 2I features (True: gpt-oss; the ops before it are per element, checked by ``_check_expert_ops``). Refuses
+    anything else."""
     cuts = [n for n in mid if n.op == "call_method" and n.target == "chunk"]
-    ok = len(cuts) == 1 and len(cuts[0].args) >= 2 and cuts[0].args[1] == 2 and (
+    strided = sorted((_strided_cut(n), n.name) for n in mid if _strided_cut(n) is not None)
+    sources = {n.args[0] for n in mid if _strided_cut(n) is not None}  # the matmul's output (+ bias: per element)
+    if not cuts and [s for s, _ in strided] == [0, 1] and len(sources) == 1 and _last(*sources) == 2 * inter:
+        return True
+    ok = not strided and len(cuts) == 1 and len(cuts[0].args) >= 2 and cuts[0].args[1] == 2 and (
         cuts[0].args[2] if len(cuts[0].args) > 2 else cuts[0].kwargs.get("dim", 0)) in (-1, len(_shape(gu_mm) or ()) - 1)
     if not ok:
         raise UnsupportedModelError(
-            f"{experts_path}: the gate_up output ({2 * inter} features) is not cut once as chunk(2, dim=-1) into gate "
-            f"and up halves: {[where(c) for c in cuts]} (interleaved gate/up experts, as gpt-oss stores them, are not "
-            f"supported yet)"
+            f"{experts_path}: the gate_up output ({2 * inter} features) is cut neither once as chunk(2, dim=-1) into "
+            f"gate and up halves nor as [..., ::2] / [..., 1::2] of interleaved rows: chunks "
+            f"{[where(c) for c in cuts]}, strided cuts {[name for _, name in strided]}"
         )
+    return False
 
 
 def _last(node):
@@ -507,12 +534,16 @@ def _dtype(node):
 
 # -- plan ----------------------------------------------------------------------------------------------------------
 ROLES = {"gate_up_proj": "experts_gate_up", "down_proj": "experts_down"}
+INTERLEAVED = "_interleaved"  # a kind suffix: gate_up rows (or bias) interleaved [g0 u0 g1 u1 ...] (gpt-oss)
 
 
 def expert_shard(role: str, shape, layout: Layout, rank: int, kind: str = "weight") -> ExpertShard:
     """This rank's piece of a fused expert weight or bias (see the module docstring). ``kind``: "weight" (stored
     (E, out, in)), "weight_t" (stored (E, in, out): Aria) or "bias" ((E, 2I) for gate_up, (E, H) for down: the
-    down bias is not split over tpf; ``rewrite`` adds it on one tpf rank only). Raises naming the numbers."""
+    down bias is not split over tpf; ``rewrite`` adds it on one tpf rank only), each with the suffix
+    ``INTERLEAVED`` for gate_up rows interleaved [g0 u0 g1 u1 ...] (gpt-oss). Raises naming the numbers."""
+    interleaved = kind.endswith(INTERLEAVED)
+    kind = kind.removesuffix(INTERLEAVED)
     count = shape[0]
     if count % layout.ep:
         raise ValueError(f"ep={layout.ep} does not divide the {count} experts of a {tuple(shape)} expert weight")
@@ -531,6 +562,10 @@ def expert_shard(role: str, shape, layout: Layout, rank: int, kind: str = "weigh
         raise ValueError(f"tpf={layout.tpf} does not divide the expert intermediate size {inter} ({tuple(shape)})")
     per = inter // layout.tpf
     t = layout.tpf_rank(rank)
+    if interleaved:  # [g0 u0 g1 u1 ...]: the (gate, up) pairs of features [t*per, (t+1)*per), one range
+        if role != "experts_gate_up" or parts != 2:
+            raise ValueError(f"only gate_up rows are interleaved, not a {role} {kind} {tuple(shape)}")
+        return ExpertShard(e0, e0 + per_e, dim, 2 * t * per, 2 * (t + 1) * per, 1)
     return ExpertShard(e0, e0 + per_e, dim, t * per, (t + 1) * per, parts)
 
 

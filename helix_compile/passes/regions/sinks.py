@@ -3,7 +3,9 @@
     o = sum_j exp(x_j) v_j / (exp(s_h) + sum_j exp(x_j)) = o_plain * sigmoid(lse - s_h),  lse = logsumexp_j x_j
 
 Match (in the eager attention chain, ``attention._eager_core``), either form:
-    concat   softmax(cat([scores, sinks.reshape(1, -1, 1, 1).expand(...)], -1))[..., :-1]        (Flint, gpt-oss)
+    concat   softmax(cat([scores, sinks.reshape(1, -1, 1, 1).expand(...)], -1))[..., :-1]        (Flint)
+             or with the row max subtracted first (``max_shift``; softmax is invariant to it):
+             c = cat([scores, sinks...], -1); softmax(c - c.max(-1, keepdim=True)[0])[..., :-1]   (gpt-oss)
     scale    scores -> logsumexp(-1) -> - sinks.view(1, -1, 1) -> [to] -> sigmoid -> sink_scale, and the
              attention output matmul(p, v) * sink_scale.unsqueeze(-1)[.to]                        (GraniteSWA)
     where ``sinks`` is a 1-D parameter of Q values (one per query head).
@@ -45,6 +47,40 @@ def concat_sink(cat: fx.Node, scores: fx.Node, region: str) -> fx.Node | None:
     if shape(parts[1]) is None or shape(parts[1])[-1] != 1:
         return None
     return sink_parameter(parts[1], region)
+
+
+def max_shift(node: fx.Node) -> fx.Node | None:
+    """``node - node.max(-1, keepdim=True)[0]`` (or ``amax``), the only two uses of ``node``, the difference going
+    straight (through casts only) into a softmax over the last dim, which ignores it (softmax(x - m) = softmax(x)
+    for any m per row): the subtraction node; None: not this form (an op between them, such as soft-capping,
+    would not ignore the shift)."""
+    users = list(node.users)
+    if len(users) != 2:
+        return None
+    subs = [u for u in users if is_call(u, {operator.sub, torch.sub}) and len(u.args) == 2 and u.args[0] is node]
+    if len(subs) != 1:
+        return None
+    sub = subs[0]
+    peak = next(u for u in users if u is not sub)
+    if sub.args[1] is not peak:  # max(...)[0]: the values of (values, indices)
+        if not (is_call(sub.args[1], {operator.getitem}) and sub.args[1].args[0] is peak and sub.args[1].args[1] == 0
+                and len(peak.users) == 1):
+            return None
+        reduce_ok = is_method(peak, {"max"}) or is_call(peak, {torch.max})
+    else:
+        reduce_ok = is_method(peak, {"amax"}) or is_call(peak, {torch.amax})
+    dim = peak.kwargs.get("dim", peak.args[1] if len(peak.args) > 1 else None)
+    keepdim = peak.kwargs.get("keepdim", peak.args[2] if len(peak.args) > 2 else False)
+    if not reduce_ok or peak.args[0] is not node or dim not in (-1, 3, (-1,), [-1]) or keepdim is not True:
+        return None
+    after = sub
+    while len(after.users) == 1 and is_method(next(iter(after.users)), {"to", "float"}):
+        after = next(iter(after.users))
+    soft = next(iter(after.users)) if len(after.users) == 1 else None
+    if not is_call(soft, {torch.nn.functional.softmax, torch.softmax}) or soft.args[0] is not after or soft.kwargs.get(
+            "dim", soft.args[1] if len(soft.args) > 1 else None) not in (-1, 3):
+        return None
+    return sub
 
 
 def is_drop_last(node: fx.Node) -> bool:
