@@ -48,6 +48,12 @@ CONFIGS = [  # (family, dtype, executor, layouts, hopb_chunks)
     # chunked attention (the Triton kernel's chunk bound), complex RoPE, dense experts
     ("llama4_text", torch.float32, "inductor", [(2, 1), (1, 2)], 1),
     ("llama4_text", torch.bfloat16, "inductor", [(2, 1)], 1),
+    # the KV heads the model caches (Falcon multi-query), values narrower than keys (MiMo), sinks with the row max
+    # subtracted and interleaved gate_up experts (gpt-oss)
+    ("falcon", torch.float32, "inductor", [(2, 1)], 1),
+    ("mimo", torch.float32, "inductor", [(2, 1)], 1),
+    ("gpt_oss", torch.float32, "inductor", [(2, 1)], 1),
+    ("gpt_oss", torch.bfloat16, "inductor", [(2, 1)], 1),
 ]
 OWN_HEAD_DIMS = {"deepseek_v3", "deepseek_v2"}  # MLA: qk_nope / qk_rope / v head dims of their own
 
