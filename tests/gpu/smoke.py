@@ -55,7 +55,8 @@ CONFIGS = [  # (family, dtype, executor, layouts, hopb_chunks)
     ("gpt_oss", torch.float32, "inductor", [(2, 1)], 1),
     ("gpt_oss", torch.bfloat16, "inductor", [(2, 1)], 1),
 ]
-OWN_HEAD_DIMS = {"deepseek_v3", "deepseek_v2"}  # MLA: qk_nope / qk_rope / v head dims of their own
+OWN_HEAD_DIMS = {"deepseek_v3", "deepseek_v2", "falcon"}  # MLA's head dims of their own; Falcon's is derived
+LAYER_TYPES = {"gpt_oss": ["sliding_attention", "full_attention"] * 2}  # one per layer of the 4
 
 
 def body(rank, configs, world):
@@ -69,6 +70,8 @@ def body(rank, configs, world):
                 sizes = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, vocab_size=1000)
                 if family not in OWN_HEAD_DIMS:
                     sizes["head_dim"] = 32
+                if family in LAYER_TYPES:
+                    sizes["layer_types"] = LAYER_TYPES[family]
                 fp32 = model(family, **sizes).to(device="cuda")
                 m = model(family, **sizes).to(device="cuda", dtype=dtype)
                 ids = prompt(batch=4, length=9, vocab=1000).cuda()
