@@ -140,5 +140,8 @@ def add_sink(graph: fx.Graph, packed: fx.Node, sinks: fx.Node, head_dim: int, dt
     merged = call(torch.logaddexp, (lse, s))
     weight = call(torch.exp, (call(operator.sub, (lse, merged)),))  # exp(-inf) = 0 for a partial without keys
     o_new = graph.call_method("to", (call(operator.mul, (graph.call_method("float", (o,)), weight)), dtype))
-    lse_new = graph.call_method("view", (graph.call_method("to", (merged, lse_dtype)), dtype))
+    # the size-1 LSE dim re-made last (stride 1) before the bit-cast view: Inductor may lay a size-1 dim out with any
+    # stride (on CUDA it put it outermost), and a dtype view of another element size needs stride 1 there
+    flat = graph.call_method("squeeze", (graph.call_method("to", (merged, lse_dtype)), -1))
+    lse_new = graph.call_method("view", (graph.call_method("unsqueeze", (flat, -1)), dtype))
     return call(torch.cat, ([o_new, lse_new], -1))
