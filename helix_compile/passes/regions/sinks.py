@@ -140,8 +140,13 @@ def add_sink(graph: fx.Graph, packed: fx.Node, sinks: fx.Node, head_dim: int, dt
     merged = call(torch.logaddexp, (lse, s))
     weight = call(torch.exp, (call(operator.sub, (lse, merged)),))  # exp(-inf) = 0 for a partial without keys
     o_new = graph.call_method("to", (call(operator.mul, (graph.call_method("float", (o,)), weight)), dtype))
-    # the size-1 LSE dim re-made last (stride 1) before the bit-cast view: Inductor may lay a size-1 dim out with any
-    # stride (on CUDA it put it outermost), and a dtype view of another element size needs stride 1 there
-    flat = graph.call_method("squeeze", (graph.call_method("to", (merged, lse_dtype)), -1))
-    lse_new = graph.call_method("view", (graph.call_method("unsqueeze", (flat, -1)), dtype))
+    if dtype.itemsize == 2:  # the fp32 bits as two 16-bit halves, low first, as the kernel packs them: a view of
+        # another element size would need stride 1 on the size-1 LSE dim, which Inductor on CUDA does not keep
+        bits = graph.call_method("view", (merged, torch.int32))
+        low = call(torch.bitwise_and, (bits, 0xFFFF))
+        high = call(torch.bitwise_and, (call(torch.bitwise_right_shift, (bits, 16)), 0xFFFF))
+        halves = [graph.call_method("view", (graph.call_method("to", (x, torch.int16)), dtype)) for x in (low, high)]
+        lse_new = call(torch.cat, (halves, -1))
+    else:
+        lse_new = graph.call_method("view", (graph.call_method("to", (merged, lse_dtype)), dtype))
     return call(torch.cat, ([o_new, lse_new], -1))
