@@ -12,6 +12,12 @@ raised. ``WRONG`` (tokens or logits differ without an error) must never appear.
 
 Ranks process the families one after another in one process group; a family that hangs or kills a rank is
 recorded as such and the ranks restart after it. Written to ``--out`` with the transformers and torch versions.
+
+gemma3n (its vision tower) needs ``timm``, which needs a ``torchvision`` built for the installed torch. None exists
+for torch 2.13.0+cpu on the package index the CPU machines reach (PyPI's torchvision 0.28.0 is a CUDA build and
+fails to import beside it: "operator torchvision::nms does not exist"; and a broken torchvision would also break
+transformers' other imports), so it is no extra here and gemma3n stays ``build`` on CPU; where torch has a matching
+torchvision, ``pip install timm`` makes it build.
 """
 
 from __future__ import annotations
