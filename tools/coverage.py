@@ -12,6 +12,12 @@ raised. ``WRONG`` (tokens or logits differ without an error) must never appear.
 
 Ranks process the families one after another in one process group; a family that hangs or kills a rank is
 recorded as such and the ranks restart after it. Written to ``--out`` with the transformers and torch versions.
+
+gemma3n (its vision tower) needs ``timm``, which needs a ``torchvision`` built for the installed torch. None exists
+for torch 2.13.0+cpu on the package index the CPU machines reach (PyPI's torchvision 0.28.0 is a CUDA build and
+fails to import beside it: "operator torchvision::nms does not exist"; and a broken torchvision would also break
+transformers' other imports), so it is no extra here and gemma3n stays ``build`` on CPU; where torch has a matching
+torchvision, ``pip install timm`` makes it build.
 """
 
 from __future__ import annotations
@@ -92,8 +98,42 @@ FAMILY_CONFIG = {
     # layer 0 chunked attention with RoPE and a dense FFN, layer 1 full attention without (NoPE) and MoE (dense and
     # MoE layers interleaved, as in the 128E model); chunks of 8 positions, so the decode steps cross a chunk;
     # attention temperature tuning from position 4 on
+    # an MTP drafter over a Gemma 4 backbone's KV: its text layers all reuse the backbone's (kv-shared) KV and have
+    # no per-layer input embedding (its config refuses one)
+    "gemma4_assistant": dict(num_kv_shared_layers=4, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0),
+    "gemma4_unified_assistant": dict(num_kv_shared_layers=2),  # likewise: every layer reuses the backbone's KV
+    # Dots 3 Note: MLA with per-layer-type sizes (one indexed (DSA) layer, one sliding-window layer, as its schedule
+    # starts), as many KV heads as query heads (its config requires it); the indexer keeps 8 keys, fewer than the
+    # decode reaches, so its sparse selection stays on
+    "dots3_note_text": {**_MLA, "num_key_value_heads": 4, "head_dim": 24, "n_group": 2, "topk_group": 1,
+                        "layer_types": ["indexed_attention", "sliding_attention"], "index_topk": 8,
+                        "index_head_dim": 16, "index_n_heads": 2, "shared_experts_intermediate_size": 32,
+                        "swa_num_attention_heads": 4, "swa_num_key_value_heads": 4, "swa_q_lora_rank": 48,
+                        "swa_kv_lora_rank": 32, "swa_head_dim": 24, "swa_qk_nope_head_dim": 16,
+                        "swa_v_head_dim": 16},
+    # hybrids of state-space (Mamba) layers and attention: one of each (their default patterns are for 38+ layers)
+    "zamba": dict(layers_block_type=["linear_attention", "hybrid"]),
+    "zamba2": dict(layers_block_type=["linear_attention", "hybrid"]),
+    "mamba2": dict(num_heads=8, n_groups=2),  # hidden_size * expand = num_heads * head_dim (64 * 2 = 8 * 16)
     "llama4_text": dict(no_rope_layer_interval=2, attention_chunk_size=8, floor_scale=4, interleave_moe_layer_step=2,
                         intermediate_size_mlp=32),
+}
+
+# Per composite model_type: arguments of the composite config itself (not its text part), for families whose
+# default config does not validate or whose other towers must agree with the small text part. Used to build the
+# default config too. Keep one line of why per entry.
+OUTER_CONFIG = {
+    # its default text config has a per-layer input embedding, which the assistant's own config refuses
+    "gemma4_assistant": dict(text_config=dict(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)),
+    # the vision and audio adapters must project to the text width (64); the towers shrunk to one small layer
+    # (their defaults are 42 and 32 layers of width 1536 and 1280)
+    "dots3_note": dict(
+        text_config=dict(hidden_size=64),  # for the default config only (the text part is then sized as any other)
+        vision_config=dict(adapter_out_dim=64, hidden_size=64, adapter_in_dim=64, intermediate_size=96,
+                           num_hidden_layers=1, num_attention_heads=4, moe_intermediate_size=32,
+                           pyramid_num_routed=[-1]),
+        audio_config=dict(adapter_out_dim=64, hidden_size=64, adapter_input_size=64, intermediate_size=96,
+                          num_hidden_layers=1, num_attention_heads=4, downsample_hidden_size=32)),
 }
 
 
@@ -114,7 +154,8 @@ def small_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    default = cls()
+    outer = OUTER_CONFIG.get(model_type, {})
+    default = cls(**outer)
     text = default.get_text_config(decoder=True)
     kw = {k: v for k, v in SMALL.items() if _has(text, k) and not _read_only(type(text), k)}
     family = {**FAMILY_CONFIG.get(text.model_type, {}), **FAMILY_CONFIG.get(model_type, {})}  # text part, family
@@ -127,7 +168,7 @@ def small_config(model_type: str):
     layers = text.to_dict().get("num_hidden_layers")
     base = {k: v for k, v in text.to_dict().items()  # per-layer lists are recomputed for the new layer count
             if not (isinstance(v, (list, dict)) and len(v) == layers) and k not in ("layer_types", "per_layer_config")}
-    return cls(**{sub[0]: {**base, **kw}})  # a composite (multimodal) config: size its text part
+    return cls(**{**outer, sub[0]: {**base, **kw}})  # a composite (multimodal) config: size its text part
 
 
 def build(model_type: str, seed: int = 0):
