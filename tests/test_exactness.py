@@ -52,14 +52,13 @@ def test_llama_gqa(world):
     check(world, "llama", splits(world, 4))
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.skipif(
+    os.environ.get("HELIX_FULL_MATRIX") != "1", reason="4 ranks of three more families: HELIX_FULL_MATRIX=1"))])
 def test_families(world):
-    """Qwen2 (q/k/v biases), Mistral and Phi (partial rotary, GELU MLP) on every layout of 2 and 4 ranks, in one
-    spawn per world. CI runs Phi on 4 ranks; ``HELIX_FULL_MATRIX=1`` all three (CI time: about 70 s each)."""
-    families = ["qwen2", "mistral", "phi"]
-    if world == 4 and os.environ.get("HELIX_FULL_MATRIX") != "1":
-        families = ["phi"]
-    check_families(world, [(f, splits(world, 4)) for f in families])
+    """Qwen2 (q/k/v biases), Mistral and Phi (partial rotary, GELU MLP) on every layout of 2 ranks, in one spawn;
+    on 4 ranks with ``HELIX_FULL_MATRIX=1`` (CI time: about 70 s each; test_llama_gqa and test_mqa run every
+    4-rank layout in CI)."""
+    check_families(world, [(f, splits(world, 4)) for f in ("qwen2", "mistral", "phi")])
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -161,7 +160,8 @@ def test_uneven_query_heads():
 
 
 def test_inductor():
-    check(2, "llama", [(2, 1), (1, 2)], executor="inductor")
+    """Inductor's executor on tpa=2 (kvp=2 under Inductor: test_hopb_inductor, test_prompt_lengths_vary)."""
+    check(2, "llama", [(1, 2)], executor="inductor")
 
 
 def test_hopb():
