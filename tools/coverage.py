@@ -402,7 +402,7 @@ def summary(per_rank) -> str:
 
 
 def classify(per_rank) -> str:
-    """exact | refused-no-kv-cache | refused | wrong | build (not counted) | n/a"""
+    """exact | refused-no-kv-cache | refused-hybrid | refused | wrong | build (not counted) | n/a"""
     r = per_rank[0]
     if r["status"] == "build":
         return "build"
@@ -416,6 +416,8 @@ def classify(per_rank) -> str:
         return "n/a"
     if all(c["status"] == "exact" for c in ran):
         return "exact"
+    if any("layers without softmax attention over a KV cache" in c.get("message", "") for c in ran):
+        return "refused-hybrid"  # some softmax attention layers, and linear / indexed / state-space ones
     if any("softmax attention over a KV cache" in c.get("message", "") for c in ran):
         return "refused-no-kv-cache"
     if any(c["status"] == "exact" for c in ran):
@@ -457,8 +459,9 @@ def render(results: dict, worlds, steps, seconds) -> str:
     kinds = {}
     for fam, per_world in results.items():
         kinds[fam] = classify(per_world[worlds[0]]) if worlds[0] in per_world else "build"
-    attention = [f for f, k in kinds.items() if k not in ("build", "refused-no-kv-cache")]
+    attention = [f for f, k in kinds.items() if k not in ("build", "refused-no-kv-cache", "refused-hybrid")]
     exact = [f for f in attention if kinds[f] == "exact"]
+    hybrid = [f for f, k in kinds.items() if k == "refused-hybrid"]
     count = {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))}
     lines = [
         "# Coverage: transformers' causal-LM families under helix",
@@ -476,15 +479,18 @@ def render(results: dict, worlds, steps, seconds) -> str:
         "",
         f"**Summary ({len(kinds)} model types):** " + ", ".join(f"{k}: {v}" for k, v in count.items()) + ".  ",
         f"**Attention-based families that build: {len(exact)} / {len(attention)} exact "
-        f"({100 * len(exact) / max(1, len(attention)):.0f}%)**; the rest are refused with the error shown "
+        f"({100 * len(exact) / max(1, len(attention)):.1f}%)**; the rest are refused with the error shown "
         "(`build` = transformers cannot build or run the family from a small config; `refused-no-kv-cache` = no "
-        "softmax attention over a KV cache, e.g. state-space / RWKV-like; `partly` = exact on some layouts, "
-        "refused on others).",
+        "softmax attention over a KV cache, e.g. state-space / RWKV-like; `refused-hybrid` = softmax attention "
+        "layers mixed with linear, indexed (sparse top-k) or state-space layers, which helix does not run; "
+        "`partly` = exact on some layouts, refused on others). Counting the hybrids as attention-based too: "
+        f"{len(exact)} / {len(attention) + len(hybrid)} "
+        f"({100 * len(exact) / max(1, len(attention) + len(hybrid)):.1f}%).",
         "",
     ]
     causes = {}
     for fam, kind in kinds.items():
-        if kind in ("refused", "partly", "refused-no-kv-cache", "error", "build"):
+        if kind in ("refused", "partly", "refused-no-kv-cache", "refused-hybrid", "error", "build"):
             per = results[fam][worlds[0]]
             messages = [per[0].get("message", "")] + [c.get("message", "") for c in per[0].get("cells", {}).values()]
             causes.setdefault(_cause(" ".join(m for m in messages if m)), []).append(fam)
