@@ -250,7 +250,8 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
             f"experts with 3-D gate_up_proj/down_proj; this block's children: {children}); helix cannot partition it"
         )
     inside = set(experts)
-    params = dict.fromkeys(p for n in experts for p in n.all_input_nodes if p.op == "placeholder")  # graph order
+    # tensor placeholders in graph order (a symbolic prompt length is a SymInt placeholder: not a parameter)
+    params = dict.fromkeys(p for n in experts for p in n.all_input_nodes if p.op == "placeholder" and _is_tensor(p))
     by_role = {}
     for p in params:
         role = _param_role(p.name)
@@ -262,7 +263,7 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
         by_role[role] = p
     if not {"gate_up", "down"} <= set(by_role):
         raise UnsupportedModelError(f"{experts_path}: expected gate_up_proj and down_proj, found {sorted(by_role)}")
-    outs = [n for n in experts if any(u not in inside for u in n.users)]
+    outs = [n for n in experts if _is_tensor(n) and any(u not in inside for u in n.users)]  # sizes read outside: no
     if len(outs) != 1 or _shape(outs[0]) is None or len(_shape(outs[0])) != 2:
         raise UnsupportedModelError(f"{experts_path}: expected one (tokens, hidden) output, found {[n.name for n in outs]}")
     hidden = _shape(outs[0])[-1]
@@ -328,7 +329,8 @@ def match(mlp: str, nodes: list[fx.Node]) -> MoEMatch:
         raise UnsupportedModelError(f"{experts_path}: expected the down bias {bias.name} to be gathered and added once "
                                     f"after the down projection, found {[n.name for n in down_bias_adds]}")
     weights_of = {x for r in replicated for x in (r.weight, r.bias)}
-    routing = list(dict.fromkeys(a for n in rest for a in n.all_input_nodes if a.op == "placeholder" and a not in weights_of))
+    routing = list(dict.fromkeys(a for n in rest for a in n.all_input_nodes
+                                 if a.op == "placeholder" and _is_tensor(a) and a not in weights_of))
     return MoEMatch(mlp, experts_path, count, ids, weights[0], by_role["gate_up"], by_role["down"], histc, outs[0],
                     experts, shared, replicated, transposed=gu_t, interleaved=interleaved,
                     gate_up_bias=by_role.get("gate_up_bias"),
@@ -525,6 +527,10 @@ def _shared(mlp, nodes, experts):
 def _shape(node):
     val = node.meta.get("example_value")
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _is_tensor(node) -> bool:
+    return isinstance(node.meta.get("example_value"), torch.Tensor)
 
 
 def _dtype(node):
