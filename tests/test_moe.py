@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 
+from distributed import run_ranks
 from helix_compile import Layout
 from helix_compile.passes.regions.moe import expert_shard
 from layouts import check, valid_layouts
