@@ -53,6 +53,7 @@ FAMILIES = {
     "gpt2": ("gpt2", dict(num_attention_heads=4, n_inner=96, bos_token_id=1, eos_token_id=2)),  # Conv1D c_attn (stacked q|k|v), dropout after c_proj
     "phi3": ("phi3", dict(num_attention_heads=8, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
                           eos_token_id=2, sliding_window=None, partial_rotary_factor=0.5)),  # qkv_proj, gate_up_proj
+    "moshi": ("moshi", dict(num_attention_heads=8, num_key_value_heads=4, ffn_dim=192)),  # gate_up cut by view(B, L, 2, -1)
     "gpt_neox": ("gpt_neox", dict(num_attention_heads=4, rotary_pct=0.5, bos_token_id=1, eos_token_id=2)),  # per-head [q k v] query_key_value
     # soft-capping, sliding windows, norms over all heads
     "gemma2": ("gemma2", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, sliding_window=6,

@@ -103,9 +103,11 @@ def test_fused_windowed_softcapped_families():
     """Conv1D and fused q|k|v / per-head [q k v] / gate|up projections, partial RoPE, soft-capping (Gemma 2,
     eager), sliding windows shorter than the 48 positions (Mistral, Qwen2, Gemma 2/3 hybrids), MLP dropout after
     the down projection (GPT-2); every 2-rank layout. And a BERT-style post-norm layer used as a causal LM (its
-    FFN split over the sibling intermediate/output modules), on kvp=2 only (CI time)."""
+    FFN split over the sibling intermediate/output modules), on kvp=2 only (CI time); Moshi's gate|up cut by
+    view(B, L, 2, -1) and x[..., k, :], on tpa=2 only (about 4 s)."""
     families = ["gpt2", "phi3", "gpt_neox", "gemma2", "gemma3", "mistral_window", "qwen2_window"]
-    check_families(2, [(f, splits(2, 1 if f == "gemma3" else 2)) for f in families] + [("bert", [(2, 1)])])
+    check_families(2, [(f, splits(2, 1 if f == "gemma3" else 2)) for f in families] + [("bert", [(2, 1)]),
+                                                                                        ("moshi", [(1, 2)])])
 
 
 def test_fused_and_cross_head_norm_on_four_ranks():

@@ -279,3 +279,56 @@ def test_sink_max_shift_only_straight_into_softmax():
         c = next(n for n in graph.nodes if n.op == "placeholder")
         found = max_shift(c)
         assert (found is None) == capped and (capped or found.target is operator.sub)
+
+
+class _PartViewMLP(torch.nn.Module):
+    """Moshi's gating MLP with the part width written out (``view(B, L, 2, I)``), or the view read otherwise
+    (``mix``: "sum" over the parts, or "act_first": the activation on the whole view, then its parts)."""
+
+    def __init__(self, hidden, inter, mix=None):
+        super().__init__()
+        self.fc1, self.fc2, self.inter, self.mix = torch.nn.Linear(hidden, 2 * inter, bias=False), \
+            torch.nn.Linear(inter, hidden, bias=False), inter, mix
+
+    def forward(self, x):
+        b, l, _ = x.shape
+        h = self.fc1(x).view(b, l, 2, self.inter)
+        if self.mix == "sum":  # sums gate and up features: not a cut into parts
+            return self.fc2(h.sum(-2))
+        if self.mix == "act_first":  # the part index reads the activation, not the part view
+            return self.fc2(torch.nn.functional.silu(h)[..., 0, :] * h[..., 1, :])
+        return self.fc2(torch.nn.functional.silu(h[..., 0, :]) * h[..., 1, :])
+
+
+def test_gate_up_cut_by_a_part_view(fake_world):
+    """Moshi: fc1 -> view(B, L, 2, -1) -> act(x[..., 0, :]) * x[..., 1, :] -> fc2 is a fused gate_up (each rank's
+    fc1 rows [gate slice | up slice]); the view keeps its -1, an explicit part width (96) becomes the local one."""
+    done = passes(model("moshi"))
+    ffn = done.regions.ffn
+    assert len(ffn) == 2 and all(f.split is not None and len(f.split.part_views) == 1 for f in ffn)
+    assert all(sorted(c.args[1][-2] for c in f.split.cuts) == [0, 1] for f in ffn)
+    assert sorted(v for v in done.plan.roles.values() if v.startswith("ffn")) == (
+        ["ffn_in_pair.weight"] * 2 + ["ffn_out.weight"] * 2)
+    local = {n.name: n for n in done.stages["partition"].graph.nodes}
+    assert all(local[f.split.part_views[0].name].args[-1] == -1 for f in ffn)
+
+    m = model("llama")
+    for layer in m.model.layers:
+        layer.mlp = _PartViewMLP(64, 96)
+    done = passes(m)
+    views = [f.split.part_views[0] for f in done.regions.ffn]
+    assert len(views) == 2 and all(v.args[-1] == 96 for v in views)
+    local = {n.name: n for n in done.stages["partition"].graph.nodes}
+    assert [local[v.name].args[-2:] for v in views] == [(2, 24)] * 2  # I/N = 96/4 per part on each rank
+
+
+@pytest.mark.parametrize("mix, message", [
+    ("sum", r"model.layers.0.mlp: node 'sum_1' .* is not supported on a sharded tensor"),
+    ("act_first", r"model.layers.0.mlp: node 'getitem_\d+' .* indexes the intermediate features"),
+])
+def test_part_view_read_otherwise_is_refused(fake_world, mix, message):
+    """Only ``x[..., k, :]`` of the part view itself is a cut: anything else reading the parts is refused by name."""
+    m = model("llama")
+    m.model.layers[0].mlp = _PartViewMLP(64, 96, mix=mix)
+    with pytest.raises(Exception, match=message):
+        passes(m)

@@ -9,7 +9,9 @@ elementwise ops (activations, products, casts, scaling, dropout), and statistics
 ``relu(x - mean(x) - std(x) * c)``). Ops that read no projection (constants such as Gemma 3n's ``c``, an inverse
 normal CDF) are replicated values and not constrained. Whatever follows the out projection (dropout, residual
 scaling, casts) runs on its all-reduced, replicated value, so it is not constrained either. A fused gate_up is cut
-by ``chunk`` / ``split`` on its last dim (``FusedSplit``).
+by ``chunk`` / ``split`` on its last dim, or by a part view ``view(x, (B, L, 2, -1))`` read as ``x[..., 0, :]`` and
+``x[..., 1, :]`` (Moshi) (``FusedSplit``; a part view or part index that is not the cut of the one fused in
+projection is refused as before: it reshapes / indexes the intermediate features).
 OPT-style layers (OPT, BioGPT, XGLM) hold ``fc1`` and ``fc2`` themselves, with the activation and dropout in
 the layer's own forward: one region, named ``<layer>.fc1+fc2``, whose ops are the layer's own and those of its
 fc1, fc2 and ``activation_fn`` modules.
@@ -43,7 +45,7 @@ from .common import (
     ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_method, module_path,
     shape, where,
 )
-from .projection import FusedSplit, Projection, find_split, is_projection, projection_of
+from .projection import FusedSplit, Projection, find_split, is_part_index, is_part_view, is_projection, projection_of
 
 FFN_MODULES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
 funcol = torch.ops._c10d_functional
@@ -210,7 +212,7 @@ def _calls(module: str, projections: list[Projection]) -> list[list[Projection]]
     """The projections of each call of a module called more than once (HRM's recurrent layers reuse their
     modules): each out projection with the ins it reads; one group when that does not partition them."""
     by_out = {p.out: p for p in projections}
-    feeds = {p.node: _upstream(p, by_out, module, []) for p in projections}
+    feeds = {p.node: _upstream(p, by_out, module, [], []) for p in projections}
     outs = [p for p in projections if feeds[p.node]]
     groups = [[p for p in projections if p.node in feeds[out.node]] + [out] for out in outs]
     if len(outs) < 2 or sorted(id(p) for g in groups for p in g) != sorted(id(p) for p in projections):
@@ -228,7 +230,8 @@ def _refuse_moe(module: str, nodes) -> None:
 def match_one(module: str, projections: list[Projection]) -> DenseFFNMatch:
     by_out = {p.out: p for p in projections}
     stats: list[FeatureStat] = []
-    feeds = {p.node: _upstream(p, by_out, module, stats) for p in projections}
+    parts: list[fx.Node] = []  # part views and their part indices: must be the cut of a fused gate_up
+    feeds = {p.node: _upstream(p, by_out, module, stats, parts) for p in projections}
     outs = [p for p in projections if feeds[p.node]]
     ins = [p for p in projections if not feeds[p.node]]
     if len(outs) != 1 or not ins or set(feeds[outs[0].node]) != {p.node for p in ins}:
@@ -239,7 +242,11 @@ def match_one(module: str, projections: list[Projection]) -> DenseFFNMatch:
     out = outs[0]
     split = None
     if len(ins) == 1:
-        split = find_split(ins[0], f"fused gate_up of {module}")
+        split = find_split(ins[0], f"fused gate_up of {module}", part_views=True)
+    for node in parts:
+        if split is None or node not in split.nodes:
+            verb = "reshapes" if is_part_view(node) else "indexes"
+            raise UnsupportedModelError(f"{module}: {where(node)} {verb} the intermediate features")
     means = [st.node for st in stats if st.kind == "mean"]  # a norm's weight (I,) follows its mean (BitNet)
     weights = [w for m in means for n in _after(m, out) for w in n.all_input_nodes
                if w.op == "placeholder" and _shape(w) == (out.in_features,)]
@@ -263,9 +270,10 @@ def _after(node: fx.Node, out: Projection) -> list:
     return found
 
 
-def _upstream(proj: Projection, by_out: dict, module: str, stats: list) -> list[fx.Node]:
+def _upstream(proj: Projection, by_out: dict, module: str, stats: list, parts: list) -> list[fx.Node]:
     """The projections of the module that ``proj`` reads, checking that only elementwise ops (and the feature
-    statistics, appended to ``stats``) lie between; ops that read no projection are replicated values."""
+    statistics, appended to ``stats``; part views and part indices, appended to ``parts`` for ``match_one`` to
+    check against the fused split) lie between; ops that read no projection are replicated values."""
     start = proj.in_view.args[0] if proj.transposed else proj.node.args[0]
     found, stack, seen = [], [start], set()
     ops, inside = [], _inside(module)
@@ -292,6 +300,9 @@ def _upstream(proj: Projection, by_out: dict, module: str, stats: list) -> list[
         allowed = ELEMENTWISE_METHODS | ELEMENTWISE_FUNCS | SHAPE_METHODS | {"chunk", "split", torch.chunk, torch.split}
         check_only(ops, allowed - {torch.cat}, module, pointwise=True)
         for node in ops:
+            if is_part_view(node) or is_part_index(node):
+                parts.append(node)
+                continue
             if is_method(node, SHAPE_METHODS) and node.target not in ("contiguous", "to"):
                 if _last(node) != _last(node.args[0]):
                     raise UnsupportedModelError(f"{module}: {where(node)} reshapes the intermediate features")

@@ -11,8 +11,11 @@ addmm(b, ., W) -> view(..., out)``, weight stored (in, out)).
         into  y = wait(all_reduce(x W_shard, "sum", group)) + b    (bias once, after the sum)
 
 A fused projection's output is split by the model into its parts (q|k|v, gate|up) with constant offsets
-(``split``, ``chunk``, slicing ``getitem``): ``FusedSplit`` finds those ops and rewrites each global boundary to
-the local one (Inductor's micro_pipeline_tp style: the match owns its ``replace_with``).
+(``split``, ``chunk``, slicing ``getitem``), or by a *part view*: ``view(x, (..., p, -1))`` (or the explicit
+part width W/p) of a last dim of W features, then ``x[..., k, :]`` for part k (Moshi's gating MLP:
+``fc1 -> view(B, L, 2, -1) -> act(x[..., 0, :]) * x[..., 1, :]``), i.e. part k is features [k W/p, (k+1) W/p).
+``FusedSplit`` finds those ops and rewrites each global boundary to the local one (Inductor's micro_pipeline_tp
+style: the match owns its ``replace_with``); a part view's explicit width becomes the local part width (-1 stays).
 """
 
 from __future__ import annotations
@@ -177,8 +180,14 @@ class FusedSplit:
     """
 
     projection: Projection
-    cuts: list[fx.Node]  # split / chunk / getitem-slice nodes on the last dim
+    cuts: list[fx.Node]  # split / chunk / getitem-slice nodes on the last dim, or getitem(part_view, (..., k, :))
     width: int  # global feature width at the cut (e.g. (Q+2K)*D, or 3*D for per-head interleaved)
+    part_views: list[fx.Node] = dataclasses.field(default_factory=list)  # view(x, (..., p, -1 or W/p))
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        """Every node this split owns (the cuts and the part views)."""
+        return [*self.part_views, *self.cuts]
 
     def replace_with(self, env: dict, global_bounds: list[int], local_bounds: list[int]) -> None:
         to_local = dict(zip(global_bounds, local_bounds))
@@ -191,8 +200,18 @@ class FusedSplit:
                 raise UnsupportedModelError(f"{where(node)}: offset {value} is not a boundary of {global_bounds}")
             return to_local[value]
 
+        for view in self.part_views:
+            parts = shape(view)[-2]
+            locals_ = [local(k * self.width // parts, view) for k in range(parts + 1)]
+            sizes = {b - a for a, b in zip(locals_, locals_[1:])}
+            if len(sizes) != 1 or locals_[0] != 0:
+                raise UnsupportedModelError(f"{where(view)}: its {parts} equal parts become {locals_} locally")
+            if _last_size(view) != -1:
+                _set_last_size(env[view.name], sizes.pop())
         for cut in self.cuts:
             node = env[cut.name]
+            if cut.args[0] in self.part_views:
+                continue  # part k of the part view: the local view has the same parts, each of the local width
             if node.op == "call_method" and node.target == "chunk":
                 continue  # equal parts of the local width: already right
             if node.op == "call_method" and node.target == "split":
@@ -212,13 +231,25 @@ class FusedSplit:
             node.args = (node.args[0], (*index[:-1], slice(local(last.start, cut), local(last.stop, cut), last.step)))
 
 
-def find_split(projection: Projection, region: str) -> FusedSplit | None:
-    """The last-dim cuts of a projection's output reached through reshapes (None: the output is not cut)."""
-    cuts, frontier, width = [], [projection.out], None
+def find_split(projection: Projection, region: str, part_views: bool = False) -> FusedSplit | None:
+    """The last-dim cuts of a projection's output reached through reshapes (None: the output is not cut).
+    ``part_views``: also take a part view ``view(x, (..., p, -1))`` read only as ``x[..., k, :]`` (a fused gate_up;
+    off for attention, whose head views (..., H, D) have the same shape)."""
+    cuts, frontier, width, views = [], [projection.out], None, []
     while frontier:
         node = frontier.pop()
         for user in node.users:
-            if is_method(user, SHAPE_METHODS) and user.target not in ("transpose", "permute"):
+            if part_views and is_part_view(user):
+                for part in user.users:
+                    if not _is_part_index(part):
+                        raise UnsupportedModelError(
+                            f"{region}: {where(part)} reads the part view {user.name} (shape {shape(user)}) of the "
+                            "fused features other than as x[..., k, :]"
+                        )
+                    cuts.append(part)
+                views.append(user)
+                width = shape(node)[-1]
+            elif is_method(user, SHAPE_METHODS) and user.target not in ("transpose", "permute"):
                 frontier.append(user)  # views keep the feature dim last here (checked through the width below)
             elif is_method(user, {"transpose"}) and {_dim(a, user) for a in user.args[1:3]} & {-1}:
                 raise UnsupportedModelError(f"{region}: {where(user)} moves the fused feature dim")
@@ -233,7 +264,39 @@ def find_split(projection: Projection, region: str) -> FusedSplit | None:
             elif user.op == "call_function" and user.target is operator.getitem and _is_last_dim_slice(user.args[1]):
                 cuts.append(user)
                 width = shape(node)[-1]
-    return FusedSplit(projection, cuts, width) if cuts else None
+    return FusedSplit(projection, cuts, width, views) if cuts else None
+
+
+def is_part_view(node) -> bool:
+    """``view``/``reshape`` of (..., W) into (..., p, W/p): the last dim cut into p equal parts (p > 1)."""
+    if not is_method(node, {"view", "reshape"}) or not isinstance(node.args[0], fx.Node):
+        return False
+    before, after = shape(node.args[0]), shape(node)
+    return (
+        bool(before) and bool(after) and len(after) == len(before) + 1 and tuple(after[:-2]) == tuple(before[:-1])
+        and after[-2] > 1 and after[-2] * after[-1] == before[-1] and _last_size(node) in (-1, after[-1])
+    )
+
+
+def _last_size(view: fx.Node):
+    """The last size a view/reshape node is called with (an int, or a graph value)."""
+    return view.args[1][-1] if len(view.args) == 2 and isinstance(view.args[1], (tuple, list)) else view.args[-1]
+
+
+def is_part_index(node) -> bool:
+    """``getitem(part_view, (..., k, :))``: part k of a part view (see ``_is_part_view``)."""
+    return _is_part_index(node) and is_part_view(node.args[0])
+
+
+def _is_part_index(node) -> bool:
+    if not (node.op == "call_function" and node.target is operator.getitem):
+        return False
+    index = node.args[1]
+    return (
+        isinstance(index, tuple) and len(index) >= 3 and index[0] is Ellipsis and isinstance(index[-2], int)
+        and not isinstance(index[-2], bool) and index[-1] == slice(None)
+        and all(i == slice(None) for i in index[1:-2])
+    )
 
 
 def _dim(dim, node) -> int:
