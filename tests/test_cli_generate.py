@@ -110,8 +110,11 @@ class _Launcher:
     """`helix generate` started in the background, its stdout and stderr collected as they come."""
 
     def __init__(self, args, prefix=CLI):
+        # Ctrl-C's default action, as in a terminal: a test run started in the background by a non-interactive shell
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler in the launcher
         self.proc = subprocess.Popen(prefix + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=ENV, cwd=ROOT)
+                                     env=ENV, cwd=ROOT,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.out, self.err = [], []
         for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
             threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(lambda: s.read(1), "")), daemon=True).start()

@@ -603,10 +603,13 @@ def main():
                 for c in r.get("cells", {}).values():
                     c.pop("trace", None) if c.get("status") != "error" else None
             results[fam][world] = per
-    Path(args.out).write_text(render(results, worlds, args.steps, time.time() - start) + "\n")
     import json
 
-    Path(args.json or str(Path(args.out).with_suffix(".json"))).write_text(json.dumps(results, default=str))
+    out, raw = Path(args.out), Path(args.json or str(Path(args.out).with_suffix(".json")))
+    raw.parent.mkdir(parents=True, exist_ok=True)  # the results first: an hour of runs is never lost to a path
+    raw.write_text(json.dumps(results, default=str))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results, worlds, args.steps, time.time() - start) + "\n")
     print(f"wrote {args.out}")
 
 
