@@ -7,6 +7,7 @@ reference is the unmodified transformers model with transformers' own ``StaticCa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import torch
@@ -30,6 +31,14 @@ class Report:
     seconds: float
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls) -> frozenset:
+    """The parameter names of ``cls.forward`` (once per class: ``generate_inputs`` runs every decode step)."""
+    import inspect
+
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
 def generate_inputs(model, input_ids: torch.Tensor, past: int) -> dict:
     """The inputs ``generate`` gives the model besides input_ids for an unpadded batch, ``past`` tokens cached:
     attention_mask = ones(B, past + L) and position_ids = past .. past + L - 1 (each only if the forward takes it).
@@ -37,9 +46,7 @@ def generate_inputs(model, input_ids: torch.Tensor, past: int) -> dict:
     Some families (OPT, BioGPT, XGLM, CTRL, Fuyu in transformers 5.24) derive them from ``cache.get_seq_length()``
     when they are missing; over a static cache that is a 0-d tensor, so the bare call is not traceable, while
     ``generate``'s call is."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
+    params = _forward_params(type(model))
     b, length = input_ids.shape
     out = {}
     if "attention_mask" in params:

@@ -48,15 +48,14 @@ def _store_packed(OUT, out_row, o, lse, D, d, d_mask, r_mask, lse_mask, LSE_ELEM
     fp32 bits after (where lse_mask)."""
     base = OUT + out_row * (D + LSE_ELEMS)
     tl.store(base[:, None] + d[None, :], o.to(OUT.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
-    r_mask = lse_mask
     if LSE_ELEMS == 1:
-        tl.store(base + D, lse.to(OUT.dtype.element_ty), mask=r_mask)
+        tl.store(base + D, lse.to(OUT.dtype.element_ty), mask=lse_mask)
     else:  # two 16-bit halves of the fp32 bits, low half first (little-endian, as Tensor.view(float32) reads them)
         bits = lse.to(tl.int32, bitcast=True)
         lo = (bits & 0xFFFF).to(tl.uint16).to(OUT.dtype.element_ty, bitcast=True)
         hi = ((bits >> 16) & 0xFFFF).to(tl.uint16).to(OUT.dtype.element_ty, bitcast=True)
-        tl.store(base + D, lo, mask=r_mask)
-        tl.store(base + D + 1, hi, mask=r_mask)
+        tl.store(base + D, lo, mask=lse_mask)
+        tl.store(base + D + 1, hi, mask=lse_mask)
 
 
 @triton.jit
@@ -64,7 +63,7 @@ def _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, 
           apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask, dv, dv_mask,
           q_first, MASKED: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
           ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_D: tl.constexpr, TAIL: tl.constexpr, V_FROM_K: tl.constexpr, CHUNK: tl.constexpr):
+          TAIL: tl.constexpr, V_FROM_K: tl.constexpr, CHUNK: tl.constexpr):
     """One key tile [n0, n0 + BLOCK_N) of the online softmax. MASKED = False: every slot of the tile is below
     ``stop`` and visible to every row (no bounds, causal, window, chunk or key-mask test is needed; ``stop`` is below
     the ALiBi positions' length, so their load needs no bound either). ``q_first``: each row's chunk start (CHUNK).
@@ -223,12 +222,12 @@ def _attention(
     for n0 in range(start, bulk, BLOCK_N):
         m_i, l_i, acc = _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
                               slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask,
-                              dv, dv_mask, q_first, False, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N, BLOCK_D,
+                              dv, dv_mask, q_first, False, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N,
                               TAIL, V_FROM_K, CHUNK)
     for n0 in range(bulk, stop, BLOCK_N):
         m_i, l_i, acc = _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
                               slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask,
-                              dv, dv_mask, q_first, True, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N, BLOCK_D,
+                              dv, dv_mask, q_first, True, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N,
                               TAIL, V_FROM_K, CHUNK)
     # packed output row of (head, b, l); partial buffers are indexed the same way
     out_row = (head * B + b) * LQ + l_idx

@@ -27,6 +27,13 @@ def graphed_ms(fn, reps=50):
     return measure.graphed_us(fn, reps) / 1e3
 
 
+def errors(got, want, dv):
+    """Max abs errors of a packed kernel output against the fp32 reference's: the values and the LSE."""
+    lse_g, lse_w = (x[..., dv:].contiguous().view(torch.float32) for x in (got, want))
+    return dict(max_abs_err_vs_fp32_reference=(got[..., :dv].float() - want[..., :dv].float()).abs().max().item(),
+                lse_max_abs_err=(lse_g - lse_w).abs().max().item())
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -55,10 +62,7 @@ def main():
                 call = lambda cfg=None: ta.partial_attention(q, k, v, pos, rank, kvp, block, d ** -0.5, config=cfg)  # noqa: E731
                 if batch * hk * slots <= 8 * 65536:
                     want = ops.partial_attention_reference(q, k, v, pos, rank, kvp, block, d ** -0.5)
-                    got = call()
-                    row["max_abs_err_vs_fp32_reference"] = (got[..., :d].float() - want[..., :d].float()).abs().max().item()
-                    lse_g, lse_w = (x[..., d:].contiguous().view(torch.float32) for x in (got, want))
-                    row["lse_max_abs_err"] = (lse_g - lse_w).abs().max().item()
+                    row.update(errors(call(), want, d))
                 ms = graphed_ms(call)
                 row.update(triton_us=ms * 1e3, triton_gbs=kv_bytes / (ms * 1e-3) / 1e9)
                 row["triton_pct_hbm"] = 100 * row["triton_gbs"] / bw
@@ -129,9 +133,7 @@ def _extra_cases(bw, sweep):
                 want = ops.partial_attention_reference(q, k_ref, k_ref[..., :dv] if kind.startswith("mla") else v, pos,
                                                        rank, kvp, block, scale,
                                                        **{n: x for n, x in extra.items() if n != "k_rope"})
-                row["max_abs_err_vs_fp32_reference"] = (got[..., :dv].float() - want[..., :dv].float()).abs().max().item()
-                lse_g, lse_w = (x[..., dv:].contiguous().view(torch.float32) for x in (got, want))
-                row["lse_max_abs_err"] = (lse_g - lse_w).abs().max().item()
+                row.update(errors(got, want, dv))
             ms = graphed_ms(call)
             row.update(triton_us=ms * 1e3, triton_gbs=kv_bytes / (ms * 1e-3) / 1e9)
             row["triton_pct_hbm"] = 100 * row["triton_gbs"] / bw
