@@ -66,6 +66,7 @@ _MLA = dict(  # multi-head latent attention: head_dim is the rotary part (qk_rop
 FAMILY_CONFIG = {
     "deepseek_v2": {**_MLA, "q_lora_rank": None, "first_k_dense_replace": 1},  # V2-Lite: no q compression
     "deepseek_v3": {**_MLA, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1},
+    "axk1": {**_MLA, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1},  # DeepSeek-V3's MLA + MoE
     "glm4_moe_lite": {**_MLA, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1},
     "longcat_flash": {**_MLA, "num_layers": 2, "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "moe_topk": 2},
     "sarvam_mla": {**_MLA, "q_lora_rank": None, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1},
