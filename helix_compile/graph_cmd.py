@@ -78,12 +78,12 @@ def virtual_model(config):
     """``AutoModelForCausalLM`` of ``config`` whose parameters are virtual: traceable, no memory, never run."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     from . import shards
+    from .loading import model_from_config
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = model_from_config(config)
     dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     for name, p in list(model.named_parameters()):

@@ -146,12 +146,18 @@ def _refuse_eager(module, args, kwargs):
         )
 
 
-def _refuse_eager(module, args, kwargs):
-    if not torch.compiler.is_compiling():
-        raise ShardedEagerError(
-            "this model was loaded with helix_compile.from_pretrained: each rank holds only its shards, so it "
-            "cannot run eagerly. Call torch.compile(model, backend='helix', options={'layout': layout})"
-        )
+def model_from_config(config, **kwargs):
+    """``AutoModelForCausalLM.from_config(config, **kwargs)`` with SDPA attention, or with the family's eager
+    attention where transformers has no SDPA form of it (Gemma 2, gpt-oss and GPT-Neo in transformers 5.24): helix
+    replaces either form with partial attention. Any other error of transformers propagates."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **kwargs)
+    except ValueError as e:
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager", **kwargs)
 
 
 def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool = True):
@@ -162,7 +168,7 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     against its sha256 first. ``dtype`` defaults to the config's; ``device`` to CPU.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
     plan = read_plan(path) if (path / PLAN_FILE).exists() else None
@@ -176,7 +182,7 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
         dtype = getattr(torch, dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        model = model_from_config(config, dtype=dtype)
     heads = Heads.of(config.get_text_config(decoder=True))
     params = dict(model.named_parameters(remove_duplicate=False))
     transposed = {f"{m}.{p}" for m, mod in model.named_modules() if getattr(mod, "is_transposed", False)

@@ -174,19 +174,13 @@ def small_config(model_type: str):
 
 def build(model_type: str, seed: int = 0):
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from helix_compile.loading import model_from_config
 
     cfg = small_config(model_type)
-    torch.manual_seed(seed)
-    attn = "sdpa"
-    try:
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    except (ValueError, ImportError) as e:  # no SDPA for this family (e.g. soft-capping): its eager attention
-        if "sdpa" not in str(e).lower() and "scaled_dot_product" not in str(e).lower():
-            raise
-        torch.manual_seed(seed)
-        model, attn = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager"), "eager"
-    model = model.float().eval()
+    torch.manual_seed(seed)  # a failed SDPA build raises before it draws any weight
+    model = model_from_config(cfg).float().eval()  # SDPA, or the family's eager attention where it has none
+    attn = model.config._attn_implementation
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
