@@ -160,6 +160,20 @@ def model_from_config(config, **kwargs):
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager", **kwargs)
 
 
+def checkpoint_renamer(model):
+    """A function from checkpoint tensor names to ``model``'s parameter names by transformers' own renamings for the
+    family (Aria's experts.fc1/fc2.weight are experts.gate_up_proj/down_proj); the identity on a transformers
+    without them. Only renamings: the converters that merge per-expert tensors are ``_per_expert``'s job, which
+    reads each rank's piece of them without loading all."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:
+        return lambda key: key
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return lambda key: apply_renamings(key, renamings)
+
+
 def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool = True):
     """Build the HF model of checkpoint ``path`` holding only this rank's shards (see the module docstring).
 
@@ -195,11 +209,13 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     else:
         name = rank_file(rank)
         files, local_files = [check_file(path, name, plan) if verify else path / name], True
+    checkpoint_name = checkpoint_renamer(model)
     for file in files:
         with safe_open(file, framework="pt") as f:
             names = list(f.keys())
         for key in names:
-            name = key.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint module name (transformers 5.x renames it)
+            name = checkpoint_name(key)
+            name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint module name (transformers 5.x renames it)
             if name in buffers:  # persistent buffers saved with the weights (DeepSeek's e_score_correction_bias)
                 with safe_open(file, framework="pt") as f:
                     value = f.get_tensor(key)

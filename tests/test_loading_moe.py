@@ -31,10 +31,11 @@ def _load_and_compare(rank, folders, layouts):
 
 def test_per_expert_checkpoints_load_per_rank(tmp_path):
     folders = {}
-    for family in ("mixtral", "deepseek_v3"):
+    for family in ("mixtral", "deepseek_v3", "aria_text"):  # Aria: saved as experts.fc1/fc2, stored (E, in, out)
         folders[family] = str(tmp_path / family)
         model(family).save_pretrained(folders[family])
-    layouts = [dict(kvp=1, tpa=2, ep=2), dict(kvp=2, ep=1)]  # 2 whole experts per rank; every expert split in two
+    layouts = [dict(kvp=1, tpa=2, ep=2), dict(kvp=2, ep=1), dict(kvp=2, ep=1)]  # 2 whole experts per rank; every
+    # expert split in two
     for per_rank in run_ranks(2, _load_and_compare, folders, layouts):
         for family, err, held in per_rank:
             print(f"{family}: from_pretrained shards max rel err {err:.2e}, holds {held:.0%} of the expert weights")
