@@ -125,9 +125,14 @@ FAMILIES = {
     "mimo": ("mimo_v2_flash", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, v_head_dim=8,
                                    sliding_window=6, n_routed_experts=4, num_experts_per_tok=2,
                                    moe_intermediate_size=32)),
+    # positions from cache.get_seq_length() as a Python int (learned embedding at arange(length, length + L) + 2,
+    # cache.HOST_LENGTH); scaled embeddings, layernorm_embedding, post-norm layers
+    "trocr": ("trocr", dict(decoder_attention_heads=4, decoder_ffn_dim=96, pad_token_id=1, bos_token_id=0,
+                            eos_token_id=2)),
 }
 ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
-             "granite_swa": "eager", "mimo": "eager", "gpt_oss": "eager", "gpt_neo": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
+             "granite_swa": "eager", "mimo": "eager", "gpt_oss": "eager", "gpt_neo": "eager",  # (soft-capping, BLOOM,
+             "trocr": "eager"}  # MegatronBERT, sinks, TrOCR)
 EXPERT_BIASES = {"mixtral_bias"}  # routed experts given gate_up / down biases (gpt-oss's has_bias=True layout)
 
 
