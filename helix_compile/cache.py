@@ -322,7 +322,9 @@ class StaticCache(Cache):
         query_length >= 1 either way (its ALiBi bias has one query row), so the result is the same.
         """
         if self.host_seq_length:
-            return self.host_length
+            length = self.host_length
+            torch._check(length >= 0)  # a SymInt under Dynamo: its bound simplifies max(0, ...) (MPT's bias cut)
+            return length
         return super().get_seq_length(layer_idx)
 
     def reset(self):
