@@ -314,6 +314,10 @@ def _mask_operand(form: str, core: fx.Node) -> fx.Node | None:
     return None
 
 
+_SHAPE_ONLY = {torch.zeros_like, torch.ones_like, torch.empty_like}
+_SHAPE_ONLY_METHODS = {"new_zeros", "new_ones", "new_empty"}
+
+
 def _key_mask(form: str, core: fx.Node) -> fx.Node | None:
     """The 2-D attention_mask placeholder the core's mask is built from (None: no user mask); refuses others.
 
@@ -336,6 +340,8 @@ def _key_mask(form: str, core: fx.Node) -> fx.Node | None:
             if val.dim() >= 2:
                 found.append(node)
             continue
+        if is_call(node, _SHAPE_ONLY) or is_method(node, _SHAPE_ONLY_METHODS):
+            continue  # its values do not depend on its input's (GIT: token types zeros_like(embeddings))
         stack.extend(node.all_input_nodes)
     if any(shape(n) is not None and len(shape(n)) != 2 for n in found) or len(found) > 1:
         raise UnsupportedModelError(
