@@ -197,25 +197,26 @@ def _refuse_without_kv_attention(text) -> None:
 
 
 # Families whose forward over a static cache cannot be traced by torch.compile(fullgraph=True) in transformers
-# 5.24, whatever the caller passes: each reads the cache length (a 0-d tensor in a static cache, which Dynamo
-# cannot turn into a Python int without a data-dependent guard) into Python control flow or a tensor's size.
-# transformers' own StaticCache fails the same way. Refused when the cache is built, before any tracing.
+# 5.24, whatever the caller passes. transformers' own StaticCache fails the same way. Refused when the cache is
+# built, before any tracing.
 UNTRACEABLE = {
-    "mpt": "MptAttention.forward computes query_length = seq_length + cache.get_seq_length() and slices its ALiBi "
-           "bias at max(0, position_bias.size(1) - query_length) (transformers/models/mpt/modeling_mpt.py, lines "
-           "113-121): a Python max over the cache length",
-    "git": "GitModel.forward branches on `cache_length > 0` with cache_length = cache.get_seq_length() "
-           "(transformers/models/git/modeling_git.py, line 840)",
     "ctrl": "CTRLModel.forward re-assigns its pos_encoding buffer (self.pos_encoding = self.pos_encoding.to(...), "
             "transformers/models/ctrl/modeling_ctrl.py, line 319), which Dynamo cannot trace (register_buffer's "
-            "`persistent` read fails), and without position_ids it builds positions with torch.arange(past_length, "
-            "...) from cache.get_seq_length() (line 296)",
+            "`persistent` read fails)",
     "cpmant": "CpmAntModel.forward branches on `past_length != 0` and slices its mask, position bias and hidden "
               "states at past_length = cache.get_seq_length() (transformers/models/cpmant/modeling_cpmant.py, lines "
-              "633-647); it also prepends prompt_length prompt tokens to every call and adds a relative position bias",
-    "trocr": "TrOCRLearnedPositionalEmbedding builds its positions with torch.arange(cache_length, cache_length + "
-             "seq_len) from cache.get_seq_length() (transformers/models/trocr/modeling_trocr.py, line 54), and the "
-             "decoder never passes position_ids to it",
+              "633-647), a 0-d tensor in a static cache, data-dependent under tracing; it also prepends "
+              "prompt_length prompt tokens to every call and adds a relative position bias",
+}
+
+# Families whose forward reads ``cache.get_seq_length()`` as a Python number (a branch, a slice bound, an arange
+# bound). transformers' StaticLayer returns its 0-d length tensor, data-dependent under tracing, so the trace fails;
+# for these families the helix cache returns its host count instead (``StaticCache.get_seq_length``).
+HOST_LENGTH = {
+    "mpt",  # MptAttention: max(0, position_bias.size(1) - (seq_length + cache.get_seq_length()))
+    "git",  # GitModel.forward: `cache_length > 0`, and position_ids[:, cache_length:]
+    "trocr",  # TrOCRLearnedPositionalEmbedding: torch.arange(cache_length, cache_length + seq_len)
+    "roformer",  # RoFormerSinusoidalPositionalEmbedding: torch.arange(cache_length, cache_length + seq_len)
 }
 
 
@@ -233,9 +234,8 @@ def _refuse_untraceable(config) -> None:
     if model_type in UNTRACEABLE:
         raise ValueError(
             f"{type(config).__name__} ({model_type}) cannot be traced by torch.compile(fullgraph=True) over a static "
-            f"KV cache (as of transformers 5.24): {UNTRACEABLE[model_type]}. A static cache's length is a 0-d tensor, "
-            f"data-dependent under tracing (transformers' own StaticCache fails the same way); helix needs each step "
-            f"in one graph and refuses the family."
+            f"KV cache (as of transformers 5.24): {UNTRACEABLE[model_type]}. helix needs each step in one graph and "
+            f"refuses the family."
         )
 
 
@@ -261,6 +261,7 @@ class StaticCache(Cache):
                 device = device or first.device
             config = config.config
         _refuse_untraceable(config)
+        model_type = getattr(config, "model_type", None)
         text = config.get_text_config(decoder=True)
         _refuse_without_kv_attention(text)
         self.rank, world = current_world()
@@ -283,6 +284,7 @@ class StaticCache(Cache):
         self.layout = layout
         self._max_batch_size, self._max_cache_len = max_batch_size, max_cache_len
         self.host_length = 0  # tokens written, tracked on the host so the bound is checked without a device sync
+        self.host_seq_length = model_type in HOST_LENGTH  # get_seq_length returns host_length (see there)
         shared = kv_shared_layers(text)
         layers = [
             DummyLayer() if i in shared else
@@ -308,6 +310,22 @@ class StaticCache(Cache):
             )
             return stand_ins(key_states, value_states, self.max_cache_len, problem)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def get_seq_length(self, layer_idx: int = 0):
+        """transformers' 0-d length tensor; for the ``HOST_LENGTH`` families, ``host_length`` as a Python int.
+
+        The host count is the number of tokens written before this call, the same on every rank (the ``Runtime``
+        advances it by the call's query length after each step). Dynamo specialises on its first value (0: the
+        prefill graph) and makes it a dynamic SymInt once it changes (automatic dynamic), so all decode steps share
+        one graph. transformers' value is the layer's count, which a read after the layer's ``update`` sees grown
+        by the call's tokens; of these families only MPT reads it there, in ``max(0, 1 - query_length)`` with
+        query_length >= 1 either way (its ALiBi bias has one query row), so the result is the same.
+        """
+        if self.host_seq_length:
+            length = self.host_length
+            torch._check(length >= 0)  # a SymInt under Dynamo: its bound simplifies max(0, ...) (MPT's bias cut)
+            return length
+        return super().get_seq_length(layer_idx)
 
     def reset(self):
         super().reset()

@@ -125,9 +125,23 @@ FAMILIES = {
     "mimo": ("mimo_v2_flash", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, v_head_dim=8,
                                    sliding_window=6, n_routed_experts=4, num_experts_per_tok=2,
                                    moe_intermediate_size=32)),
+    # ALiBi added to eager matmul scores, cut to the cache's keys (alibi[:, q:, S0:]), then masked_fill by the
+    # causal mask; its query cut max(0, 1 - seq_length - cache.get_seq_length()) reads the host length
+    "mpt": ("mpt", dict(n_heads=4, d_model=64, n_layers=2, expansion_ratio=2, max_seq_len=256,
+                        use_cache=True)),  # MptConfig defaults to use_cache=False: generate would not slice
+    # GIT used as a text-only causal LM: positions position_ids[:, length:] and its image branch `length > 0` from
+    # cache.get_seq_length() as a Python int; token types zeros_like(embeddings) in its mask; a small vision tower
+    "git": ("git", dict(num_attention_heads=4, vision_config=dict(hidden_size=32, intermediate_size=64,
+                                                                  num_hidden_layers=1, num_attention_heads=2,
+                                                                  image_size=32, patch_size=16))),
+    # positions from cache.get_seq_length() as a Python int (learned embedding at arange(length, length + L) + 2,
+    # cache.HOST_LENGTH); scaled embeddings, layernorm_embedding, post-norm layers
+    "trocr": ("trocr", dict(decoder_attention_heads=4, decoder_ffn_dim=96, pad_token_id=1, bos_token_id=0,
+                            eos_token_id=2)),
 }
 ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
-             "granite_swa": "eager", "mimo": "eager", "gpt_oss": "eager", "gpt_neo": "eager"}  # (soft-capping, BLOOM, MegatronBERT, sinks)
+             "granite_swa": "eager", "mimo": "eager", "gpt_oss": "eager", "gpt_neo": "eager",  # (soft-capping, BLOOM,
+             "trocr": "eager", "mpt": "eager", "git": "eager"}  # MegatronBERT, sinks, TrOCR, MPT, GIT)
 EXPERT_BIASES = {"mixtral_bias"}  # routed experts given gate_up / down biases (gpt-oss's has_bias=True layout)
 
 

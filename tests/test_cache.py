@@ -113,3 +113,26 @@ def test_attention_shape_is_what_the_model_caches(family, extra):
         assert (ours.layers[i].num_heads, ours.layers[i].k_head_dim, ours.layers[i].v_head_dim) == (s.k, s.d, s.dv)
         assert (heads.layer(i).k, heads.layer(i).d, heads.layer(i).dv) == (s.k, s.d, s.dv)
     assert from_config(m.config).kv_heads == min(attention_shape(m.config, i).k for i in range(len(reference.layers)))
+
+
+def test_host_length_families_compile_two_graphs():
+    """TrOCR reads cache.get_seq_length() as a Python int (its positions are arange(length, length + L)): the helix
+    cache returns its host count, which Dynamo specialises at 0 for the prefill and makes a dynamic SymInt at the
+    first decode step. Prefill + 10 decode steps: 2 graphs (a graph per step would be one recompile per token),
+    and every step matches transformers."""
+    from torch._dynamo.utils import counters
+
+    m = model("trocr")
+    layout = Layout(1, kv_block=4)
+    cache, ref_cache = StaticCache(m, 2, 24, layout), HFStaticCache(m.config, max_cache_len=24)
+    run = compiled(m, layout)
+    counters.clear()
+    ids = prompt()
+    with torch.no_grad():
+        for step in range(11):
+            assert cache.get_seq_length() == (0 if step == 0 else 6 + step)
+            out = run(input_ids=ids, past_key_values=cache).logits[:, -1]
+            ref = m(input_ids=ids, past_key_values=ref_cache).logits[:, -1]
+            assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5, step
+            ids = ref.argmax(-1, keepdim=True)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])

@@ -123,9 +123,11 @@ def test_gated_attention_sinks_and_uneven_mqa_split():
     that are not the config's num_key_value_heads x head_dim (layout.attention_shape): Falcon's multi-query cache
     (tpa=2: its query_key_value cut by head index, the one KV head duplicated); MiMo-V2-Flash's values narrower than
     the keys, exchanged and merged at their own width, with sinks and twice the KV heads in its sliding layer
-    (kvp=2)."""
+    (kvp=2). And the families that read cache.get_seq_length() as a Python int (cache.HOST_LENGTH), about 4 s
+    each: TrOCR's positions (kvp=2); MPT's ALiBi added to eager matmul scores then masked_fill-ed (tpa=2: each rank
+    the slopes of its heads); GIT as a text-only LM (its mask built with zeros_like(embeddings); kvp=2)."""
     check_families(2, [("laguna", [(2, 1)]), ("flint", [(2, 1)]), ("gpt_bigcode", [(1, 2)]), ("falcon", [(1, 2)]),
-                       ("mimo", [(2, 1)])])
+                       ("mimo", [(2, 1)]), ("trocr", [(2, 1)]), ("mpt", [(1, 2)]), ("git", [(2, 1)])])
 
 
 @pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")

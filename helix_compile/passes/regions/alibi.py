@@ -1,6 +1,7 @@
 """Region matcher (part of attention): ALiBi, and the batched-matmul attention form of the ALiBi families (BLOOM).
 
-Match (pattern), called by ``attention._find_core`` when the cache keys reach a ``bmm`` / ``baddbmm``:
+Match (pattern), called by ``attention._find_core`` when the cache keys reach a ``bmm`` / ``baddbmm`` (and by
+``attention._eager_core`` for the bias MPT adds to its matmul scores: ``alibi_or_none``):
     core    q3 = q.reshape(B*H, -1, D); k3t = keys.reshape(B*H, -1, D).transpose(-1, -2)
             scores = bias.baddbmm(q3, k3t, beta=1, alpha=scale)   (or bmm(q3, k3t) [* scale]; no scale: q3 is
             already scaled, XGLM)
@@ -224,13 +225,25 @@ def _mask_rank_positions(node: fx.Node) -> bool:
     return _strip(cs.args[0], {"to", "long", "int", "float"}) is m and dim in (-1, 1)
 
 
+def alibi_or_none(bias, heads: int) -> Alibi | None:
+    """``find_alibi(bias, heads, 1.0)``, or None when ``bias`` is not ALiBi (the eager form's addend: MPT adds its
+    ALiBi bias to the scores, then masks them by masked_fill)."""
+    if not isinstance(bias, fx.Node):
+        return None
+    try:
+        return find_alibi(bias, heads, 1.0)
+    except UnsupportedModelError:
+        return None
+
+
 def find_alibi(bias: fx.Node, heads: int, beta: float) -> Alibi:
     """Recognise ``bias`` as ALiBi (see the module doc) or refuse, naming the node."""
     node = bias
     while True:
         if is_method(node, _BIAS_SHAPE_METHODS):
             node = node.args[0]
-        elif node.op == "call_function" and node.target is operator.getitem and _only_new_axes(node.args[1]):
+        elif node.op == "call_function" and node.target is operator.getitem and (
+                _only_new_axes(node.args[1]) or _key_slice(node)):
             node = node.args[0]
         else:
             break
@@ -269,6 +282,27 @@ def find_alibi(bias: fx.Node, heads: int, beta: float) -> Alibi:
             f"their positions among the unmasked keys ((cumsum(mask) - 1) * mask)"
         )
     raise refuse
+
+
+def _key_slice(node: fx.Node) -> bool:
+    """``bias[:, q:, s:]``: new and whole axes, axes the slice leaves whole (MPT's size-1 query axis cut at
+    max(0, 1 - query_length) = 0), and the last (key) axis cut from a constant start ``s`` to its end, so the
+    keys' positions stay consecutive (MPT cuts its (H, 1, max_seq_len) ALiBi to the cache's length)."""
+    index, src, out = node.args[1], shape(node.args[0]), shape(node)
+    items = index if isinstance(index, tuple) else (index,)
+    if src is None or out is None or Ellipsis in items:
+        return False
+    axis = 0
+    for position, item in enumerate(items):
+        if item is None:
+            continue
+        if not isinstance(item, slice) or item.step not in (None, 1) or item.stop is not None:
+            return False
+        last, whole = axis == len(src) - 1, isinstance(src[axis], int) and out[position] == src[axis]
+        if not (item.start in (None, 0) or whole or (last and isinstance(item.start, int))):
+            return False
+        axis += 1
+    return True
 
 
 def _only_new_axes(index) -> bool:

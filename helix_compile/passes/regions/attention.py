@@ -59,7 +59,7 @@ from .common import (
     REDUCE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_call, is_method, is_pointwise, module_path,
     shape, where,
 )
-from .alibi import BADDBMM, BMM, IndexSplit, bmm_core, find_index_split
+from .alibi import BADDBMM, BMM, IndexSplit, alibi_or_none, bmm_core, find_index_split
 from .chunks import check_chunk_mask, layer_chunk
 from .heads import (
     GroupSlices, OutputSide, all_reduce_mean, fused_rows, group_slices, head_select, head_slices, input_views,
@@ -304,12 +304,18 @@ def _mask_operand(form: str, core: fx.Node) -> fx.Node | None:
     if form == "bmm":  # core = view(bmm(probabilities, values))
         node = node.args[0]
     while isinstance(node, fx.Node) and node.op != "placeholder":
+        if is_method(node, {"masked_fill"}):  # MPT: scores.masked_fill(mask, min), after its ALiBi bias
+            return node.args[1] if isinstance(node.args[1], fx.Node) else None
         if node.op == "call_function" and node.target in (operator.add, torch.add):
             return node.args[1] if isinstance(node.args[1], fx.Node) else None
         if node.op == "call_function" and node.target in (torch.matmul, operator.matmul, torch.bmm, torch.baddbmm):
             return None
         node = node.args[1] if is_call(node, {torch.where}) else node.args[0]  # where(cond, scores, m): the scores
     return None
+
+
+_SHAPE_ONLY = {torch.zeros_like, torch.ones_like, torch.empty_like}
+_SHAPE_ONLY_METHODS = {"new_zeros", "new_ones", "new_empty"}
 
 
 def _key_mask(form: str, core: fx.Node) -> fx.Node | None:
@@ -334,6 +340,8 @@ def _key_mask(form: str, core: fx.Node) -> fx.Node | None:
             if val.dim() >= 2:
                 found.append(node)
             continue
+        if is_call(node, _SHAPE_ONLY) or is_method(node, _SHAPE_ONLY_METHODS):
+            continue  # its values do not depend on its input's (GIT: token types zeros_like(embeddings))
         stack.extend(node.all_input_nodes)
     if any(shape(n) is not None and len(shape(n)) != 2 for n in found) or len(found) > 1:
         raise UnsupportedModelError(
@@ -616,12 +624,10 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node) -> list:
         elif user.op == "call_method" and user.target == "transpose":
             for mm in user.users:
                 if mm.op == "call_function" and mm.target in MATMUL and mm.args[1] is user:
-                    form, core, query, scale, softcap, sink = _eager_core(mm, values)
-                    found.append((form, core, query, scale, softcap, None, sink))
+                    found.append(_eager_core(mm, values))
                     break
                 if is_call(mm, {torch.baddbmm}) and len(mm.args) > 2 and mm.args[2] is user and _zero_init(mm):
-                    form, core, query, scale, softcap, sink = _eager_core(mm, values)  # GPT-NeoX-Japanese:
-                    found.append((form, core, query, scale, softcap, None, sink))  # baddbmm(zeros, q, k^T, alpha)
+                    found.append(_eager_core(mm, values))  # GPT-NeoX-Japanese: baddbmm(zeros, q, k^T, alpha)
                     break
                 if is_call(mm, BMM | BADDBMM) or is_method(mm, {"bmm", "baddbmm"}):  # BLOOM: (B*H, L, D) batched
                     found.append((*bmm_core(mm, user, values), None))  # matmuls, ALiBi through baddbmm's input
@@ -720,10 +726,11 @@ def _dropout_is_identity(node: fx.Node) -> bool:
 
 
 def _eager_core(matmul: fx.Node, values: fx.Node):
-    """matmul(q, k^T) -> *scale -> [/c -> tanh -> *c] -> [+mask] -> softmax -> [to] -> [dropout] -> matmul(., v),
-    with an attention sink in either form of ``sinks.py``."""
+    """(form, core, query, scale, softcap, alibi, sink) of matmul(q, k^T) -> *scale -> [/c -> tanh -> *c]
+    -> [+ALiBi] -> [+mask | .masked_fill(mask, min)] -> softmax -> [to] -> [dropout] -> matmul(., v), with an
+    attention sink in either form of ``sinks.py`` (MPT: scores + ALiBi bias, then masked_fill by the causal mask)."""
     query, node, scale, softcap, capping, masked = matmul.args[0], matmul, None, 0.0, None, False
-    sink, sink_lse = None, None
+    sink, sink_lse, alibi = None, None, None
     if is_call(matmul, {torch.baddbmm}):  # baddbmm(zeros, q.view(B*H, L, D), k^T, beta=1, alpha=scale)
         query, scale = _baddbmm_scores(matmul)
     while _is_float_cast(query):
@@ -764,10 +771,18 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
         elif capping is not None:
             raise UnsupportedModelError(f"eager attention: incomplete soft-capping before {where(nxt)}")
         elif is_call(nxt, {operator.add, torch.add}):
-            if masked:
+            addend = nxt.args[1] if nxt.args[0] is node else nxt.args[0]
+            bias = alibi_or_none(addend, shape(query)[1]) if alibi is None and not masked else None
+            if bias is not None:
+                alibi = bias  # MPT: the ALiBi bias added before the mask
+            elif masked:
                 raise UnsupportedModelError(f"eager attention adds to its scores twice (a bias such as ALiBi?): {where(nxt)}")
-            masked = True  # the causal mask; helix masks by global positions itself
-            _check_causal_mask(nxt.args[1] if nxt.args[0] is node else nxt.args[0], nxt)
+            else:
+                masked = True  # the causal mask; helix masks by global positions itself
+                _check_causal_mask(addend, nxt)
+        elif is_method(nxt, {"masked_fill"}) and not masked and _fills_min(nxt):
+            masked = True  # MPT: scores.masked_fill(causal_mask, finfo.min), True where a key is hidden
+            _check_causal_mask(nxt.args[1], nxt)
         elif is_call(nxt, {torch.nn.functional.softmax, torch.softmax}):
             pass
         elif is_call(nxt, {torch.cat}) and sink is None and sink_lse is None and concat_sink(nxt, node, "attention"):
@@ -791,10 +806,18 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
             core = nxt
             if sink_lse is not None:
                 sink, core = scale_sink(sink_lse, nxt, f"eager attention at {where(nxt)}")
-            return "eager", core, query, float(scale if scale is not None else 1.0), float(softcap), sink
+            return "eager", core, query, float(scale if scale is not None else 1.0), float(softcap), alibi, sink
         else:
             raise UnsupportedModelError(f"unexpected op in eager attention: {where(nxt)}")
         node = nxt
+
+
+def _fills_min(node: fx.Node) -> bool:
+    """``x.masked_fill(mask, value)`` with value the lowest float of x's dtype or -inf (a hidden key)."""
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+    val = node.meta.get("example_value")
+    return isinstance(value, float) and isinstance(val, torch.Tensor) and val.is_floating_point() and (
+        value == float("-inf") or value == torch.finfo(val.dtype).min)
 
 
 def _max_shift(node: fx.Node) -> fx.Node | None:
