@@ -27,16 +27,22 @@ included, is captured once and replayed, so a decode step costs one graph launch
     what invalidates a captured graph: any other input tensor becoming a new object (a new StaticCache, a reloaded
         parameter); then the call runs without the graph and the next call captures again. A new shape or batch is
         a different Dynamo graph with its own capture.
+    integer inputs (Dynamo's SymInts: a dynamic prompt length; the host cache length of the families that read it,
+        ``cache.HOST_LENGTH``) are baked into a capture, so each value has its own graph: the ``MAX_GRAPHS`` values
+        used last keep theirs. A value that changes every call (that cache length, in decode) is never seen twice,
+        so such a step runs without a graph, and holds no more than ``MAX_GRAPHS`` warm-up entries.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.fx as fx
 
 _HOST_SYNC_OPS = ("grouped_mm_fallback",)  # ops whose CUDA implementation copies a device tensor to the host
+MAX_GRAPHS = 8  # captured graphs (values of the integer inputs) per compiled program, the last used kept
 
 
 class Lowered:
@@ -58,7 +64,7 @@ class Lowered:
             warnings.warn(f"helix: CUDA graphs off for this step: it calls {syncing}, which copy to the host "
                           f"(transformers' grouped_mm fallback for expert dtypes torch._grouped_mm does not take)")
         self.cudagraphs = cudagraphs if cudagraphs is not None else on_cuda and not syncing
-        self.graphed: dict[tuple, GraphedStep] = {}  # one captured graph per value of the SymInt inputs
+        self.graphed: OrderedDict[tuple, GraphedStep] = OrderedDict()  # per value of the SymInt inputs, LRU order
 
     def __call__(self, args: list):
         if self.executor == "eager":
@@ -69,6 +75,9 @@ class Lowered:
         step = self.graphed.get(key)
         if step is None:
             step = self.graphed[key] = GraphedStep(self.fn)
+            if len(self.graphed) > MAX_GRAPHS:
+                self.graphed.popitem(last=False)  # frees that graph and its private memory pool
+        self.graphed.move_to_end(key)
         return step(*args)
 
 
