@@ -123,9 +123,10 @@ def test_gated_attention_sinks_and_uneven_mqa_split():
     that are not the config's num_key_value_heads x head_dim (layout.attention_shape): Falcon's multi-query cache
     (tpa=2: its query_key_value cut by head index, the one KV head duplicated); MiMo-V2-Flash's values narrower than
     the keys, exchanged and merged at their own width, with sinks and twice the KV heads in its sliding layer
-    (kvp=2)."""
+    (kvp=2). DiffLLaMA: two attention calls over halves of the cached value heads, combined across query heads h
+    and h + 4 (heads in parts: layout._HEAD_PARTS), on both layouts."""
     check_families(2, [("laguna", [(2, 1)]), ("flint", [(2, 1)]), ("gpt_bigcode", [(1, 2)]), ("falcon", [(1, 2)]),
-                       ("mimo", [(2, 1)])])
+                       ("mimo", [(2, 1)]), ("diffllama", [(2, 1), (1, 2)])])
 
 
 @pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")
@@ -150,6 +151,19 @@ def test_kv_shared_layers_and_per_layer_shapes():
     Opt-in (4 layers, per-layer inputs, AltUp: the heaviest tiny models); tests/passes/test_regions.py checks
     their structure in CI, tools/coverage.py their numerics."""
     check_families(2, [("gemma3n", [(2, 1), (1, 2)]), ("gemma4", [(2, 1), (1, 2)])])
+
+
+@pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")
+def test_diffllama_heads_in_parts_on_four_ranks():
+    """DiffLLaMA on 4 ranks (about 13 s a layout; CI checks its 2-rank layouts, and the kvp=2 x tpa=2 graph in
+    tests/passes/test_regions.py and the golden fixture): kvp=2 x tpa=2 (each rank holds the same block of each
+    part, so the pairs h, h + 4 stay on one rank), also with eager attention and with HOP-B (the exchange's reorder
+    copied per batch chunk); with 8 KV heads kvp=4 (each KVP rank receives one block of each part) and tpa=4 (one
+    query and one KV head of each part per TPA rank)."""
+    check(4, "diffllama", [(2, 2)])
+    check(4, "diffllama", [(2, 2)], attn="eager")
+    check(4, "diffllama", [(2, 2)], hopb=2)
+    check(4, "diffllama", [(4, 1), (1, 4)], num_key_value_heads=8)
 
 
 def test_eager_attention_form():
