@@ -11,8 +11,9 @@ from models import model
 from test_memory import _compare_sharded
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-FAMILIES = ["gpt2", "phi3", "bert"]  # gpt_neox: transformers 5.24 saves no lm_head for it (declared tied, not tied)
+FAMILIES = ["gpt2", "phi3", "bert", "diffllama"]  # gpt_neox: transformers 5.24 saves no lm_head for it (declared tied, not tied)
 # bert: attention.self.query/key/value, attention.output.dense (o) beside the FFN's output.dense (ffn_out) by name
+# diffllama: q/k/v_proj rows of heads in two parts, one block of each per TPA rank (roles.head_ranges)
 
 
 def _load_and_compare(rank, folders):
