@@ -159,7 +159,8 @@ def test_diffllama_heads_in_parts_on_four_ranks():
     tests/passes/test_regions.py and the golden fixture): kvp=2 x tpa=2 (each rank holds the same block of each
     part, so the pairs h, h + 4 stay on one rank), also with eager attention and with HOP-B (the exchange's reorder
     copied per batch chunk); with 8 KV heads kvp=4 (each KVP rank receives one block of each part) and tpa=4 (one
-    query and one KV head of each part per TPA rank)."""
+    query and one KV head of each part per TPA rank); and Inductor's executor on 2 ranks, kvp=2 (about 30 s)."""
+    check(2, "diffllama", [(2, 1)], executor="inductor")
     check(4, "diffllama", [(2, 2)])
     check(4, "diffllama", [(2, 2)], attn="eager")
     check(4, "diffllama", [(2, 2)], hopb=2)
@@ -228,11 +229,13 @@ def test_prompt_lengths_vary(executor, lengths):
 
 
 @pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")
+@pytest.mark.parametrize("family", ["gpt_neo", "diffllama"])
 @pytest.mark.parametrize("layout", [(2, 1), (1, 2)])
-def test_prompt_lengths_vary_symbolic_head_views(layout):
+def test_prompt_lengths_vary_symbolic_head_views(family, layout):
     """GPT-Neo sizes its head split / merge views as x.size()[:-1] + (H, D): once the length is symbolic Dynamo
-    records view(x, torch.Size([...])), whose head count helix rewrites like a tuple's (heads.py)."""
-    for worst, _ in run_ranks(2, _lengths_body, [7, 5, 9, 3], "eager", "gpt_neo", layout):
+    records view(x, torch.Size([...])), whose head count helix rewrites like a tuple's (heads.py). DiffLLaMA cuts
+    its attention output's heads into parts (heads.HeadCut) whose other sizes are then symbolic."""
+    for worst, _ in run_ranks(2, _lengths_body, [7, 5, 9, 3], "eager", family, layout):
         assert worst < 1e-5, worst
 
 

@@ -600,7 +600,7 @@ def _head_cut(nodes: set, dims: dict, o: Projection, region: str) -> HeadCut | N
     items, parts = list(cut.users), len(cut.meta["example_value"])
     if not all(is_call(i, {operator.getitem}) and isinstance(i.args[1], int) for i in items) or \
             sorted(i.args[1] % parts for i in items) != list(range(parts)) or \
-            len({tuple(p.shape) for p in cut.meta["example_value"]}) != 1:
+            len({p.shape[dims[cut]] for p in cut.meta["example_value"]}) != 1:  # heads: static sizes
         raise UnsupportedModelError(f"{region}: {where(cut)} cuts the attention heads into {parts} parts helix cannot "
                                     f"follow (it needs equal parts, each read once as x[i])")
     taken = {i: frozenset({i.args[1] % parts}) for i in items}  # node -> the parts it depends on
