@@ -138,13 +138,14 @@ class Layout:
                 raise ValueError(
                     f"{cls} pairs query head h with h + {q // parts} and KV head g with g + {k // parts} ({parts} "
                     f"parts of {q // parts} query and {k // parts} KV heads, {q} and {k} in all); tpa={self.tpa} must "
-                    f"divide both {q // parts} and {k // parts} so that every TPA rank holds the same block of each part"
+                    f"divide both {q // parts} and {k // parts} so that every TPA rank holds the same block of each "
+                    f"part"
                 )
             if (q // parts // self.tpa) % self.kvp:
                 raise ValueError(
-                    f"{cls} pairs query head h with h + {q // parts}: kvp={self.kvp} must divide the {q // parts // self.tpa} "
-                    f"query heads a TPA slice holds of each of its {parts} parts, so that after the all-to-all every "
-                    f"rank holds whole pairs (num_attention_heads={q}, tpa={self.tpa})"
+                    f"{cls} pairs query head h with h + {q // parts}: kvp={self.kvp} must divide the "
+                    f"{q // parts // self.tpa} query heads a TPA slice holds of each of its {parts} parts, so that "
+                    f"after the all-to-all every rank holds whole pairs (num_attention_heads={q}, tpa={self.tpa})"
                 )
         if self.tpa > k and self.tpa % k:
             raise ValueError(

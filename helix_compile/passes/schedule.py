@@ -61,7 +61,8 @@ def _only_user(node: fx.Node, target) -> fx.Node:
 
 def _reorder(partial: fx.Node) -> list[fx.Node]:
     """The head reorder between a partial attention and its all-to-all (heads in parts: ``exchange_and_merge``),
-    unflatten(0, ...) -> transpose(0, 1) -> flatten(0, 2) on the heads dim: the same for every batch chunk; [] if none."""
+    unflatten(0, ...) -> transpose(0, 1) -> flatten(0, 2) on the heads dim: the same for every batch chunk; [] if
+    none."""
     chain, node = [], partial
     for method in ("unflatten", "transpose", "flatten"):
         users = list(node.users)

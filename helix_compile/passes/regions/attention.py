@@ -5,7 +5,10 @@ Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache wri
             matmul(q, k^T) -> *scale -> [/softcap -> tanh -> *softcap] -> [+mask] -> softmax -> [to] -> [dropout]
             -> matmul(., v), whose keys/values trace back (through repeat_kv views) to the cache placeholders
             (a where(mask, scores, min) among them only where ``where_mask.py`` proves the causal mask implies it);
-            or the (B*H, L, D) batched-matmul form with an optional ALiBi bias (BLOOM, XGLM: ``alibi.py``)
+            or the (B*H, L, D) batched-matmul form with an optional ALiBi bias (BLOOM, XGLM: ``alibi.py``);
+            several cores in the writing module over one query, each over values made of the cache's by
+            per-position rearrangements of whole KV heads (DiffLLaMA: ``chunk(values, 2, dim=1)[i].repeat(1, 2, 1,
+            1)``; ``ValueRoute``, proved per rank against its heads, refused by name otherwise)
     q, k, v the projection among the ancestors of the query, of k, of v inside the attention module, reached
             through per-head ops only (reshapes, elementwise ops, RoPE, per-head norms, and norms over all heads'
             features, which become exact under tpa > 1 by an all-reduce of partial sums of squares); one fused
@@ -37,6 +40,10 @@ Rewrite (``replace_with``; pattern ... into ...):
               core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
     o = proj(x, Wo, b)   into  wait(all_reduce(proj(x, Wo_shard), "sum", world)) [+ b]  # N > 1 only
     attention sinks (sinks.py): folded into the partial of the first KVP rank before the exchange
+    several cores: the same for each, partial attention over the model's rearrangement of the local values; heads in
+        p parts (DiffLLaMA, ``Heads.parts``): the rank holds the same block of each part (q/k/v rows: roles.py),
+        packed reordered part-minor before the all-to-all (``exchange_and_merge``), and the output side's cut of
+        the heads into p parts stays as it is (heads.py)
     views naming the head count, output gates and norms between core and o: heads.py
     mean(x*x, -1) over all heads' features (q/k norm)
         into  wait(all_reduce(sum(x*x, -1), "sum", tpa_group)) / (heads * D)             # tpa > 1 only
@@ -760,7 +767,8 @@ def _find_cores(write: fx.Node):
     keys, values = write.args[:2]
     cores = _find_core(keys, values, write)
     module = module_path(write)
-    own = sorted([c for c in cores if module_path(c[1]) == module] if len(cores) > 1 else cores, key=lambda c: _order(c[1]))
+    own = [c for c in cores if module_path(c[1]) == module] if len(cores) > 1 else cores
+    own.sort(key=lambda c: _order(c[1]))
     same = len({(c[0], c[2], c[3], c[4]) for c in own}) == 1 and all(c[5] is None and c[6] is None for c in own)
     if not own or len(own) > 1 and not same:
         raise UnsupportedModelError(

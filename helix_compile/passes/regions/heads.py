@@ -620,8 +620,8 @@ def _head_cut(nodes: set, dims: dict, o: Projection, region: str) -> HeadCut | N
             )
     fed = [n for n in (o.in_view or o.node).all_input_nodes if n in taken]
     if len(fed) != 1 or len(taken[fed[0]]) != parts:
-        raise UnsupportedModelError(f"{region}: the {parts} parts that {where(cut)} cuts the attention heads into do not "
-                                    f"all meet before the output projection {o.name}")
+        raise UnsupportedModelError(f"{region}: the {parts} parts that {where(cut)} cuts the attention heads into do "
+                                    f"not all meet before the output projection {o.name}")
     return HeadCut(cut, parts, items)
 
 
