@@ -109,8 +109,8 @@ class Layout:
                 f"Layout kvp={self.kvp} x tpa={self.tpa} needs N={n} ranks, but the default process group has "
                 f"world size {world_size}"
             )
-        for q, k, at in _attention_shapes(config):
-            self._validate_heads(q, k, f"{cls}{at}")
+        for q, k, parts, at in _attention_shapes(config):
+            self._validate_heads(q, k, f"{cls}{at}", parts)
         if mla_latent(config) is not None and self.tpa != 1:
             raise ValueError(
                 f"{cls} uses multi-head latent attention (MLA): its cache holds one latent KV head, so tpa must be 1 "
@@ -132,7 +132,21 @@ class Layout:
         if inter % self.tpf:
             raise ValueError(f"tpf={self.tpf} does not divide the expert intermediate size {inter} of {cls}")
 
-    def _validate_heads(self, q: int, k: int, cls: str) -> None:
+    def _validate_heads(self, q: int, k: int, cls: str, parts: int = 1) -> None:
+        if parts > 1:  # heads in parts (DiffLLaMA): each TPA slice holds the same block of every part (roles.py)
+            if q % parts or k % parts or (q // parts) % self.tpa or (k // parts) % self.tpa:
+                raise ValueError(
+                    f"{cls} pairs query head h with h + {q // parts} and KV head g with g + {k // parts} ({parts} "
+                    f"parts of {q // parts} query and {k // parts} KV heads, {q} and {k} in all); tpa={self.tpa} must "
+                    f"divide both {q // parts} and {k // parts} so that every TPA rank holds the same block of each "
+                    f"part"
+                )
+            if (q // parts // self.tpa) % self.kvp:
+                raise ValueError(
+                    f"{cls} pairs query head h with h + {q // parts}: kvp={self.kvp} must divide the "
+                    f"{q // parts // self.tpa} query heads a TPA slice holds of each of its {parts} parts, so that "
+                    f"after the all-to-all every rank holds whole pairs (num_attention_heads={q}, tpa={self.tpa})"
+                )
         if self.tpa > k and self.tpa % k:
             raise ValueError(
                 f"tpa={self.tpa} exceeds num_key_value_heads={k} of {cls} and is not a multiple of it: a TPA slice's "
@@ -168,16 +182,16 @@ class Layout:
         return _group_names(self.kvp, self.tpa)[2]
 
 
-def _attention_shapes(config) -> list[tuple[int, int, str]]:
-    """(query heads, KV heads, where) of the model's layers (``attention_shape``): one entry, or one per distinct
-    shape of a model whose layers differ (Gemma 4's full-attention layers, MiMo-V2-Flash's sliding layers)."""
+def _attention_shapes(config) -> list[tuple[int, int, int, str]]:
+    """(query heads, KV heads, head parts, where) of the model's layers (``attention_shape``): one entry, or one per
+    distinct shape of a model whose layers differ (Gemma 4's full-attention layers, MiMo-V2-Flash's sliding layers)."""
     shapes = {}
     for i, s in enumerate(layer_shapes(config)):
-        shapes.setdefault((s.q, s.k), i)
+        shapes.setdefault((s.q, s.k, s.parts), i)
     if len(shapes) > 1:
-        return [(q, k, f" (layer {i})") for (q, k), i in shapes.items()]
-    ((q, k),) = shapes
-    return [(q, k, "")]
+        return [(q, k, parts, f" (layer {i})") for (q, k, parts), i in shapes.items()]
+    ((q, k, parts),) = shapes
+    return [(q, k, parts, "")]
 
 
 _GROUPS: dict[tuple[int, int], tuple[str, str, str]] = {}
@@ -237,12 +251,14 @@ def group_ranks(group_name: str) -> list[int]:
 class AttentionShape:
     """What one decoder layer's attention builds: ``q`` query heads, ``k`` KV heads in its cache (what the model's
     ``cache.update`` receives, which is not always the config's ``num_key_value_heads``), keys (and queries) of
-    ``d`` features per head, values of ``dv`` (the attention output's features per head)."""
+    ``d`` features per head, values of ``dv`` (the attention output's features per head), heads in ``parts`` equal
+    parts that the attention pairs up (``_HEAD_PARTS``; 1: heads independent)."""
 
     q: int
     k: int
     d: int
     dv: int
+    parts: int = 1
 
 
 def _falcon_kv_heads(config, layer: int) -> int:
@@ -267,6 +283,15 @@ def _mimo_kv_heads(config, layer: int) -> int:
 # model_type -> KV heads of layer i, for families whose attention does not build ``num_key_value_heads`` KV heads
 _KV_HEADS = {"falcon": _falcon_kv_heads, "mimo_v2_flash": _mimo_kv_heads}
 
+# model_type -> head parts p: families whose attention combines query head h with h + Q/p and reads KV head g with
+# g + K/p. DiffLlamaAttention.forward (transformers/models/diffllama/modeling_diffllama.py) chunks the cached values
+# into two halves of KV heads (torch.chunk(value_states, 2, dim=1), each .repeat(1, 2, 1, 1)), attends to each, and
+# combines the outputs' two halves of query heads (torch.chunk(attn_output, 2, dim=2); o1 - lambda * o2). Helix
+# gives each rank the same block of every part (roles.py: q/k/v rows; the exchange in attention.py), so its local
+# program is the same program over fewer heads; the attention matcher proves it from the graph and refuses a graph
+# whose parts differ. Known here, from the config, because loading a checkpoint slices rows before any graph exists.
+_HEAD_PARTS = {"diffllama": 2}
+
 
 def attention_shape(config, layer: int = 0) -> AttentionShape:
     """The attention shape of decoder layer ``layer`` as the model builds it (the one place helix derives KV heads and
@@ -275,7 +300,7 @@ def attention_shape(config, layer: int = 0) -> AttentionShape:
     A heterogeneous config (Gemma 4's full-attention layers, ``per_layer_config``) gives the layer's own; MLA has one
     latent KV "head" (keys of qk_nope + qk_rope features, values of ``v_head_dim``); ``v_head_dim`` otherwise sets
     values narrower than the keys (MiMo-V2-Flash); ``_KV_HEADS`` has the families whose KV heads differ from
-    ``num_key_value_heads`` (default: the query heads).
+    ``num_key_value_heads`` (default: the query heads), ``_HEAD_PARTS`` those whose heads pair up across parts.
     """
     if getattr(config, "is_heterogeneous", False):
         config = config.per_layer_config[layer]
@@ -286,7 +311,8 @@ def attention_shape(config, layer: int = 0) -> AttentionShape:
     d = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", None) or 0) // q  # 0: a stand-in
     family = _KV_HEADS.get(getattr(config, "model_type", None))
     k = family(config, layer) if family is not None else getattr(config, "num_key_value_heads", None) or q
-    return AttentionShape(q, k, d, getattr(config, "v_head_dim", None) or d)
+    parts = _HEAD_PARTS.get(getattr(config, "model_type", None), 1)
+    return AttentionShape(q, k, d, getattr(config, "v_head_dim", None) or d, parts)
 
 
 def layer_shapes(config) -> list[AttentionShape]:

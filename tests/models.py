@@ -122,6 +122,9 @@ FAMILIES = {
     "falcon_40b": ("falcon", dict(num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2, bias=True)),
     # MiMo-V2-Flash: values narrower than the keys (v_head_dim 8 < head_dim 16), its sliding layer (1) with twice
     # the KV heads and attention sinks, the row maximum subtracted from the scores; MoE layer 1 (no shared expert)
+    # DiffLLaMA: two attention calls over one query, each over a half of the value heads (chunk + repeat of the
+    # cache's values), combined o1 - lambda * o2 across query heads h and h + Q/2, a groupnorm over each pair
+    "diffllama": ("diffllama", dict(num_attention_heads=8, num_key_value_heads=4)),
     "mimo": ("mimo_v2_flash", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, v_head_dim=8,
                                    sliding_window=6, n_routed_experts=4, num_experts_per_tok=2,
                                    moe_intermediate_size=32)),

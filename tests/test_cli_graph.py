@@ -47,5 +47,8 @@ def test_refusals(tmp_path, capsys):
     assert "'lama' is neither a directory nor a transformers model_type (did you mean llama" in capsys.readouterr().err
     assert main(["graph", "llama", "--kvp", "2", "--tpa", "3"]) == 2
     assert "tpa=3 does not divide num_key_value_heads=4" in capsys.readouterr().err
-    assert main(["graph", "diffllama", "--kvp", "2"]) == 2  # differential attention: refused by the matcher
-    assert "attention reads keys of one cache layer and values of another" in capsys.readouterr().err
+    assert main(["graph", "doge", "--kvp", "2"]) == 2  # dynamic mask attention: refused by the matcher
+    assert "its mask carries a bias" in capsys.readouterr().err
+    assert main(["graph", "diffllama", "--kvp", "1", "--tpa", "4"]) == 2  # pairs h, h + 4: a TPA rank needs both
+    assert ("pairs query head h with h + 4 and KV head g with g + 2 (2 parts of 4 query and 2 KV heads, 8 and 4 in "
+            "all); tpa=4 must divide both 4 and 2") in capsys.readouterr().err

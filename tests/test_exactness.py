@@ -125,9 +125,12 @@ def test_gated_attention_sinks_and_uneven_mqa_split():
     the keys, exchanged and merged at their own width, with sinks and twice the KV heads in its sliding layer
     (kvp=2). And the families that read cache.get_seq_length() as a Python int (cache.HOST_LENGTH), about 4 s
     each: TrOCR's positions (kvp=2); MPT's ALiBi added to eager matmul scores then masked_fill-ed (tpa=2: each rank
-    the slopes of its heads); GIT as a text-only LM (its mask built with zeros_like(embeddings); kvp=2)."""
+    the slopes of its heads); GIT as a text-only LM (its mask built with zeros_like(embeddings); kvp=2). DiffLLaMA:
+    two attention calls over halves of the cached value heads, combined across query heads h and h + 4 (heads in
+    parts: layout._HEAD_PARTS), on both layouts."""
     check_families(2, [("laguna", [(2, 1)]), ("flint", [(2, 1)]), ("gpt_bigcode", [(1, 2)]), ("falcon", [(1, 2)]),
-                       ("mimo", [(2, 1)]), ("trocr", [(2, 1)]), ("mpt", [(1, 2)]), ("git", [(2, 1)])])
+                       ("mimo", [(2, 1)]), ("trocr", [(2, 1)]), ("mpt", [(1, 2)]), ("git", [(2, 1)]),
+                       ("diffllama", [(2, 1), (1, 2)])])
 
 
 @pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")
@@ -152,6 +155,20 @@ def test_kv_shared_layers_and_per_layer_shapes():
     Opt-in (4 layers, per-layer inputs, AltUp: the heaviest tiny models); tests/passes/test_regions.py checks
     their structure in CI, tools/coverage.py their numerics."""
     check_families(2, [("gemma3n", [(2, 1), (1, 2)]), ("gemma4", [(2, 1), (1, 2)])])
+
+
+@pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")
+def test_diffllama_heads_in_parts_on_four_ranks():
+    """DiffLLaMA on 4 ranks (about 13 s a layout; CI checks its 2-rank layouts, and the kvp=2 x tpa=2 graph in
+    tests/passes/test_regions.py and the golden fixture): kvp=2 x tpa=2 (each rank holds the same block of each
+    part, so the pairs h, h + 4 stay on one rank), also with eager attention and with HOP-B (the exchange's reorder
+    copied per batch chunk); with 8 KV heads kvp=4 (each KVP rank receives one block of each part) and tpa=4 (one
+    query and one KV head of each part per TPA rank); and Inductor's executor on 2 ranks, kvp=2 (about 30 s)."""
+    check(2, "diffllama", [(2, 1)], executor="inductor")
+    check(4, "diffllama", [(2, 2)])
+    check(4, "diffllama", [(2, 2)], attn="eager")
+    check(4, "diffllama", [(2, 2)], hopb=2)
+    check(4, "diffllama", [(4, 1), (1, 4)], num_key_value_heads=8)
 
 
 def test_eager_attention_form():
@@ -216,11 +233,13 @@ def test_prompt_lengths_vary(executor, lengths):
 
 
 @pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")
+@pytest.mark.parametrize("family", ["gpt_neo", "diffllama"])
 @pytest.mark.parametrize("layout", [(2, 1), (1, 2)])
-def test_prompt_lengths_vary_symbolic_head_views(layout):
+def test_prompt_lengths_vary_symbolic_head_views(family, layout):
     """GPT-Neo sizes its head split / merge views as x.size()[:-1] + (H, D): once the length is symbolic Dynamo
-    records view(x, torch.Size([...])), whose head count helix rewrites like a tuple's (heads.py)."""
-    for worst, _ in run_ranks(2, _lengths_body, [7, 5, 9, 3], "eager", "gpt_neo", layout):
+    records view(x, torch.Size([...])), whose head count helix rewrites like a tuple's (heads.py). DiffLLaMA cuts
+    its attention output's heads into parts (heads.HeadCut) whose other sizes are then symbolic."""
+    for worst, _ in run_ranks(2, _lengths_body, [7, 5, 9, 3], "eager", family, layout):
         assert worst < 1e-5, worst
 
 

@@ -28,7 +28,7 @@ VERSIONS = f"torch {torch.__version__}\ntransformers {transformers.__version__}\
 CASES = [("llama", "decode"), ("llama", "prefill"), ("llama", "decode-hopb2"), ("qwen2", "decode"),
          ("mistral", "decode"), ("phi", "decode"), ("mqa", "decode"),
          ("gpt2", "decode"), ("phi3", "decode"), ("gemma2", "decode"), ("mixtral", "decode"), ("deepseek_v3", "decode"),
-         ("bert", "decode"), ("laguna", "decode"), ("gpt_bigcode", "decode")]
+         ("bert", "decode"), ("laguna", "decode"), ("gpt_bigcode", "decode"), ("diffllama", "decode")]
 LAYOUTS = {  # a 4-rank layout per family (default kvp=2 x tpa=2)
     "mqa": dict(kvp=4, tpa=1),
     "mixtral": dict(kvp=2, tpa=2, ep=2),  # experts: 2 per rank (ep=2), each split in two (tpf=2)

@@ -11,9 +11,10 @@ from models import model
 from test_memory import _compare_sharded
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-FAMILIES = ["gpt2", "phi3", "bert", "gemma2"]  # gpt_neox: transformers 5.24 saves no lm_head (declared tied, not tied)
-# bert: attention.self.query/key/value, attention.output.dense (o) beside the FFN's output.dense (ffn_out) by name;
-# gemma2: transformers has no SDPA form of its attention, so from_pretrained builds its eager one
+FAMILIES = ["gpt2", "phi3", "bert", "gemma2", "diffllama"]  # gpt_neox: transformers 5.24 saves no lm_head (declared
+# tied, not tied); bert: attention.self.query/key/value, attention.output.dense (o) beside the FFN's output.dense
+# (ffn_out) by name; gemma2: transformers has no SDPA form of its attention, so from_pretrained builds its eager one;
+# diffllama: q/k/v_proj rows of heads in two parts, one block of each per TPA rank (roles.head_ranges)
 
 
 def _load_and_compare(rank, folders):

@@ -81,6 +81,9 @@ FAMILY_CONFIG = {
     "lfm2_moe": dict(layer_types=["full_attention", "full_attention"], num_dense_layers=1),
     "zaya": dict(num_experts_per_tok=1),  # ZAYA routes each token to one expert only
     "mimo_v2_flash": dict(v_head_dim=8),  # values narrower than keys, as in the model (192 / 128)
+    # DiffLLaMA pairs query head h with h + Q/2 and KV head g with g + K/2: a rank holds the same block of each half,
+    # so every layout of 4 ranks needs 8 query and 8 KV heads (tpa | K/2, kvp | Q/2/tpa; layout._HEAD_PARTS)
+    "diffllama": dict(num_attention_heads=8, num_key_value_heads=8),
     "gpt_bigcode": dict(num_key_value_heads=None),  # derived from multi_query (MQA: 1 KV head); None = not set
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=12),  # one global + one local layer
     "cohere_compass_text": dict(rope_parameters={  # its default config has none, so transformers cannot build it

@@ -50,6 +50,8 @@ class Plan:
         for layer in [heads, *heads.get("per_layer", ())]:
             if layer["dv"] == layer["d"]:
                 del layer["dv"]  # nor plans whose values are as wide as the keys
+            if layer["parts"] == 1:
+                del layer["parts"]  # nor plans whose heads are independent
         data = {
             "layout": dataclasses.asdict(self.layout),
             "rank": self.rank,

@@ -8,7 +8,8 @@ Contract
          chunk i is in flight while chunk i+1's partial attention runs, and chunk i's merge overlaps chunk
          i+1's exchange. Results are bit-identical per row (each row's math is unchanged).
     refuses: a batch not divisible by ``C``; an attention chain other than
-         partial_attention -> all_to_all_single -> wait_tensor -> lse_merge (it only reorders what it knows).
+         partial_attention -> [head reorder] -> all_to_all_single -> wait_tensor -> lse_merge (it only reorders what
+         it knows; the head reorder of heads in parts, ``attention.exchange_and_merge``, is copied per chunk).
 
 Pseudo-code, per attention layer (pattern ... into ...):
     o = lse_merge(wait(a2a(partial_attention(q, K, V, pos))))
@@ -58,8 +59,23 @@ def _only_user(node: fx.Node, target) -> fx.Node:
     return users[0]
 
 
+def _reorder(partial: fx.Node) -> list[fx.Node]:
+    """The head reorder between a partial attention and its all-to-all (heads in parts: ``exchange_and_merge``),
+    unflatten(0, ...) -> transpose(0, 1) -> flatten(0, 2) on the heads dim: the same for every batch chunk; [] if
+    none."""
+    chain, node = [], partial
+    for method in ("unflatten", "transpose", "flatten"):
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_method" or users[0].target != method:
+            break
+        node = users[0]
+        chain.append(node)
+    return chain if len(chain) == 3 else []  # anything else: _chunk refuses it
+
+
 def _chunk(graph: fx.Graph, partial: fx.Node, chunks: int) -> None:
-    a2a = _only_user(partial, A2A)
+    reorder = _reorder(partial)
+    a2a = _only_user(reorder[-1] if reorder else partial, A2A)
     wait = _only_user(a2a, WAIT)
     merge = _only_user(wait, MERGE)
     query, keys, values, pos, *rest = partial.args
@@ -78,10 +94,12 @@ def _chunk(graph: fx.Graph, partial: fx.Node, chunks: int) -> None:
                 for name, x in partial.kwargs.items()
             }
             p_i = graph.call_function(PARTIAL, (q_i, k_i, v_i, pos, *rest), kwargs_i)
+            for node in reorder:  # on the heads dim (0): the same for a chunk of the batch (dim 1)
+                p_i = graph.call_method(node.target, (p_i, *node.args[1:]), node.kwargs)
             sent.append(graph.call_function(A2A, (p_i, *a2a.args[1:])))
     with graph.inserting_before(merge):
         outs = [graph.call_function(MERGE, (graph.call_function(WAIT, (s,)), *merge.args[1:])) for s in sent]
         joined = graph.call_function(torch.cat, (outs, 0))
     merge.replace_all_uses_with(joined)
-    for node in (merge, wait, a2a, partial):
+    for node in (merge, wait, a2a, *reversed(reorder), partial):
         graph.erase_node(node)

@@ -9,6 +9,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from helix_compile import Layout, StaticCache
 from helix_compile.backend import run_passes
+from helix_compile.graph_text import graph_text
 from models import model, prompt
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -332,3 +333,56 @@ def test_part_view_read_otherwise_is_refused(fake_world, mix, message):
     m.model.layers[0].mlp = _PartViewMLP(64, 96, mix=mix)
     with pytest.raises(Exception, match=message):
         passes(m)
+
+
+def test_diffllama_heads_in_parts(fake_world):
+    """DiffLLaMA: two attention cores over one query, each over one half of the cached value heads (chunk, repeat),
+    combined o1 - lambda * o2 across query heads h and h + 4. Rank 1 of kvp=2 x tpa=2 holds the same block of each
+    part: query heads [2, 4) and [6, 8), KV heads [1, 2) and [3, 4); o_proj's columns of pair 2 (heads 2 and 6, 16
+    features); each core's partials are reordered so that the all-to-all gives every KVP rank one block of each
+    part; with HOP-B the reorder is copied per batch chunk."""
+    done = passes(model("diffllama"), Layout(2, 2, kv_block=4, hopb_chunks=2))
+    attention = done.regions.attention
+    assert [len(a.routes) for a in attention] == [2, 2] and all(a.output.parts == 2 for a in attention)
+    assert [[op.target for op in r.ops] for r in attention[0].routes] == [[torch.chunk, operator.getitem, "repeat"]] * 2
+    assert [r.heads_read(list(range(4))) for r in attention[0].routes] == [[0, 1, 0, 1], [2, 3, 2, 3]]
+    specs = {role: done.plan.inputs[name] for name, role in done.plan.roles.items() if "layers_modules_0_" in name}
+    assert specs["q.weight"].ranges == ((16, 32), (48, 64))
+    assert specs["k.weight"].ranges == specs["v.weight"].ranges == ((8, 16), (24, 32))
+    assert (specs["o.weight"].dim, specs["o.weight"].start, specs["o.weight"].stop) == (1, 32, 48)
+    for stage, partials in (("partition", 4), ("schedule", 8)):
+        text = graph_text(done.stages[stage])
+        assert text.count("helix.partial_attention.default(") == partials
+        assert text.count("unflatten(") == text.count("all_to_all_single.default(") == partials
+        assert "scaled_dot_product_attention" not in text
+
+
+def _rolled_eager(inner):
+    """eager attention whose values are the cache's KV heads rolled by one (a rearrangement helix can follow)."""
+    def attention(module, query, key, value, *args, **kwargs):
+        return inner(module, query, key, torch.cat([value[:, 1:], value[:, :1]], dim=1), *args, **kwargs)
+    return attention
+
+
+def test_value_heads_rearranged_only_where_proven(fake_world, monkeypatch):
+    """Values through head rearrangements are exact under KVP (every rank holds every head) and refused where a
+    rank's heads would not give each query head its value head (tpa=2), or where helix cannot follow the op; and
+    DiffLLaMA's cut into parts is refused when the config does not say its heads come in parts."""
+    import transformers.models.llama.modeling_llama as llama
+    from helix_compile import layout as layout_module
+
+    original = llama.eager_attention_forward
+    monkeypatch.setattr(llama, "eager_attention_forward", _rolled_eager(original))
+    done = passes(model("llama", attn="eager"), Layout(4, 1, kv_block=4))
+    assert [r.heads_read([0, 1, 2, 3]) for a in done.regions.attention for r in a.routes] == [[1, 2, 3, 0]] * 2
+    with pytest.raises(Exception, match=r"query head 6 reads value head 0 of the cache \(through getitem_\d+ -> "
+                                        r"getitem_\d+ -> cat_\d+\), but on rank 1 .* it would read head 2"):
+        passes(model("llama", attn="eager"))
+    monkeypatch.setattr(llama, "eager_attention_forward",
+                        lambda module, q, k, v, *a, **kw: original(module, q, k, v.flip(1), *a, **kw))
+    with pytest.raises(Exception, match=r"the values of node .* come from the cache's .*values through node 'flip'"):
+        passes(model("llama", attn="eager"))
+    monkeypatch.setattr(layout_module, "_HEAD_PARTS", {})
+    with pytest.raises(Exception, match=r"model.layers.0.self_attn: the graph cuts the attention output's heads into 2 "
+                                        r"part\(s\) \(at chunk_1\), but the config's heads are in 1"):
+        passes(model("diffllama"))

@@ -5,7 +5,10 @@ Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache wri
             matmul(q, k^T) -> *scale -> [/softcap -> tanh -> *softcap] -> [+mask] -> softmax -> [to] -> [dropout]
             -> matmul(., v), whose keys/values trace back (through repeat_kv views) to the cache placeholders
             (a where(mask, scores, min) among them only where ``where_mask.py`` proves the causal mask implies it);
-            or the (B*H, L, D) batched-matmul form with an optional ALiBi bias (BLOOM, XGLM: ``alibi.py``)
+            or the (B*H, L, D) batched-matmul form with an optional ALiBi bias (BLOOM, XGLM: ``alibi.py``);
+            several cores in the writing module over one query, each over values made of the cache's by
+            per-position rearrangements of whole KV heads (DiffLLaMA: ``chunk(values, 2, dim=1)[i].repeat(1, 2, 1,
+            1)``; ``ValueRoute``, proved per rank against its heads, refused by name otherwise)
     q, k, v the projection among the ancestors of the query, of k, of v inside the attention module, reached
             through per-head ops only (reshapes, elementwise ops, RoPE, per-head norms, and norms over all heads'
             features, which become exact under tpa > 1 by an all-reduce of partial sums of squares); one fused
@@ -37,6 +40,10 @@ Rewrite (``replace_with``; pattern ... into ...):
               core'  = lse_merge(recv, kvp, D)                                          # (B, h, L, D)
     o = proj(x, Wo, b)   into  wait(all_reduce(proj(x, Wo_shard), "sum", world)) [+ b]  # N > 1 only
     attention sinks (sinks.py): folded into the partial of the first KVP rank before the exchange
+    several cores: the same for each, partial attention over the model's rearrangement of the local values; heads in
+        p parts (DiffLLaMA, ``Heads.parts``): the rank holds the same block of each part (q/k/v rows: roles.py),
+        packed reordered part-minor before the all-to-all (``exchange_and_merge``), and the output side's cut of
+        the heads into p parts stays as it is (heads.py)
     views naming the head count, output gates and norms between core and o: heads.py
     mean(x*x, -1) over all heads' features (q/k norm)
         into  wait(all_reduce(sum(x*x, -1), "sum", tpa_group)) / (heads * D)             # tpa > 1 only
@@ -62,9 +69,10 @@ from .common import (
 from .alibi import BADDBMM, BMM, IndexSplit, alibi_or_none, bmm_core, find_index_split
 from .chunks import check_chunk_mask, layer_chunk
 from .heads import (
-    GroupSlices, OutputSide, all_reduce_mean, fused_rows, group_slices, head_select, head_slices, input_views,
-    match_output, per_group_qkv,
+    GroupSlices, OutputSide, all_reduce_mean, cut_dim, fused_rows, group_slices, head_select, head_slices, input_views,
+    is_cut, match_output, per_group_qkv,
 )
+from .roles import head_ranges
 from .rope import complex_views, is_complex_view
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 from .sinks import add_sink, concat_sink, is_drop_last, max_shift, scale_sink
@@ -85,6 +93,62 @@ class CrossHeadNorm:
     width: int  # global features (heads * D)
     weights: list  # 1-D parameters of that width (sharded like the projection rows)
     role: str  # "q_norm" or "k_norm"
+
+
+@dataclasses.dataclass
+class ValueRoute:
+    """The values one attention core reads: the cache's ``values`` placeholder itself (``ops`` empty), or whole KV
+    heads of it rearranged position by position (DiffLLaMA: ``chunk(values, 2, dim=1)[i].repeat(1, 2, 1, 1)``):
+    ``node`` (B, K, S, Dv), made from the placeholder by ``ops`` (chunk / split / tensor_split along the heads dim
+    and getitem of a part, getitem of a heads slice or of batch rows, repeat along the heads dim, cat along it,
+    contiguous), before repeat_kv. Such ops take every position alike, so they commute with sharding the sequence
+    (KVP); which heads they take on a rank's heads is proved by ``check``."""
+
+    core: fx.Node
+    source: fx.Node  # the cache's values placeholder
+    node: fx.Node  # what the core reads through repeat_kv: ``source``, or the last of ``ops``
+    ops: list  # graph order
+
+    def heads_read(self, kv_heads: list) -> list:
+        """The cache's KV heads (global indices) that ``node``'s heads hold when the cache holds ``kv_heads`` in this
+        order: ``ops`` run on a (1, len(kv_heads), 1, 1) tensor of those indices."""
+        env = {self.source: torch.tensor(kv_heads).view(1, -1, 1, 1)}
+        for op in self.ops:
+            if _rows_slice(op):  # batch rows: the same heads
+                env[op] = env[op.args[0]]
+                continue
+            args, kwargs = fx.node.map_arg((op.args, op.kwargs), lambda n: env[n])
+            env[op] = op.target(*args, **kwargs) if op.op == "call_function" else getattr(args[0], op.target)(
+                *args[1:], **kwargs)
+        return env[self.node].flatten().tolist()
+
+    def check(self, heads, layout, rank: int) -> None:
+        """Refuse unless the local program, running ``ops`` on this rank's KV heads, gives each of its query heads
+        the value head the global program gives that query head (query head h reads head h // (Q/K) of ``node``)."""
+        if not self.ops:
+            return
+        q_ranges, kv_ranges = head_ranges(heads, layout, rank)
+        qs, ks = [h for a, b in q_ranges for h in range(a, b)], [g for a, b in kv_ranges for g in range(a, b)]
+        names = " -> ".join(op.name for op in self.ops)
+        try:
+            whole, local = self.heads_read(list(range(heads.k))), self.heads_read(ks)
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise UnsupportedModelError(f"{where(self.core)}: its values are rearranged ({names}) in a way that does "
+                                        f"not run on this rank's {len(ks)} KV heads {kv_ranges}: {e}") from None
+        if len(whole) != heads.k or len(local) != len(ks):
+            raise UnsupportedModelError(
+                f"{where(self.core)}: its values ({names}) have {len(whole)} heads and its keys {heads.k}; helix pairs "
+                f"keys and values head by head"
+            )
+        group, local_group = heads.q // heads.k, len(qs) // len(ks)
+        for i, h in enumerate(qs):
+            if local[i // local_group] != whole[h // group]:
+                raise UnsupportedModelError(
+                    f"{where(self.core)}: query head {h} reads value head {whole[h // group]} of the cache (through "
+                    f"{names}), but on rank {rank} ({layout.key()}: query heads {q_ranges}, KV heads {kv_ranges}) it "
+                    f"would read head {local[i // local_group]}; helix keeps such rearrangements exact only when each "
+                    f"rank holds the heads they pair up ({heads.parts} part(s) of the heads, layout._HEAD_PARTS)"
+                )
 
 
 @dataclasses.dataclass
@@ -115,6 +179,8 @@ class AttentionMatch:
     shares: str | None = None  # a kv-shared reader: the module whose cache write (``kv_write``) it reads
     layer: int | None = None  # decoder layer index (its Heads when layers differ in shape: ``Heads.layer``)
     chunk: int = 0  # chunked attention (chunks.py): keys of the query's own chunk of positions only
+    routes: list = dataclasses.field(default_factory=list)  # ValueRoute of each core over this query ([] : core's
+    # values are the placeholder); DiffLLaMA: two cores, each over its half of the value heads
 
     kind = "attention"
 
@@ -140,8 +206,11 @@ class AttentionMatch:
         )
         if self.norms:
             extra += f" cross_head_norms={[n.mean.name for n in self.norms]}"
-        if self.output is not None and (self.output.gates or self.output.norms):
+        if self.output is not None and (self.output.gates or self.output.norms or self.output.cut):
             extra += self.output.describe()
+        if self.routes:
+            extra += " values=" + str([f"{r.core.name}: {'->'.join(op.name for op in r.ops) or self.values.name}"
+                                        for r in self.routes])
         if self.shares is not None:
             return (
                 f"attention {self.module} [{self.form}] q={self.q.name} reads the cache of {self.shares} "
@@ -203,10 +272,11 @@ class AttentionMatch:
         if ctx.heads.per_layer:  # this layer's shape (Gemma 4: full-attention layers have their own head_dim)
             ctx = dataclasses.replace(ctx, heads=ctx.heads.layer(self.layer))
         layout, heads = ctx.layout, ctx.heads
+        self._check_parts(heads, layout, ctx.rank)
         keys, values, k, v, pos = (env[x.name] for x in self.kv_write.args)
-        core, query = env[self.core.name], env[self.query.name]
+        query = env[self.query.name]
         if self.shares is not None:  # the writer's match rewrites the write; this layer reads the same local shard
-            with graph.inserting_before(core):
+            with graph.inserting_before(env[self.core.name]):
                 keys, values = _batch_rows(graph, keys, values, k)
         else:
             write = env[self.kv_write.name]
@@ -217,26 +287,12 @@ class AttentionMatch:
                     (keys, values, k, v, pos, ctx.kvp_rank, layout.kvp, layout.kv_block),
                 )
             graph.erase_node(write)
-        args = (query, keys, values, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, self.scale)
-        if self.softcap or self.window:
-            args += (float(self.softcap), int(self.window))
-        kwargs = {"key_mask": env[self.key_mask.name]} if self.key_mask is not None else {}
-        if self.chunk:
-            kwargs["chunk"] = int(self.chunk)
-        with graph.inserting_before(core):
-            if self.alibi is not None:  # the slopes of this rank's query heads (its TPA slice)
-                per = heads.q // layout.tpa
-                slopes = self.alibi.local_slopes(layout.tpa_rank(ctx.rank) * per, per)
-                device = query.meta["example_value"].device if "example_value" in query.meta else None
-                kwargs["alibi_slopes"] = graph.call_function(
-                    torch.tensor, (slopes,), {"dtype": torch.float32, "device": device})
-                if self.alibi.positions is not None:
-                    kwargs["alibi_pos"] = env[self.alibi.positions.name]
-            packed = graph.call_function(torch.ops.helix.partial_attention.default, args, kwargs)
-            if self.sink is not None and ctx.kvp_rank == 0:  # the sink joins one partial per KVP group
-                packed = add_sink(graph, packed, env[self.sink.name], heads.dv, self.query.meta["example_value"].dtype)
-            merged = exchange_and_merge(graph, packed, ctx, heads.dv)
-        core.replace_all_uses_with(merged)
+        for route in self.routes or [ValueRoute(self.core, self.values, self.values, [])]:
+            core, value = env[route.core.name], values
+            if route.ops:  # the model's own rearrangement of the local values (checked by _check_parts)
+                with graph.inserting_before(core):
+                    _, value = _batch_rows(graph, env[self.keys.name], env[route.node.name], k)
+            self._attend(graph, env, ctx, core, query, keys, value, pos)
         first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
         if self.fused == "qkv_heads":
             group = per_group_qkv(self.module, self.q, self.split, heads)
@@ -272,12 +328,66 @@ class AttentionMatch:
             self.output.replace_with(graph, env, ctx, heads.dv)
         self.o.row_parallel(graph, env, ctx.world_group, layout.world_size, ctx.split[ctx.kvp_rank] * heads.dv)
 
+    def _attend(self, graph: fx.Graph, env: dict, ctx, core: fx.Node, query: fx.Node, keys: fx.Node, values: fx.Node,
+                pos: fx.Node) -> None:
+        """core = attention(query, cache)  into  lse_merge(exchange(partial_attention(query, keys, values, ...)))."""
+        layout, heads = ctx.layout, ctx.heads
+        args = (query, keys, values, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, self.scale)
+        if self.softcap or self.window:
+            args += (float(self.softcap), int(self.window))
+        kwargs = {"key_mask": env[self.key_mask.name]} if self.key_mask is not None else {}
+        if self.chunk:
+            kwargs["chunk"] = int(self.chunk)
+        with graph.inserting_before(core):
+            if self.alibi is not None:  # the slopes of this rank's query heads (its TPA slice)
+                per = heads.q // layout.tpa
+                slopes = self.alibi.local_slopes(layout.tpa_rank(ctx.rank) * per, per)
+                device = query.meta["example_value"].device if "example_value" in query.meta else None
+                kwargs["alibi_slopes"] = graph.call_function(
+                    torch.tensor, (slopes,), {"dtype": torch.float32, "device": device})
+                if self.alibi.positions is not None:
+                    kwargs["alibi_pos"] = env[self.alibi.positions.name]
+            packed = graph.call_function(torch.ops.helix.partial_attention.default, args, kwargs)
+            if self.sink is not None and ctx.kvp_rank == 0:  # the sink joins one partial per KVP group
+                packed = add_sink(graph, packed, env[self.sink.name], heads.dv, self.query.meta["example_value"].dtype)
+            merged = exchange_and_merge(graph, packed, ctx, heads.dv, heads.parts)
+        core.replace_all_uses_with(merged)
 
-def exchange_and_merge(graph: fx.Graph, packed: fx.Node, ctx, head_dim: int) -> fx.Node:
+    def _check_parts(self, heads, layout, rank: int) -> None:
+        """Refuse a layout under which this attention's heads in parts would not be exact on ``rank``: the parts the
+        graph cuts the output heads into must be the config's (``Heads.parts``: the q/k/v rows the rank holds and
+        the exchange follow those), and every rearrangement of the value heads must give each local query head its
+        global value head (``ValueRoute.check``)."""
+        if layout.world_size == 1:
+            return
+        parts = self.output.parts if self.output is not None else 1
+        if parts != heads.parts:
+            cut = f"at {self.output.cut.node.name}" if parts > 1 else "nowhere"
+            raise UnsupportedModelError(
+                f"{self.module}: the graph cuts the attention output's heads into {parts} part(s) ({cut}), but the "
+                f"config's heads are in {heads.parts} (layout._HEAD_PARTS: model types whose attention pairs heads "
+                f"across parts); helix cannot shard these heads exactly"
+            )
+        if heads.parts > 1 and self.alibi is not None:
+            raise UnsupportedModelError(f"{self.module}: ALiBi over heads in {heads.parts} parts is not supported")
+        for route in self.routes:
+            route.check(heads, layout, rank)
+
+
+def exchange_and_merge(graph: fx.Graph, packed: fx.Node, ctx, head_dim: int, parts: int = 1) -> fx.Node:
     """packed partials -> wait(all_to_all over the KVP group) (kvp > 1) -> lse_merge: the Helix exchange, shared by
-    every attention kind (GQA/MHA here, MLA in mla.py)."""
+    every attention kind (GQA/MHA here, MLA in mla.py).
+
+    Heads in ``parts`` parts (DiffLLaMA): the rank's heads are [part 0 | part 1 | ...], and the all-to-all sends
+    contiguous shares, so they are first reordered part-minor, packed.unflatten(0, (parts, kvp, -1)).transpose(0, 1)
+    .flatten(0, 2): KVP rank j then holds the j-th block of every part, in part order, as its local program expects
+    (Layout.validate makes the blocks even)."""
     layout, recv = ctx.layout, packed
     if layout.kvp > 1:
+        if parts > 1:
+            packed = graph.call_method("unflatten", (packed, 0, (parts, layout.kvp, -1)))
+            packed = graph.call_method("transpose", (packed, 0, 1))
+            packed = graph.call_method("flatten", (packed, 0, 2))
         sent = graph.call_function(
             funcol.all_to_all_single.default, (packed, [ctx.split[ctx.kvp_rank]] * layout.kvp, ctx.split, ctx.kvp_group)
         )
@@ -366,10 +476,11 @@ def match_attention(graph: fx.Graph, config=None, skip=()) -> list[AttentionMatc
     return sorted(matches, key=lambda m: _order(m.core))
 
 
-def _match_one(write: fx.Node, index: int, config, found) -> AttentionMatch:
+def _match_one(write: fx.Node, index: int, config, own: list) -> AttentionMatch:
     keys, values, k, v, pos = write.args
     module = module_path(write)
-    form, core, query, scale, softcap, alibi, sink = found
+    form, core, query, scale, softcap, alibi, sink, _ = own[0]
+    cores, routes = [c[1] for c in own], [c[7] for c in own]
     norms: list[CrossHeadNorm] = []
     q = _projection_ancestor(query, module, f"query of {module}", norms, "q_norm")
     kp = _projection_ancestor(k, module, f"key of {module}", norms, "k_norm")
@@ -392,17 +503,25 @@ def _match_one(write: fx.Node, index: int, config, found) -> AttentionMatch:
             raise UnsupportedModelError(f"{module}: fused q/k/v projection {where(q.node)} without a split helix understands")
         fused = "qkv_heads" if split.width != q.out_features or isinstance(split, GroupSlices) else "qkv"
     gate_norms: list[CrossHeadNorm] = []
-    output = match_output(core, module, f"attention output of {module}",
+    output = match_output(cores, module, f"attention output of {module}",
                           lambda node, what: _projection_ancestor(node, module, what, gate_norms, None))
     o = output.o
     _check_softcap(config, module, core, softcap)
     layer = _layer_index(keys, index)
     window = layer_window(config, layer) if config is not None else 0
     chunk = layer_chunk(config, layer)
-    check_chunk_mask(_mask_operand(form, core), core, chunk, module)
+    key_masks = set()
+    for c in cores:
+        check_chunk_mask(_mask_operand(form, c), c, chunk, module)
+        key_masks.add(_key_mask(form, c))
+    if len(key_masks) != 1:
+        raise UnsupportedModelError(f"{module}: attention cores {[c.name for c in cores]} over one query apply "
+                                    f"different attention masks")
+    if len(cores) == 1 and not routes[0].ops:
+        routes = []  # the values placeholder itself: the common case
     return AttentionMatch(module, form, q, kp, vp, o, write, keys, values, pos, query, core, scale, softcap, window,
-                          fused, split, norms, _key_mask(form, core), alibi, output, _views(q, kp, vp, query, k, v, fused),
-                          sink, layer=layer, chunk=chunk)
+                          fused, split, norms, key_masks.pop(), alibi, output, _views(q, kp, vp, query, k, v, fused),
+                          sink, layer=layer, chunk=chunk, routes=routes)
 
 
 def _views(q, kp, vp, query, k, v, fused) -> list:
@@ -416,8 +535,12 @@ def _views(q, kp, vp, query, k, v, fused) -> list:
 
 def _match_reader(writer: AttentionMatch, found, config) -> AttentionMatch:
     """A kv-shared layer: attention in another module over ``writer``'s cache placeholders (see the module doc)."""
-    form, core, query, scale, softcap, alibi, sink = found
+    form, core, query, scale, softcap, alibi, sink, route = found
     module = module_path(core)
+    if route.ops:
+        raise UnsupportedModelError(f"{where(core)} reads the cache of {writer.module} through a rearrangement of its "
+                                    f"value heads ({[op.name for op in route.ops]}); helix supports kv-shared layers "
+                                    f"that read the values as cached only")
     if alibi is not None or sink is not None:
         raise UnsupportedModelError(f"{where(core)} reads the cache of {writer.module} with "
                                     f"{'ALiBi' if alibi is not None else 'an attention sink'}; helix supports "
@@ -578,6 +701,67 @@ def _cache_source(node: fx.Node) -> fx.Node | None:
     return node
 
 
+def value_route(value: fx.Node, values: fx.Node, keys: fx.Node, core: fx.Node) -> ValueRoute:
+    """How the ``value`` operand of ``core`` comes from the cache's ``values`` placeholder (see ``ValueRoute``):
+    repeat_kv's views (and batch rows) back to the placeholder or to the last of the head rearrangements, which
+    must lead to the placeholder alone; anything else is refused by name."""
+    node = value
+    while node.op != "placeholder" and not _head_op(node) and (
+            is_method(node, SHAPE_METHODS) or is_call(node, {operator.getitem})):
+        node = node.args[0]  # repeat_kv: getitem None / expand / reshape (and a batch slice)
+    ops, stack, seen = [], [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            if n is not values:
+                raise UnsupportedModelError(
+                    f"attention reads keys of one cache layer ({keys.name}) and values of another ({n.name}): "
+                    f"{where(core)}"
+                )
+            continue
+        if not (_head_op(n) or _rows_slice(n) or is_method(n, {"contiguous", "clone"})):
+            raise UnsupportedModelError(
+                f"the values of {where(core)} come from the cache's {values.name} through {where(n)}: helix follows "
+                f"only per-position rearrangements of whole KV heads there (chunk / split / getitem / repeat / cat "
+                f"along the heads dim, and repeat_kv)"
+            )
+        ops.append(n)
+        stack.extend(n.all_input_nodes)
+    return ValueRoute(core, values, node, sorted(ops, key=_order))
+
+
+def _head_op(node: fx.Node) -> bool:
+    """An op on the heads dim (1) of a (B, K, S, D) tensor that takes every position alike: a cut along it and
+    x[i] of one of its parts, a slice of it x[:, a:b], repeat(1, r, 1, 1), cat along it."""
+    if is_cut(node):
+        return len(shape(node.args[0]) or ()) == 4 and cut_dim(node) == 1
+    if is_call(node, {operator.getitem}):
+        source, index = node.args
+        if is_cut(source):
+            return isinstance(index, int)
+        return (isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None) and isinstance(index[1], slice)
+                and all(isinstance(v, int) or v is None for v in (index[1].start, index[1].stop, index[1].step))
+                and all(i == slice(None) for i in index[2:]) and len(shape(source) or ()) == 4)
+    if is_method(node, {"repeat"}):
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        return len(sizes) == 4 and all(isinstance(v, int) for v in sizes) and sizes[0] == sizes[2] == sizes[3] == 1
+    if is_call(node, {torch.cat, torch.concat, torch.concatenate}):
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        return len(shape(node) or ()) == 4 and dim % 4 == 1
+    return False
+
+
+def _rows_slice(node: fx.Node) -> bool:
+    """x[:b] / x[a:b, :, :, :]: rows of the batch, every head and position."""
+    if not is_call(node, {operator.getitem}):
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return isinstance(index[0], slice) and index[0].step is None and all(i == slice(None) for i in index[1:])
+
+
 def _zero_init(mm: fx.Node) -> bool:
     """baddbmm's input is zeros (scores = alpha * q k^T), not a bias such as BLOOM's ALiBi."""
     init = mm.args[0]
@@ -585,34 +769,36 @@ def _zero_init(mm: fx.Node) -> bool:
 
 
 def _find_cores(write: fx.Node):
-    """(the writer's core, [cores of kv-shared readers]) among the attentions over the cache ``write`` fills, each
-    as (form, core, query, scale, softcap, alibi, sink): the writer's is the one in the write's module (or the
-    only one)."""
+    """([the writer's cores], [cores of kv-shared readers]) among the attentions over the cache ``write`` fills, each
+    as (form, core, query, scale, softcap, alibi, sink, route): the writer's are those in the write's module (or
+    the only one); several there must share one query, each over its own values (DiffLLaMA's two calls)."""
     keys, values = write.args[:2]
     cores = _find_core(keys, values, write)
     module = module_path(write)
     own = [c for c in cores if module_path(c[1]) == module] if len(cores) > 1 else cores
-    if len(own) != 1:
+    own.sort(key=lambda c: _order(c[1]))
+    same = len({(c[0], c[2], c[3], c[4]) for c in own}) == 1 and all(c[5] is None and c[6] is None for c in own)
+    if not own or len(own) > 1 and not same:
         raise UnsupportedModelError(
             f"the cache written by {where(write)} is read by {len(cores)} attentions "
-            f"{[where(c[1]) for c in cores]}, {len(own)} of them in the writing module; helix expects one there "
-            f"(the others read it as kv-shared layers)"
+            f"{[where(c[1]) for c in cores]}, {len(own)} of them in the writing module; helix expects one there, or "
+            f"several over one query with one scale and neither ALiBi nor sinks (the others read it as kv-shared "
+            f"layers)"
         )
-    readers = [c for c in cores if c is not own[0]]
+    readers = [c for c in cores if c not in own]
     for c in readers:
         if module_path(c[1]).startswith(module) or not module_path(c[1]):
             raise UnsupportedModelError(f"{where(c[1])} reads the cache written by {where(write)} a second time")
-    return own[0], readers
+    return own, readers
 
 
 def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node) -> list:
-    """Every (form, core, query, scale, softcap, alibi, sink) of an attention that reads the cache placeholders."""
+    """Every (form, core, query, scale, softcap, alibi, sink, route) of an attention that reads the cache placeholders."""
     found = []
     for user in _repeat_kv_users(keys):
         if user.op == "call_function" and user.target in SDPA_TARGETS:
             query, value = user.args[0], user.args[2] if len(user.args) > 2 else user.kwargs["value"]
-            if _cache_source(value) is not values:
-                raise UnsupportedModelError(f"attention reads keys of one cache layer and values of another: {where(user)}")
+            route = value_route(value, values, keys, user)
             if user.kwargs.get("dropout_p", 0.0) not in (0.0, 0):
                 raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(user)}")
             mask = user.kwargs.get("attn_mask", user.args[3] if len(user.args) > 3 else None)
@@ -620,17 +806,16 @@ def _find_core(keys: fx.Node, values: fx.Node, write: fx.Node) -> list:
             scale = user.kwargs.get("scale")
             if scale is None:
                 scale = 1.0 / math.sqrt(shape(query)[-1])
-            found.append(("sdpa", user, query, float(scale), 0.0, None, None))
+            found.append(("sdpa", user, query, float(scale), 0.0, None, None, route))
         elif user.op == "call_method" and user.target == "transpose":
             for mm in user.users:
-                if mm.op == "call_function" and mm.target in MATMUL and mm.args[1] is user:
-                    found.append(_eager_core(mm, values))
-                    break
-                if is_call(mm, {torch.baddbmm}) and len(mm.args) > 2 and mm.args[2] is user and _zero_init(mm):
-                    found.append(_eager_core(mm, values))  # GPT-NeoX-Japanese: baddbmm(zeros, q, k^T, alpha)
+                if mm.op == "call_function" and mm.target in MATMUL and mm.args[1] is user or (
+                        is_call(mm, {torch.baddbmm}) and len(mm.args) > 2 and mm.args[2] is user and _zero_init(mm)):
+                    found.append(_eager_core(mm, values, keys))  # GPT-NeoX-Japanese: baddbmm(zeros, q, k^T, alpha)
                     break
                 if is_call(mm, BMM | BADDBMM) or is_method(mm, {"bmm", "baddbmm"}):  # BLOOM: (B*H, L, D) batched
-                    found.append((*bmm_core(mm, user, values), None))  # matmuls, ALiBi through baddbmm's input
+                    form, core, *rest = bmm_core(mm, user, values)  # matmuls, ALiBi through baddbmm's input
+                    found.append((form, core, *rest, None, ValueRoute(core, values, values, [])))
                     break
     if found:
         return found
@@ -725,10 +910,11 @@ def _dropout_is_identity(node: fx.Node) -> bool:
     return p in (0.0, 0) or training is False
 
 
-def _eager_core(matmul: fx.Node, values: fx.Node):
-    """(form, core, query, scale, softcap, alibi, sink) of matmul(q, k^T) -> *scale -> [/c -> tanh -> *c]
+def _eager_core(matmul: fx.Node, values: fx.Node, keys: fx.Node):
+    """(form, core, query, scale, softcap, alibi, sink, route) of matmul(q, k^T) -> *scale -> [/c -> tanh -> *c]
     -> [+ALiBi] -> [+mask | .masked_fill(mask, min)] -> softmax -> [to] -> [dropout] -> matmul(., v), with an
-    attention sink in either form of ``sinks.py`` (MPT: scores + ALiBi bias, then masked_fill by the causal mask)."""
+    attention sink in either form of ``sinks.py`` (MPT: scores + ALiBi bias, then masked_fill by the causal mask);
+    v from the cache's ``values`` (``value_route``)."""
     query, node, scale, softcap, capping, masked = matmul.args[0], matmul, None, 0.0, None, False
     sink, sink_lse, alibi = None, None, None
     if is_call(matmul, {torch.baddbmm}):  # baddbmm(zeros, q.view(B*H, L, D), k^T, beta=1, alpha=scale)
@@ -801,12 +987,12 @@ def _eager_core(matmul: fx.Node, values: fx.Node):
         elif is_call(nxt, MATMUL):
             if not masked:
                 _check_causal_mask(None, nxt)
-            if _cache_source(nxt.args[1]) is not values:
-                raise UnsupportedModelError(f"eager attention does not read the cache values: {where(nxt)}")
+            route = value_route(nxt.args[1], values, keys, nxt)
             core = nxt
             if sink_lse is not None:
                 sink, core = scale_sink(sink_lse, nxt, f"eager attention at {where(nxt)}")
-            return "eager", core, query, float(scale if scale is not None else 1.0), float(softcap), alibi, sink
+            route.core = core
+            return "eager", core, query, float(scale if scale is not None else 1.0), float(softcap), alibi, sink, route
         else:
             raise UnsupportedModelError(f"unexpected op in eager attention: {where(nxt)}")
         node = nxt

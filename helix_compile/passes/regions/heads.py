@@ -39,6 +39,13 @@ Output side (``match_output``; the dataflow from the attention core to its outpu
         wait(all_reduce(sum(x, -1), "sum", world)) / (Q*D)
     (after the all-to-all the N ranks hold disjoint heads, so the world group sums over all of them). Anything
     else between the core and o_proj is refused naming the node.
+
+    Several cores over the same query (DiffLLaMA's two attention calls, ``cores``) may meet there: concatenated
+    along the features (never the heads), and a norm over the last dim of a (B, L, H', F) tensor is per head.
+    Heads in parts (``HeadCut``, DiffLLaMA: o1 - lambda * o2 of ``chunk(attn, 2, dim=2)``, query head h with h + Q/2):
+    the heads dim cut into p equal parts, each part only through elementwise ops until all p meet in one
+    elementwise op, before o_proj. The rank holds the same block of each part (its q rows, and the exchange:
+    attention.py), so its local cut pairs the same heads; the parts must match the config's (``Heads.parts``).
 """
 
 from __future__ import annotations
@@ -367,6 +374,15 @@ class OutputNorm:
 
 
 @dataclasses.dataclass
+class HeadCut:
+    """``chunk``/``split`` of the attention output's heads dim into ``parts`` equal parts, read as ``getitem`` i."""
+
+    node: fx.Node
+    parts: int
+    items: list  # the getitem nodes, one per part
+
+
+@dataclasses.dataclass
 class OutputSide:
     o: Projection
     gates: list  # Projection: gate projections, rows sharded like o's columns
@@ -375,10 +391,16 @@ class OutputSide:
     gate_views: list  # HeadView (path "o") on the gates' own paths
     weights: list  # 1-D placeholders of all heads' features (the norms' weights), sharded like o's columns
     gate_params: list  # 1-D placeholders of one value per head or feature on a gate's path (Beam's gate_bias)
+    cut: HeadCut | None = None  # heads in parts (DiffLLaMA)
+
+    @property
+    def parts(self) -> int:
+        return self.cut.parts if self.cut is not None else 1
 
     def describe(self) -> str:
         gates = f" gates={[g.name for g in self.gates]}" if self.gates else ""
-        return gates + (f" output_norms={[n.mean.name for n in self.norms]}" if self.norms else "")
+        cut = f" head_parts={self.cut.parts} at {self.cut.node.name}" if self.cut is not None else ""
+        return gates + (f" output_norms={[n.mean.name for n in self.norms]}" if self.norms else "") + cut
 
     def placements(self):
         out = [(n, "o_gate", kind) for g in self.gates for n, _, kind in g.placements("o_gate")]
@@ -412,12 +434,16 @@ def all_reduce_mean(graph: fx.Graph, mean: fx.Node, width: int, group: str) -> N
     graph.erase_node(mean)
 
 
-def match_output(core: fx.Node, module: str, region: str, gate_source) -> OutputSide:
-    """The output side of an attention core (see the module docstring). ``gate_source(node, what)`` finds the
-    projection a gate operand comes from through per-head ops (the attention matcher's ancestor walk)."""
+def match_output(cores: list, module: str, region: str, gate_source) -> OutputSide:
+    """The output side of attention cores over one query (see the module docstring). ``gate_source(node, what)``
+    finds the projection a gate operand comes from through per-head ops (the attention matcher's ancestor walk)."""
+    core = cores[0]
     heads, head_dim = shape(core)[1], shape(core)[-1]
     width = heads * head_dim
-    region_nodes, frontier, outputs = {core}, [core], []
+    if any(shape(c) != shape(core) for c in cores):
+        raise UnsupportedModelError(f"{region}: attention cores {[c.name for c in cores]} over one query differ in "
+                                    f"shape {[shape(c) for c in cores]}")
+    region_nodes, frontier, outputs = set(cores), list(cores), []
     while frontier:
         node = frontier.pop()
         for user in node.users:
@@ -446,9 +472,13 @@ def match_output(core: fx.Node, module: str, region: str, gate_source) -> Output
     if o.in_features != width:
         raise UnsupportedModelError(f"{region}: output projection {o.name} takes {o.in_features} features, the "
                                     f"attention gives {heads} heads x {head_dim}")
+    dims = _heads_dims(cores, region_nodes, region)
+    cut = _head_cut(region_nodes, dims, o, region)
     gates, norms, views, gate_views, weights, gate_params = [], [], [], [], [], []
-    for node in sorted(region_nodes - {core}, key=lambda n: n._sort_key):
-        if node is o.in_view:
+    for node in sorted(region_nodes - set(cores), key=lambda n: n._sort_key):
+        if node is o.in_view or cut is not None and (node is cut.node or node in cut.items):
+            continue
+        if _per_head_norm(node, dims):
             continue
         if is_method(node, SHAPE_METHODS) or is_call(node, {operator.getitem}) and node.args[0] in region_nodes:
             if is_call(node, {operator.getitem}):
@@ -507,7 +537,101 @@ def match_output(core: fx.Node, module: str, region: str, gate_source) -> Output
     if weights and not norms:
         raise UnsupportedModelError(f"{region}: weights {[w.name for w in weights]} over all heads' features "
                                     f"without a norm helix understands")
-    return OutputSide(o, gates, norms, views, gate_views, weights, gate_params)
+    return OutputSide(o, gates, norms, views, gate_views, weights, gate_params, cut)
+
+
+_CUTS = {torch.chunk, torch.split, torch.tensor_split}
+_NORMS = {torch.nn.functional.rms_norm, torch.rms_norm, torch.nn.functional.layer_norm, torch.layer_norm}
+
+
+def is_cut(node: fx.Node) -> bool:
+    """chunk / split / tensor_split (method or function): a tensor cut into a tuple of parts."""
+    return is_method(node, {"chunk", "split", "tensor_split"}) or is_call(node, _CUTS)
+
+
+def cut_dim(node: fx.Node) -> int:
+    """The dim a cut (``is_cut``) cuts along, counted from 0."""
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    return dim % len(node.args[0].meta["example_value"].shape)
+
+
+def _heads_dims(cores: list, nodes: set, region: str) -> dict:
+    """The dim that holds the query heads in each output-side node (None: not known): the cores' dim 1, through
+    transposes, permutes, cuts and their parts, views to the same shape, and ops that keep the shape's rank."""
+    dims = {c: 1 for c in cores}
+    for node in sorted(nodes - set(cores), key=lambda n: n._sort_key):
+        ins = [n for n in node.all_input_nodes if n in nodes]
+        found = {dims.get(n) for n in ins}
+        d = found.pop() if len(found) == 1 else None
+        before, after = shape(ins[0]) if ins else None, shape(node)
+        if d is None:
+            pass
+        elif is_method(node, {"transpose"}):
+            a, b = (x % len(after) for x in node.args[1:3])
+            d = b if d == a else a if d == b else d
+        elif is_method(node, {"permute"}):
+            order = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            d = [x % len(after) for x in order].index(d)
+        elif is_cut(node) or is_call(node, {operator.getitem}) and is_cut(node.args[0]):
+            pass  # a part keeps the dims of the whole
+        elif after is None or before is None or len(after) != len(before):
+            d = None
+        elif is_method(node, VIEWS | {"view_as"}) and tuple(after) != tuple(before):
+            d = None
+        if is_call(node, {torch.cat, torch.concat, torch.concatenate}):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if d is None and len(cores) > 1 or d is not None and dim % len(after) == d:
+                raise UnsupportedModelError(
+                    f"{region}: {where(node)} concatenates attention outputs along the heads dim (or a dim helix "
+                    f"cannot tell from it); helix concatenates them along the features only"
+                )
+        dims[node] = d
+    return dims
+
+
+def _head_cut(nodes: set, dims: dict, o: Projection, region: str) -> HeadCut | None:
+    """The cut of the heads into parts between the cores and o_proj (module docstring), checked; None: no cut."""
+    cuts = [n for n in nodes if is_cut(n) and dims.get(n) is not None and cut_dim(n) == dims[n]]
+    if not cuts:
+        return None
+    if len(cuts) > 1:
+        raise UnsupportedModelError(f"{region}: the attention heads are cut twice ({[c.name for c in cuts]})")
+    cut = cuts[0]
+    items, parts = list(cut.users), len(cut.meta["example_value"])
+    if not all(is_call(i, {operator.getitem}) and isinstance(i.args[1], int) for i in items) or \
+            sorted(i.args[1] % parts for i in items) != list(range(parts)) or \
+            len({p.shape[dims[cut]] for p in cut.meta["example_value"]}) != 1:  # heads: static sizes
+        raise UnsupportedModelError(f"{region}: {where(cut)} cuts the attention heads into {parts} parts helix cannot "
+                                    f"follow (it needs equal parts, each read once as x[i])")
+    taken = {i: frozenset({i.args[1] % parts}) for i in items}  # node -> the parts it depends on
+    for node in sorted(nodes, key=lambda n: n._sort_key):
+        if node in taken or node is cut:
+            continue
+        found = [taken[n] for n in node.all_input_nodes if n in taken]
+        if not found:
+            continue
+        taken[node] = frozenset().union(*found)
+        partial = len(taken[node]) < parts or len(set(found)) > 1  # on some parts, or where parts meet
+        if partial and (not is_pointwise(node) or is_call(node, {torch.cat, torch.concat, torch.concatenate})):
+            raise UnsupportedModelError(
+                f"{region}: {where(node)} acts on parts {sorted(taken[node])} of the {parts} parts that "
+                f"{cut.name} cuts the attention heads into; helix supports elementwise ops on a part and where the "
+                f"parts meet"
+            )
+    fed = [n for n in (o.in_view or o.node).all_input_nodes if n in taken]
+    if len(fed) != 1 or len(taken[fed[0]]) != parts:
+        raise UnsupportedModelError(f"{region}: the {parts} parts that {where(cut)} cuts the attention heads into do "
+                                    f"not all meet before the output projection {o.name}")
+    return HeadCut(cut, parts, items)
+
+
+def _per_head_norm(node: fx.Node, dims: dict) -> bool:
+    """An RMSNorm / LayerNorm over the last dim of a (B, L, H', F) output-side tensor whose heads are not last:
+    per head (DiffLLaMA's groupnorm over each pair's 2*D features); its weight, if any, is the same for every head."""
+    if not is_call(node, _NORMS) or len(shape(node) or ()) != 4:
+        return False
+    x, normalized = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    return tuple(normalized or ()) == shape(node)[-1:] and dims.get(x) not in (None, 3)
 
 
 def _parameter(node: fx.Node) -> fx.Node | None:

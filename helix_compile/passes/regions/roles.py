@@ -9,7 +9,8 @@ intermediate size. Rows are output features of an ``nn.Linear`` weight (out, in)
 stored transposed (in, out): its kind is ``weight_t`` and the same rows are its columns.
 
     q, k, v      rows of the TPA slice's heads: [tpa_rank*Q/tpa, (tpa_rank+1)*Q/tpa) * D (k, v: K instead of Q;
-                 v: Dv instead of D)
+                 v: Dv instead of D; ``head_ranges``); heads in p parts (DiffLLaMA's pairs h, h + Q/2): the same
+                 block of each part (Pieces), e.g. Q=8, tpa=2, rank 1: query heads [2, 4) and [6, 8)
     qkv          fused [q; k; v] rows (Phi-3 qkv_proj, GPT-2 c_attn): the q, k and v rows above, concatenated
     qkv_heads    fused per-head [q_h k_h v_h] rows (GPT-NeoX query_key_value, MHA): [h0*3D, h1*3D); per group of g
                  query heads [q_1..q_g k v] (Falcon-40B, the cache holding Q heads): [h0/g*(g+2)*D, h1/g*(g+2)*D)
@@ -18,6 +19,8 @@ stored transposed (in, out): its kind is ``weight_t`` and the same rows are its 
                  weight of D elements) is replicated
     o            columns (Dv per head) of the heads r holds after the all-to-all (Layout.head_split); its bias is added once,
                  after the all-reduce
+                 (p parts: the rank's heads after the all-to-all are the same block of each part, whose outputs the
+                 model combines pair by pair into Q/p heads of p*Dv features: the same columns)
     o_gate       rows (and bias) of an output gate projection (o = attn * act(gate_proj(x)), AFMoE, HRM, Laguna):
                  those heads' rows, one per feature (Q*D rows) or one per head (Q rows)
     o_norm       the 1-D weight of a norm over all heads' features between attention and o (BitNet attn_sub_norm):
@@ -71,6 +74,7 @@ class Heads:
     latent: bool = False  # MLA: q/kv projections stay whole (tpa = 1)
     per_layer: tuple = ()  # layers of different shapes (Gemma 4's global_head_dim): each layer's Heads; q/k/d: layer 0's
     dv: int | None = None  # head_dim of the values and the attention output (MiMo-V2-Flash: narrower); None: d
+    parts: int = 1  # heads in parts that the attention pairs up (DiffLLaMA: 2; ``layout.attention_shape``)
 
     def __post_init__(self):
         if self.dv is None:
@@ -81,7 +85,8 @@ class Heads:
         """Each decoder layer's heads as the model builds them (``layout.attention_shape``); ``per_layer`` when the
         layers differ (Gemma 4's full-attention layers, MiMo-V2-Flash's sliding layers with twice the KV heads)."""
         latent = mla_latent(config) is not None and not getattr(config, "is_heterogeneous", False)
-        layers = tuple(cls(s.q, 1, s.dv, True) if latent else cls(s.q, s.k, s.d, dv=s.dv) for s in layer_shapes(config))
+        layers = tuple(cls(s.q, 1, s.dv, True) if latent else cls(s.q, s.k, s.d, dv=s.dv, parts=s.parts)
+                       for s in layer_shapes(config))
         return dataclasses.replace(layers[0], per_layer=layers) if len(set(layers)) > 1 else layers[0]
 
     def layer(self, index: int | None) -> "Heads":
@@ -113,6 +118,30 @@ class Pieces:
         return sum(b - a for a, b in self.ranges)
 
 
+def head_ranges(heads: Heads, layout: Layout, rank: int) -> tuple[list, list]:
+    """([first, stop) of the query heads, [first, stop) of the KV heads) that ``rank``'s TPA slice holds, one range
+    per part of the heads (``Heads.parts``), in the order the rank holds them.
+
+    One part: query heads [t*Q/tpa, (t+1)*Q/tpa) and ``Layout.kv_heads``. p parts (DiffLLaMA, p = 2: query head h
+    pairs with h + Q/2, KV head g with g + K/2): the same block of each part, so that the rank's heads are whole
+    pairs, e.g. Q=8, K=4, tpa=2, rank 1: query heads [2, 4) and [6, 8), KV heads [1, 2) and [3, 4)."""
+    p, t = heads.parts, layout.tpa_rank(rank)
+    per_q = heads.q // p // layout.tpa
+    q = [(i * heads.q // p + t * per_q, i * heads.q // p + (t + 1) * per_q) for i in range(p)]
+    first, stop = layout.kv_heads(heads.k // p, rank)  # tpa <= K/p for p > 1 (Layout.validate)
+    return q, [(i * heads.k // p + first, i * heads.k // p + stop) for i in range(p)]
+
+
+def _rows(ranges, width: int, offset: int = 0) -> tuple:
+    """Rows of heads: [a, b) as [offset + a*width, offset + b*width), for each range."""
+    return tuple((offset + a * width, offset + b * width) for a, b in ranges)
+
+
+def _piece(rows: tuple):
+    """Shard of one range of rows, Pieces of several (one per part, concatenated)."""
+    return Shard(0, *rows[0]) if len(rows) == 1 else Pieces(0, rows)
+
+
 def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: int):
     """The shard (``Shard``, ``Pieces`` or None = replicated) of a parameter with this role on ``rank``.
 
@@ -129,22 +158,23 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
     if heads.latent and role in ("q", "k", "v", "qkv", "q_norm", "k_norm"):
         return None  # MLA: tpa = 1, every rank projects all heads (its own KV lives in the latent cache shard)
     d, dv = heads.d, heads.dv
-    q_rows = (tpa_rank * heads.q // layout.tpa * d, (tpa_rank + 1) * heads.q // layout.tpa * d)
-    first, stop = layout.kv_heads(heads.k, rank)  # tpa > K (TP baseline): the one KV head the slice reads
-    k_rows, v_rows = (first * d, stop * d), (first * dv, stop * dv)
+    q_heads, kv_heads = head_ranges(heads, layout, rank)  # tpa > K (TP baseline): the one KV head the slice reads
     if role == "q":
-        return Shard(0, *q_rows)
+        return _piece(_rows(q_heads, d))
     if role == "q_heads":  # one value per query head (attention sinks): the TPA slice's heads
-        return Shard(0, q_rows[0] // d, q_rows[1] // d)
+        return _piece(_rows(q_heads, 1))
     if role in ("k", "v"):
-        return Shard(0, *(k_rows if role == "k" else v_rows))
+        return _piece(_rows(kv_heads, d if role == "k" else dv))
     if role in ("q_norm", "k_norm"):
-        rows = q_rows if role == "q_norm" else k_rows
         full = (heads.q if role == "q_norm" else heads.k) * d
-        return Shard(0, *rows) if shape[0] == full and layout.tpa > 1 else None
+        rows = _rows(q_heads if role == "q_norm" else kv_heads, d)
+        return _piece(rows) if shape[0] == full and layout.tpa > 1 else None
     if role == "qkv":
         qd, kd = heads.q * d, heads.k * d
-        return Pieces(0, (q_rows, (qd + k_rows[0], qd + k_rows[1]), (qd + kd + v_rows[0], qd + kd + v_rows[1])))
+        return Pieces(0, _rows(q_heads, d) + _rows(kv_heads, d, qd) + _rows(kv_heads, dv, qd + kd))
+    if heads.parts > 1 and role in ("qkv_heads", "o_gate", "o_norm"):
+        raise ValueError(f"a {role} parameter of heads in {heads.parts} parts ({heads}) is not supported")
+    q_rows = (q_heads[0][0] * d, q_heads[0][1] * d)  # one part from here on
     if role == "qkv_heads":  # per group of g query heads: [q_1..q_g k v] (g = 1: GPT-NeoX; Falcon-40B: g = Q/Kc)
         if heads.q != heads.k or dv != d:
             raise ValueError(f"a per-head interleaved qkv projection needs as many KV heads as query heads ({heads})")
