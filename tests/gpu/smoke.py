@@ -54,6 +54,11 @@ CONFIGS = [  # (family, dtype, executor, layouts, hopb_chunks)
     ("mimo", torch.float32, "inductor", [(2, 1)], 1),
     ("gpt_oss", torch.float32, "inductor", [(2, 1)], 1),
     ("gpt_oss", torch.bfloat16, "inductor", [(2, 1)], 1),
+    # heads in two parts (DiffLLaMA); the host cache length (MPT with ALiBi in eager scores, TrOCR's positions)
+    ("diffllama", torch.float32, "inductor", [(2, 1), (1, 2)], 1),
+    ("diffllama", torch.bfloat16, "inductor", [(2, 1)], 1),
+    ("mpt", torch.float32, "inductor", [(1, 2)], 1),
+    ("trocr", torch.bfloat16, "inductor", [(2, 1)], 1),
 ]
 OWN_HEAD_DIMS = {"deepseek_v3", "deepseek_v2", "falcon"}  # MLA's head dims of their own; Falcon's is derived
 LAYER_TYPES = {"gpt_oss": ["sliding_attention", "full_attention"] * 2}  # one per layer of the 4
