@@ -73,7 +73,7 @@ from .heads import (
     is_cut, match_output, per_group_qkv,
 )
 from .roles import head_ranges
-from .rope import complex_views, is_complex_view
+from .rope import complex_views, is_complex_view, within_last_axis
 from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
 from .sinks import add_sink, concat_sink, is_drop_last, max_shift, scale_sink
 from .where_mask import check_where_mask
@@ -616,7 +616,8 @@ def _projection_ancestor(start: fx.Node, attention_module: str, what: str, norms
         if not module_path(node).startswith(attention_module):
             continue  # e.g. RoPE cos/sin computed at model level: replicated, broadcast over heads
         inner.append(node)
-        stack.extend(node.all_input_nodes if not is_method(node, {"view_as"}) else [node.args[0]])  # only its shape
+        shape_only = is_method(node, {"view_as", "reshape_as"})  # x.view_as(y): only y's shape
+        stack.extend(node.all_input_nodes if not shape_only else [node.args[0]])
     if len(found) != 1:
         raise UnsupportedModelError(
             f"{what}: expected exactly one projection feeding it inside '{attention_module}', found "
@@ -658,12 +659,8 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
         return None  # complex RoPE (Llama 4): pairs within a head (rope.py)
     if is_call(node, {torch.broadcast_to}):
         return None  # copies along size-1 dims (Falcon-40B: a KV head over its group), sizes: heads.Broadcast
-    if is_call(node, {torch.stack}) or is_method(node, {"repeat_interleave"}):  # interleaved RoPE: within a head
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and is_call(node, {torch.stack}) else
-                              node.args[2] if len(node.args) > 2 else None)
-        first = node.args[0][0] if is_call(node, {torch.stack}) else node.args[0]
-        if dim == -1 and len(shape(first) or ()) == 4:
-            return None
+    if within_last_axis(node):
+        return None  # interleaved RoPE: stack / repeat_interleave / reshape_as within the last axis (rope.py)
     if is_method(node, SPLIT_METHODS):  # cuts of the last dim: a fused qkv (checked by FusedSplit) or within a head
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         if dim in (-1, len(shape(node.args[0]) or ()) - 1):
