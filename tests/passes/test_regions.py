@@ -400,16 +400,23 @@ def _rotary(rotate):
 
 @pytest.mark.parametrize("rotate, message", [
     (None, None),  # RoFormer's own: stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape_as(x)
-    # the pairs taken across neighbouring heads (dim 1 of (B, H, L, D)) instead of within the last axis
-    (lambda x: torch.stack([-x[:, 1::2], x[:, ::2]], dim=2).reshape_as(x), r"node 'stack_\d+' .* is not a per-head op"),
+    # the halves stacked on a new dim before the heads: the reshape_as interleaves heads
+    (lambda x: torch.stack([-x[..., 1::2], x[..., ::2]], dim=1).reshape_as(x),
+     r"node 'stack(_\d+)?' .* is not a per-head op"),
     # within the last axis, then heads moved into the merged axis: the reshape_as regroups heads
     (lambda x: torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).transpose(1, 3).reshape_as(x),
-     r"node 'reshape_as_\d+' .* is not a per-head op"),
+     r"node 'reshape_as(_\d+)?' .* is not a per-head op"),
+    # heads rolled by one: a slice of the heads dim (then a cat along it)
+    (lambda x: torch.cat([x[:, 1:], x[:, :1]], dim=1), r"node 'getitem_\d+' .* indexes a dim of \(2, 4, 5, 16\) that "
+                                                       r"may hold the heads"),
+    # the halves of the last axis concatenated along the heads dim, then folded back: heads interleaved
+    (lambda x: torch.cat([x[..., 8:], x[..., :8]], dim=1).reshape_as(x), r"node 'cat(_\d+)?' .* concatenates along a dim "
+                                                                         r"other than the last"),
 ])
 def test_rotate_half_within_the_last_axis_is_per_head(fake_world, monkeypatch, rotate, message):
     """RoFormer's interleaved rotate-half (strided slices of the last axis, negation, a stack on a new last axis,
     reshape_as merging it back) keeps heads apart: q and k sharded by heads (their exactness: test_exactness.py).
-    A stack across heads, or a reshape_as that regroups heads, is refused by name."""
+    A stack, slice or cat on a dim that may hold heads, or a reshape_as that regroups heads, is refused by name."""
     from transformers.models.roformer import modeling_roformer
 
     if rotate is not None:

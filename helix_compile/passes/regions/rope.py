@@ -20,10 +20,10 @@ Within the last axis (``within_last_axis``; interleaved rotate-half: GLM, RoForm
     stack([-x[..., 1::2], x[..., ::2]], dim=-1)                                    (B, H, L, D/2, 2)
         .reshape_as(x)  (or flatten(-2), view(..., -1))                            (B, H, L, D)
     The last axis of a tensor with the heads' dims (4-D or more) is within a head (head_dim, or part of it). Strided
-    slices of it and negation are elementwise (``common.is_pointwise``); a stack on a new last axis, a
+    slices of it (``heads.per_head_index``) and negation are per element; a stack on a new last axis, a cat or a
     repeat_interleave along the last axis, and a reshape_as that only merges trailing axes back into the last keep
     every dim before the last, heads included: per head, and the same on a rank's local heads (reshape_as takes
-    its shape from a local tensor). Needs no rewrite. Any other stack / repeat_interleave / reshape_as on a
+    its shape from a local tensor). Needs no rewrite. Any other stack / cat / repeat_interleave / reshape_as on a
     head-sharded path is refused by the matcher, by name.
 """
 
@@ -38,6 +38,7 @@ from .common import is_call, is_method, shape
 from .heads import VIEWS, HeadView, path_nodes, _sizes
 
 _COMPLEX = {torch.view_as_complex, torch.view_as_real}
+_CATS = {torch.cat, torch.concat, torch.concatenate}
 
 
 def is_complex_view(node: fx.Node) -> bool:
@@ -46,12 +47,16 @@ def is_complex_view(node: fx.Node) -> bool:
 
 
 def within_last_axis(node: fx.Node) -> bool:
-    """A stack on a new last axis, a repeat_interleave along the last axis, or a reshape_as that only merges
+    """A stack on a new last axis, a cat or repeat_interleave along the last axis, or a reshape_as that only merges
     trailing axes back into the last, of tensors with the heads' dims (4-D or more; see the module doc)."""
     if is_call(node, {torch.stack}) and node.args and isinstance(node.args[0], (tuple, list)) and node.args[0]:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         rank = len(shape(node.args[0][0]) or ())
         return rank >= 4 and dim in (-1, rank)
+    if is_call(node, _CATS) and node.args and isinstance(node.args[0], (tuple, list)) and node.args[0]:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        rank = len(shape(node.args[0][0]) or ())
+        return rank >= 4 and dim in (-1, rank - 1)  # rotate_half's cat((-x2, x1), -1), partial RoPE's pass-through
     if is_method(node, {"repeat_interleave"}):
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
         rank = len(shape(node.args[0]) or ())
