@@ -311,7 +311,8 @@ def attention_shape(config, layer: int = 0) -> AttentionShape:
     d = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", None) or 0) // q  # 0: a stand-in
     family = _KV_HEADS.get(getattr(config, "model_type", None))
     k = family(config, layer) if family is not None else getattr(config, "num_key_value_heads", None) or q
-    parts = _HEAD_PARTS.get(getattr(config, "model_type", None), 1)
+    # the planner's stand-in carries the parts this function gave for the real config (ModelSpec.head_parts)
+    parts = _HEAD_PARTS.get(getattr(config, "model_type", None)) or getattr(config, "head_parts", None) or 1
     return AttentionShape(q, k, d, getattr(config, "v_head_dim", None) or d, parts)
 
 

@@ -141,10 +141,14 @@ FAMILIES = {
     # cache.HOST_LENGTH); scaled embeddings, layernorm_embedding, post-norm layers
     "trocr": ("trocr", dict(decoder_attention_heads=4, decoder_ffn_dim=96, pad_token_id=1, bos_token_id=0,
                             eos_token_id=2)),
+    # sinusoidal positions at arange(length, length + L) (cache.HOST_LENGTH), rotated per head by interleaved
+    # rotate-half: stack([-x[..., 1::2], x[..., ::2]], -1).reshape_as(x) (regions/rope.py); BERT-style post-norm
+    "roformer": ("roformer", dict(num_attention_heads=4, is_decoder=True)),
 }
 ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "flint": "eager",  # without SDPA
              "granite_swa": "eager", "mimo": "eager", "gpt_oss": "eager", "gpt_neo": "eager",  # (soft-capping, BLOOM,
-             "trocr": "eager", "mpt": "eager", "git": "eager"}  # MegatronBERT, sinks, TrOCR, MPT, GIT)
+             "trocr": "eager", "mpt": "eager", "git": "eager",  # MegatronBERT, sinks, TrOCR, MPT, GIT,
+             "roformer": "eager"}  # RoFormer)
 EXPERT_BIASES = {"mixtral_bias"}  # routed experts given gate_up / down biases (gpt-oss's has_bias=True layout)
 
 

@@ -127,10 +127,11 @@ def test_gated_attention_sinks_and_uneven_mqa_split():
     each: TrOCR's positions (kvp=2); MPT's ALiBi added to eager matmul scores then masked_fill-ed (tpa=2: each rank
     the slopes of its heads); GIT as a text-only LM (its mask built with zeros_like(embeddings); kvp=2). DiffLLaMA:
     two attention calls over halves of the cached value heads, combined across query heads h and h + 4 (heads in
-    parts: layout._HEAD_PARTS), on both layouts."""
+    parts: layout._HEAD_PARTS), on both layouts. RoFormer: sinusoidal positions from the host length, rotated by
+    an interleaved rotate-half within each head (regions/rope.py), on the local heads of each TPA rank (tpa=2)."""
     check_families(2, [("laguna", [(2, 1)]), ("flint", [(2, 1)]), ("gpt_bigcode", [(1, 2)]), ("falcon", [(1, 2)]),
                        ("mimo", [(2, 1)]), ("trocr", [(2, 1)]), ("mpt", [(1, 2)]), ("git", [(2, 1)]),
-                       ("diffllama", [(2, 1), (1, 2)])])
+                       ("diffllama", [(2, 1), (1, 2)]), ("roformer", [(1, 2)])])
 
 
 @pytest.mark.skipif(os.environ.get("HELIX_FULL_MATRIX") != "1", reason="full layout matrix: HELIX_FULL_MATRIX=1")

@@ -3,9 +3,10 @@
 Validity is the backend's own: the attention rules come from ``Layout.validate`` (tpa divides K, or for the TP
 baseline is a multiple of K; tpa divides Q; every rank holds at least one query head after the all-to-all, the
 split being ``Layout.head_split``, uneven when kvp does not divide Q/tpa), and so do the dense FFN rules (tpf
-divides the intermediate size), and MLA's tpa = 1 (the TP baseline kvp=1, tpa=n is not run for MLA). MoE layouts add: experts divisible by ep,
-expert intermediate size divisible by tpf, dense layers of a MoE model TP over the whole FFN group. Helix proper
-keeps tpa <= K (no KV duplicated); the "tp" strategy is ``Layout(kvp=1, tpa=n)``.
+divides the intermediate size), MLA's tpa = 1 (the TP baseline kvp=1, tpa=n is not run for MLA), and the rules of
+heads in parts (DiffLLaMA: ``ModelSpec.head_parts``). MoE layouts add: experts divisible by ep, expert intermediate
+size divisible by tpf, dense layers of a MoE model TP over the whole FFN group. Helix proper keeps tpa <= K (no KV
+duplicated); the "tp" strategy is ``Layout(kvp=1, tpa=n)``.
 With replicas, a layout on n GPUs (n dividing the GPU budget) runs budget/n times; tokens/s/GPU is unchanged.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .model import ModelSpec
 
 def _config(m: ModelSpec):
     """The HF config fields Layout.validate reads, in an object named after the model (for its messages)."""
-    fields = {"num_attention_heads": m.q_heads, "num_key_value_heads": m.kv_heads}
+    fields = {"num_attention_heads": m.q_heads, "num_key_value_heads": m.kv_heads, "head_parts": m.head_parts}
     if not m.is_moe:
         fields["intermediate_size"] = m.ffn
     if m.is_mla:  # the backend runs MLA with tpa = 1 only (the latent is one KV head)

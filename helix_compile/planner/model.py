@@ -31,6 +31,7 @@ class ModelSpec:
     rope_dim: int = 0
     nope_dim: int = 0
     v_dim: int = 0
+    head_parts: int = 1  # query head h pairs with h + Q/p (DiffLLaMA: 2), as layout.attention_shape gives it
 
     @property
     def is_moe(self) -> bool:
@@ -107,17 +108,19 @@ def from_config(cfg, name: str = "config") -> ModelSpec:
     Q = int(_get(cfg, "num_attention_heads"))
     K = int(_get(cfg, "num_key_value_heads", default=Q))
     head_dim = int(_get(cfg, "head_dim", default=H // Q))
+    parts = 1
     if not int(_get(cfg, "kv_lora_rank", default=0) or 0):  # the KV heads the model builds (Falcon's multi-query)
         from ..layout import attention_shape
 
         view = types.SimpleNamespace(**cfg) if isinstance(cfg, dict) else cfg
-        K = min(attention_shape(view, i).k for i in range(int(_get(cfg, "num_hidden_layers"))))
+        shapes = [attention_shape(view, i) for i in range(int(_get(cfg, "num_hidden_layers")))]
+        K, parts = min(s.k for s in shapes), max(s.parts for s in shapes)
     ffn = int(_get(cfg, "intermediate_size", default=4 * H))
     experts = int(_get(cfg, "n_routed_experts", "num_experts", "num_local_experts", default=0) or 0)
     kv_lora = int(_get(cfg, "kv_lora_rank", default=0) or 0)
     spec = dict(name=str(name), hidden=H, layers=int(_get(cfg, "num_hidden_layers")), q_heads=Q, kv_heads=K,
                 head_dim=head_dim, ffn=ffn, vocab=int(_get(cfg, "vocab_size", default=32000)),
-                tie_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)))
+                tie_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)), head_parts=parts)
     if experts:
         expert_ffn = int(_get(cfg, "moe_intermediate_size", default=ffn))
         shared = int(_get(cfg, "n_shared_experts", default=0) or 0) * expert_ffn

@@ -386,3 +386,48 @@ def test_value_heads_rearranged_only_where_proven(fake_world, monkeypatch):
     with pytest.raises(Exception, match=r"model.layers.0.self_attn: the graph cuts the attention output's heads into 2 "
                                         r"part\(s\) \(at chunk_1\), but the config's heads are in 1"):
         passes(model("diffllama"))
+
+
+def _rotary(rotate):
+    """RoFormer's apply_rotary_position_embeddings with its rotate-half replaced by ``rotate``."""
+    def apply(sinusoidal_pos, query, key, value=None):
+        sin, cos = sinusoidal_pos.chunk(2, dim=-1)
+        sin_pos = torch.stack([sin, sin], dim=-1).reshape_as(sinusoidal_pos)
+        cos_pos = torch.stack([cos, cos], dim=-1).reshape_as(sinusoidal_pos)
+        return query * cos_pos + rotate(query) * sin_pos, key * cos_pos + rotate(key) * sin_pos
+    return staticmethod(apply)
+
+
+@pytest.mark.parametrize("rotate, message", [
+    (None, None),  # RoFormer's own: stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape_as(x)
+    # the halves stacked on a new dim before the heads: the reshape_as interleaves heads
+    (lambda x: torch.stack([-x[..., 1::2], x[..., ::2]], dim=1).reshape_as(x),
+     r"node 'stack(_\d+)?' .* is not a per-head op"),
+    # within the last axis, then heads moved into the merged axis: the reshape_as regroups heads
+    (lambda x: torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).transpose(1, 3).reshape_as(x),
+     r"node 'reshape_as(_\d+)?' .* is not a per-head op"),
+    # heads rolled by one: a slice of the heads dim (then a cat along it)
+    (lambda x: torch.cat([x[:, 1:], x[:, :1]], dim=1), r"node 'getitem_\d+' .* indexes a dim of \(2, 4, 5, 16\) that "
+                                                       r"may hold the heads"),
+    # the halves of the last axis concatenated along the heads dim, then folded back: heads interleaved
+    (lambda x: torch.cat([x[..., 8:], x[..., :8]], dim=1).reshape_as(x), r"node 'cat(_\d+)?' .* concatenates along a dim "
+                                                                         r"other than the last"),
+])
+def test_rotate_half_within_the_last_axis_is_per_head(fake_world, monkeypatch, rotate, message):
+    """RoFormer's interleaved rotate-half (strided slices of the last axis, negation, a stack on a new last axis,
+    reshape_as merging it back) keeps heads apart: q and k sharded by heads (their exactness: test_exactness.py).
+    A stack, slice or cat on a dim that may hold heads, or a reshape_as that regroups heads, is refused by name."""
+    from transformers.models.roformer import modeling_roformer
+
+    if rotate is not None:
+        monkeypatch.setattr(modeling_roformer.RoFormerSelfAttention, "apply_rotary_position_embeddings",
+                            _rotary(rotate))
+    if message is not None:
+        with pytest.raises(Exception, match=r"query of roformer.encoder.layer.0.attention.self: " + message):
+            passes(model("roformer"))
+        return
+    done = passes(model("roformer"))
+    assert len(done.regions.attention) == 2 and not done.regions.whole
+    specs = {role: done.plan.inputs[name] for name, role in done.plan.roles.items() if "layer_modules_0_" in name}
+    q, k = specs["q.weight"], specs["k.weight"]  # rank 1 = tpa rank 1 of 2: heads 2, 3 of 4 (rows 32..64)
+    assert (q.dim, q.start, q.stop) == (k.dim, k.start, k.stop) == (0, 32, 64)

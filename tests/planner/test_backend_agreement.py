@@ -140,3 +140,24 @@ def test_static_cache_auto_passes_its_dtype(monkeypatch):
     assert seen == {"world": 1, "context": 40, "batch": 3, "dtype": torch.float32} and cache.layout == Layout(1)
     StaticCache(_config(8, 4), 3, 40, "auto", dtype=torch.bfloat16)
     assert seen["dtype"] == torch.bfloat16
+
+
+def test_diffllama_planned_with_the_backends_head_parts_rule():
+    """DiffLLaMA (Q=8, K=4, heads in 2 parts: layout._HEAD_PARTS) on 4 ranks: Layout.validate refuses tpa=4 (K/2 = 2
+    KV heads per part), so the enumeration holds exactly kvp=4 x tpa=1 and kvp=2 x tpa=2 (neither Helix's kvp=1 x
+    tpa=4 nor the TP baseline), and choose_layout picks one of them at short and long context; on 8 ranks none
+    runs, and choose_layout says why."""
+    from helix_compile.planner import get_model
+    from helix_compile.planner.enumerate import helix_layouts, strategy_layouts
+
+    cfg = config("diffllama")
+    m = get_model(cfg)
+    runs = {(lay.kvp, lay.tpa) for lay in _backend_runs(cfg, 4)}
+    assert m.head_parts == 2 and runs == {(4, 1), (2, 2)}
+    enumerated = {(kvp, tpa) for kvp, tpa, *_ in helix_layouts(m, 4) + strategy_layouts(m, "tp", 4)}
+    assert enumerated == runs
+    for context, batch in POINTS:
+        lay = Layout(**choose_layout(cfg, 4, context, batch_size=batch, dtype=torch.float32))
+        lay.validate(cfg, world_size=4)
+    with pytest.raises(ValueError, match=r"no layout of diffllama runs on 8 GPUs: .*pairs query head h with h \+ 4"):
+        choose_layout(cfg, 8, 64, dtype=torch.float32)

@@ -70,11 +70,13 @@ from .alibi import BADDBMM, BMM, IndexSplit, alibi_or_none, bmm_core, find_index
 from .chunks import check_chunk_mask, layer_chunk
 from .heads import (
     GroupSlices, OutputSide, all_reduce_mean, cut_dim, fused_rows, group_slices, head_select, head_slices, input_views,
-    is_cut, match_output, per_group_qkv,
+    is_cut, is_head_index, match_output, per_group_qkv, per_head_index,
 )
 from .roles import head_ranges
-from .rope import complex_views, is_complex_view
-from .projection import SPLIT_METHODS, FusedSplit, Projection, find_split, is_projection, projection_of
+from .rope import complex_views, is_complex_view, within_last_axis
+from .projection import (
+    SPLIT_METHODS, FusedSplit, Projection, find_split, is_last_dim_slice, is_projection, projection_of,
+)
 from .sinks import add_sink, concat_sink, is_drop_last, max_shift, scale_sink
 from .where_mask import check_where_mask
 
@@ -616,7 +618,8 @@ def _projection_ancestor(start: fx.Node, attention_module: str, what: str, norms
         if not module_path(node).startswith(attention_module):
             continue  # e.g. RoPE cos/sin computed at model level: replicated, broadcast over heads
         inner.append(node)
-        stack.extend(node.all_input_nodes if not is_method(node, {"view_as"}) else [node.args[0]])  # only its shape
+        shape_only = is_method(node, {"view_as", "reshape_as"})  # x.view_as(y): only y's shape
+        stack.extend(node.all_input_nodes if not shape_only else [node.args[0]])
     if len(found) != 1:
         raise UnsupportedModelError(
             f"{what}: expected exactly one projection feeding it inside '{attention_module}', found "
@@ -652,18 +655,26 @@ def _order(node: fx.Node) -> int:
 
 def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
     """Allow only ops that keep heads independent between a projection and attention (or a cross-head norm)."""
+    if within_last_axis(node):
+        return None  # interleaved RoPE: stack / cat / repeat_interleave / reshape_as within the last axis (rope.py)
+    if is_call(node, {operator.getitem}) and shape(node.args[0]) is not None:  # of a tensor, not a tuple's part
+        if per_head_index(node) or _projection_cut(node):
+            return None
+        raise UnsupportedModelError(
+            f"{what}: {where(node)} indexes a dim of {shape(node.args[0])} that may hold the heads; helix shards heads "
+            f"across ranks and would change its result"
+        )
+    if is_call(node, {torch.cat, torch.concat, torch.concatenate}):
+        raise UnsupportedModelError(
+            f"{what}: {where(node)} concatenates along a dim other than the last of a (B, H, L, D) / (B, L, H, D) "
+            f"tensor; helix shards heads across ranks and would change its result"
+        )
     if node.op == "call_method" and node.target in SHAPE_METHODS | {"view_as"} or is_pointwise(node):
         return None  # view_as(x, y): y's local shape (a head-sharded y, else a loud shape error)
     if is_complex_view(node):
         return None  # complex RoPE (Llama 4): pairs within a head (rope.py)
     if is_call(node, {torch.broadcast_to}):
         return None  # copies along size-1 dims (Falcon-40B: a KV head over its group), sizes: heads.Broadcast
-    if is_call(node, {torch.stack}) or is_method(node, {"repeat_interleave"}):  # interleaved RoPE: within a head
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and is_call(node, {torch.stack}) else
-                              node.args[2] if len(node.args) > 2 else None)
-        first = node.args[0][0] if is_call(node, {torch.stack}) else node.args[0]
-        if dim == -1 and len(shape(first) or ()) == 4:
-            return None
     if is_method(node, SPLIT_METHODS):  # cuts of the last dim: a fused qkv (checked by FusedSplit) or within a head
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         if dim in (-1, len(shape(node.args[0]) or ()) - 1):
@@ -687,6 +698,18 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
     raise UnsupportedModelError(
         f"{what}: {where(node)} is not a per-head op; helix shards heads across ranks and would change its result"
     )
+
+
+def _projection_cut(node: fx.Node) -> bool:
+    """``x[..., a:b]`` or ``x[..., :-2, :]`` / ``x[..., [i], :]`` of a projection's output through views only: a cut
+    of its features or heads, which ``find_split`` / ``head_slices`` own (a fused q|k|v, checked and rewritten there;
+    a cut of a separate projection's whole width is refused in ``_match_one``)."""
+    if not (is_last_dim_slice(node.args[1]) or is_head_index(node)):
+        return False
+    source = node.args[0]
+    while is_method(source, SHAPE_METHODS) and not is_projection(source):
+        source = source.args[0]
+    return is_projection(source)
 
 
 def _cache_source(node: fx.Node) -> fx.Node | None:

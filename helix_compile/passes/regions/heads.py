@@ -241,12 +241,12 @@ def head_slices(proj: Projection, head_dim: int) -> HeadSlices | None:
                 proj.out_features:
             continue
         cuts = list(view.users)
-        if len(cuts) == 3 and all(_head_index(c) for c in cuts):
+        if len(cuts) == 3 and all(is_head_index(c) for c in cuts):
             return HeadSlices(proj, view, cuts, proj.out_features, head_dim)
     return None
 
 
-def _head_index(cut: fx.Node) -> bool:
+def is_head_index(cut: fx.Node) -> bool:
     """``x[..., a:b, :]`` or ``x[..., [i], :]`` (constant ints) on the heads dim of a (B, L, H', D) view."""
     if not is_call(cut, {operator.getitem}) or not isinstance(cut.args[1], tuple) or len(cut.args[1]) < 2:
         return False
@@ -257,6 +257,23 @@ def _head_index(cut: fx.Node) -> bool:
     if isinstance(sel, slice):
         return sel.step in (None, 1) and all(isinstance(v, int) or v is None for v in (sel.start, sel.stop))
     return isinstance(sel, list) and len(sel) == 1 and isinstance(sel[0], int)
+
+
+def per_head_index(node: fx.Node) -> bool:
+    """``x[index]`` of a tensor of 4 or more dims that selects only on dims after the first three: the heads are in
+    dim 1 or 2 ((B, H, L, D), (B, L, H, D), (B, L, H, 3, D)), so it stays within a head (RoPE's ``x[..., ::2]``,
+    partial RoPE's ``x[..., :r]``, Persimmon's ``x[..., i, :]``). An index with None, a tensor or two Ellipses:
+    False."""
+    if not is_call(node, {operator.getitem}):
+        return False
+    rank = len(shape(node.args[0]) or ())
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if rank < 4 or any(i is None or isinstance(i, fx.Node) for i in index) or sum(i is Ellipsis for i in index) > 1:
+        return False
+    at = next((j for j, i in enumerate(index) if i is Ellipsis), None)
+    if at is not None:
+        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
+    return all(i == slice(None) for i in index[:3])
 
 
 @dataclasses.dataclass

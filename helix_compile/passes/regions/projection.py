@@ -261,7 +261,7 @@ def find_split(projection: Projection, region: str, part_views: bool = False) ->
                     raise UnsupportedModelError(f"{region}: {where(user)} splits a fused projection along another dim")
                 cuts.append(user)
                 width = shape(node)[-1]
-            elif user.op == "call_function" and user.target is operator.getitem and _is_last_dim_slice(user.args[1]):
+            elif user.op == "call_function" and user.target is operator.getitem and is_last_dim_slice(user.args[1]):
                 cuts.append(user)
                 width = shape(node)[-1]
     return FusedSplit(projection, cuts, width, views) if cuts else None
@@ -304,7 +304,8 @@ def _dim(dim, node) -> int:
     return dim - rank if isinstance(dim, int) and dim >= 0 else dim
 
 
-def _is_last_dim_slice(index) -> bool:
+def is_last_dim_slice(index) -> bool:
+    """A getitem index ``(..., a:b)``: a slice of the last dim only."""
     return (
         isinstance(index, tuple) and len(index) >= 2 and index[0] is Ellipsis and isinstance(index[-1], slice)
         and all(i == slice(None) for i in index[1:-1])
