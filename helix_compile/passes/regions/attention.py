@@ -75,7 +75,8 @@ from .heads import (
 from .roles import head_ranges
 from .rope import complex_views, is_complex_view, within_last_axis
 from .projection import (
-    SPLIT_METHODS, FusedSplit, Projection, find_split, is_last_dim_slice, is_projection, projection_of,
+    SPLIT_METHODS, FusedSplit, Projection, find_split, is_last_dim_slice, is_projection, is_projection_output,
+    projection_of,
 )
 from .sinks import add_sink, concat_sink, is_drop_last, max_shift, scale_sink
 from .where_mask import check_where_mask
@@ -707,9 +708,9 @@ def _projection_cut(node: fx.Node) -> bool:
     if not (is_last_dim_slice(node.args[1]) or is_head_index(node)):
         return False
     source = node.args[0]
-    while is_method(source, SHAPE_METHODS) and not is_projection(source):
+    while is_method(source, SHAPE_METHODS) and not is_projection_output(source):
         source = source.args[0]
-    return is_projection(source)
+    return is_projection_output(source)
 
 
 def _cache_source(node: fx.Node) -> fx.Node | None:

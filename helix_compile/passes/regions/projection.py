@@ -155,6 +155,15 @@ def projection_of(node: fx.Node) -> Projection:
     raise KeyError(node.name)
 
 
+def is_projection_output(node: fx.Node) -> bool:
+    """A projection's output: the ``linear`` / ``matmul`` / ``addmm`` node itself, or the bias ``add`` that completes
+    ``matmul(x, W.T) + b`` (FalconLinear with a bias)."""
+    if is_projection(node):
+        return True
+    return is_call(node, {operator.add, torch.add}) and _matmul_weight(node.args[0]) is not None and \
+        _matmul_bias(node.args[0]) is node
+
+
 def _set_last_size(view: fx.Node, size: int) -> None:
     """view(x, (..., n)) / view(x, ..., n) -> the same with the last size ``size``."""
     args = list(view.args)
