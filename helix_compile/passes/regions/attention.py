@@ -63,8 +63,8 @@ import torch
 import torch.fx as fx
 
 from .common import (
-    REDUCE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_call, is_method, is_pointwise, module_path,
-    shape, where,
+    CATS, REDUCE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_call, is_method, is_pointwise,
+    module_path, shape, where,
 )
 from .alibi import BADDBMM, BMM, IndexSplit, alibi_or_none, bmm_core, find_index_split
 from .chunks import check_chunk_mask, layer_chunk
@@ -665,7 +665,7 @@ def _check_per_head(node: fx.Node, what: str) -> CrossHeadNorm | None:
             f"{what}: {where(node)} indexes a dim of {shape(node.args[0])} that may hold the heads; helix shards heads "
             f"across ranks and would change its result"
         )
-    if is_call(node, {torch.cat, torch.concat, torch.concatenate}):
+    if is_call(node, CATS):
         raise UnsupportedModelError(
             f"{what}: {where(node)} concatenates along a dim other than the last of a (B, H, L, D) / (B, L, H, D) "
             f"tensor; helix shards heads across ranks and would change its result"
@@ -772,7 +772,7 @@ def _head_op(node: fx.Node) -> bool:
     if is_method(node, {"repeat"}):
         sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
         return len(sizes) == 4 and all(isinstance(v, int) for v in sizes) and sizes[0] == sizes[2] == sizes[3] == 1
-    if is_call(node, {torch.cat, torch.concat, torch.concatenate}):
+    if is_call(node, CATS):
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         return len(shape(node) or ()) == 4 and dim % 4 == 1
     return False

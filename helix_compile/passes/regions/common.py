@@ -36,6 +36,7 @@ ELEMENTWISE_FUNCS = {
     torch.pow, torch.clamp, torch.where,
 }
 REDUCE_METHODS = {"mean", "sum", "var", "norm"}
+CATS = {torch.cat, torch.concat, torch.concatenate}  # per head only along a dim within a head (the last)
 
 
 def is_pointwise(node: fx.Node) -> bool:

@@ -57,7 +57,9 @@ import operator
 import torch
 import torch.fx as fx
 
-from .common import SHAPE_METHODS, UnsupportedModelError, is_call, is_method, is_pointwise, module_path, shape, where
+from .common import (
+    CATS, SHAPE_METHODS, UnsupportedModelError, is_call, is_method, is_pointwise, module_path, shape, where,
+)
 from .projection import FusedSplit, Projection, is_projection, projection_of
 
 funcol = torch.ops._c10d_functional
@@ -595,7 +597,7 @@ def _heads_dims(cores: list, nodes: set, region: str) -> dict:
             d = None
         elif is_method(node, VIEWS | {"view_as"}) and tuple(after) != tuple(before):
             d = None
-        if is_call(node, {torch.cat, torch.concat, torch.concatenate}):
+        if is_call(node, CATS):
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             if d is None and len(cores) > 1 or d is not None and dim % len(after) == d:
                 raise UnsupportedModelError(
@@ -629,7 +631,7 @@ def _head_cut(nodes: set, dims: dict, o: Projection, region: str) -> HeadCut | N
             continue
         taken[node] = frozenset().union(*found)
         partial = len(taken[node]) < parts or len(set(found)) > 1  # on some parts, or where parts meet
-        if partial and (not is_pointwise(node) or is_call(node, {torch.cat, torch.concat, torch.concatenate})):
+        if partial and (not is_pointwise(node) or is_call(node, CATS)):
             raise UnsupportedModelError(
                 f"{region}: {where(node)} acts on parts {sorted(taken[node])} of the {parts} parts that "
                 f"{cut.name} cuts the attention heads into; helix supports elementwise ops on a part and where the "

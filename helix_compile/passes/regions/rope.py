@@ -34,11 +34,10 @@ import math
 import torch
 import torch.fx as fx
 
-from .common import is_call, is_method, shape
+from .common import CATS, is_call, is_method, shape
 from .heads import VIEWS, HeadView, path_nodes, _sizes
 
 _COMPLEX = {torch.view_as_complex, torch.view_as_real}
-_CATS = {torch.cat, torch.concat, torch.concatenate}
 
 
 def is_complex_view(node: fx.Node) -> bool:
@@ -53,7 +52,7 @@ def within_last_axis(node: fx.Node) -> bool:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         rank = len(shape(node.args[0][0]) or ())
         return rank >= 4 and dim in (-1, rank)
-    if is_call(node, _CATS) and node.args and isinstance(node.args[0], (tuple, list)) and node.args[0]:
+    if is_call(node, CATS) and node.args and isinstance(node.args[0], (tuple, list)) and node.args[0]:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         rank = len(shape(node.args[0][0]) or ())
         return rank >= 4 and dim in (-1, rank - 1)  # rotate_half's cat((-x2, x1), -1), partial RoPE's pass-through
