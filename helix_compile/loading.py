@@ -139,7 +139,11 @@ def check_file(path: Path, name: str, plan: dict) -> Path:
 
 
 def _refuse_eager(module, args, kwargs):
-    if not torch.compiler.is_compiling():
+    # allowed: inside a compiled call (torch.compile(model)), or when the instance's forward was replaced by a
+    # compiled one (model.forward = torch.compile(model.forward, ...), the way model.generate runs it): the hook
+    # fires in module.__call__, before that compiled forward starts tracing
+    compiled_forward = hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable")
+    if not torch.compiler.is_compiling() and not compiled_forward:
         raise ShardedEagerError(
             "this model was loaded with helix_compile.from_pretrained: each rank holds only its shards, so it "
             "cannot run eagerly. Call torch.compile(model, backend='helix', options={'layout': layout})"
