@@ -138,6 +138,15 @@ def check_file(path: Path, name: str, plan: dict) -> Path:
     return file
 
 
+def _group_device() -> torch.device:
+    """The default device of this rank's weights: its GPU under an NCCL process group, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _refuse_eager(module, args, kwargs):
     # allowed: inside a compiled call (torch.compile(model)), or when the instance's forward was replaced by a
     # compiled one (model.forward = torch.compile(model.forward, ...), the way model.generate runs it): the hook
@@ -183,7 +192,8 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
 
     ``path`` is an HF safetensors checkpoint directory or a ``helix convert`` output. For the latter ``layout``
     must place the weights as the plan does (``WEIGHT_FIELDS``), and with ``verify`` the rank's file is checked
-    against its sha256 first. ``dtype`` defaults to the config's; ``device`` to CPU.
+    against its sha256 first. ``dtype`` defaults to the config's; ``device`` to the rank's GPU under an NCCL
+    process group (``torch.cuda.current_device()``), else the CPU.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -198,7 +208,7 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else _group_device()
     with init_empty_weights(include_buffers=False):
         model = model_from_config(config, dtype=dtype)
     heads = Heads.of(config.get_text_config(decoder=True))

@@ -16,12 +16,15 @@ def tokenizer():
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<unk>")
 
 
-def save(folder: Path, family: str = "llama", **extra) -> Path:
-    """config.json + model.safetensors (+ tokenizer files) of ``models.model(family)`` in ``folder``."""
+def save(folder: Path, family: str = "llama", dtype=None, **extra) -> Path:
+    """config.json + model.safetensors (+ tokenizer files) of ``models.model(family)`` in ``folder``; ``dtype``
+    (e.g. torch.bfloat16) saves the weights in that dtype, as released checkpoints ship."""
     m = model(family, eos_token_id=EOS, **extra)
+    if dtype is not None:
+        m = m.to(dtype)
     m.save_pretrained(folder)
     tokenizer().save_pretrained(folder)
     return folder

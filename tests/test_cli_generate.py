@@ -83,27 +83,63 @@ def test_torchrun_two_nodes_loopback(converted):
     assert sorted(texts) == ["", greedy_text(ckpt, PROMPT, 10)]  # rank 0's node streams the text, the other none
 
 
-def test_plan_and_world_size_disagree(converted, capsys):
-    """Refused by the launcher before any rank starts (each rank refuses the same under torchrun)."""
-    _, out = converted
-    assert main(["generate", str(out), "--nproc", "4", "--prompt", PROMPT]) == 2
-    assert "was converted for 2 ranks (kvp=2 tpa=1) but --nproc asks for 4" in capsys.readouterr().err
-    assert main(["generate", str(out), "--tpa", "2", "--kvp", "1", "--prompt", PROMPT]) == 2
-    assert "converted for kvp=2 tpa=1 tpf=2 ep=1 (2 ranks) but the layout asked for is kvp=1 tpa=2" in \
-        capsys.readouterr().err
-
-
-def test_corrupted_shard_stops_every_rank(converted, tmp_path):
-    _, good = converted
-    out = tmp_path / "copy"
-    shutil.copytree(good, out)
-    data = bytearray((out / "rank1.safetensors").read_bytes())
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, converted):
+    """Checkpoints a user may have: a copy with one flipped byte, a truncated file, no config, no tokenizer, a
+    GPT-2 with 16 positions."""
+    ckpt, good = converted
+    root = tmp_path_factory.mktemp("broken")
+    flipped = shutil.copytree(good, root / "flipped")
+    data = bytearray((flipped / "rank1.safetensors").read_bytes())
     data[len(data) // 2] ^= 0x01
-    (out / "rank1.safetensors").write_bytes(bytes(data))
-    done = _run(["generate", str(out), "--prompt", PROMPT, "--executor", "eager"])
-    assert done.returncode == 2, done.stderr
-    assert "rank 1: " in done.stderr and "rank1.safetensors is corrupted" in done.stderr
-    assert done.stdout == ""
+    (flipped / "rank1.safetensors").write_bytes(bytes(data))
+    truncated = shutil.copytree(ckpt, root / "truncated")
+    (truncated / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:-64])
+    no_config = shutil.copytree(ckpt, root / "no-config")
+    (no_config / "config.json").unlink()
+    no_tokenizer = shutil.copytree(ckpt, root / "no-tokenizer")
+    for f in no_tokenizer.glob("tokenizer*"):
+        f.unlink()
+    return {"good": good, "hf": ckpt, "flipped": flipped, "truncated": truncated, "no-config": no_config,
+            "no-tokenizer": no_tokenizer, "gpt2": save(root / "gpt2", "gpt2", max_position_embeddings=16)}
+
+
+LONG = " ".join(f"w{i}" for i in range(12))
+BAD_INPUT = [  # (checkpoint, arguments, the one line that names the problem)
+    ("gpt2", ["--kvp", "1", "--prompt", LONG, "--max-new-tokens", "8"],
+     "the prompt (12 tokens) plus --max-new-tokens 8 is 20 positions, but gpt2 has 16"),
+    ("hf", ["--kvp", "1", "--tpa", "3", "--prompt", PROMPT], "tpa=3"),
+    ("hf", ["--kvp", "2", "--prompt", PROMPT, "--nproc", "3"], "kvp=2 x tpa=1 needs 2 ranks but --nproc asks for 3"),
+    ("hf", ["--kvp", "2", "--prompt", PROMPT, "--max-new-tokens", "-3"], "--max-new-tokens: must be at least 1, got -3"),
+    ("hf", ["--kvp", "2", "--prompt", PROMPT, "--max-new-tokens", "0"], "--max-new-tokens: must be at least 1, got 0"),
+    ("no-config", ["--kvp", "2", "--prompt", PROMPT], "has no config.json"),
+    ("no-tokenizer", ["--kvp", "2", "--prompt", PROMPT], "has no tokenizer"),
+    ("truncated", ["--kvp", "2", "--prompt", PROMPT], "model.safetensors is truncated or corrupted"),
+    ("flipped", ["--prompt", PROMPT], "rank1.safetensors is corrupted"),
+    ("hf", ["--layout", "kvp=2,tpa=1", "--kvp", "1", "--prompt", PROMPT],
+     "--layout kvp=2,tpa=1 and --kvp 1 both set the layout"),
+    ("hf", ["--kvp", "2", "--prompt", "zzz", "--chat"], "has no chat template"),
+    ("hf", ["--kvp", "2", "--prompt", PROMPT, "--prompt-file", "x.txt"], "--prompt and --prompt-file both"),
+    ("good", ["--nproc", "4", "--prompt", PROMPT], "was converted for 2 ranks (kvp=2 tpa=1) but --nproc asks for 4"),
+    ("good", ["--tpa", "2", "--kvp", "1", "--prompt", PROMPT],
+     "converted for kvp=2 tpa=1 tpf=2 ep=1 (2 ranks) but the layout asked for is kvp=1 tpa=2"),
+]
+
+
+@pytest.mark.parametrize("which, args, message", BAD_INPUT, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(BAD_INPUT)])
+def test_bad_input_is_one_line_before_any_rank_starts(broken, which, args, message, monkeypatch, capsys):
+    import helix_compile.generate as generate
+
+    monkeypatch.setattr(generate, "launch", lambda *a: pytest.fail("a rank was started"))
+    monkeypatch.setattr(generate, "_visible_gpus", lambda: 0)
+    try:
+        code = main(["generate", str(broken[which]), "--device", "cpu", *args])
+    except SystemExit as e:  # argparse's own checks
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert message in err[-1], err
+    assert "Traceback" not in "\n".join(err)
 
 
 class _Launcher:
