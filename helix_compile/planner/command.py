@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .cost import BACKEND, PAPER, STRATEGIES
+from .cost import BACKEND, PAPER, STRATEGIES, payload_precision
 from .hardware import DTYPE_BYTES, HARDWARE_NAMES
 from .model import PRESETS
 
@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--costing", choices=("backend", "paper"), default="backend",
                    help="backend: the program helix_compile runs today (replicated LM head, absorbed MLA, "
                         "exposed collectives; default); paper: the paper's target (absorbed MLA, vocab-parallel "
-                        "head, TP overlapping its all-reduces)")
+                        "head, Helix and TP hiding their all-reduces' bandwidth under the GEMMs)")
     p.add_argument("--json", action="store_true", help="print every evaluated layout as JSON on stdout")
     p.add_argument("--png", help="write the Pareto plot here")
     p.add_argument("--top", type=int, default=25, help="rows of the frontier table (default 25)")
@@ -87,6 +87,7 @@ def run(args) -> int:
     print(f"{p.model.name}: {p.model.params / 1e9:.1f}B params, S={p.context:,}, {p.dtype}, {p.hw.name} "
           f"({p.hw.description}); {len(p.evaluations)} layouts evaluated, {feasible} fit in "
           f"{p.hw.memory_gb:.0f} GB/GPU" + (f", TTL <= {p.ttl_ms} ms" if p.ttl_ms else ""))
+    print(payload_precision(p.dtype))
     if not p.best:
         print("no layout is feasible" + (" within the TTL limit" if p.ttl_ms else " (memory)") +
               "; try more GPUs, a smaller batch/context, a narrower --dtype or a larger --ttl-ms")
