@@ -45,8 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--png", help="write the Pareto plot here")
     p.add_argument("--top", type=int, default=25, help="rows of the frontier table (default 25)")
     p.add_argument("--paper", metavar="DIR", help="reproduce Figure 1, the paper's comparisons and Figure 7 into DIR")
-    p.add_argument("--fit", action="store_true", help="with --paper: first refit the per-layer fixed cost to the "
-                                                       "paper's four headline ratios")
+    p.add_argument("--fit", action="store_true", help="with --paper: also fit (alpha, per-layer fixed cost) to the "
+                                                       "paper's four headline ratios into DIR/fit.md (minutes)")
     p.add_argument("--calibrate", metavar="RESULTS", help="fit the hardware model to a helix-bench/1 results file")
     p.add_argument("--save-hw", metavar="FILE", help="with --calibrate: write the calibrated hardware JSON")
     p.set_defaults(func=run)
@@ -57,7 +57,7 @@ def run(args) -> int:
     if args.paper:
         from .paper import run as run_paper
 
-        run_paper(args.paper, fit=args.fit)
+        run_paper(args.paper, fit_grid=args.fit)
         return 0
     if args.calibrate:
         return _calibrate(args)
@@ -98,7 +98,8 @@ def run(args) -> int:
     print(f"best ({why}): {b.strategy} on {b.gpus} GPUs x{p.best.replicas}: kvp={b.kvp} tpa={b.tpa} tpf={b.tpf} "
           f"ep={b.ep} batch={b.batch} hopb_chunks={p.best.hopb_chunks}; TTL {p.best.ttl_s * 1e3:.3f} ms, "
           f"{p.best.tokens_per_s_per_user:.1f} tok/s/user, {p.best.tokens_per_s_per_gpu:.2f} tok/s/GPU, "
-          f"{p.best.memory_gb:.1f} GB/GPU")
+          f"{p.best.memory_gb:.1f} GB/GPU" + ("" if p.best.backend_runs else
+                                              "; a paper baseline (MLA latent on every GPU), not run by the backend"))
     if args.png:
         print(f"wrote {args.png}")
     return 0
