@@ -149,7 +149,7 @@ def _blackwell(name: str, description: str) -> Hardware:
 # The one term fitted to the paper for Blackwell: the per-layer fixed cost (launches, synchronisation, kernel tails,
 # everything the roofline and the collective model leave out) that brings the paper's four headline ratios closest
 # at the public collective latency (`helix plan --paper docs/planner --fit`; see docs/planner.md).
-BLACKWELL_FIXED_COST_US = 35.0
+BLACKWELL_FIXED_COST_US = 25.0
 
 
 _BUILDERS = {
