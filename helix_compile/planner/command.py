@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .cost import BACKEND, PAPER, STRATEGIES
+from .cost import BACKEND, PAPER, STRATEGIES, payload_precision
 from .hardware import DTYPE_BYTES, HARDWARE_NAMES
 from .model import PRESETS
 
@@ -40,13 +40,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--costing", choices=("backend", "paper"), default="backend",
                    help="backend: the program helix_compile runs today (replicated LM head, absorbed MLA, "
                         "exposed collectives; default); paper: the paper's target (absorbed MLA, vocab-parallel "
-                        "head, TP overlapping its all-reduces)")
+                        "head, Helix and TP hiding their all-reduces' bandwidth under the GEMMs)")
     p.add_argument("--json", action="store_true", help="print every evaluated layout as JSON on stdout")
     p.add_argument("--png", help="write the Pareto plot here")
     p.add_argument("--top", type=int, default=25, help="rows of the frontier table (default 25)")
     p.add_argument("--paper", metavar="DIR", help="reproduce Figure 1, the paper's comparisons and Figure 7 into DIR")
-    p.add_argument("--fit", action="store_true", help="with --paper: first refit the per-layer fixed cost to the "
-                                                       "paper's four headline ratios")
+    p.add_argument("--fit", action="store_true", help="with --paper: also fit (alpha, per-layer fixed cost) to the "
+                                                       "paper's four headline ratios into DIR/fit.md (minutes)")
     p.add_argument("--calibrate", metavar="RESULTS", help="fit the hardware model to a helix-bench/1 results file")
     p.add_argument("--save-hw", metavar="FILE", help="with --calibrate: write the calibrated hardware JSON")
     p.set_defaults(func=run)
@@ -57,7 +57,7 @@ def run(args) -> int:
     if args.paper:
         from .paper import run as run_paper
 
-        run_paper(args.paper, fit=args.fit)
+        run_paper(args.paper, fit_grid=args.fit)
         return 0
     if args.calibrate:
         return _calibrate(args)
@@ -87,6 +87,7 @@ def run(args) -> int:
     print(f"{p.model.name}: {p.model.params / 1e9:.1f}B params, S={p.context:,}, {p.dtype}, {p.hw.name} "
           f"({p.hw.description}); {len(p.evaluations)} layouts evaluated, {feasible} fit in "
           f"{p.hw.memory_gb:.0f} GB/GPU" + (f", TTL <= {p.ttl_ms} ms" if p.ttl_ms else ""))
+    print(payload_precision(p.dtype))
     if not p.best:
         print("no layout is feasible" + (" within the TTL limit" if p.ttl_ms else " (memory)") +
               "; try more GPUs, a smaller batch/context, a narrower --dtype or a larger --ttl-ms")
@@ -97,7 +98,8 @@ def run(args) -> int:
     print(f"best ({why}): {b.strategy} on {b.gpus} GPUs x{p.best.replicas}: kvp={b.kvp} tpa={b.tpa} tpf={b.tpf} "
           f"ep={b.ep} batch={b.batch} hopb_chunks={p.best.hopb_chunks}; TTL {p.best.ttl_s * 1e3:.3f} ms, "
           f"{p.best.tokens_per_s_per_user:.1f} tok/s/user, {p.best.tokens_per_s_per_gpu:.2f} tok/s/GPU, "
-          f"{p.best.memory_gb:.1f} GB/GPU")
+          f"{p.best.memory_gb:.1f} GB/GPU" + ("" if p.best.backend_runs else
+                                              "; a paper baseline (MLA latent on every GPU), not run by the backend"))
     if args.png:
         print(f"wrote {args.png}")
     return 0

@@ -5,17 +5,18 @@ Per GPU and layer (all times are per decode step; the batch decodes one token pe
     attention core  max(KV bytes / MemBW, attention FLOPs / peak)         KV: B*2*ceil(K/tpa)*Hsz*(S/kvp)*bytes
     attention GEMMs max(W_qkv + W_o bytes / MemBW, 2*tokens*params / peak)
     FFN GEMMs       max(W_ffn bytes / MemBW, FLOPs / peak)                 MoE: only the experts the batch hits
-    comm            collectives of the strategy; Helix's KVP all-to-all is hidden under attention by HOP-B
+    comm            collectives of the strategy; Helix's KVP all-to-all is pipelined with attention by HOP-B
     total           attention core + attention GEMMs + FFN GEMMs + exposed comm + a fitted per-layer fixed cost
                     (hw.per_layer_overhead_us: launches, synchronisation, kernel tails the roofline leaves out)
 
 What is costed (``Costing``): BACKEND, the program our backend emits today (a replicated LM head; MLA
 absorbed, the latent and rotary key read where cached; every collective exposed), or PAPER, the target the
-paper simulates (absorbed MLA, vocab-parallel LM head, TP baselines overlapping their all-reduces with GEMMs).
+paper simulates (absorbed MLA, vocab-parallel LM head, Helix and TP overlapping their all-reduces with GEMMs).
 Collective payloads are in the configuration's precision (``dtype``); the LSE stays fp32.
 
 The five strategies differ only in how they split heads, tokens, sequence and experts (see STRATEGIES):
-  tp     attention TP over N (KV heads duplicated once N > K), FFN TP over N; 2 all-reduces.
+  tp     attention TP over N (KV heads duplicated once N > K; for MLA the whole latent on every GPU, the paper's
+         baseline, which the backend does not run), FFN TP over N; 2 all-reduces.
   tp_ep  attention TP over N, MoE FFN as tpf x ep = N.
   dp_ep  data-parallel attention (dp groups of tpa GPUs), experts over ep = N; dispatch + combine all-to-all.
   medha  KVP x TPA attention with an all-reduce combine; FFN TP over the tpa GPUs only (weights replicated kvp-fold).
@@ -38,20 +39,42 @@ BACKEND_STRATEGIES = ("helix", "tp")  # what helix_compile runs: Layout(kvp, tpa
 
 @dataclass(frozen=True)
 class Costing:
-    """Which program is costed. mla: 'up-projected' (transformers' code: kv_b_proj over the whole local cache
-    every step) or 'absorbed' (attention over the latent, W_UK/W_UV folded in, as the backend runs it since
-    2026-11-29; the kernel reads the latent and the rotary key where they are cached, with no concatenation).
+    """Which program is costed.
+
+    mla: 'up-projected' (transformers' code: kv_b_proj over the whole local cache every step) or 'absorbed'
+    (attention over the latent, W_UK/W_UV folded in, as the backend runs it; the kernel reads the latent and the
+    rotary key where they are cached, with no concatenation).
     lm_head: 'replicated' (every rank computes all logits, as the backend does) or 'vocab-parallel' (+ an
-    all-gather of each rank's best token). tp_overlap: the TP baselines hide the bandwidth part of their
-    all-reduces under the layer's GEMMs (the paper's TP baseline overlaps communication with compute); their
-    latency stays exposed."""
+    all-gather of each rank's best token).
+    overlap: the all-reduces of Helix and of the TP baselines (tp, tp_ep) hide their bandwidth part under the
+    layer's GEMMs (the paper: both "include communication-computation overlap"); the latency of each call stays
+    exposed, since a collective cannot finish before it starts. Medha and DP-attention keep theirs exposed (the
+    paper: vanilla KVP "exposes all communication overheads").
+    lockstep: how Helix without HOP-B exchanges: 'batched' (one all-to-all for the whole batch: alpha once) or
+    'per-request' (the lock-step timeline of the paper's Figure 3: one exchange per request, back to back after
+    all attention, alpha paid B times)."""
     mla: str = "up-projected"
     lm_head: str = "replicated"
-    tp_overlap: bool = False
+    overlap: bool = False
+    lockstep: str = "batched"
 
 
 BACKEND = Costing(mla="absorbed")
-PAPER = Costing(mla="absorbed", lm_head="vocab-parallel", tp_overlap=True)
+PAPER = Costing(mla="absorbed", lm_head="vocab-parallel", overlap=True)
+
+
+def backend_runs(m: ModelSpec, strategy: str, tpa: int) -> bool:
+    """Whether helix_compile runs this layout: Helix, and the TP baseline except MLA's (latent duplicated tpa-fold,
+    the paper's baseline, which ``Layout.validate`` refuses)."""
+    return strategy == "helix" or (strategy == "tp" and not (m.is_mla and tpa > 1))
+
+
+def payload_precision(dtype: str) -> str:
+    """The precision of every tensor the collectives move, as the cost model sizes them."""
+    b = DTYPE_BYTES[dtype]
+    return (f"collective payloads: Helix partial outputs and every all-reduce/all-to-all of activations in {dtype} "
+            f"({b:g} B/element); LSE fp32 (4 B per head and request); LM-head all-gather 8 B per request "
+            f"(token id + logit)")
 
 
 @dataclass(frozen=True)
@@ -65,7 +88,7 @@ class Candidate:
     ep: int
     batch: int
     dp: int = 1
-    hopb_chunks: int = 0  # 0: pick the best of 1, 2, 4, ... <= batch
+    hopb_chunks: int = 0  # 0: pick the best chunk count in 1..batch (hopb_options)
     kv_block: int = 16
 
 
@@ -103,15 +126,45 @@ def _coll(hw: Hardware, op: str, n: int, nbytes: float) -> float:
     return collective_us(hw.collectives[op], op, n, nbytes) * 1e-6
 
 
-def hopb_exposed(core_s: float, comm_of_bytes, nbytes: float, chunks: int) -> float:
-    """Exposed time of an exchange split into `chunks`, chunk i's exchange under chunk i+1's attention.
+def hopb_exposed(core_s: float, comm_of_bytes, nbytes: float, chunks: int, batch: int | None = None) -> float:
+    """Exposed time of the KVP exchange with HOP-B: the batch split into `chunks` chunks of whole requests, chunk i's
+    all-to-all running while chunk i+1 attends (the paper's Figure 3 timeline).
 
-    Pipeline of c stages with a = core/c and m = comm(bytes/c): a + m + (c-1)*max(a, m). Each chunk pays the
-    collective's latency again, so more chunks is not always better (the planner tries 1, 2, 4, ...).
+    Two-stage pipeline (attention, then exchange), chunks of k = ceil(batch/chunks) requests and a last chunk of
+    the rest, so any chunk count works (batch 35 in 35, 6 or 2 chunks). A chunk's exchange costs
+    comm(bytes of its requests), latency included; every exchange but the last runs under later attention, so
+    both its latency and its bandwidth part hide when it is shorter than a chunk's attention. The last exchange
+    is always exposed. batch None: `chunks` equal chunks. Returns the time beyond core_s.
     """
-    a = core_s / chunks
-    m = comm_of_bytes(nbytes / chunks)
-    return a + m + (chunks - 1) * max(a, m) - core_s
+    batch = chunks if batch is None else batch
+    chunks = max(1, min(chunks, batch))
+    k = -(-batch // chunks)
+    n = -(-batch // k) - 1  # full chunks before the last
+    last = batch - n * k
+    a, m = core_s * k / batch, comm_of_bytes(nbytes * k / batch)
+    a_r, m_r = core_s * last / batch, comm_of_bytes(nbytes * last / batch)
+    comm_end = (a + m + (n - 1) * max(a, m)) if n else 0.0
+    end = max(comm_end, n * a + a_r) + m_r
+    return end - core_s
+
+
+def hopb_options(core_s: float, comm_of_bytes, nbytes: float, batch: int) -> list:
+    """Chunk counts worth trying: the exposed time falls with c while one chunk's exchange fits under a chunk's
+    attention (c <= (core - bandwidth time) / alpha), then rises as alpha is paid c times (minimum of
+    core/c + c*alpha near sqrt(core/alpha)); the integers around both, 1..8, and one chunk per request."""
+    alpha = comm_of_bytes(0.0)
+    bw_t = comm_of_bytes(nbytes) - alpha
+    out = set(range(1, min(batch, 8) + 1)) | {batch}
+    if alpha > 0:
+        for x in ((core_s - bw_t) / alpha, math.sqrt(core_s / alpha)):
+            if x > 0:
+                out |= {math.floor(x), math.ceil(x), math.floor(x) + 1}
+    return sorted(c for c in out if 1 <= c <= batch)
+
+
+def _overlapped(total: float, latency: float, gemms: float) -> float:
+    """Exposed time of all-reduces whose bandwidth part hides under `gemms` seconds of GEMMs; latency exposed."""
+    return latency + max(0.0, total - latency - gemms)
 
 
 def busiest_experts(local: int, p_hit: float, ep: int) -> float:
@@ -206,23 +259,26 @@ def layer_cost(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, m
     partial_bytes = B * q_loc * (dv * pb + 4)  # outputs + fp32 lse
     comm_raw = exposed = 0.0
     chunks = 1
+    gemms = att_gemm + ffn_gemm
     if c.strategy == "helix":
         a2a = lambda nb: _coll(hw, "all_to_all", c.kvp, nb)  # noqa: E731
         if c.kvp > 1:
-            options = [c.hopb_chunks] if c.hopb_chunks else [k for k in (1, 2, 4, 8, 16, 32) if k <= B and B % k == 0]
-            best = min(options, key=lambda k: hopb_exposed(core, a2a, partial_bytes, k))
-            chunks = best
+            options = [c.hopb_chunks] if c.hopb_chunks else hopb_options(core, a2a, partial_bytes, B)
+            best = min(options, key=lambda k: hopb_exposed(core, a2a, partial_bytes, k, B))
+            chunks = min(best, B)
             comm_raw += a2a(partial_bytes)
-            exposed += hopb_exposed(core, a2a, partial_bytes, best)
+            if chunks == 1 and costing.lockstep == "per-request":  # Figure 3's lock-step: B exchanges in a row
+                exposed += B * a2a(partial_bytes / B)
+            else:
+                exposed += hopb_exposed(core, a2a, partial_bytes, chunks, B)
         post = 2 * _coll(hw, "all_reduce", c.gpus, B * H * pb)  # after W_o and after the FFN
         comm_raw += post
-        exposed += post
+        exposed += _overlapped(post, 2 * _coll(hw, "all_reduce", c.gpus, 0.0), gemms) if costing.overlap else post
     elif c.strategy in ("tp", "tp_ep"):
         t = 2 * _coll(hw, "all_reduce", c.gpus, B * H * pb)
         comm_raw, exposed = t, t
-        if costing.tp_overlap:  # the bandwidth part hides under the GEMMs; the latency cannot
-            latency = 2 * _coll(hw, "all_reduce", c.gpus, 0.0)
-            exposed = latency + max(0.0, t - latency - (att_gemm + ffn_gemm))
+        if costing.overlap:  # the bandwidth part hides under the GEMMs; the latency cannot
+            exposed = _overlapped(t, 2 * _coll(hw, "all_reduce", c.gpus, 0.0), gemms)
     elif c.strategy == "medha":
         t = _coll(hw, "all_reduce", c.kvp, partial_bytes) + 2 * _coll(hw, "all_reduce", c.tpa, B * H * pb)
         comm_raw, exposed = t, t
@@ -272,6 +328,7 @@ class Evaluation:
     memory: dict
     feasible: bool
     hopb_chunks: int
+    backend_runs: bool = True
 
     @property
     def tokens_per_s_per_user(self) -> float:
@@ -295,7 +352,7 @@ class Evaluation:
                 "tokens_per_s_per_user": round(self.tokens_per_s_per_user, 4),
                 "memory_gb_per_gpu": round(self.memory_gb, 4),
                 "memory_breakdown_gb": {k: round(v, 4) for k, v in self.memory.items()},
-                "feasible": self.feasible}
+                "feasible": self.feasible, "backend_runs": self.backend_runs}
 
 
 def evaluate(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, replicas: int = 1,
@@ -321,7 +378,8 @@ def evaluate(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, rep
     head += _coll(hw, "all_gather", split, c.batch * 8)
     mem = memory_per_gpu(m, hw, c, S, dtype, costing)
     return Evaluation(candidate=c, replicas=replicas, per_layer=per_layer, head_s=head, ttl_s=layers_s + head,
-                      memory=mem, feasible=sum(mem.values()) <= hw.memory_gb, hopb_chunks=chunks)
+                      memory=mem, feasible=sum(mem.values()) <= hw.memory_gb, hopb_chunks=chunks,
+                      backend_runs=backend_runs(m, c.strategy, c.tpa))
 
 
 def appendix_a(B, Q, K, Hsz, S, F, bytes_per_elem, mem_bw_gbs, tpa=1, tpf=1, kvp=1) -> dict:

@@ -3,16 +3,21 @@
 Validity is the backend's own: the attention rules come from ``Layout.validate`` (tpa divides K, or for the TP
 baseline is a multiple of K; tpa divides Q; every rank holds at least one query head after the all-to-all, the
 split being ``Layout.head_split``, uneven when kvp does not divide Q/tpa), and so do the dense FFN rules (tpf
-divides the intermediate size), MLA's tpa = 1 (the TP baseline kvp=1, tpa=n is not run for MLA), and the rules of
-heads in parts (DiffLLaMA: ``ModelSpec.head_parts``). MoE layouts add: experts divisible by ep, expert intermediate
-size divisible by tpf, dense layers of a MoE model TP over the whole FFN group. Helix proper keeps tpa <= K (no KV
-duplicated); the "tp" strategy is ``Layout(kvp=1, tpa=n)``.
+divides the intermediate size), MLA's tpa = 1 for Helix, and the rules of heads in parts (DiffLLaMA:
+``ModelSpec.head_parts``). MoE layouts add: experts divisible by ep, expert intermediate size divisible by tpf, dense
+layers of a MoE model TP over the whole FFN group. Helix proper keeps tpa <= K (no KV duplicated); the "tp" strategy
+is ``Layout(kvp=1, tpa=n)``.
+
+The paper's TP baseline for MLA (every GPU holds the whole latent cache and a 1/n share of the query heads) is
+enumerated as "tp" too, so that DeepSeek-R1 is compared against TP as the paper compares it; the backend does not
+run it (``Layout.validate`` keeps MLA at tpa = 1), so ``backend_runs`` is False for it and ``choose_layout`` never
+returns it.
 With replicas, a layout on n GPUs (n dividing the GPU budget) runs budget/n times; tokens/s/GPU is unchanged.
 """
 from __future__ import annotations
 
 from ..layout import Layout
-from .cost import STRATEGIES, Candidate
+from .cost import STRATEGIES, Candidate, backend_runs  # noqa: F401  (backend_runs: re-exported)
 from .model import ModelSpec
 
 
@@ -95,12 +100,24 @@ def helix_layouts(m: ModelSpec, n: int) -> list:
     return out
 
 
-def strategy_layouts(m: ModelSpec, strategy: str, n: int) -> list:
-    """(kvp, tpa, dp, tpf, ep) tuples of one strategy on n GPUs."""
+def mla_tp_error(m: ModelSpec, n: int) -> str | None:
+    """Why the paper's TP baseline for MLA (latent duplicated on every GPU, query heads split n ways) is invalid on
+    n GPUs, or None."""
+    if m.q_heads % n:
+        return f"tp = {n} does not divide the {m.q_heads} query heads of {m.name}"
+    return None
+
+
+def strategy_layouts(m: ModelSpec, strategy: str, n: int, backend_only: bool = False) -> list:
+    """(kvp, tpa, dp, tpf, ep) tuples of one strategy on n GPUs. backend_only: only layouts the backend runs (the
+    MLA TP baseline, with its latent duplicated n-fold, is left out)."""
     if strategy == "helix":
         return [(kvp, tpa, 1, tpf, ep) for kvp, tpa, tpf, ep in helix_layouts(m, n)]
     if strategy == "tp":  # Layout(kvp=1, tpa=n): KV heads duplicated once n > K
-        if backend_error(m, 1, n, n if not m.is_moe else None):
+        if m.is_mla and n > 1:  # the paper's baseline: the latent duplicated on every GPU
+            if backend_only or mla_tp_error(m, n):
+                return []
+        elif backend_error(m, 1, n, n if not m.is_moe else None):
             return []
         splits = [(n, 1)] if _ffn_ok(m, n, n, 1) else []
         return [(1, n, 1, tpf, ep) for tpf, ep in splits]
@@ -123,11 +140,12 @@ def strategy_layouts(m: ModelSpec, strategy: str, n: int) -> list:
     raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
 
 
-def candidates(m: ModelSpec, gpus: int, batches, strategies=STRATEGIES, replicas: bool = True, kv_block: int = 16):
+def candidates(m: ModelSpec, gpus: int, batches, strategies=STRATEGIES, replicas: bool = True, kv_block: int = 16,
+               backend_only: bool = False):
     """Yield (candidate, replicas) for every strategy, GPU count and batch, batches in increasing order."""
     for n in (divisors(gpus) if replicas else [gpus]):
         for s in strategies:
-            for kvp, tpa, dp, tpf, ep in strategy_layouts(m, s, n):
+            for kvp, tpa, dp, tpf, ep in strategy_layouts(m, s, n, backend_only):
                 for b in sorted(batches):
                     yield Candidate(strategy=s, gpus=n, kvp=kvp, tpa=tpa, dp=dp, tpf=tpf, ep=ep, batch=b,
                                     kv_block=kv_block), gpus // n

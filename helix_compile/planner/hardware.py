@@ -1,10 +1,12 @@
 """Hardware presets for the planner: memory bandwidth, FLOP/s per dtype, capacity and a collective model.
 
-Every number carries its source, because the planner is only as good as its inputs:
-  "measured"  - measured by this project (DESIGN.md, 4 x H200, torch 2.11.0+cu130, NCCL 2.28.9);
+Every number carries its source (``Hardware.sources``), because the planner is only as good as its inputs:
+  "measured"  - measured by `helix bench` (a results file in this repository, with its command);
+  "public"    - a public measurement, named with its address (PUBLIC below);
   "spec"      - vendor spec sheet (dense tensor-core FLOP/s, peak HBM and NVLink bandwidth);
-  "derived"   - a spec number scaled by an efficiency we measured on another dtype or card;
-  "assumed"   - no source; a stated guess, to be replaced by `helix plan --calibrate`.
+  "derived"   - a spec number scaled by a measured efficiency of the same chip;
+  "fitted"    - fitted to the Helix paper's headline ratios (`helix plan --paper DIR --fit`);
+  "assumed"   - a stated guess, to be replaced by `helix plan --calibrate`.
 
 The collective model is `t = alpha + alpha_peer * (n - 1) + coef(op, n) * bytes / bw`, one (alpha, bw) per
 op, where `bytes` is the payload per rank and coef is the ring/NVSwitch volume factor (see collectives.py).
@@ -59,20 +61,28 @@ def _coll(alpha, bw, source, alpha_peer=0.0):
     return Collective(alpha_us=alpha, bw_gbs=bw, alpha_peer_us=alpha_peer, source=source)
 
 
-# Our measurements (DESIGN.md, 4 x H200 NV18, NCCL 2.28.9, back-to-back calls). Collective rows feed the same
-# least-squares fit as `helix plan --calibrate`, so the H200 preset is fitted, not typed in.
-MEASURED_H200 = {
-    "hbm_copy_tbs": 4.19,
-    "bf16_matmul_tflops": 782.0,
-    "collectives": [
-        # DESIGN.md gives a range "41 - 46 us" over 4 KiB .. 4 MiB; we take the ends.
-        {"op": "all_to_all", "group_size": 4, "bytes_per_rank": 4096, "us": 41.0},
-        {"op": "all_to_all", "group_size": 4, "bytes_per_rank": 4 << 20, "us": 46.0},
-        {"op": "all_reduce", "group_size": 4, "bytes_per_rank": 4096, "us": 51.0},
-        {"op": "all_reduce", "group_size": 4, "bytes_per_rank": 512 << 10, "us": 92.0},
-        {"op": "all_reduce", "group_size": 4, "bytes_per_rank": 4 << 20, "us": 88.0},
-    ],
+# HBM read bandwidth of one H200, measured by `helix bench` (docs/perf/bench-2026-11-29-h200x1-mqa-gqa8.json,
+# "memory.hbm_read_gbs"; command: helix bench --gpus 1 --models mqa,gqa8 --contexts 32K,128K,256K --batches 1,8,32
+# --baseline --prefill 32K).
+H200_HBM_READ_GBS = 4317.1
+
+# Public measurements, each with where it was published. Collective latencies are small-message NCCL all-reduce
+# times (the fixed cost alpha); bandwidths are NCCL's effective NVLink bandwidth.
+PUBLIC = {
+    "h100_bf16_matmul_tflops": (797.5, "bf16 8192^3 torch.matmul on an H100 80GB HBM3, torch 2.7.0+cu128: "
+                                       "github.com/zzc0721/torch-performance-test-data/issues/79"),
+    "hopper_allreduce_alpha_us": (6.0, "NCCL 2.20.5 all_reduce_perf with CUDA graphs on HGX 8 x H100 (NVLS), "
+                                       "'approximately 6us' for 128 B - 64 KiB: github.com/NVIDIA/nccl/issues/1259"),
+    "hopper_nccl_bw_gbs": (370.0, "NCCL's effective NVLink 4 bandwidth, 370 of the 450 GB/s line rate (~20% "
+                                  "protocol overhead), NCCL maintainer: github.com/NVIDIA/nccl-tests/issues/212"),
+    "gb200_allreduce_alpha_us": (6.3, "NCCL 2.27 symmetric-memory all-reduce, ~6.3 us for small messages on 32 GPUs "
+                                      "of a GB200 NVL72 (NVIDIA blog 'Enabling Fast Inference and Resilient "
+                                      "Training with NCCL 2.27', as quoted and confirmed in "
+                                      "github.com/NVIDIA/nccl-tests/issues/333; same thread: 'under 8us' up to 1 KB "
+                                      "on 4 GB200, best 5.18 us)"),
 }
+# NCCL's ~20% protocol overhead (nccl-tests issue 212) applied to the NVLink 5 spec for Blackwell.
+NCCL_LINK_EFFICIENCY = PUBLIC["hopper_nccl_bw_gbs"][0] / 450.0
 
 # Vendor spec sheets (dense, no sparsity).
 SPEC = {  # fp32: CUDA-core FP32 of the spec sheets (H100/H200 SXM 67, Blackwell 80 TFLOP/s)
@@ -85,32 +95,31 @@ SPEC = {  # fp32: CUDA-core FP32 of the spec sheets (H100/H200 SXM 67, Blackwell
 }
 
 
-def _hopper(name: str, description: str) -> Hardware:
-    from .collectives import fit_collectives  # local import: collectives imports this module
+def _public_collectives(alpha_us: float, bw_gbs: float, source: str) -> dict:
+    return {op: _coll(alpha_us, bw_gbs, source) for op in ("all_to_all", "all_reduce", "all_gather")}
 
+
+def _hopper(name: str, description: str) -> Hardware:
     spec = SPEC[name]
-    # Efficiencies measured on H200: HBM copy vs 4.8 TB/s spec, bf16 matmul vs 989 TFLOP/s spec.
-    mem_eff = MEASURED_H200["hbm_copy_tbs"] / SPEC["h200"]["hbm_tbs"]
-    mm_eff = MEASURED_H200["bf16_matmul_tflops"] / SPEC["h200"]["tflops"]["bf16"]
-    coll = fit_collectives(MEASURED_H200["collectives"], link_bw_gbs=spec["link"])
+    # H200 and H100 SXM share the GH100 die and clocks (same dense FLOP/s spec); they differ in HBM.
+    mm_eff = PUBLIC["h100_bf16_matmul_tflops"][0] / SPEC["h100"]["tflops"]["bf16"]
+    mem_eff = H200_HBM_READ_GBS / (SPEC["h200"]["hbm_tbs"] * 1000)
+    alpha, bw = PUBLIC["hopper_allreduce_alpha_us"][0], PUBLIC["hopper_nccl_bw_gbs"][0]
+    coll = _public_collectives(alpha, bw, f"public: alpha {alpha:g} us (NCCL, 8 x H100), bw {bw:g} GB/s "
+                                          "(NCCL effective NVLink 4); all_to_all and all_gather assumed = all_reduce")
+    flops = {k: v * mm_eff for k, v in spec["tflops"].items()}
+    sources = {"flops_tflops": f"derived: spec x {mm_eff:.3f}, the public H100 bf16 matmul efficiency "
+                               f"({PUBLIC['h100_bf16_matmul_tflops'][1]})",
+               "collectives": f"public: {PUBLIC['hopper_allreduce_alpha_us'][1]}; {PUBLIC['hopper_nccl_bw_gbs'][1]}",
+               "memory_gb": "spec", "link_bw_gbs": "spec", "max_gpus": "spec (HGX, 8 GPUs)",
+               "reserved_gb": "assumed"}
     if name == "h200":
-        mem_bw = MEASURED_H200["hbm_copy_tbs"] * 1000
-        flops = {"fp32": spec["tflops"]["fp32"] * mm_eff, "bf16": MEASURED_H200["bf16_matmul_tflops"],
-                 "fp8": spec["tflops"]["fp8"] * mm_eff}
-        sources = {"mem_bw_gbs": "measured (HBM copy 4.19 TB/s)", "flops_tflops.bf16": "measured (782 TFLOP/s)",
-                   "flops_tflops.fp8": "derived (spec x measured bf16 efficiency)",
-                   "flops_tflops.fp32": "derived (CUDA-core spec x measured bf16 efficiency)",
-                   "collectives": "measured (fit of DESIGN.md all_to_all / all_reduce on 4 x H200)"}
+        mem_bw = H200_HBM_READ_GBS
+        sources["mem_bw_gbs"] = ("measured: helix bench, docs/perf/bench-2026-11-29-h200x1-mqa-gqa8.json "
+                                 "memory.hbm_read_gbs")
     else:
         mem_bw = spec["hbm_tbs"] * 1000 * mem_eff
-        flops = {k: v * mm_eff for k, v in spec["tflops"].items()}
-        sources = {"mem_bw_gbs": "derived (H100 spec x H200-measured HBM efficiency)",
-                   "flops_tflops": "derived (H100 spec x H200-measured matmul efficiency)",
-                   "collectives": "assumed (H200 measured fit; same NVLink 4 / NVSwitch generation)"}
-        for c in coll.values():
-            c.source = "assumed (= H200 measured)"
-    sources.update({"memory_gb": "spec", "link_bw_gbs": "spec", "max_gpus": "spec (HGX, 8 GPUs)",
-                    "reserved_gb": "assumed"})
+        sources["mem_bw_gbs"] = f"derived: H100 spec x {mem_eff:.3f}, the H200 efficiency measured by helix bench"
     return Hardware(name=name, description=description, memory_gb=spec["mem_gb"], mem_bw_gbs=mem_bw,
                     flops_tflops=flops, link_bw_gbs=spec["link"], max_gpus=spec["gpus"], collectives=coll,
                     sources=sources)
@@ -118,28 +127,34 @@ def _hopper(name: str, description: str) -> Hardware:
 
 def _blackwell(name: str, description: str) -> Hardware:
     spec = SPEC[name]
-    # No Blackwell in our lab: spec bandwidth/FLOPs at 100% (as the paper's Figure 1 does with 8000 GB/s) and an
-    # assumed small-message latency typical of NVLink-5 one-shot collectives.
-    coll = {op: _coll(5.0, spec["link"] * 0.8, "assumed (5 us, 80% of NVLink spec)")
-            for op in ("all_to_all", "all_reduce", "all_gather")}
+    # Spec bandwidth and FLOP/s at 100% (as the paper's Figure 1 does with 8000 GB/s); NCCL's public small-message
+    # latency on GB200 and its ~20% protocol overhead on the NVLink 5 spec.
+    alpha = PUBLIC["gb200_allreduce_alpha_us"][0]
+    bw = spec["link"] * NCCL_LINK_EFFICIENCY
+    coll = _public_collectives(alpha, bw, f"public: alpha {alpha:g} us (NCCL 2.27, GB200 NVL72), bw {bw:.0f} GB/s "
+                                          f"(NVLink 5 spec x {NCCL_LINK_EFFICIENCY:.3f}); all_to_all and "
+                                          "all_gather assumed = all_reduce")
     sources = {"mem_bw_gbs": "spec", "flops_tflops": "spec (dense)", "memory_gb": "spec", "link_bw_gbs": "spec",
-               "max_gpus": "spec", "collectives": "assumed", "reserved_gb": "assumed",
-               "per_layer_overhead_us": f"fitted ({BLACKWELL_FIXED_COST_US:g} us): least squares on ln of the paper's "
-                                        "four headline ratios, `helix plan --paper DIR --fit`"}
+               "max_gpus": "spec",
+               "collectives": f"public: {PUBLIC['gb200_allreduce_alpha_us'][1]}; bandwidth: NVLink 5 spec x the NCCL "
+                              f"efficiency of {PUBLIC['hopper_nccl_bw_gbs'][1]}",
+               "reserved_gb": "assumed",
+               "per_layer_overhead_us": f"fitted ({BLACKWELL_FIXED_COST_US:g} us at alpha {alpha:g} us): least squares "
+                                        "on ln of the paper's four headline ratios, `helix plan --paper DIR --fit`"}
     return Hardware(name=name, description=description, memory_gb=spec["mem_gb"], mem_bw_gbs=spec["hbm_tbs"] * 1000,
                     flops_tflops=dict(spec["tflops"]), link_bw_gbs=spec["link"], max_gpus=spec["gpus"],
                     collectives=coll, per_layer_overhead_us=BLACKWELL_FIXED_COST_US, sources=sources)
 
 
-# The one fitted term for Blackwell: the per-layer fixed cost (launches, synchronisation, kernel tails, everything
-# the roofline and the collective model leave out) that brings the paper's four headline ratios closest
-# (`helix plan --paper docs/planner --fit`, 2026-11-29: grid 0..60 us, best 35 us; see docs/planner.md).
-BLACKWELL_FIXED_COST_US = 35.0
+# The one term fitted to the paper for Blackwell: the per-layer fixed cost (launches, synchronisation, kernel tails,
+# everything the roofline and the collective model leave out) that brings the paper's four headline ratios closest
+# at the public collective latency (`helix plan --paper docs/planner --fit`; see docs/planner.md).
+BLACKWELL_FIXED_COST_US = 25.0
 
 
 _BUILDERS = {
     "h100": lambda: _hopper("h100", "HGX H100 SXM (8 GPUs, NVLink 4 via NVSwitch)"),
-    "h200": lambda: _hopper("h200", "HGX H200 (8 GPUs, NVLink 4 via NVSwitch); lab machine has 4"),
+    "h200": lambda: _hopper("h200", "HGX H200 (8 GPUs, NVLink 4 via NVSwitch)"),
     "b200": lambda: _blackwell("b200", "HGX B200 (8 GPUs, NVLink 5)"),
     "gb200": lambda: _blackwell("gb200", "GB200 NVL72 (72 GPUs in one NVLink 5 domain)"),
 }

@@ -113,3 +113,21 @@ def hopb_ablation(on: list, off: list) -> dict:
         return {}
     loss, g, u_on, u_off = best
     return {"loss": loss, "at_tokens_per_s_per_gpu": g, "user_on": u_on, "user_off": u_off}
+
+
+def fixed_batch(helix: list, baseline: list) -> dict:
+    """The abstract's reading, "TTL up to 1.5x lower at fixed batch sizes": for every batch both sides run, the
+    lowest baseline TTL over the lowest Helix TTL at that batch (any layout, any GPU count); the maximum over the
+    batches, with the batch and both configurations, and the ratio at batch 1."""
+    best_h, best_b = {}, {}
+    for side, pts in ((best_h, helix), (best_b, baseline)):
+        for e in pts:
+            b = e.candidate.batch
+            if b not in side or e.ttl_s < side[b].ttl_s:
+                side[b] = e
+    common = sorted(set(best_h) & set(best_b))
+    if not common:
+        return {}
+    ratio = {b: best_b[b].ttl_s / best_h[b].ttl_s for b in common}
+    b = max(common, key=lambda x: (ratio[x], -x))
+    return {"ratio": ratio[b], "batch": b, "helix": best_h[b], "baseline": best_b[b], "at_batch_1": ratio.get(1)}

@@ -14,6 +14,8 @@ def label(e) -> str:
         s = f"medha kvp={c.kvp} tpa={c.tpa} ffn tpf={c.tpf} ep={c.ep}"
     else:
         s = f"{c.strategy} tp={c.tpa} tpf={c.tpf} ep={c.ep}"
+    if c.strategy == "tp" and not getattr(e, "backend_runs", True):
+        s += " [latent duplicated: paper baseline, not run]"
     return s
 
 

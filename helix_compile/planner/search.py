@@ -103,14 +103,15 @@ def _check_inputs(m: ModelSpec, hw: Hardware, gpus: int, dtype: str):
 
 def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16", hw="h200", layout=None,
          ttl_ms: float | None = None, strategies=STRATEGIES, replicas: bool = True, max_batch: int = 4096,
-         hopb: bool = True, costing: Costing = BACKEND) -> Plan:
+         hopb: bool = True, costing: Costing = BACKEND, backend_only: bool = False) -> Plan:
     """Evaluate layouts x batches for `model` on up to `gpus` GPUs at `context` tokens; return a Plan.
 
     batch None sweeps 1..64 then powers of two up to max_batch (stopping per layout once memory runs out).
     costing: BACKEND (what helix_compile runs) or cost.PAPER (the paper's target system). layout (a dict or a
     'kvp=..,tpa=..' string) restricts the search to that Helix layout on exactly `gpus` GPUs. ttl_ms keeps only
     layouts whose time per token is within it. best: the highest tokens/s/GPU within ttl_ms if given, else the
-    lowest TTL. hopb False runs Helix without HOP-B (one exchange per layer, fully exposed).
+    lowest TTL. hopb False runs Helix without HOP-B (one exchange per layer, fully exposed). backend_only leaves out
+    the layouts the backend does not run (the MLA TP baseline, whose latent is duplicated on every GPU).
     """
     m, hw = get_model(model), get_hardware(hw)
     S = parse_context(context)
@@ -121,7 +122,7 @@ def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16
     if layout is not None:
         cands = list(_layout_candidates(m, gpus, parse_layout(layout), batches))
     else:
-        cands = list(candidates(m, gpus, batches, strategies, replicas))
+        cands = list(candidates(m, gpus, batches, strategies, replicas, backend_only=backend_only))
     evals, dead = [], set()
     if not hopb:
         cands = [(replace(c, hopb_chunks=1), r) for c, r in cands]
@@ -197,13 +198,13 @@ def choose_layout(config, world_size: int, context_len, batch_size: int | None =
     m, hwo = get_model(config), get_hardware(hw)
     dtype = planner_dtype(dtype)
     _check_inputs(m, hwo, world_size, dtype)
-    if not any(strategy_layouts(m, s, world_size) for s in BACKEND_STRATEGIES):
+    if not any(strategy_layouts(m, s, world_size, backend_only=True) for s in BACKEND_STRATEGIES):
         reasons = {backend_error(m, world_size // t, t, world_size) for t in range(1, world_size + 1)
                    if world_size % t == 0}
         raise ValueError(f"no layout of {m.name} runs on {world_size} GPUs: " + "; ".join(sorted(r for r in reasons if r)))
     # hopb=False: the returned layout carries no hopb_chunks, so the backend runs it with HOP-B off
     p = plan(m, world_size, context_len, batch=batch_size or 1, dtype=dtype, hw=hwo, strategies=BACKEND_STRATEGIES,
-             replicas=False, hopb=False)
+             replicas=False, hopb=False, backend_only=True)
     fits = [e for e in p.evaluations if e.feasible]
     if not fits:
         least = min(p.evaluations, key=lambda e: e.memory_gb)
