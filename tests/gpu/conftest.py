@@ -22,9 +22,3 @@ def pytest_collection_modifyitems(config, items):
             if not torch.cuda.is_available():
                 item.add_marker(pytest.mark.skip(reason="no CUDA device: the GPU tier runs on a GPU machine "
                                                         "(python -m pytest -m gpu tests/gpu)"))
-
-
-def gpus(n: int):
-    """Skip unless ``n`` GPUs are visible, naming how many are."""
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return pytest.mark.skipif(have < n, reason=f"needs {n} GPUs, {have} visible")

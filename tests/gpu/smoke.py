@@ -6,7 +6,8 @@ With --world 1 the layouts are kvp = tpa = 1 (kernels, Inductor and CUDA graphs 
 Inductor configuration runs with CUDA graphs (the default on CUDA) and is also checked bitwise against the same
 program without them (``cudagraphs_bitwise``).
 
-Not a pytest module (the CPU CI has no GPU); prints one line per configuration and writes smoke.json.
+The pytest form is ``tests/gpu/test_smoke.py`` (the GPU tier); this script prints one line per configuration and
+writes smoke.json, for the full list and the docs.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def body(rank, configs, world):
     for family, dtype, executor, layouts, hopb in configs:
         if world == 1:
             layouts, hopb = [(1, 1)], 1
+        elif world == 4:  # the 2-rank layouts doubled along the sequence
+            layouts = [(2 * kvp, tpa) for kvp, tpa in layouts]
         for kvp, tpa in layouts:
             try:
                 torch._dynamo.reset()
@@ -162,8 +165,8 @@ def main():
     parser.add_argument("--only", help="comma-separated families (default: all)")
     parser.add_argument("--world", type=int, default=min(2, torch.cuda.device_count()))
     args = parser.parse_args()
-    if torch.cuda.device_count() < args.world or args.world not in (1, 2):
-        sys.exit(f"--world {args.world}: needs 1 or 2 GPUs, found {torch.cuda.device_count()}")
+    if torch.cuda.device_count() < args.world or args.world not in (1, 2, 4):
+        sys.exit(f"--world {args.world}: needs 1, 2 or 4 GPUs, found {torch.cuda.device_count()}")
     configs = CONFIGS[:2] if args.quick else CONFIGS
     if args.only:
         configs = [c for c in configs if c[0] in args.only.split(",")]
