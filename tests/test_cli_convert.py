@@ -183,6 +183,9 @@ FAMILIES = {
     "deepseek_v3": ("deepseek_v3", dict(kvp=2, tpa=1), "save_pretrained"),  # MLA + per-expert MoE + router buffer
     "phi3": ("phi3", dict(kvp=1, tpa=2), "save_pretrained"),  # fused qkv_proj, gate_up_proj
     "gpt2": ("gpt2", dict(kvp=1, tpa=2), "save_pretrained"),  # Conv1D c_attn / c_proj / c_fc with biases, tied lm_head
+    # per-head interleaved [q_h k_h v_h] query_key_value; its state dict (transformers 5.24's save_pretrained drops
+    # the untied embed_out)
+    "gpt_neox": ("gpt_neox", dict(kvp=1, tpa=2), "fused"),
 }
 
 
@@ -219,8 +222,8 @@ def _load_converted(rank, outs):
 
 
 def test_every_family_converts_and_runs_exact(tmp_path):
-    """MoE (per-expert and fused sources; ep=2, and ep=1 x tpf=2), MLA, fused projections and Conv1D with biases:
-    converted, then from_pretrained(OUT) on 2 gloo ranks, exact against transformers."""
+    """MoE (per-expert and fused sources; ep=2, and ep=1 x tpf=2), MLA, fused projections, Conv1D with biases and
+    per-head interleaved qkv: converted, then from_pretrained(OUT) on 2 gloo ranks, exact against transformers."""
     from safetensors.torch import save_file
 
     from distributed import run_ranks
@@ -229,7 +232,7 @@ def test_every_family_converts_and_runs_exact(tmp_path):
     for name, (family, fields, form) in FAMILIES.items():
         src, out = tmp_path / f"{name}-hf", tmp_path / f"{name}-helix"
         m = model(family)
-        if form == "fused":  # the model's own tensors: experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I)
+        if form == "fused":  # the model's own tensors (experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I))
             src.mkdir()
             m.config.save_pretrained(src)
             save_file({k: v.contiguous() for k, v in m.state_dict().items()}, src / "model.safetensors",
