@@ -1,18 +1,26 @@
 """`helix convert`: split a checkpoint into one safetensors file per rank, plus plan.json.
 
     helix convert ckpt/ --kvp 2 --tpa 2 -o ckpt-helix/        # HF safetensors directory (sharded or not)
+    helix convert moe/ --kvp 4 --ep 2 -o moe-helix/           # MoE: 2 expert groups, each TP-split over tpf=2
     helix convert model.Q4_1.gguf --kvp 2 -o ckpt-helix/      # GGUF: transformers de-quantises it
     helix convert --verify ckpt-helix/                        # re-check every sha256
 
 Contract
-    in:  an HF checkpoint directory (config.json + *.safetensors) or a GGUF file; a Layout.
-    out: OUT/rank<r>.safetensors for r in 0..N-1 holding exactly the tensors rank r loads: its shard
-         (``loading.shard_spec``, the same function ``from_pretrained`` uses) of every sharded tensor and every
-         other tensor in full; OUT/plan.json (format, layout, model config, the sha256 of every file);
-         config.json, generation config and tokenizer files. ``from_pretrained(OUT, layout)`` reads only its rank's
-         file.
-    memory: the rank files are written side by side, tensor by tensor, so peak memory is about one tensor
-         (a GGUF is de-quantised by transformers as a whole first).
+    in:  an HF checkpoint directory (config.json + *.safetensors) or a GGUF file, of any family that
+         ``helix_compile.from_pretrained`` reads (fused projections, GPT-2's Conv1D with biases, per-head interleaved
+         qkv, MLA, mixture-of-experts with fused or per-expert tensors); a Layout (kvp, tpa, ep; tpf = N / ep).
+    out: OUT/rank<r>.safetensors for r in 0..N-1 holding exactly the tensors rank r loads
+         (``loading.rank_tensors``, the same function ``from_pretrained`` reads a checkpoint with), named as the
+         model names them: its piece of every sharded tensor (of a routed-expert weight: only its ep experts, each
+         cut to its tpf slice, fused), every other tensor in full; OUT/plan.json (format, the whole layout, model
+         config, the sha256 of every file); config.json, generation config and tokenizer files.
+         ``from_pretrained(OUT, layout)`` reads only its rank's file, and refuses a layout whose kvp, tpa, tpf or
+         ep differ from the plan's.
+    refused: what the backend refuses (a layout that does not divide the heads, the FFN or the experts, MLA with
+         tpa > 1, ...), a checkpoint lacking parameters of the model, an unknown model type; before anything is
+         written.
+    memory: the rank files are written side by side, tensor by tensor, each rank's piece read on its own, so peak
+         memory is about one tensor (a GGUF is de-quantised by transformers as a whole first).
     atomic: everything is written into a hidden temporary directory beside OUT, renamed to OUT at the end; on an
          error or Ctrl-C the temporary directory is removed. An existing OUT is refused.
 """
@@ -29,23 +37,15 @@ from pathlib import Path
 import torch
 
 from .layout import Layout
-from .loading import PLAN_FILE, PLAN_FORMAT, _files, read_plan, rank_file, sha256, shard_spec, spec_index
-from .passes.plan import Heads
+from .loading import (DTYPE_TAGS, PLAN_FILE, PLAN_FORMAT, Checkpoint, RankTensor, _files, model_from_config,
+                      not_held, rank_file, rank_tensors, read_plan, sha256)
 
 EPILOG = """examples:
   helix convert ckpt/ --kvp 2 --tpa 2 -o ckpt-helix/
+  helix convert mixtral/ --kvp 4 --ep 2 -o mixtral-helix/
   helix convert SmolLM2-135M-Instruct.Q4_1.gguf --kvp 2 --kv-block 16 -o smollm2-helix/
   helix convert --verify ckpt-helix/
 """
-
-# torch dtype -> safetensors dtype tag
-_TAGS = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-         torch.bool: "BOOL"}
-_DTYPES = {v: k for k, v in _TAGS.items()}
-# Structures helix refuses at compile time; refused here too, before hours of conversion. Suffixes of tensor names.
-_FUSED = ("qkv_proj", "query_key_value", "c_attn", "W_pack", "gate_up_proj")
-SUPPORTED = "llama, qwen2, qwen3, mistral, gemma, olmo, granite, phi"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,8 +56,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", help="output directory (must not exist)")
     p.add_argument("--kvp", type=int, help="KV-parallel width")
     p.add_argument("--tpa", type=int, default=1, help="tensor-parallel width of attention (divides the KV heads)")
-    p.add_argument("--tpf", type=int, help="tensor-parallel width of the FFN (default N / ep)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel width (MoE only)")
+    p.add_argument("--tpf", type=int, help="tensor-parallel width of the FFN (N = kvp * tpa = tpf * ep; default N / ep)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel width: each of ep groups of tpf ranks holds 1/ep of the routed experts (MoE only)")
     p.add_argument("--kv-block", type=int, default=16, help="tokens per round-robin KV block (recorded in plan.json)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors (default: keep)")
     p.add_argument("--verify", metavar="OUT", help="re-check every file of a conversion against plan.json")
@@ -90,13 +90,10 @@ def run(args) -> int:
 
 # -- sources ---------------------------------------------------------------------------------------------------
 class _Source:
-    """The tensors of a checkpoint without reading their data: ``entries`` = [(name, shape, dtype)]."""
+    """A checkpoint to convert: its config, its tensors (``loading.Checkpoint``, read on demand) and side files."""
 
     config = None
-    entries: list
-
-    def read(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+    checkpoint: Checkpoint
 
     def write_side_files(self, folder: Path) -> None:
         raise NotImplementedError
@@ -104,26 +101,9 @@ class _Source:
 
 class _HFDir(_Source):
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = path
         self.config = _config(path)
-        self.where, self.entries = {}, []
-        for file in _files(path):
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    piece = f.get_slice(name)
-                    tag = piece.get_dtype()
-                    if tag not in _DTYPES:
-                        raise ValueError(f"{file.name}: {name} has dtype {tag}, which helix convert does not handle")
-                    self.where[name] = file
-                    self.entries.append((name, tuple(piece.get_shape()), _DTYPES[tag]))
-
-    def read(self, name):
-        from safetensors import safe_open
-
-        with safe_open(self.where[name], framework="pt") as f:  # opened per tensor: its pages are unmapped after
-            return f.get_tensor(name)
+        self.checkpoint = Checkpoint(_files(path))
 
     def write_side_files(self, folder):
         for f in sorted(self.path.iterdir()):  # tokenizer, generation config, chat template, ...
@@ -145,11 +125,8 @@ class _GGUF(_Source):
                 continue
             seen.add(value.data_ptr())
             state[name] = value
-        self.state, self.generation_config = state, model.generation_config
-        self.entries = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
-
-    def read(self, name):
-        return self.state[name]
+        self.generation_config = model.generation_config
+        self.checkpoint = Checkpoint(tensors=state)
 
     def write_side_files(self, folder):
         from transformers import AutoTokenizer
@@ -166,18 +143,16 @@ def _config(folder: Path, **kw):
         config = AutoConfig.from_pretrained(folder, **kw)
     except (ValueError, KeyError, OSError) as e:
         if kw:  # a GGUF: transformers names the architecture it does not map
-            raise ValueError(f"{folder / kw['gguf_file']}: transformers {__version__} cannot read it ({e}); helix "
-                             f"supports {SUPPORTED}") from None
+            raise ValueError(f"{folder / kw['gguf_file']}: transformers {__version__} cannot read it ({e})") from None
         raw = folder / "config.json"
         model_type = json.loads(raw.read_text()).get("model_type") if raw.exists() else None
         if model_type is None:
             raise ValueError(f"{folder}: cannot read a config.json with a model_type ({e})") from None
-        raise ValueError(
-            f"{raw}: unknown model type {model_type!r}: transformers {__version__} does not know it. helix "
-            f"supports {SUPPORTED}"
-        ) from None
+        raise ValueError(f"{raw}: unknown model type {model_type!r}: transformers {__version__} does not know it") \
+            from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"model type {config.model_type!r} is not a causal LM; helix supports {SUPPORTED}")
+        raise ValueError(f"model type {config.model_type!r} is not a causal LM: transformers {__version__} has no "
+                         f"AutoModelForCausalLM class for it, and helix runs causal LMs")
     if hasattr(config, "quantization_config"):  # a de-quantised GGUF is plain floats now
         del config.quantization_config
     return config
@@ -196,25 +171,31 @@ def open_source(model) -> _Source:
     raise ValueError(f"{model}: not a checkpoint directory or a .gguf file")
 
 
-DIRECT = ("the backend runs such models: load the HF checkpoint directly with helix_compile.from_pretrained(path, "
-          "layout), which reads only this rank's pieces")
+def _empty_model(config):
+    """The model of ``config`` without parameter storage: the names and shapes ``rank_tensors`` places."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return model_from_config(config, dtype=torch.float32)
 
 
-def check_supported(config, names) -> None:
-    """Refuse checkpoints whose structure the backend would refuse at compile time, naming the tensor."""
-    text = config.get_text_config(decoder=True)
-    if any(getattr(text, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts")):
-        raise ValueError(f"{config.model_type}: helix convert does not write mixture-of-experts checkpoints yet; {DIRECT}")
-    if getattr(text, "kv_lora_rank", None):
-        raise ValueError(f"{config.model_type}: helix convert does not write MLA checkpoints yet; {DIRECT}")
-    for name in names:
-        if name.split(".")[-2:-1] and name.split(".")[-2] in _FUSED:
-            raise ValueError(
-                f"{config.model_type}: tensor {name} is a fused projection, which helix convert does not split into "
-                f"rank files yet; {DIRECT}"
-            )
-    if not any(n.endswith("q_proj.weight") for n in names):
-        raise ValueError(f"{config.model_type}: no q_proj weights found; helix supports {SUPPORTED}")
+def plan_ranks(source: _Source, layout: Layout) -> list[list[RankTensor]]:
+    """Each rank's tensors (``loading.rank_tensors``, what ``from_pretrained`` reads), checked before anything is
+    written: the layout fits the model (``Layout.validate``, ``role_shard``), every parameter is in the
+    checkpoint, every dtype can be written."""
+    text = source.config.get_text_config(decoder=True)
+    layout.validate(text)
+    model = _empty_model(source.config)
+    ranks = [rank_tensors(source.checkpoint, model, layout, r) for r in range(layout.world_size)]
+    missing = not_held(model, [t.name for t in ranks[0]])
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} of the {source.config.model_type} model's parameters, "
+                         f"e.g. {missing[:3]}")
+    for t in ranks[0]:
+        if t.dtype is None:
+            raise ValueError(f"{t.name} is stored in a dtype helix convert does not write (it writes "
+                             f"{', '.join(DTYPE_TAGS.values())})")
+    return ranks
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -222,10 +203,8 @@ def _header(entries, metadata: dict) -> bytes:
     """A safetensors header for ``entries`` [(name, shape, dtype)] laid out back to back, in order."""
     head, offset = {"__metadata__": metadata}, 0
     for name, shape, dtype in entries:
-        size = dtype.itemsize
-        for s in shape:
-            size *= s
-        head[name] = {"dtype": _TAGS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        size = dtype.itemsize * _numel(shape)
+        head[name] = {"dtype": DTYPE_TAGS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(head, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
@@ -242,25 +221,12 @@ def convert(model, layout: Layout, out, dtype: torch.dtype | None = None, progre
     if out.exists():
         raise ValueError(f"{out} already exists: helix convert never overwrites; remove it or choose another -o")
     source = source or open_source(model)
-    names = [e[0] for e in source.entries]
-    check_supported(source.config, names)
-    text = source.config.get_text_config(decoder=True)
-    layout.validate(text)
-    heads, n = Heads.of(text), layout.world_size
+    ranks = plan_ranks(source, layout)
+    n = layout.world_size
     if dtype is not None:
         source.config.dtype = dtype
     cast = lambda dt: dtype if dtype is not None and dt.is_floating_point else dt  # noqa: E731
-
-    # per rank: (name, local shape, dtype) in one order, and each tensor's index into the full tensor
-    plans = []
-    for r in range(n):
-        rows = []
-        for name, shape, dt in source.entries:
-            spec = shard_spec(name, shape, heads, layout, r)
-            local = shape if spec is None else tuple(spec.stop - spec.start if d == spec.dim else s
-                                                     for d, s in enumerate(shape))
-            rows.append((name, local, cast(dt), None if spec is None else spec_index(spec, len(shape))))
-        plans.append(rows)
+    entries = [[(t.name, t.local_shape, cast(t.dtype)) for t in tensors] for tensors in ranks]
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,19 +237,21 @@ def convert(model, layout: Layout, out, dtype: torch.dtype | None = None, progre
         files = [open(tmp / rank_file(r), "wb") for r in range(n)]
         try:
             for r, f in enumerate(files):
-                f.write(_header([row[:3] for row in plans[r]], {**meta, "helix_rank": str(r)}))
-            total = sum(dt.itemsize * _numel(shape) for _, shape, dt in source.entries)
+                f.write(_header(entries[r], {**meta, "helix_rank": str(r)}))
+            total = sum(dt.itemsize * _numel(shape) for rows in entries for _, shape, dt in rows)
             with _bar(total, progress) as bar:
-                for i, (name, shape, dt) in enumerate(source.entries):
-                    full = source.read(name)
-                    if dtype is not None and full.is_floating_point():
-                        full = full.to(dtype)
+                # tensor by tensor, every rank's piece of it in turn: one piece in memory at a time, and the ranks'
+                # reads of one source tensor follow each other (its pages are still cached)
+                for i in range(len(entries[0])):
                     for r, f in enumerate(files):
-                        index = plans[r][i][3]
-                        piece = (full if index is None else full[index]).detach().contiguous()
+                        _, shape, dt = entries[r][i]
+                        piece = ranks[r][i].read().to(dt).contiguous()
+                        if tuple(piece.shape) != shape:  # rank_tensors checked the headers; this is the data
+                            raise ValueError(f"{ranks[r][i].name}: read {tuple(piece.shape)} for rank {r}, "
+                                             f"expected {shape}")
                         f.write(piece.view(-1).view(torch.uint8).numpy().data)
-                    del full
-                    bar.update(dt.itemsize * _numel(shape))
+                        bar.update(dt.itemsize * _numel(shape))
+                        del piece
         finally:
             for f in files:
                 f.close()

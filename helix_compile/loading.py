@@ -15,8 +15,6 @@ it too) becomes a global-shaped virtual parameter with the rank's piece register
 file is opened for that tensor alone, so the pages of a column slice are unmapped again right away: peak memory
 is about the shards plus one tensor.
 
-The model can only run through ``torch.compile(model, backend="helix", ...)``: an eager call raises.
-
 Mixture-of-experts weights: the model holds fused 3-D ``experts.gate_up_proj`` (E, 2I, H) and
 ``experts.down_proj`` (E, H, I); checkpoints hold either those (read as this rank's ``ExpertShard``) or, as
 transformers 5.x's ``save_pretrained`` writes them, one tensor per expert (``experts.{e}.gate_proj/up_proj/down_proj``,
@@ -24,15 +22,22 @@ Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``): then each rank reads only 
 columns (tpf), and stacks them into its local fused piece, which is what ``role_shard`` would cut from the fused
 tensor.
 
+``rank_tensors`` is the one place that turns a checkpoint (``Checkpoint``: safetensors files or tensors in memory),
+a layout and a rank into the rank's tensors, named as the model names them; ``from_pretrained`` loads them and
+``helix convert`` writes them into the rank's file.
+
 The model can only run through ``torch.compile(model, backend="helix", ...)``: an eager call raises.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -41,7 +46,7 @@ from . import shards
 from .layout import Layout, current_world
 from .lowering.ops import ShardedEagerError
 from .passes.regions.roles import Heads, Pieces, role_by_name, role_shard
-from .shards import ExpertShard
+from .shards import ExpertShard, Shard
 
 
 PLAN_FILE = "plan.json"
@@ -121,6 +126,7 @@ def check_layout(plan: dict, layout: Layout, path) -> None:
             f"{path} was converted for {fmt(want)} ({want.world_size} ranks) but the layout asked for is "
             f"{fmt(layout)} ({layout.world_size} ranks): use the plan's layout, or convert the original checkpoint "
             f"again with helix convert --kvp {layout.kvp} --tpa {layout.tpa}"
+            + (f" --ep {layout.ep}" if layout.ep != 1 else "")
         )
 
 
@@ -187,6 +193,151 @@ def checkpoint_renamer(model):
     return lambda key: apply_renamings(key, renamings)
 
 
+# safetensors dtype tags <-> torch dtypes
+DTYPE_TAGS = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+TAG_DTYPES = {v: k for k, v in DTYPE_TAGS.items()}
+
+
+class Checkpoint:
+    """A checkpoint's tensors by name, read on demand: safetensors files (each opened for one read, so the pages
+    of a column slice are unmapped again right away) or tensors in memory (a de-quantised GGUF).
+
+    ``entries``: name -> (shape, dtype) in file order, read from the headers only (dtype None: a safetensors type
+    torch has no dtype for here)."""
+
+    def __init__(self, files=(), tensors: dict | None = None):
+        self.entries, self.where, self.tensors = {}, {}, dict(tensors or {})
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    piece = f.get_slice(key)
+                    self.entries[key] = (tuple(piece.get_shape()), TAG_DTYPES.get(piece.get_dtype()))
+                    self.where[key] = Path(file)
+        for key, value in self.tensors.items():
+            self.entries[key] = (tuple(value.shape), value.dtype)
+
+    def file_name(self, key: str) -> str:
+        """Where ``key`` is stored, for messages."""
+        return self.where[key].name if key in self.where else "the checkpoint"
+
+    def read(self, key: str, spec=None) -> torch.Tensor:
+        """Tensor ``key`` whole (``spec`` None), or only the piece ``spec`` (``Shard``, ``Pieces``,
+        ``ExpertShard``) of it."""
+        if key in self.tensors:
+            value = self.tensors[key]
+            return value if spec is None else _read(value, value.shape, spec)
+        with safe_open(self.where[key], framework="pt") as f:
+            piece = f.get_slice(key)
+            return piece[:] if spec is None else _read(piece, self.entries[key][0], spec)
+
+
+@dataclasses.dataclass
+class RankTensor:
+    """One tensor a rank holds: parameter or persistent buffer ``name`` of the model, of global ``shape``;
+    ``spec`` the rank's piece of it (``Shard``, ``Pieces``, ``ExpertShard``; None: the whole tensor);
+    ``read()`` reads that piece from the checkpoint (only it); ``dtype`` as stored."""
+
+    name: str
+    shape: tuple
+    spec: object
+    dtype: torch.dtype | None
+    read: Callable[[], torch.Tensor]
+    buffer: bool = False
+
+    @property
+    def local_shape(self) -> tuple:
+        if self.spec is None:
+            return tuple(self.shape)
+        return tuple(self.spec.take(torch.empty(self.shape, device="meta")).shape)
+
+
+def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local: bool = False) -> list[RankTensor]:
+    """What ``rank`` holds of ``checkpoint`` for ``model`` (built without storage, e.g. ``init_empty_weights``)
+    under ``layout``: the one place that turns a source checkpoint into a rank's tensors (``from_pretrained`` loads
+    them, ``helix convert`` writes them). Names are the model's (transformers' renamings applied; per-expert
+    tensors become this rank's piece of the fused expert parameter, see ``_stack_experts``); every shape is checked
+    here, from the headers, before anything is read. Tensors that are neither a parameter nor a persistent buffer
+    of the model are left out. ``local``: ``checkpoint`` is a ``helix convert`` rank file, holding the pieces."""
+    heads = Heads.of(model.config.get_text_config(decoder=True))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    transposed = {f"{m}.{p}" for m, mod in model.named_modules() if getattr(mod, "is_transposed", False)
+                  for p in ("gate_up_proj", "down_proj")}  # experts stored (E, in, out)
+    buffers = {n: b for n, b in model.named_buffers() if b.device.type != "meta"}
+    rename = checkpoint_renamer(model)
+    out, loaded, per_expert = [], set(), {}  # per_expert: fused parameter -> {(expert, part): checkpoint name}
+    for key, (stored, dtype) in checkpoint.entries.items():
+        name = rename(key).replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint module name
+        where = checkpoint.file_name(key)
+        if name in buffers:  # persistent buffers saved with the weights (DeepSeek's e_score_correction_bias)
+            if stored != tuple(buffers[name].shape):
+                raise ValueError(f"{where}: buffer {key} has shape {stored}, the model expects "
+                                 f"{tuple(buffers[name].shape)}")
+            out.append(RankTensor(name, stored, None, dtype, functools.partial(checkpoint.read, key), buffer=True))
+            continue
+        if name not in params:
+            fused = _per_expert(key)
+            if fused is not None and fused[0] in params:
+                per_expert.setdefault(fused[0], {})[fused[1:]] = key
+            continue  # e.g. rotary buffers saved by old checkpoints
+        shape = tuple(params[name].shape)
+        spec = shard_spec(name, shape, heads, layout, rank, transposed=name in transposed)
+        item = RankTensor(name, shape, spec, dtype, functools.partial(checkpoint.read, key))
+        if local:  # a helix convert file holds the rank's piece itself
+            if stored != item.local_shape:
+                raise ValueError(f"{where}: {name} has shape {stored}, this rank's piece of {shape} is "
+                                 f"{item.local_shape}")
+        elif stored != shape:
+            raise ValueError(f"{where}: {name} has shape {stored}, the model expects {shape}")
+        elif spec is not None:
+            item.read = functools.partial(checkpoint.read, key, spec)
+        out.append(item)
+        loaded.add(name)
+    for name, found in per_expert.items():
+        if name in loaded:
+            continue
+        shape = tuple(params[name].shape)
+        if name in transposed:
+            raise ValueError(f"{name}: per-expert checkpoint tensors for experts stored (E, in, out) are not supported; "
+                             f"use a checkpoint with the fused {name.rsplit('.', 1)[1]}")
+        role, _ = role_by_name(name)
+        spec = role_shard(role, "weight", shape, heads, layout, rank)
+        parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
+        want = (shape[1] // len(parts), shape[2])
+        for e in range(spec.e_start, spec.e_stop):
+            for part in parts:
+                if (e, part) not in found:
+                    raise ValueError(f"checkpoint lacks expert {e}'s {part} projection of {name}")
+                key = found[(e, part)]
+                if checkpoint.entries[key][0] != want:
+                    raise ValueError(f"{checkpoint.file_name(key)}: {key} has shape {checkpoint.entries[key][0]}, "
+                                     f"expected {want} for {name}")
+        dtype = checkpoint.entries[next(iter(found.values()))][1]
+        out.append(RankTensor(name, shape, spec, dtype,
+                              functools.partial(_stack_experts, checkpoint, name, found, spec, parts)))
+    return out
+
+
+def tied_pairs(model) -> dict:
+    """{parameter name: the parameter name it is tied to} (see ``_tie``)."""
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    pairs = dict(expanded(all_submodels=True)) if expanded is not None else {}
+    if getattr(model.config, "tie_word_embeddings", False):
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if out is not None:
+            names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+            pairs.setdefault(names[id(out.weight)], names[id(inp.weight)])
+    return pairs
+
+
+def not_held(model, names) -> list[str]:
+    """The parameters of ``model`` that neither ``names`` nor a tie to one of them provides."""
+    names, pairs = set(names), tied_pairs(model)
+    return [n for n, _ in model.named_parameters()
+            if n not in names and not any(n in pair and (set(pair) & names) for pair in pairs.items())]
+
+
 def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool = True):
     """Build the HF model of checkpoint ``path`` holding only this rank's shards (see the module docstring).
 
@@ -211,70 +362,21 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     device = torch.device(device) if device is not None else _group_device()
     with init_empty_weights(include_buffers=False):
         model = model_from_config(config, dtype=dtype)
-    heads = Heads.of(config.get_text_config(decoder=True))
-    params = dict(model.named_parameters(remove_duplicate=False))
-    transposed = {f"{m}.{p}" for m, mod in model.named_modules() if getattr(mod, "is_transposed", False)
-                  for p in ("gate_up_proj", "down_proj")}  # experts stored (E, in, out)
-    loaded = set()
-    buffers = {n: b for n, b in model.named_buffers() if b.device.type != "meta"}
-    per_expert: dict[str, dict] = {}  # fused parameter -> {(expert, part): (file, checkpoint name)}
     if plan is None:
-        files, local_files = _files(path), False
+        checkpoint = Checkpoint(_files(path))
     else:
         name = rank_file(rank)
-        files, local_files = [check_file(path, name, plan) if verify else path / name], True
-    checkpoint_name = checkpoint_renamer(model)
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            names = list(f.keys())
-        for key in names:
-            name = checkpoint_name(key)
-            name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint module name (transformers 5.x renames it)
-            if name in buffers:  # persistent buffers saved with the weights (DeepSeek's e_score_correction_bias)
-                with safe_open(file, framework="pt") as f:
-                    value = f.get_tensor(key)
-                if value.shape != buffers[name].shape:
-                    raise ValueError(f"{file.name}: buffer {key} has shape {tuple(value.shape)}, the model expects {tuple(buffers[name].shape)}")
-                buffers[name].copy_(value)
-                continue
-            if name not in params:
-                fused = _per_expert(key)
-                if fused is not None and fused[0] in params:
-                    per_expert.setdefault(fused[0], {})[fused[1:]] = (file, key)
-                continue  # e.g. rotary buffers saved by old checkpoints
-            with safe_open(file, framework="pt") as f:
-                piece = f.get_slice(key)
-                shape = tuple(params[name].shape)
-                spec = shard_spec(name, shape, heads, layout, rank, transposed=name in transposed)
-                stored = tuple(piece.get_shape())
-                if local_files and spec is not None:  # a helix convert file holds the rank's piece itself
-                    local = piece[:].to(device=device, dtype=dtype, copy=True).contiguous()
-                    if tuple(local.shape) != tuple(spec.take(torch.empty(shape, device="meta")).shape):
-                        raise ValueError(f"{file.name}: {name} has shape {stored}, this rank's piece of {shape} differs")
-                    value = shards.virtual(shape, dtype, device)
-                elif stored != shape:
-                    raise ValueError(f"{file.name}: {name} has shape {stored}, the model expects {shape}")
-                elif spec is None:
-                    value = piece[:].to(device=device, dtype=dtype, copy=True)  # owned, not a view of the mmap
-                else:
-                    local = _read(piece, shape, spec).to(device=device, dtype=dtype, copy=True).contiguous()
-                    value = shards.virtual(shape, dtype, device)
-            param = _set_param(model, name, value)
-            if spec is not None:
-                shards.register(param, spec, local)
-            loaded.add(name)
-    for name, found in per_expert.items():
-        if name in loaded:
+        checkpoint = Checkpoint([check_file(path, name, plan) if verify else path / name])
+    for item in rank_tensors(checkpoint, model, layout, rank, local=plan is not None):
+        if item.buffer:
+            model.get_buffer(item.name).copy_(item.read())
             continue
-        shape = tuple(params[name].shape)
-        if name in transposed:
-            raise ValueError(f"{name}: per-expert checkpoint tensors for experts stored (E, in, out) are not supported; "
-                             f"use a checkpoint with the fused {name.rsplit('.', 1)[1]}")
-        role, _ = role_by_name(name)
-        spec = role_shard(role, "weight", shape, heads, layout, rank)
-        local = _stack_experts(name, found, spec, shape).to(device=device, dtype=dtype, copy=True).contiguous()
-        param = _set_param(model, name, shards.virtual(shape, dtype, device))
-        shards.register(param, spec, local)
+        value = item.read().to(device=device, dtype=dtype, copy=True)  # owned, not a view of the mmap
+        if item.spec is None:
+            _set_param(model, item.name, value)
+        else:
+            param = _set_param(model, item.name, shards.virtual(item.shape, dtype, device))
+            shards.register(param, item.spec, value.contiguous())
     _tie(model, config)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
@@ -298,50 +400,25 @@ def _per_expert(name: str):
     return f"{prefix}.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}", int(found.group(2)), part
 
 
-def _stack_experts(name: str, found: dict, spec: ExpertShard, shape) -> torch.Tensor:
+def _stack_experts(checkpoint: Checkpoint, name: str, found: dict, spec: ExpertShard, parts: tuple) -> torch.Tensor:
     """This rank's piece of a fused expert weight, read from one tensor per expert: only its experts, and of each
     only its rows (gate and up, (I, H)) or columns (down, (H, I)); the same piece ``spec.take`` cuts from the
-    fused (E, 2I, H) / (E, H, I) tensor."""
-    parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
+    fused (E, 2I, H) / (E, H, I) tensor. Shapes are checked by ``rank_tensors``."""
     experts = []
     for e in range(spec.e_start, spec.e_stop):
         pieces = []
         for part in parts:
-            if (e, part) not in found:
-                raise ValueError(f"checkpoint lacks expert {e}'s {part} projection of {name}")
-            file, key = found[(e, part)]
-            with safe_open(file, framework="pt") as f:
-                piece = f.get_slice(key)
-                want = (shape[1] // len(parts), shape[2])
-                if tuple(piece.get_shape()) != want:
-                    raise ValueError(f"{file.name}: {key} has shape {tuple(piece.get_shape())}, expected {want} for {name}")
-                rows = slice(spec.start, spec.stop)
-                pieces.append(piece[rows, :] if part != "down" else piece[:, rows])
+            key = found[(e, part)]
+            pieces.append(checkpoint.read(key, Shard(0 if part != "down" else 1, spec.start, spec.stop)))
         experts.append(torch.cat(pieces, dim=0))
     return torch.stack(experts)
-
-
-def spec_index(spec, ndim: int) -> tuple:
-    """The indexing tuple that takes ``spec``'s piece of an ``ndim``-d tensor (or a safetensors slice)."""
-    return tuple(slice(spec.start, spec.stop) if d == spec.dim else slice(None) for d in range(ndim))
-
-
-def _local_shape(shape, spec) -> tuple:
-    return tuple(spec.stop - spec.start if d == spec.dim else s for d, s in enumerate(shape))
 
 
 def _tie(model, config) -> None:
     """Tie what the model declares tied (the checkpoint holds either end of each tie): the word embeddings and
     lm_head when ``tie_word_embeddings``, and transformers' other ``_tied_weights_keys`` (BERT's
     ``cls.predictions.decoder.bias`` is ``cls.predictions.bias``)."""
-    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
-    pairs = dict(expanded(all_submodels=True)) if expanded is not None else {}
-    if getattr(config, "tie_word_embeddings", False):
-        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-        if out is not None:
-            names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-            pairs.setdefault(names[id(out.weight)], names[id(inp.weight)])
-    for target, source in pairs.items():
+    for target, source in tied_pairs(model).items():
         t, s = model.get_parameter(target), model.get_parameter(source)
         if t.device.type == "meta" and s.device.type != "meta":
             _share(model, target, s)
