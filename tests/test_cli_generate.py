@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_checkpoint import greedy_text, save
+from cli_checkpoint import EOS, greedy_text, save
 from distributed import free_port
 from helix_compile.cli import main
 
@@ -39,22 +39,47 @@ def _run(args, timeout=600):
 
 
 def test_sampling_equals_transformers_sampling_under_the_same_seed(tmp_path):
-    """An HF directory (no conversion), tpa=2, temperature/top-k/top-p: the draws of generate(do_sample=True)."""
+    """An HF directory (no conversion), tpa=2. The checkpoint's generation_config asks for sampling with top-k 5 and
+    temperature 0.7; --top-p overrides what it leaves unset: the draws of transformers' generate(top_p=...) under
+    the same seed, which applies the same generation_config."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     ckpt = save(tmp_path / "hf", "llama", seed=5)
+    GenerationConfig(do_sample=True, top_k=5, temperature=0.7, eos_token_id=EOS).save_pretrained(ckpt)
     done = _run(["generate", str(ckpt), "--kvp", "1", "--tpa", "2", "--prompt", PROMPT, "--max-new-tokens", "10",
-                 "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "3", "--executor", "eager"])
+                 "--top-p", "0.9", "--seed", "3", "--executor", "eager"])
     assert done.returncode == 0, done.stderr
     tok, m = AutoTokenizer.from_pretrained(ckpt), AutoModelForCausalLM.from_pretrained(ckpt).eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     torch.manual_seed(3)
-    ref = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=True, temperature=0.8,
-                     top_k=40, top_p=0.9)
+    ref = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, top_p=0.9)
     want = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
-    assert done.stdout.strip() == want
+    assert done.stdout == want + "\n"
     assert want != greedy_text(ckpt, PROMPT, 10)  # it did sample
+
+
+def test_bf16_checkpoint_batch_from_stdin_inductor(tmp_path):
+    """A bf16 checkpoint (as released ones ship) in its own dtype through Inductor on 2 ranks; two prompts of
+    different lengths from stdin as one left-padded batch: transformers' bf16 generate on the same batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = save(tmp_path / "hf", "llama", seed=4, dtype=torch.bfloat16)
+    prompts = ["w1 w2 w3 w4 w5", "w6 w7"]
+    done = subprocess.run(CLI + ["generate", str(ckpt), "--kvp", "2", "--kv-block", "4", "--max-new-tokens", "8"],
+                          input="\n".join(prompts) + "\n", capture_output=True, text=True, env=ENV, timeout=600,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bfloat16 on cpu" in done.stderr and "2 prompt(s) of 5 tokens" in done.stderr
+    tok = AutoTokenizer.from_pretrained(ckpt, padding_side="left")
+    m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = m.generate(**batch, max_new_tokens=8, do_sample=False)
+    want = tok.batch_decode(ref[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert done.stdout == "".join(w + "\n\n" for w in want)
+    assert "compile " in done.stderr and "prefill " in done.stderr and "peak memory per rank" in done.stderr
 
 
 def test_family_that_needs_generate_inputs(tmp_path):
@@ -266,5 +291,6 @@ def test_gguf_file_generates_like_transformers(tmp_path):
     ref = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     want = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
     assert len(want) >= 5 and done.stdout == want + "\n"  # stdout is the generated text only
-    assert "on 2 ranks, kvp=2 tpa=1" in done.stderr and "ms/token" in done.stderr and "tokens/s" in done.stderr
+    assert "tiny.gguf: 2 rank(s), kvp=2 tpa=1" in done.stderr  # the file the user gave, not the temporary conversion
+    assert "ms/token" in done.stderr and "tokens/s" in done.stderr
     assert [p.name for p in scratch.iterdir() if p.name.startswith("helix-gguf-")] == []
