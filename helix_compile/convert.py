@@ -45,7 +45,9 @@ _TAGS = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch
 _DTYPES = {v: k for k, v in _TAGS.items()}
 # Structures helix refuses at compile time; refused here too, before hours of conversion. Suffixes of tensor names.
 _FUSED = ("qkv_proj", "query_key_value", "c_attn", "W_pack", "gate_up_proj")
-SUPPORTED = "llama, qwen2, qwen3, mistral, gemma, olmo, granite, phi"
+# What convert writes (the backend runs many more families: those load from the HF checkpoint with from_pretrained).
+SUPPORTED = ("dense decoders with separate q_proj / k_proj / v_proj weights (llama, qwen2, qwen3, mistral, gemma, olmo, "
+             "granite, phi and families built like them)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -167,17 +169,17 @@ def _config(folder: Path, **kw):
     except (ValueError, KeyError, OSError) as e:
         if kw:  # a GGUF: transformers names the architecture it does not map
             raise ValueError(f"{folder / kw['gguf_file']}: transformers {__version__} cannot read it ({e}); helix "
-                             f"supports {SUPPORTED}") from None
+                             f"convert writes {SUPPORTED}") from None
         raw = folder / "config.json"
         model_type = json.loads(raw.read_text()).get("model_type") if raw.exists() else None
         if model_type is None:
             raise ValueError(f"{folder}: cannot read a config.json with a model_type ({e})") from None
         raise ValueError(
             f"{raw}: unknown model type {model_type!r}: transformers {__version__} does not know it. helix "
-            f"supports {SUPPORTED}"
+            f"convert writes {SUPPORTED}"
         ) from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"model type {config.model_type!r} is not a causal LM; helix supports {SUPPORTED}")
+        raise ValueError(f"model type {config.model_type!r} is not a causal LM; helix convert writes {SUPPORTED}")
     if hasattr(config, "quantization_config"):  # a de-quantised GGUF is plain floats now
         del config.quantization_config
     return config
@@ -214,7 +216,7 @@ def check_supported(config, names) -> None:
                 f"rank files yet; {DIRECT}"
             )
     if not any(n.endswith("q_proj.weight") for n in names):
-        raise ValueError(f"{config.model_type}: no q_proj weights found; helix supports {SUPPORTED}")
+        raise ValueError(f"{config.model_type}: no q_proj weights found; helix convert writes {SUPPORTED}")
 
 
 # -- writing ---------------------------------------------------------------------------------------------------

@@ -426,8 +426,8 @@ def classify(per_rank) -> str:
 CAUSES = [  # (substring of the error, cause): first match wins
     ("encoder-decoder", "encoder-decoder model (not a decoder-only causal LM)"),
     ("transformers cannot run it", "transformers itself fails with the small config"),
-    ("multi-head latent attention", "MLA (a later issue)"),
-    ("mixture-of-experts", "MoE FFN (a later issue)"),
+    ("multi-head latent attention", "MLA (multi-head latent attention)"),
+    ("mixture-of-experts", "MoE FFN (mixture of experts)"),
     ("no softmax attention over a KV cache (no num_attention_heads", "state-space / RWKV-like: no KV cache attention"),
     ("chunked-attention layers", "chunked attention (Llama 4: keys masked to the query's chunk)"),
     ("layers without softmax attention", "hybrid with linear / indexed / state-space layers"),
