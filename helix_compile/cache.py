@@ -277,7 +277,7 @@ class StaticCache(Cache):
         # Sliding-window layers (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) keep every position too: the
         # partial attention masks keys older than the window by their global position, which is exact, at the
         # cost of max_cache_len positions per layer instead of the window (transformers' rolling cache keeps
-        # only the window; a rolling shard over kvp ranks is a later optimisation).
+        # only the window; a rolling shard over kvp ranks is not implemented).
         if max_batch_size < 1 or max_cache_len < 1:
             raise ValueError(f"max_batch_size={max_batch_size} and max_cache_len={max_cache_len} must be >= 1")
         self.config = text

@@ -1,8 +1,8 @@
 """The `helix` command. Each subcommand lives in its own module and registers itself here.
 
 To add one: give its module an `add_parser(subparsers)` that sets `func=run` with `run(args) -> int`, and
-append the module to SUBCOMMANDS (a module that does not exist yet, such as `bench` before it lands, is
-skipped). User errors are ValueError and print as one line with exit code 2; Ctrl-C exits 130.
+append the module to SUBCOMMANDS (a listed module that does not exist is skipped). User errors are ValueError
+and print as one line with exit code 2; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:
-            if e.name is not None and mod.startswith(e.name):  # that command is not written yet
+            if e.name is not None and mod.startswith(e.name):  # that command's module does not exist
                 continue
             raise
         module.add_parser(sub)

@@ -1,6 +1,8 @@
 """The coverage table: every causal-LM model type of transformers, built from a small config, under helix.
 
     python tools/coverage.py [--world 2] [--world 4] [--steps 12] [--only llama,gpt2] [--out docs/coverage.md]
+    python tools/coverage.py --only llama,gpt2 --merge docs/coverage.json    # re-run some, keep the rest
+    python tools/coverage.py --render                                        # rewrite the page from the JSON
 
 For each model type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: build a tiny random fp32 model (2 layers, hidden 64,
 4 query heads, 2 KV heads where the family has the notion, sliding windows of 12 positions where it has them,
@@ -11,10 +13,12 @@ logit error, greedy tokens identical, logits identical on every rank), or the er
 raised. ``WRONG`` (tokens or logits differ without an error) must never appear.
 
 Ranks process the families one after another in one process group; a family that hangs or kills a rank is
-recorded as such and the ranks restart after it. Written to ``--out`` with the transformers and torch versions.
+recorded as such and the ranks restart after it. The raw results go to ``--json`` (default: ``--out`` with
+``.json``) with a record of each run that produced them (date, commit, versions, command, families: key
+``_runs``); the page ``--out`` is rendered from that file alone, so ``--render`` regenerates it without running.
 
 gemma3n (its vision tower) needs ``timm``, which needs a ``torchvision`` built for the installed torch. None exists
-for torch 2.13.0+cpu on the package index the CPU machines reach (PyPI's torchvision 0.28.0 is a CUDA build and
+for torch 2.13.0+cpu on PyPI (its torchvision 0.28.0 is a CUDA build and
 fails to import beside it: "operator torchvision::nms does not exist"; and a broken torchvision would also break
 transformers' other imports), so it is no extra here and gemma3n stays ``build`` on CPU; where torch has a matching
 torchvision, ``pip install timm`` makes it build.
@@ -426,8 +430,8 @@ def classify(per_rank) -> str:
 CAUSES = [  # (substring of the error, cause): first match wins
     ("encoder-decoder", "encoder-decoder model (not a decoder-only causal LM)"),
     ("transformers cannot run it", "transformers itself fails with the small config"),
-    ("multi-head latent attention", "MLA (a later issue)"),
-    ("mixture-of-experts", "MoE FFN (a later issue)"),
+    ("multi-head latent attention", "MLA (multi-head latent attention)"),
+    ("mixture-of-experts", "MoE FFN (mixture of experts)"),
     ("no softmax attention over a KV cache (no num_attention_heads", "state-space / RWKV-like: no KV cache attention"),
     ("chunked-attention layers", "chunked attention (Llama 4: keys masked to the query's chunk)"),
     ("layers without softmax attention", "hybrid with linear / indexed / state-space layers"),
@@ -450,10 +454,41 @@ def _cause(message: str) -> str:
     return next((c for pattern, c in CAUSES if pattern in message), "other (see the row)")
 
 
-def render(results: dict, worlds, steps, seconds) -> str:
+RUN_KEY = "_runs"  # in the results JSON: how each part of it was produced (see ``run_record``)
+
+
+def run_record(argv, families, steps, seconds) -> dict:
+    """Where one invocation's results come from: date, commit, versions, command, the families it ran."""
+    import subprocess
+
     import torch
     import transformers
 
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    return {"date": str(datetime.date.today()), "commit": commit, "torch": torch.__version__,
+            "transformers": transformers.__version__, "command": "python tools/coverage.py " + " ".join(argv),
+            "minutes": round(seconds / 60), "steps": steps, "families": families}
+
+
+def _provenance(runs) -> list:
+    lines = []
+    for r in runs:
+        fams = r["families"]
+        what = "every model type" if fams == "all" else f"{len(fams)} model type{'s' * (len(fams) != 1)} re-run"
+        lines.append(f"- {r['date']}, commit {r['commit']}: `{r['command']}` ({r['minutes']} min, 2-core CPU): "
+                     f"{what}; torch {r['torch']}, transformers {r['transformers']}, gloo, eager executor.")
+    return lines
+
+
+def render(results: dict, worlds, steps, runs) -> str:
+    """The Markdown table from the results and their provenance ``runs`` (oldest first); nothing else is read."""
     kinds = {}
     for fam, per_world in results.items():
         kinds[fam] = classify(per_world[worlds[0]]) if worlds[0] in per_world else "build"
@@ -464,9 +499,11 @@ def render(results: dict, worlds, steps, seconds) -> str:
     lines = [
         "# Coverage: transformers' causal-LM families under helix",
         "",
-        f"Generated by `python tools/coverage.py {' '.join(f'--world {w}' for w in worlds)} --steps {steps}` on "
-        f"{datetime.date.today()} ({seconds / 60:.0f} min on the 2-core CPU machine): transformers "
-        f"{transformers.__version__}, torch {torch.__version__}, gloo, eager executor.",
+        "Generated by `tools/coverage.py` from its results file (the `.json` beside this page); do not edit by hand. "
+        "`python tools/coverage.py --render` rewrites this page from that file; a run of the tool (below) "
+        "updates both. The results come from these runs (a later run's families replace the earlier results):",
+        "",
+        *_provenance(runs),
         "",
         "Each model type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` is built from a small random fp32 config (2 layers, "
         "hidden 64, 4 query heads, 2 KV heads where the family has them, sliding windows of 12 positions where it "
@@ -558,18 +595,32 @@ def main():
     p.add_argument("--json", help="also write the raw results here (default: --out with .json)")
     p.add_argument("--merge", action="append", default=[],
                    help="results of an earlier run (its --json; repeatable): re-run only --only, keep the rest")
+    p.add_argument("--render", action="store_true",
+                   help="run nothing: rewrite --out from the results file (--json, default: --out with .json)")
     args = p.parse_args()
+    import json
+
+    if args.render:
+        raw = Path(args.json or str(Path(args.out).with_suffix(".json")))
+        results = json.loads(raw.read_text())
+        runs = results.pop(RUN_KEY, [])
+        results = {f: {int(w): per for w, per in v.items()} for f, v in results.items()}
+        worlds = sorted({w for v in results.values() for w in v})
+        Path(args.out).write_text(render(results, worlds, runs[-1]["steps"] if runs else args.steps, runs) + "\n")
+        print(f"wrote {args.out} from {raw}")
+        return
     worlds = args.world or [2]
     families = [f for f in args.only.split(",") if f] if args.only is not None else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     start = time.time()
-    results = {}
+    results, runs = {}, []
     for earlier in args.merge:
-        import json
-
         if earlier.endswith(".log"):
             results.update(from_log(earlier, worlds[0]))
             continue
-        results.update({f: {int(w): per for w, per in v.items()} for f, v in json.loads(Path(earlier).read_text()).items()})
+        loaded = json.loads(Path(earlier).read_text())
+        runs += loaded.pop(RUN_KEY, [])
+        results.update({f: {int(w): per for w, per in v.items()} for f, v in loaded.items()})
+    results_only = list(families)
     results.update({f: {} for f in families})
     probed = {}
     import signal
@@ -601,13 +652,13 @@ def main():
                 for c in r.get("cells", {}).values():
                     c.pop("trace", None) if c.get("status") != "error" else None
             results[fam][world] = per
-    import json
-
+    runs.append(run_record(sys.argv[1:], "all" if args.only is None else sorted(results_only), args.steps,
+                           time.time() - start))
     out, raw = Path(args.out), Path(args.json or str(Path(args.out).with_suffix(".json")))
     raw.parent.mkdir(parents=True, exist_ok=True)  # the results first: an hour of runs is never lost to a path
-    raw.write_text(json.dumps(results, default=str))
+    raw.write_text(json.dumps({**results, RUN_KEY: runs}, default=str))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, worlds, args.steps, time.time() - start) + "\n")
+    out.write_text(render(results, worlds, args.steps, runs) + "\n")
     print(f"wrote {args.out}")
 
 

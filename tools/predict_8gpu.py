@@ -1,10 +1,10 @@
-"""The planner's predictions for `helix bench --gpus 8` (issue 9), written before any 8-GPU run exists.
+"""The planner's predictions for `helix bench --gpus 8`: what the cost model expects on 8 GPUs.
 
     python tools/predict_8gpu.py [--hw h200 docs/perf/h200-calibrated-2026-11-29.json] > docs/perf/predictions-8gpu-h200.json
 
 For the bench models (helix_compile.bench.measure: 8 layers, 8B widths, K = 1, 2, 8), 8 GPUs, 256Ki and 1Mi
 tokens, batch 1, 8 and 32: TP = 8 and every Helix kvp x tpa, HOP-B on and off, with the preset and with the
-hardware calibrated on the one-H200 bench (`helix plan --calibrate`). A later 8-GPU run is set beside these.
+hardware calibrated on a one-H200 bench (`helix plan --calibrate`), for comparison with an 8-GPU `helix bench` run.
 """
 
 import argparse

@@ -44,7 +44,7 @@ class Plan:
 
         heads = dataclasses.asdict(self.heads)
         if not heads["latent"]:
-            del heads["latent"]  # plans without MLA read as before
+            del heads["latent"]  # plans without MLA carry no latent entry
         if not heads["per_layer"]:
             del heads["per_layer"]  # nor plans of models whose layers share one shape
         for layer in [heads, *heads.get("per_layer", ())]:

@@ -102,8 +102,8 @@ def _extra_cases(bw, sweep):
     """The kernel paths the main grid does not take, each checked against the fp32 reference and timed:
     ALiBi (BLOOM: 8 local heads of their own, decode and prefill) and absorbed MLA at DeepSeek-V3's widths (16
     local query heads, one KV head: latent 512 + rotary key 64, the values the latent), as the MLA pass calls it
-    ("mla-absorbed": the latent and the rotary key in two tensors, ``k_rope``) and as it did before
-    ("mla-concat": one concatenated tensor, the values a view of it; the concatenation itself not timed).
+    ("mla-absorbed": the latent and the rotary key in two tensors, ``k_rope``) and, for comparison, as one
+    concatenated key ("mla-concat": one tensor, the values a view of it; the concatenation itself not timed).
     With ``sweep``, the MLA cases also time other launch configurations."""
     rows, kvp, rank, block = [], 4, 1, 16
     cases = [("alibi", 8, 8, 128, 128, 8, 65536, 1), ("alibi", 8, 8, 128, 128, 1, 8192, 512),

@@ -1,4 +1,4 @@
-"""One Inductor compile for every prompt length, on one GPU (issue 6, item 5).
+"""One Inductor compile for every prompt length, on one GPU.
 
     python3 tests/gpu/lengths.py
 

@@ -25,7 +25,7 @@ Match (pattern), per ``helix::kv_write(keys, values, k, v, pos)`` (the cache wri
 Sliding windows vs. KV sharding: a sliding-window layer keeps every position in the helix cache, sharded along the
 sequence like a full-attention layer, and partial attention masks keys older than the window by their global
 position (exact; the memory of a full layer, 1/kvp of it per rank). Sharding only the window (a rolling buffer
-over kvp ranks) would save memory but move each block's owner as the window slides; it is a later optimisation.
+over kvp ranks) would save memory but move each block's owner as the window slides; it is not implemented.
 A kv-shared reader is exact for the same reason: every rank holds the writer's shard, all positions, and the
 reader's partial attention over that shard (with the reader's own mask and window) merges like the writer's.
 

@@ -11,7 +11,7 @@ normal CDF) are replicated values and not constrained. Whatever follows the out 
 scaling, casts) runs on its all-reduced, replicated value, so it is not constrained either. A fused gate_up is cut
 by ``chunk`` / ``split`` on its last dim, or by a part view ``view(x, (B, L, 2, -1))`` read as ``x[..., 0, :]`` and
 ``x[..., 1, :]`` (Moshi) (``FusedSplit``; a part view or part index that is not the cut of the one fused in
-projection is refused as before: it reshapes / indexes the intermediate features).
+projection is refused: it reshapes / indexes the intermediate features).
 OPT-style layers (OPT, BioGPT, XGLM) hold ``fc1`` and ``fc2`` themselves, with the activation and dropout in
 the layer's own forward: one region, named ``<layer>.fc1+fc2``, whose ops are the layer's own and those of its
 fc1, fc2 and ``activation_fn`` modules.

@@ -55,7 +55,7 @@ view(E*T, H). ``dense`` is that view to (E, ...). Pattern ... into ...:
     y  = bmm(., down)  (E, T, H)    into  y = pad(bmm(., down_local), experts before / after)   # other experts: 0
     out = view(y, -1, H)            into  wait(all_reduce(out, "sum", world))                   # EP and TPF sums
 The cost
-(later work): each rank runs all T*k pairs through its local experts (a pair of another rank's expert goes
+(not optimised): each rank runs all T*k pairs through its local experts (a pair of another rank's expert goes
 through local expert 0 with weight 0) instead of an all-to-all dispatch of the pairs it owns.
 """
 
