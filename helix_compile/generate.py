@@ -545,7 +545,7 @@ def _spawned(rank: int, world: int, port: int, parent: int, args, req: Request) 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher handles Ctrl-C and stops us with SIGTERM
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # no cleanup that could block on a dead peer
+    signal.signal(signal.SIGTERM, _terminated)
 
     def orphaned():  # the launcher was killed outright: do not live on holding a port and memory
         while os.getppid() == parent:
@@ -553,10 +553,28 @@ def _spawned(rank: int, world: int, port: int, parent: int, args, req: Request) 
         os._exit(1)
 
     threading.Thread(target=orphaned, daemon=True).start()
-    code = _rank_entry(args, req, rank, world)
+    try:
+        code = _rank_entry(args, req, rank, world)
+    except SystemExit as e:  # SIGTERM from the launcher
+        code = e.code if isinstance(e.code, int) else 1
+    _exit(code)
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds (the launcher SIGKILLs a rank still blocked after its grace period)
+
+
+def _exit(code: int) -> None:
+    """Leave now, without waiting for non-daemon threads (a compile worker, a dead peer's collective), but after
+    multiprocessing's finalizers: semaphores this rank created are released rather than reported as leaked."""
+    import multiprocessing.util
+
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # _exit: no waiting for non-daemon threads
+    try:
+        multiprocessing.util._exit_function()
+    finally:
+        os._exit(code)
 
 
 # -- launcher ----------------------------------------------------------------------------------------------------

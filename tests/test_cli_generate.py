@@ -80,6 +80,7 @@ def test_bf16_checkpoint_batch_from_stdin_inductor(tmp_path):
     want = tok.batch_decode(ref[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert done.stdout == "".join(w + "\n\n" for w in want)
     assert "compile " in done.stderr and "prefill " in done.stderr and "peak memory per rank" in done.stderr
+    assert "leaked" not in done.stderr and "Warning" not in done.stderr
 
 
 def test_family_that_needs_generate_inputs(tmp_path):
@@ -191,6 +192,20 @@ class _Launcher:
         """PIDs of the spawned rank processes (children running multiprocessing's spawn_main)."""
         return self.children("spawn_main")
 
+    def descendants(self):
+        children = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                children.setdefault(int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
+                    int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+        out, todo = [], list(children.get(self.proc.pid, []))
+        while todo:
+            out.append(todo.pop())
+            todo.extend(children.get(out[-1], []))
+        return out
+
     def children(self, marker):
         pids = []
         for entry in Path("/proc").iterdir():
@@ -241,6 +256,26 @@ def test_ctrl_c_stops_every_rank(converted):
     assert code == 130, "".join(run.err)
     assert "interrupted" in "".join(run.err)
     assert all(_gone(p) for p in ranks)
+
+
+def test_ctrl_c_while_compiling_leaves_no_process(converted):
+    """Ctrl-C during the warm-up compile: every rank and every process below it (compile workers, multiprocessing's
+    resource tracker) is gone, and nothing is reported as leaked."""
+    _, out = converted
+    run = _Launcher(["generate", str(out), "--prompt", PROMPT])
+    deadline = time.monotonic() + 300
+    while "compiling" not in "".join(run.err):
+        assert run.proc.poll() is None, "".join(run.err)
+        assert time.monotonic() < deadline, "".join(run.err)
+        time.sleep(0.1)
+    time.sleep(3)
+    below = run.descendants()
+    assert len(run.ranks()) == 2
+    run.proc.send_signal(signal.SIGINT)
+    assert run.proc.wait(timeout=60) == 130, "".join(run.err)
+    time.sleep(1)
+    assert [p for p in below if not _gone(p)] == []
+    assert "leaked" not in "".join(run.err)
 
 
 def test_rank_killed_across_nodes(converted):
