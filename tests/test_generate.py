@@ -51,9 +51,9 @@ def _generate_body(rank, cases, executor, paddings):
     results = []
     for family, layouts in cases:
         ref = model(family)
-        for kvp, tpa in layouts:
+        for kvp, tpa, *ep in layouts:  # (kvp, tpa) or (kvp, tpa, ep)
             torch._dynamo.reset()
-            layout = Layout(kvp, tpa, kv_block=KV_BLOCK)
+            layout = Layout(kvp, tpa, ep=ep[0] if ep else 1, kv_block=KV_BLOCK)
             m = model(family)
             m.forward = torch.compile(m.forward, backend="helix", options={"layout": layout, "executor": executor})
             for padded in paddings:
@@ -62,7 +62,7 @@ def _generate_body(rank, cases, executor, paddings):
                     tokens, logits = _generate(m, ids, mask, sample, StaticCache(m, 3, MAX_LEN, layout))
                     ref_tokens, ref_logits = _generate(ref, ids, mask, sample)
                     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-                    results.append(((family, kvp, tpa, padded, sample), tokens.tolist(), ref_tokens.tolist(), err,
+                    results.append(((family, kvp, tpa, *ep, padded, sample), tokens.tolist(), ref_tokens.tolist(), err,
                                     bool(torch.isfinite(logits).all())))
     return results, len(compiles), len(pads)
 
@@ -94,6 +94,12 @@ def test_generate_two_ranks():
 
 def test_generate_four_ranks():
     check_generate(4, [("llama", [(2, 2)]), ("qwen2", [(4, 1)])])
+
+
+def test_generate_mla():
+    """Multi-head latent attention (absorbed, over the sequence-sharded latent cache) under generate's 2-D mask:
+    DeepSeek-V3 with its MoE FFN as tpf=1 x ep=2, DeepSeek-V2 (no q LoRA) with tpf=2."""
+    check_generate(2, [("deepseek_v3", [(2, 1, 2)]), ("deepseek_v2", [(2, 1)])])
 
 
 def test_generate_inductor():
