@@ -139,7 +139,7 @@ def _forward_body(rank, cases):
     for case in cases:
         torch._dynamo.reset()
         m = model(case["family"], attn=case.get("attn", "sdpa"))
-        layout = Layout(*case["layout"], kv_block=KV_BLOCK, hopb_chunks=case.get("hopb", 1))
+        layout = Layout(*case["layout"], ep=case.get("ep", 1), kv_block=KV_BLOCK, hopb_chunks=case.get("hopb", 1))
         options = {"layout": layout, "executor": "eager"}
         compiled = torch.compile(m, backend="helix", options=options, fullgraph=True)
         ids, mask = padded_prompts(case.get("lengths", (7, 4, 1)))
@@ -176,6 +176,15 @@ def test_padded_forward():
         dict(family="llama", layout=(2, 1), max_batch=4),
         dict(family="qwen2", layout=(1, 2), attn="eager"),
         dict(family="llama", layout=(2, 1), hopb=2, lengths=(7, 2, 5, 1)),
+    ])
+
+
+def test_padded_forward_mla():
+    """Absorbed MLA prefill and decode with an explicit attention_mask: left-padded (DeepSeek-V3, its MoE as
+    ep=2) and all ones (DeepSeek-V2)."""
+    check_forward(2, [
+        dict(family="deepseek_v3", layout=(2, 1), ep=2),
+        dict(family="deepseek_v2", layout=(2, 1), lengths=(7, 7, 7)),
     ])
 
 
