@@ -18,7 +18,8 @@ into
     W_UK, W_UV = kv_b_proj.weight.view(H, dn+dv, r).split([dn, dv], 1)     # (H, dn, r), (H, dv, r)
     q_abs = cat([einsum("bhld,hdr->bhlr", q[..., :dn], W_UK), q[..., dn:]], -1)   # (B, H, L, r + dr)
     # keys cat([latent, rotary key]) of this rank's shard, one KV head, read in place (k_rope); values the latent
-    packed = partial_attention(q_abs, latent, latent, pos, kvp_rank, kvp, kv_block, scale, k_rope=rot)  # (H, B, L, r + e)
+    packed = partial_attention(q_abs, latent, latent, pos, kvp_rank, kvp, kv_block, scale, k_rope=rot
+                               [, key_mask=])                                                 # (H, B, L, r + e)
     packed = cat([einsum("hblr,hvr->hblv", packed[..., :r], W_UV), packed[..., r:]], -1)   # (H, B, L, dv + e)
     o = lse_merge(wait(all_to_all_single(packed, kvp group)), kvp, dv)       # (B, H/N, L, dv): this rank's heads
 Exact by associativity: q_nope . (W_UK c) = (q_nope W_UK) . c for every cached latent c, and
@@ -28,7 +29,10 @@ all-to-all carries dv values per head, not r. Each step reads the local latent s
 instead of up-projecting it to H (dn + dv) values per slot, where it is cached: the kernel takes the key's two
 parts separately (``k_rope``) and reads the latent once for keys and values. The partial attentions and the LSE merge
 are the usual exact Helix math. The o_proj columns follow the heads each rank
-holds after the all-to-all, with head_dim = v_head_dim.
+holds after the all-to-all, with head_dim = v_head_dim. Padded batches (``generate``): HF builds the SDPA mask from the
+2-D (B, S_m) attention_mask inside the graph; as for GQA attention (``attention._key_mask``), partial attention
+applies that 2-D mask itself to each key by its global position (``key_mask``), with the causal mask; HF's 4-D
+mask is left unused. Any other user mask (a 4-D one) is refused.
 """
 
 from __future__ import annotations
