@@ -67,8 +67,9 @@ def _generate_body(rank, cases, executor, paddings):
     return results, len(compiles), len(pads)
 
 
-def check_generate(world, cases, executor="eager", paddings=(True, False)):
-    per_rank = run_ranks(world, _generate_body, cases, executor, paddings)
+def check_generate(world, cases, executor="eager", paddings=(True, False), per_rank=None):
+    """``per_rank``: ``_generate_body``'s results of every rank, when the ranks already ran it."""
+    per_rank = per_rank or run_ranks(world, _generate_body, cases, executor, paddings)
     _, compiles, pads = per_rank[0]
     per_rank = [results for results, _, _ in per_rank]
     # the growing mask is padded to max_cache_len on the decode steps (one CUDA graph for them all); generate
@@ -96,10 +97,22 @@ def test_generate_four_ranks():
     check_generate(4, [("llama", [(2, 2)]), ("qwen2", [(4, 1)])])
 
 
+MLA_GENERATE = [("deepseek_v3", [(2, 1, 2)]), ("deepseek_v2", [(2, 1)])]
+MLA_ALL_ONES = [dict(family="deepseek_v3", layout=(2, 1), ep=2, lengths=(7, 7, 7))]
+
+
+def _mla_body(rank):
+    return _generate_body(rank, MLA_GENERATE, "eager", (True,)), _forward_body(rank, MLA_ALL_ONES)
+
+
 def test_generate_mla():
-    """Multi-head latent attention (absorbed, over the sequence-sharded latent cache) under generate's 2-D mask:
-    DeepSeek-V3 with its MoE FFN as tpf=1 x ep=2, DeepSeek-V2 (no q LoRA) with tpf=2."""
-    check_generate(2, [("deepseek_v3", [(2, 1, 2)]), ("deepseek_v2", [(2, 1)])])
+    """Multi-head latent attention (absorbed prefill and decode over the sequence-sharded latent cache) under the
+    2-D attention_mask: generate on left-padded prompts, DeepSeek-V3 with its MoE FFN as tpf=1 x ep=2 and
+    DeepSeek-V2 (no q LoRA) with tpf=2 (generate passes no mask for unpadded prompts); and forward calls with an
+    explicit all-ones mask, prefill and 5 decode steps. One pair of ranks for both."""
+    per_rank = run_ranks(2, _mla_body)
+    check_generate(2, MLA_GENERATE, paddings=(True,), per_rank=[g for g, _ in per_rank])
+    check_forward(2, MLA_ALL_ONES, per_rank=[f for _, f in per_rank])
 
 
 def test_generate_inductor():
@@ -162,8 +175,8 @@ def _forward_body(rank, cases):
     return reports
 
 
-def check_forward(world, cases):
-    per_rank = run_ranks(world, _forward_body, cases)
+def check_forward(world, cases, per_rank=None):
+    per_rank = per_rank or run_ranks(world, _forward_body, cases)
     for case, (worst, finite) in zip(cases, per_rank[0]):
         print(f"padded forward {case}: max rel err {worst:.2e}")
         assert finite and worst < 1e-5, (case, worst, finite)
@@ -176,15 +189,6 @@ def test_padded_forward():
         dict(family="llama", layout=(2, 1), max_batch=4),
         dict(family="qwen2", layout=(1, 2), attn="eager"),
         dict(family="llama", layout=(2, 1), hopb=2, lengths=(7, 2, 5, 1)),
-    ])
-
-
-def test_padded_forward_mla():
-    """Absorbed MLA prefill and decode with an explicit attention_mask: left-padded (DeepSeek-V3, its MoE as
-    ep=2) and all ones (DeepSeek-V2)."""
-    check_forward(2, [
-        dict(family="deepseek_v3", layout=(2, 1), ep=2),
-        dict(family="deepseek_v2", layout=(2, 1), lengths=(7, 7, 7)),
     ])
 
 
