@@ -182,7 +182,7 @@ def _key_mask_padding(placeholders, done: Compiled):
     columns are the same (no visible key): the Runtime pads it with zeros to max_cache_len and passes that length,
     so every decode step replays one program. None when the length is static or used by anything else.
     """
-    masks = {a.key_mask.name for a in done.regions.attention if a.key_mask is not None}
+    masks = {a.key_mask.name for a in done.regions.matches if getattr(a, "key_mask", None) is not None}
     if len(masks) != 1:
         return None
     names = [p.name for p in placeholders]

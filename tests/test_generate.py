@@ -51,9 +51,9 @@ def _generate_body(rank, cases, executor, paddings):
     results = []
     for family, layouts in cases:
         ref = model(family)
-        for kvp, tpa in layouts:
+        for kvp, tpa, *ep in layouts:  # (kvp, tpa) or (kvp, tpa, ep)
             torch._dynamo.reset()
-            layout = Layout(kvp, tpa, kv_block=KV_BLOCK)
+            layout = Layout(kvp, tpa, ep=ep[0] if ep else 1, kv_block=KV_BLOCK)
             m = model(family)
             m.forward = torch.compile(m.forward, backend="helix", options={"layout": layout, "executor": executor})
             for padded in paddings:
@@ -62,13 +62,14 @@ def _generate_body(rank, cases, executor, paddings):
                     tokens, logits = _generate(m, ids, mask, sample, StaticCache(m, 3, MAX_LEN, layout))
                     ref_tokens, ref_logits = _generate(ref, ids, mask, sample)
                     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-                    results.append(((family, kvp, tpa, padded, sample), tokens.tolist(), ref_tokens.tolist(), err,
+                    results.append(((family, kvp, tpa, *ep, padded, sample), tokens.tolist(), ref_tokens.tolist(), err,
                                     bool(torch.isfinite(logits).all())))
     return results, len(compiles), len(pads)
 
 
-def check_generate(world, cases, executor="eager", paddings=(True, False)):
-    per_rank = run_ranks(world, _generate_body, cases, executor, paddings)
+def check_generate(world, cases, executor="eager", paddings=(True, False), per_rank=None):
+    """``per_rank``: ``_generate_body``'s results of every rank, when the ranks already ran it."""
+    per_rank = per_rank or run_ranks(world, _generate_body, cases, executor, paddings)
     _, compiles, pads = per_rank[0]
     per_rank = [results for results, _, _ in per_rank]
     # the growing mask is padded to max_cache_len on the decode steps (one CUDA graph for them all); generate
@@ -94,6 +95,24 @@ def test_generate_two_ranks():
 
 def test_generate_four_ranks():
     check_generate(4, [("llama", [(2, 2)]), ("qwen2", [(4, 1)])])
+
+
+MLA_GENERATE = [("deepseek_v3", [(2, 1, 2)]), ("deepseek_v2", [(2, 1)])]
+MLA_ALL_ONES = [dict(family="deepseek_v3", layout=(2, 1), ep=2, lengths=(7, 7, 7))]
+
+
+def _mla_body(rank):
+    return _generate_body(rank, MLA_GENERATE, "eager", (True,)), _forward_body(rank, MLA_ALL_ONES)
+
+
+def test_generate_mla():
+    """Multi-head latent attention (absorbed prefill and decode over the sequence-sharded latent cache) under the
+    2-D attention_mask: generate on left-padded prompts, DeepSeek-V3 with its MoE FFN as tpf=1 x ep=2 and
+    DeepSeek-V2 (no q LoRA) with tpf=2 (generate passes no mask for unpadded prompts); and forward calls with an
+    explicit all-ones mask, prefill and 5 decode steps. One pair of ranks for both."""
+    per_rank = run_ranks(2, _mla_body)
+    check_generate(2, MLA_GENERATE, paddings=(True,), per_rank=[g for g, _ in per_rank])
+    check_forward(2, MLA_ALL_ONES, per_rank=[f for _, f in per_rank])
 
 
 def test_generate_inductor():
@@ -133,7 +152,7 @@ def _forward_body(rank, cases):
     for case in cases:
         torch._dynamo.reset()
         m = model(case["family"], attn=case.get("attn", "sdpa"))
-        layout = Layout(*case["layout"], kv_block=KV_BLOCK, hopb_chunks=case.get("hopb", 1))
+        layout = Layout(*case["layout"], ep=case.get("ep", 1), kv_block=KV_BLOCK, hopb_chunks=case.get("hopb", 1))
         options = {"layout": layout, "executor": "eager"}
         compiled = torch.compile(m, backend="helix", options=options, fullgraph=True)
         ids, mask = padded_prompts(case.get("lengths", (7, 4, 1)))
@@ -156,8 +175,8 @@ def _forward_body(rank, cases):
     return reports
 
 
-def check_forward(world, cases):
-    per_rank = run_ranks(world, _forward_body, cases)
+def check_forward(world, cases, per_rank=None):
+    per_rank = per_rank or run_ranks(world, _forward_body, cases)
     for case, (worst, finite) in zip(cases, per_rank[0]):
         print(f"padded forward {case}: max rel err {worst:.2e}")
         assert finite and worst < 1e-5, (case, worst, finite)

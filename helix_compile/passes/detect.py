@@ -92,7 +92,7 @@ def detect(gm: fx.GraphModule, config=None) -> Regions:
     attention = match_attention(graph, config, skip={m.kv_write for m in mla})
     for node in graph.nodes:  # never a silent wrong answer: a user mask that no attention applies is refused
         if node.op == "placeholder" and "attention_mask" in node.name and (
-            mla or any(a.key_mask is not node for a in attention)
+            any(a.key_mask is not node for a in [*attention, *mla])
         ):
             raise UnsupportedModelError(
                 f"the attention_mask input '{node.name}' {shape(node)} does not reach every attention layer as HF's "

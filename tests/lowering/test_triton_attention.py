@@ -83,21 +83,31 @@ def test_head_dim_split_into_two_tiles(case):
     _check(case[:4] + (80,) + case[5:], 9)
 
 
-@pytest.mark.parametrize("config,length", [((16, 16, 3, 4, 1), 1), ((16, 16, 1, 4, 1), 5)])
-def test_keys_in_two_parts_values_the_first(config, length):
+@pytest.mark.parametrize("config,length,padded", [((16, 16, 3, 4, 1), 1, False), ((16, 16, 1, 4, 1), 5, False),
+                                                   ((16, 16, 3, 4, 1), 1, True), ((16, 16, 1, 4, 1), 5, True)])
+def test_keys_in_two_parts_values_the_first(config, length, padded):
     """Absorbed MLA as the MLA pass calls it: keys [latent (32) | rotary key (8)] read in place from two tensors
     (``k_rope``), the latent passed as the values too (read once, from the key tile); decode with splits, and
-    prefill."""
+    prefill; with a left-padded key mask (a padded batch), row 1 padded up to position 23."""
     g = torch.Generator().manual_seed(3)
     b, hq, capacity, rank, kvp, block = 2, 8, 40, 1, 2, 4
     q = torch.randn(b, hq, length, 40, generator=g)
     latent = torch.randn(b, 1, capacity + 1, 32, generator=g)
     rope = torch.randn(b, 1, capacity + 1, 8, generator=g)
     pos = torch.arange(length) + 20
-    want = ops.partial_attention_reference(q, torch.cat([latent, rope], -1), latent, pos, rank, kvp, block, 0.3)
-    got = triton_partial_attention(q, latent, latent, pos, rank, kvp, block, 0.3, config=config, k_rope=rope)
-    assert torch.equal(ops.partial_attention_reference(q, latent, latent, pos, rank, kvp, block, 0.3, k_rope=rope),
-                       want)
+    mask = None
+    if padded:
+        mask = torch.ones(b, 40, dtype=torch.long)
+        mask[0, :6], mask[1, :23] = 0, 0
+    want = ops.partial_attention_reference(q, torch.cat([latent, rope], -1), latent, pos, rank, kvp, block, 0.3,
+                                           key_mask=mask)
+    got = triton_partial_attention(q, latent, latent, pos, rank, kvp, block, 0.3, key_mask=mask, config=config,
+                                   k_rope=rope)
+    assert torch.equal(ops.partial_attention_reference(q, latent, latent, pos, rank, kvp, block, 0.3, key_mask=mask,
+                                                       k_rope=rope), want)
+    if padded:  # the mask hides keys: the result differs from the unmasked one
+        assert not torch.allclose(want, ops.partial_attention_reference(q, latent, latent, pos, rank, kvp, block, 0.3,
+                                                                        k_rope=rope))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

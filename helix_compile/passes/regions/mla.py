@@ -18,7 +18,8 @@ into
     W_UK, W_UV = kv_b_proj.weight.view(H, dn+dv, r).split([dn, dv], 1)     # (H, dn, r), (H, dv, r)
     q_abs = cat([einsum("bhld,hdr->bhlr", q[..., :dn], W_UK), q[..., dn:]], -1)   # (B, H, L, r + dr)
     # keys cat([latent, rotary key]) of this rank's shard, one KV head, read in place (k_rope); values the latent
-    packed = partial_attention(q_abs, latent, latent, pos, kvp_rank, kvp, kv_block, scale, k_rope=rot)  # (H, B, L, r + e)
+    packed = partial_attention(q_abs, latent, latent, pos, kvp_rank, kvp, kv_block, scale, k_rope=rot
+                               [, key_mask=])                                                 # (H, B, L, r + e)
     packed = cat([einsum("hblr,hvr->hblv", packed[..., :r], W_UV), packed[..., r:]], -1)   # (H, B, L, dv + e)
     o = lse_merge(wait(all_to_all_single(packed, kvp group)), kvp, dv)       # (B, H/N, L, dv): this rank's heads
 Exact by associativity: q_nope . (W_UK c) = (q_nope W_UK) . c for every cached latent c, and
@@ -28,7 +29,10 @@ all-to-all carries dv values per head, not r. Each step reads the local latent s
 instead of up-projecting it to H (dn + dv) values per slot, where it is cached: the kernel takes the key's two
 parts separately (``k_rope``) and reads the latent once for keys and values. The partial attentions and the LSE merge
 are the usual exact Helix math. The o_proj columns follow the heads each rank
-holds after the all-to-all, with head_dim = v_head_dim.
+holds after the all-to-all, with head_dim = v_head_dim. Padded batches (``generate``): HF builds the SDPA mask from the
+2-D (B, S_m) attention_mask inside the graph; as for GQA attention (``attention._key_mask``), partial attention
+applies that 2-D mask itself to each key by its global position (``key_mask``), with the causal mask; HF's 4-D
+mask is left unused. Any other user mask (a 4-D one) is refused.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .attention import KV_WRITE, SDPA_TARGETS, _check_causal_mask, _first_projection_after, exchange_and_merge
+from .attention import KV_WRITE, SDPA_TARGETS, _check_causal_mask, _first_projection_after, _key_mask, exchange_and_merge
 from .common import LINEAR, UnsupportedModelError, module_path, where
 from .projection import Projection, is_projection, projection_of
 
@@ -64,6 +68,7 @@ class MLAMatch:
     rank: int  # r = kv_lora_rank, the latent width
     scale: float
     replicated: list  # the q / kv projections of the module (whole on every rank: tpa = 1)
+    key_mask: fx.Node | None = None  # the 2-D (B, S_m) attention_mask placeholder HF's mask is built from
 
     kind = "mla"
 
@@ -96,7 +101,8 @@ class MLAMatch:
             )
         graph.erase_node(write)
         with graph.inserting_before(core):
-            merged = absorbed_attention(graph, self, query, keys, values, env[self.kv_b_weight.name], pos, ctx)
+            key_mask = env[self.key_mask.name] if self.key_mask is not None else None
+            merged = absorbed_attention(graph, self, query, keys, values, env[self.kv_b_weight.name], pos, ctx, key_mask)
         core.replace_all_uses_with(merged)
         graph.erase_node(core)
         erase_expand(graph, self, env)
@@ -153,6 +159,7 @@ def match(write: fx.Node, module: str) -> MLAMatch:
     if core.kwargs.get("dropout_p", 0.0) not in (0.0, 0) or core.kwargs.get("enable_gqa", False):
         raise UnsupportedModelError(f"{module}: unsupported SDPA arguments {where(core)}")
     _check_causal_mask(core.kwargs.get("attn_mask", core.args[3] if len(core.args) > 3 else None), core)
+    key_mask = _key_mask("sdpa", core)  # padded batches: partial attention masks keys by global position
     q_shape, v_shape = _shape(query), _shape(value)
     rope = _shape(values)[-1]
     heads, nope, v_dim = q_shape[1], q_shape[-1] - rope, v_shape[-1]
@@ -169,7 +176,7 @@ def match(write: fx.Node, module: str) -> MLAMatch:
     replicated = [projection_of(n) for n in write.graph.nodes
                   if is_projection(n) and n is not o.node and module_path(n).startswith(module + ".")]
     return MLAMatch(module, write, keys, values, pos, query, core, o, kv_b.args[1], expand, heads, nope, rope,
-                    v_dim, _shape(keys)[-1], float(scale), replicated)
+                    v_dim, _shape(keys)[-1], float(scale), replicated, key_mask)
 
 
 def _check_key_assembly(module, expand, key, nope, where):
@@ -192,9 +199,11 @@ def _shape(node):
 
 
 # -- partition -------------------------------------------------------------------------------------------------------
-def absorbed_attention(graph: fx.Graph, region: MLAMatch, query, keys, values, weight, pos, ctx) -> fx.Node:
+def absorbed_attention(graph: fx.Graph, region: MLAMatch, query, keys, values, weight, pos, ctx,
+                       key_mask=None) -> fx.Node:
     """Insert the absorbed MLA attention over this rank's latent shard (module docstring); return this rank's heads
-    of the attention output, (B, H_local, L, dv)."""
+    of the attention output, (B, H_local, L, dv). ``key_mask``: the 2-D attention_mask (padded batches), applied by
+    partial attention to keys by global position."""
     layout, nope, r = ctx.layout, region.nope, region.rank
     w = graph.call_method("view", (weight, region.heads, nope + region.v_dim, r))
     w_uk = graph.call_function(operator.getitem, (w, (slice(None), slice(None, nope))))
@@ -203,9 +212,12 @@ def absorbed_attention(graph: fx.Graph, region: MLAMatch, query, keys, values, w
     q_rot = graph.call_function(operator.getitem, (query, (Ellipsis, slice(nope, None))))
     q_lat = graph.call_function(torch.einsum, ("bhld,hdr->bhlr", q_nope, w_uk))
     q_abs = graph.call_function(torch.cat, ([q_lat, q_rot],), {"dim": -1})
+    kwargs = {"k_rope": values}
+    if key_mask is not None:
+        kwargs["key_mask"] = key_mask
     packed = graph.call_function(  # keys [latent | rotary key] read in place (k_rope): no per-step concatenation
         torch.ops.helix.partial_attention.default,
-        (q_abs, keys, keys, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, region.scale), {"k_rope": values},
+        (q_abs, keys, keys, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, region.scale), kwargs,
     )
     o_part = graph.call_function(operator.getitem, (packed, (Ellipsis, slice(None, r))))
     lse = graph.call_function(operator.getitem, (packed, (Ellipsis, slice(r, None))))
