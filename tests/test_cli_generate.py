@@ -329,3 +329,34 @@ def test_gguf_file_generates_like_transformers(tmp_path):
     assert "tiny.gguf: 2 rank(s), kvp=2 tpa=1" in done.stderr  # the file the user gave, not the temporary conversion
     assert "ms/token" in done.stderr and "tokens/s" in done.stderr
     assert [p.name for p in scratch.iterdir() if p.name.startswith("helix-gguf-")] == []
+
+
+def _transformers_text(ckpt, prompts, dtype, new):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt, padding_side="left")
+    m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = m.generate(**batch, max_new_tokens=new, do_sample=False)
+    return "".join(t + "\n\n" for t in tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def test_bf16_moe_mla_checkpoint_convert_and_generate(tmp_path):
+    """DeepSeek-V3 (MLA attention, routed and shared experts) saved in bf16, a left-padded batch of two prompts:
+    `helix generate` on the HF directory in its own dtype through Inductor (kvp=2, ep=2) runs; `helix convert
+    --kvp 2 --ep 2` then `helix generate --dtype float32` gives transformers' fp32 text on the same weights."""
+    import torch
+
+    ckpt = save(tmp_path / "hf", "deepseek_v3", seed=2, dtype=torch.bfloat16)
+    prompts = ["--prompt", "w1 w2 w3 w4 w5", "--prompt", "w6 w7"]
+    done = _run(["generate", str(ckpt), "--kvp", "2", "--ep", "2", "--kv-block", "4", *prompts, "--max-new-tokens", "6"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kvp=2 tpa=1 tpf=1 ep=2" in done.stderr and "bfloat16 on cpu" in done.stderr
+    assert done.stdout.count("\n\n") == 2
+    out = tmp_path / "converted"
+    assert main(["convert", str(ckpt), "--kvp", "2", "--ep", "2", "--kv-block", "4", "-o", str(out), "--quiet"]) == 0
+    done = _run(["generate", str(out), *prompts, "--max-new-tokens", "6", "--dtype", "float32", "--executor", "eager"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == _transformers_text(ckpt, ["w1 w2 w3 w4 w5", "w6 w7"], torch.float32, 6)
