@@ -177,6 +177,25 @@ def refusal(family: str) -> str | None:
     return None
 
 
+def runs_here(family: str) -> bool:
+    """Whether the family runs under helix with the installed transformers. A family it does not know is skipped
+    (printed); one that helix refuses on this version (cache.NEEDS_TRANSFORMERS) must be refused by StaticCache
+    with an error naming the transformers version."""
+    import pytest
+
+    from helix_compile import Layout, StaticCache
+
+    if not available(family):
+        print(f"{family}: not in transformers {transformers.__version__}, skipped")
+        return False
+    if refusal(family) is None:
+        return True
+    with pytest.raises(ValueError, match=f"with transformers {transformers.__version__}: "):
+        StaticCache(config(family), 1, 8, Layout(1))
+    print(f"{family}: refused with transformers {transformers.__version__} ({refusal(family)})")
+    return False
+
+
 EXPERT_BIASES = {"mixtral_bias"}  # routed experts given gate_up / down biases (gpt-oss's has_bias=True layout)
 
 

@@ -13,7 +13,7 @@ import torch
 from helix_compile import Layout
 from helix_compile.verify import compare
 from distributed import run_ranks
-from models import CALL, available, config, model, prompt, refusal
+from models import CALL, model, prompt, runs_here
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -84,25 +84,6 @@ def _families_body(rank, cases, batch):
     for family, layouts in cases:
         out.append((family, _body(rank, family, layouts, None, "eager", {}, 1, batch)))
     return out
-
-
-def runs_here(family: str) -> bool:
-    """Whether the family runs under helix with the installed transformers. A family it does not know is skipped
-    (printed); one that helix refuses on this version (cache.NEEDS_TRANSFORMERS) must be refused by StaticCache
-    with an error naming the transformers version."""
-    import transformers
-
-    from helix_compile import StaticCache
-
-    if not available(family):
-        print(f"{family}: not in transformers {transformers.__version__}, skipped")
-        return False
-    if refusal(family) is None:
-        return True
-    with pytest.raises(ValueError, match=f"with transformers {transformers.__version__}: "):
-        StaticCache(config(family), 1, 8, Layout(1))
-    print(f"{family}: refused with transformers {transformers.__version__} ({refusal(family)})")
-    return False
 
 
 def check_families(world, cases, batch=2):
