@@ -220,7 +220,51 @@ HOST_LENGTH = {
 }
 
 
+# Families whose code in older transformers releases helix cannot run: model_type -> (the transformers version helix
+# is tested with for it, why the older code fails). pyproject's range starts at 5.17, where each fails as said.
+_SHARED_KV = ("its kv-shared layers take the writer's keys and values from a shared_kv_states dict passed between "
+              "layers (transformers 5.24 reads the writer's cache), which helix's kv-shared matching does not follow")
+NEEDS_TRANSFORMERS = {
+    "bloom": ("5.24", "BloomModel builds its ALiBi tensor at the 2-D mask's length and adds it to scores over the "
+                      "static cache's max_cache_len keys: transformers' own StaticCache fails ('The expanded size of "
+                      "the tensor (max_cache_len) must match the existing size')"),
+    "megatron-bert": ("5.24", "under torch.compile its attention mask spans the new tokens only, not the static "
+                              "cache's keys, so `attention_scores + attention_mask` does not broadcast (transformers' "
+                              "own StaticCache fails the same way)"),
+    "roformer": ("5.24", "under torch.compile its attention mask spans the new tokens only, not the static cache's "
+                         "keys, so `attention_scores + attention_mask` does not broadcast (transformers' own "
+                         "StaticCache fails the same way)"),
+    "aria_text": ("5.24", "AriaTextMoELayer runs its experts as fc1/fc2 grouped GEMMs over tokens permuted by expert "
+                          "(AriaGroupedExpertsGemm), which helix's expert matcher does not split"),
+    "gemma3n_text": ("5.24", _SHARED_KV),
+    "gemma4_text": ("5.24", _SHARED_KV),
+}
+
+
+def _transformers_version() -> tuple[int, ...]:
+    import transformers
+
+    return tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+
+
+def _refuse_old_transformers(config) -> None:
+    """Refuse a family that helix cannot run with the installed transformers (``NEEDS_TRANSFORMERS``)."""
+    import transformers
+
+    text = config.get_text_config(decoder=True)
+    for c in [config] + ([text] if text is not config else []):
+        model_type = getattr(c, "model_type", None)
+        if model_type in NEEDS_TRANSFORMERS:
+            version, why = NEEDS_TRANSFORMERS[model_type]
+            if _transformers_version() < tuple(int(v) for v in version.split(".")):
+                raise ValueError(
+                    f"{type(c).__name__} ({model_type}) does not run under helix with transformers "
+                    f"{transformers.__version__}: {why}. helix runs it with transformers >= {version}."
+                )
+
+
 def _refuse_untraceable(config) -> None:
+    _refuse_old_transformers(config)
     model_type = getattr(config, "model_type", None)
     if model_type == "falcon" and getattr(config, "alibi", False):
         raise ValueError(

@@ -11,3 +11,14 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+
+def pytest_sessionstart(session):
+    """Print the versions this run tests, also under -q (CI runs the suite under more than one transformers)."""
+    import torch
+    import transformers
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"torch {torch.__version__}, transformers {transformers.__version__}")

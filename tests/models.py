@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 # kind -> (model_type, config overrides)
@@ -149,6 +150,52 @@ ATTENTION = {"gemma2": "eager", "bloom": "eager", "megatron_bert": "eager", "fli
              "granite_swa": "eager", "mimo": "eager", "gpt_oss": "eager", "gpt_neo": "eager",  # (soft-capping, BLOOM,
              "trocr": "eager", "mpt": "eager", "git": "eager",  # MegatronBERT, sinks, TrOCR, MPT, GIT,
              "roformer": "eager"}  # RoFormer)
+# transformers before 5.24 (pyproject's range starts at 5.17): CodeGen has no SDPA attention; Moshi builds no causal
+# mask and GIT's bare call is not traceable without the attention_mask that generate passes (helix refuses Moshi's
+# maskless attention), so they are called as generate calls them (verify.generate_inputs); Flint does not exist.
+TRANSFORMERS = tuple(int(v) for v in transformers.__version__.split(".")[:2])
+OLD_TRANSFORMERS = TRANSFORMERS < (5, 24)
+if OLD_TRANSFORMERS:
+    ATTENTION["codegen"] = "eager"
+CALL = {"moshi": "generate", "git": "generate"} if OLD_TRANSFORMERS else {}
+
+
+def available(family: str) -> bool:
+    """Whether the installed transformers knows the family's model type."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return FAMILIES[family][0] in CONFIG_MAPPING_NAMES
+
+
+def refusal(family: str) -> str | None:
+    """The reason helix refuses the family with the installed transformers (cache.NEEDS_TRANSFORMERS), or None."""
+    from helix_compile.cache import NEEDS_TRANSFORMERS
+
+    need = NEEDS_TRANSFORMERS.get(FAMILIES[family][0])
+    if need and TRANSFORMERS < tuple(int(v) for v in need[0].split(".")):
+        return need[1]
+    return None
+
+
+def runs_here(family: str) -> bool:
+    """Whether the family runs under helix with the installed transformers. A family it does not know is skipped
+    (printed); one that helix refuses on this version (cache.NEEDS_TRANSFORMERS) must be refused by StaticCache
+    with an error naming the transformers version."""
+    import pytest
+
+    from helix_compile import Layout, StaticCache
+
+    if not available(family):
+        print(f"{family}: not in transformers {transformers.__version__}, skipped")
+        return False
+    if refusal(family) is None:
+        return True
+    with pytest.raises(ValueError, match=f"with transformers {transformers.__version__}: "):
+        StaticCache(config(family), 1, 8, Layout(1))
+    print(f"{family}: refused with transformers {transformers.__version__} ({refusal(family)})")
+    return False
+
+
 EXPERT_BIASES = {"mixtral_bias"}  # routed experts given gate_up / down biases (gpt-oss's has_bias=True layout)
 
 

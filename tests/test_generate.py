@@ -89,6 +89,7 @@ def check_generate(world, cases, executor="eager", paddings=(True, False), per_r
             assert other[i][1] == tokens, ("ranks disagree", case)
 
 
+@pytest.mark.tf_low
 def test_generate_two_ranks():
     check_generate(2, [("llama", [(2, 1)]), ("qwen2", [(1, 2)])])
 
@@ -182,6 +183,7 @@ def check_forward(world, cases, per_rank=None):
         assert finite and worst < 1e-5, (case, worst, finite)
 
 
+@pytest.mark.tf_low
 def test_padded_forward():
     """Prefill + 5 decode steps with an explicit attention_mask. Batch 3 in a cache of max_batch_size 4 (the rows
     beyond the batch unused); the eager attention form; HOP-B, which slices the key mask per batch chunk."""

@@ -19,7 +19,7 @@ from distributed import run_ranks
 from helix_compile import Layout
 from helix_compile.passes.regions.moe import expert_shard
 from layouts import check, valid_layouts
-from models import config
+from models import OLD_TRANSFORMERS, config
 from models import model as model_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -27,6 +27,7 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "aria_text", "glm4_moe
             "mixtral_bias", "llama4_text", "gpt_oss"]
 
 
+@pytest.mark.tf_low
 def test_moe_two_ranks():
     check(2, [
         ("mixtral", dict(kvp=2, ep=2), None),  # tpf=1: each rank holds 2 whole experts
@@ -110,7 +111,8 @@ def _sliced_gate(experts):  # [gate | up] cut by slices at the global width I: w
 
 
 @pytest.mark.parametrize("change,message", [
-    (_post_expert_norm, r"mlp.experts: node '.*' .* follows the down projection but is not linear in it"),
+    pytest.param(_post_expert_norm, r"mlp.experts: node '.*' .* follows the down projection but is not linear in it",
+                 marks=pytest.mark.skipif(OLD_TRANSFORMERS, reason="experts read has_post_expert_norm from 5.24")),
     (_sliced_gate, r"mlp.experts: node '.*' .* acts on the experts' intermediate features across columns"),
 ])
 def test_experts_refused_by_name(change, message):

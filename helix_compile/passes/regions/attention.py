@@ -863,7 +863,8 @@ def _check_causal_mask(mask, attention: fx.Node) -> None:
     if mask is None:
         raise UnsupportedModelError(
             f"{where(attention)} attends without a mask over the cache (bidirectional attention, e.g. an encoder "
-            f"model without is_decoder=True); helix computes causal attention only"
+            f"model without is_decoder=True, or a model whose transformers code builds its causal mask only from "
+            f"an attention_mask: pass one, as generate does); helix computes causal attention only"
         )
     if not isinstance(mask, fx.Node):
         raise UnsupportedModelError(f"{where(attention)}: a constant attention mask helix does not understand")
