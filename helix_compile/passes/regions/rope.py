@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from .common import CATS, is_call, is_method, shape
-from .heads import VIEWS, HeadView, path_nodes, _sizes
+from .heads import VIEWS, HeadView, path_nodes, view_sizes
 
 _COMPLEX = {torch.view_as_complex, torch.view_as_real}
 
@@ -79,7 +79,7 @@ def _pair_split(node: fx.Node) -> int | None:
         return None
     if tuple(after[:-2]) != tuple(before[:-1]) or after[-1] != 2 or after[-2] * 2 != before[-1]:
         return None
-    sizes, index = _sizes(node), len(before) - 2
+    sizes, index = view_sizes(node), len(before) - 2
     if len(sizes) != len(after) or not isinstance(sizes[index], int) or sizes[index] == -1:
         return None
     return index
