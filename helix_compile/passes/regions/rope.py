@@ -3,7 +3,7 @@ move values only within the last axis (interleaved RoPE).
 
 Complex RoPE (Llama 4's ``apply_rotary_emb``)
 
-Match (pattern), between a q or k projection and the attention core (``attention._projection_ancestor``):
+Match (pattern), between a q or k projection and the attention core (``attention_projections.projection_ancestor``):
     x (B, L, H, D) -> [float] -> reshape(B, L, H, -1, 2) -> view_as_complex      (B, L, H, D/2) complex
                    -> * freqs_cis[:, :, None, :] -> view_as_real                   (B, L, H, D/2, 2)
                    -> flatten(3)                                                   (B, L, H, D)
