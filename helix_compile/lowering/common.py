@@ -1,9 +1,10 @@
 """What partial attention's torch reference (``ops.py``) and its Triton kernels (``triton_attention.py``) compute
-alike: the dtype and width of the LSE packed after each output row, and a key mask's left padding.
+alike: the LSE packed after each output row, and a key mask's left padding.
 
-Contract: ``lse_dtype(dtype)`` is the dtype an LSE is kept in for outputs of ``dtype`` (fp32, or ``dtype`` when
-wider); ``lse_elems(dtype)`` the elements of ``dtype`` one LSE takes in the packed output; ``left_padding(mask)``
-the (B,) leading zeros of each row of a 2-D attention mask.
+Contract
+    lse_dtype(dtype)     the dtype an LSE is kept in for outputs of ``dtype``: fp32, or ``dtype`` when wider
+    lse_elems(dtype)     the elements of ``dtype`` one LSE takes in the packed output
+    left_padding(mask)   (B,) the leading zeros of each row of a 2-D attention mask
 """
 
 from __future__ import annotations

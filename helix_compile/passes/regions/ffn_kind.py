@@ -1,9 +1,11 @@
 """Which FFN matcher owns a block: ``is_moe``, the test the dense and the MoE matchers share.
 
-Contract: ``is_moe(mlp, nodes)`` takes an FFN module path and the graph nodes inside it and says whether the block
-is a mixture of experts. The MoE matcher (``moe.py``) matches or refuses every block it answers True for; the
-dense matcher (``dense_ffn.py``) refuses to run one as a dense FFN, so a MoE block is never left replicated.
-``inside(path, module)``: whether a module path is ``module`` or lies below it.
+Contract
+    is_moe(mlp, nodes)    takes an FFN module path and the graph nodes inside it; True for a mixture of experts.
+                          The MoE matcher (``moe.py``) matches or refuses every block it is True for; the dense
+                          matcher (``dense_ffn.py``) refuses to run one as a dense FFN, so a MoE block is never
+                          left replicated.
+    inside(path, module)  whether a module path is ``module`` or lies below it
 """
 
 from __future__ import annotations
