@@ -48,7 +48,8 @@ from typing import Optional
 import torch
 from torch.library import Library, custom_op, triton_op
 
-from .common import left_padding, lse_dtype, lse_elems  # noqa: F401  (lse_elems: re-exported)
+from .common import left_padding, lse_elems  # noqa: F401  (lse_elems: re-exported)
+from .common import lse_dtype as _lse_dtype
 
 
 class ShardedEagerError(RuntimeError):
@@ -105,7 +106,7 @@ def lse_merge(recv, kvp, head_dim):
     rows, b, length, _ = recv.shape
     parts = recv.reshape(kvp, rows // kvp, b, length, -1)
     o = parts[..., :head_dim].float()
-    lse = parts[..., head_dim:].contiguous().view(lse_dtype(recv.dtype)).squeeze(-1).float()
+    lse = parts[..., head_dim:].contiguous().view(_lse_dtype(recv.dtype)).squeeze(-1).float()
     peak = lse.amax(dim=0)
     peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
     weight = torch.exp(lse - peak)  # exactly 0 for a rank that saw no key
@@ -200,5 +201,5 @@ def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_bloc
     finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     o = torch.einsum("bkgls,bksd->bkgld", torch.exp(scores - finite[..., None]), v)
     o = o.reshape(b, hq, length, v.shape[-1]).permute(1, 0, 2, 3)
-    lse = lse.reshape(b, hq, length).permute(1, 0, 2).to(lse_dtype(q.dtype))
+    lse = lse.reshape(b, hq, length).permute(1, 0, 2).to(_lse_dtype(q.dtype))
     return torch.cat([o.to(q.dtype), lse.unsqueeze(-1).contiguous().view(q.dtype)], dim=-1)
