@@ -48,18 +48,12 @@ from typing import Optional
 import torch
 from torch.library import Library, custom_op, triton_op
 
+from .common import left_padding, lse_elems  # noqa: F401  (lse_elems: re-exported)
+from .common import lse_dtype as _lse_dtype
+
 
 class ShardedEagerError(RuntimeError):
     pass
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype.itemsize <= 4 else dtype
-
-
-def lse_elems(dtype: torch.dtype) -> int:
-    """Elements of ``dtype`` that hold one LSE value in the packed partial-attention output."""
-    return _lse_dtype(dtype).itemsize // dtype.itemsize
 
 
 # -- global op ------------------------------------------------------------------------------------------------
@@ -147,11 +141,6 @@ def partial_attention(
                                         alibi_slopes=alibi_slopes, alibi_pos=alibi_pos, k_rope=k_rope, chunk=chunk)
     return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask,
                                        alibi_slopes, alibi_pos, k_rope=k_rope, chunk=chunk)
-
-
-def left_padding(key_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) the leading zeros of each row of the 2-D attention mask (transformers' ``left_padding_tokens``)."""
-    return (key_mask.cumsum(dim=-1) == 0).sum(dim=-1)
 
 
 def chunk_start(pos, chunk, key_mask=None):

@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .common import left_padding, lse_elems
+
 
 @triton.jit
 def _local_count(p, kvp_rank, kvp, kv_block):
@@ -338,8 +340,6 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
                       config=None, alibi_slopes=None, alibi_pos=None, k_rope=None, chunk=0):
     """Same contract as ``ops.partial_attention`` (packed (Hq, B, L, D + e) output). Called inside the op's
     ``triton_op`` body, so under Inductor the two kernels are emitted into the generated code."""
-    from .ops import left_padding, lse_elems
-
     b, hq, length, d = q.shape
     hk, capacity = k_shard.shape[1], k_shard.shape[2] - 1
     group = hq // hk

@@ -32,7 +32,7 @@ from ..lowering import ops as _ops  # noqa: F401  registers helix::kv_write
 from .regions import match_attention, match_dense_ffn, match_mla, match_moe
 from .regions.moe import refuse_stray_experts
 from .regions.dense_ffn import FFN_MODULES
-from .regions.attention import KV_WRITE
+from .regions.attention_core import KV_WRITE
 from .regions.common import UnsupportedModelError, module_path, shape, where  # noqa: F401  (re-exported)
 from .regions.projection import is_projection, projection_of
 

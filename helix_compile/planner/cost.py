@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from ..layout import Layout
 from .collectives import collective_us
 from .hardware import ACT_BYTES, DTYPE_BYTES, Hardware
-from .model import ModelSpec
+from .model import ModelSpec, attention_params, ffn_params  # noqa: F401  (re-exported)
 
 STRATEGIES = ("helix", "tp", "tp_ep", "dp_ep", "medha")
 BASELINES = ("tp", "tp_ep", "dp_ep", "medha")
@@ -90,28 +90,6 @@ class Candidate:
     dp: int = 1
     hopb_chunks: int = 0  # 0: pick the best chunk count in 1..batch (hopb_options)
     kv_block: int = 16
-
-
-def attention_params(m: ModelSpec, q_loc=None, k_loc=None, o_heads=None) -> float:
-    """Attention weights held (and read) by one GPU with q_loc query and k_loc KV heads and the W_o columns of
-    o_heads query heads."""
-    q_loc = m.q_heads if q_loc is None else q_loc
-    k_loc = m.kv_heads if k_loc is None else k_loc
-    o_heads = m.q_heads if o_heads is None else o_heads
-    H = m.hidden
-    if m.is_mla:
-        qk = m.nope_dim + m.rope_dim
-        q = H * m.q_lora + m.q_lora * q_loc * qk if m.q_lora else H * q_loc * qk
-        kv = H * (m.kv_lora + m.rope_dim) + m.kv_lora * q_loc * (m.nope_dim + m.v_dim)
-        return q + kv + o_heads * m.v_dim * H
-    return H * q_loc * m.head_dim + 2 * H * k_loc * m.head_dim + o_heads * m.head_dim * H
-
-
-def ffn_params(m: ModelSpec, moe: bool) -> float:
-    """All FFN weights of one layer (one copy)."""
-    if not moe:
-        return 3 * m.hidden * m.ffn
-    return m.experts * 3 * m.hidden * m.expert_ffn + 3 * m.hidden * m.shared_ffn + m.hidden * m.experts
 
 
 def kv_bytes_per_token_head(m: ModelSpec, kv_bytes: float) -> float:

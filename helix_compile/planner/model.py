@@ -48,12 +48,32 @@ class ModelSpec:
     @property
     def params(self) -> float:
         """Total parameters (for the report; the cost model counts per GPU)."""
-        from .cost import attention_params, ffn_params  # local: cost imports this module
-
         emb = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
         dense = (self.layers - self.moe_layers) * ffn_params(self, moe=False)
         moe = self.moe_layers * ffn_params(self, moe=True)
         return emb + self.layers * attention_params(self) + dense + moe
+
+
+def attention_params(m: ModelSpec, q_loc=None, k_loc=None, o_heads=None) -> float:
+    """Attention weights held (and read) by one GPU with q_loc query and k_loc KV heads and the W_o columns of
+    o_heads query heads."""
+    q_loc = m.q_heads if q_loc is None else q_loc
+    k_loc = m.kv_heads if k_loc is None else k_loc
+    o_heads = m.q_heads if o_heads is None else o_heads
+    H = m.hidden
+    if m.is_mla:
+        qk = m.nope_dim + m.rope_dim
+        q = H * m.q_lora + m.q_lora * q_loc * qk if m.q_lora else H * q_loc * qk
+        kv = H * (m.kv_lora + m.rope_dim) + m.kv_lora * q_loc * (m.nope_dim + m.v_dim)
+        return q + kv + o_heads * m.v_dim * H
+    return H * q_loc * m.head_dim + 2 * H * k_loc * m.head_dim + o_heads * m.head_dim * H
+
+
+def ffn_params(m: ModelSpec, moe: bool) -> float:
+    """All FFN weights of one layer (one copy)."""
+    if not moe:
+        return 3 * m.hidden * m.ffn
+    return m.experts * 3 * m.hidden * m.expert_ffn + 3 * m.hidden * m.shared_ffn + m.hidden * m.experts
 
 
 PRESETS = {

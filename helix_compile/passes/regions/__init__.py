@@ -1,11 +1,16 @@
 """Region matchers: one small module per region kind, each owning its placements and its rewrite.
 
-    attention.py   softmax attention over the helix KV cache (MHA/GQA/MQA, fused qkv, soft-capping, windows)
+    attention.py   softmax attention over the helix KV cache (MHA/GQA/MQA, fused qkv, soft-capping, windows), in
+                   parts: attention_core.py (finding the core), attention_masks.py (checking the mask),
+                   attention_projections.py (checking the heads), attention_values.py (routing values),
+                   attention_rewrite.py (the rewrite, the exchange and merge)
     dense_ffn.py   a dense MLP, tensor-parallel over all ranks (fused gate_up too)
     moe.py         a mixture-of-experts block: routed experts as TPF x EP, router replicated, shared experts dense
+    ffn_kind.py    ``is_moe``: which of the two FFN matchers owns a block
     mla.py         multi-head latent attention (DeepSeek): the latent cache sharded over kvp = N, tpa = 1
     projection.py  plain and fused projections (nn.Linear, transformers' Conv1D) and their column/row rewrites
     roles.py       which rows/columns of a parameter a rank holds (shared with ``loading.from_pretrained``)
+and what they share: common.py, heads.py, rope.py, alibi.py, sinks.py, chunks.py, where_mask.py (docs/architecture.md).
 
 The interface of a match (a dataclass, in the style of Inductor's ``micro_pipeline_tp``):
     kind                      "attention", "ffn", ...

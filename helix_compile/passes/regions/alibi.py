@@ -1,7 +1,7 @@
 """Region matcher (part of attention): ALiBi, and the batched-matmul attention form of the ALiBi families (BLOOM).
 
-Match (pattern), called by ``attention._find_core`` when the cache keys reach a ``bmm`` / ``baddbmm`` (and by
-``attention._eager_core`` for the bias MPT adds to its matmul scores: ``alibi_or_none``):
+Match (pattern), called by ``attention_core._find_core`` when the cache keys reach a ``bmm`` / ``baddbmm`` (and by
+``attention_core._eager_core`` for the bias MPT adds to its matmul scores: ``alibi_or_none``):
     core    q3 = q.reshape(B*H, -1, D); k3t = keys.reshape(B*H, -1, D).transpose(-1, -2)
             scores = bias.baddbmm(q3, k3t, beta=1, alpha=scale)   (or bmm(q3, k3t) [* scale]; no scale: q3 is
             already scaled, XGLM)
@@ -31,6 +31,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from .attention_masks import check_causal_mask, dropout_is_identity
+from .attention_values import cache_source
 from .common import UnsupportedModelError, is_call, is_method, shape, where
 
 BMM = {torch.bmm}
@@ -98,8 +100,6 @@ def _strip(node: fx.Node, methods) -> fx.Node:
 
 def bmm_core(mm: fx.Node, keys_t: fx.Node, values: fx.Node):
     """(form, core, query, scale, softcap, alibi) for ``mm`` = baddbmm(bias, q3, k3^T) / bmm(q3, k3^T)."""
-    from .attention import _cache_source, _check_causal_mask, _dropout_is_identity
-
     if is_call(mm, BADDBMM) or is_method(mm, {"baddbmm"}):
         bias = mm.args[0]
         q3 = mm.kwargs.get("batch1", mm.args[1] if len(mm.args) > 1 else None)
@@ -129,18 +129,18 @@ def bmm_core(mm: fx.Node, keys_t: fx.Node, values: fx.Node):
             if masked:
                 raise UnsupportedModelError(f"attention adds to its scores twice: {where(nxt)}")
             masked = True
-            _check_causal_mask(nxt.args[1] if nxt.args[0] is node else nxt.args[0], nxt)
+            check_causal_mask(nxt.args[1] if nxt.args[0] is node else nxt.args[0], nxt)
         elif is_call(nxt, {torch.nn.functional.softmax, torch.softmax}) or is_method(nxt, {"to", "float", "type_as"}):
             pass
         elif is_call(nxt, {torch.max, torch.maximum}) and masked and _is_dtype_min(nxt.args[1], nxt):
             pass  # XGLM: max(scores + mask, finfo.min), no change where a key is visible
         elif is_call(nxt, {torch.nn.functional.dropout}):
-            if not _dropout_is_identity(nxt):
+            if not dropout_is_identity(nxt):
                 raise UnsupportedModelError(f"attention dropout must be 0 at inference: {where(nxt)}")
         elif is_call(nxt, BMM | {torch.matmul}) or is_method(nxt, {"bmm", "matmul"}):
             if not masked:
-                _check_causal_mask(None, nxt)
-            if _cache_source(nxt.args[1]) is not values:
+                check_causal_mask(None, nxt)
+            if cache_source(nxt.args[1]) is not values:
                 raise UnsupportedModelError(f"batched-matmul attention does not read the cache values: {where(nxt)}")
             if scale is None:
                 scale = 1.0  # the scores are q3 @ k3^T exactly (XGLM scales q after its projection)

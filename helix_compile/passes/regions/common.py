@@ -96,3 +96,8 @@ def check_only(nodes, allowed, region: str, pointwise: bool = False) -> None:
         ) or (pointwise and is_pointwise(node))
         if not ok:
             raise UnsupportedModelError(f"{region}: {where(node)} is not supported on a sharded tensor")
+
+
+def order(node: fx.Node) -> int:
+    """Topological position: FX keeps a graph's nodes in a valid order, and a node's ``_sort_key`` follows it."""
+    return node._sort_key

@@ -45,6 +45,7 @@ from .common import (
     ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, SHAPE_METHODS, UnsupportedModelError, check_only, is_method, module_path,
     shape, where,
 )
+from .ffn_kind import is_moe  # the MoE matcher's own test: a block it would own is never run as a dense FFN
 from .projection import FusedSplit, Projection, find_split, is_part_index, is_part_view, is_projection, projection_of
 
 FFN_MODULES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
@@ -221,8 +222,6 @@ def _calls(module: str, projections: list[Projection]) -> list[list[Projection]]
 
 
 def _refuse_moe(module: str, nodes) -> None:
-    from .moe import is_moe  # the MoE matcher's own test: a block it would own is never run as a dense FFN
-
     if is_moe(module, nodes):
         raise UnsupportedModelError(f"{module}: a mixture-of-experts FFN that the MoE matcher did not claim")
 

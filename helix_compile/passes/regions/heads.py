@@ -81,7 +81,7 @@ class HeadView:
             node.replace_all_uses_with(node.args[0])
             env[self.node.name] = node.args[0]
             return
-        sizes = _sizes(node)
+        sizes = view_sizes(node)
         value = sizes[self.index]
         if (value * local) % total:
             raise UnsupportedModelError(
@@ -107,7 +107,8 @@ def _size_node(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _sizes(node: fx.Node) -> list:
+def view_sizes(node: fx.Node) -> list:
+    """The sizes a view / reshape node asks for, whether given as one tuple, a ``torch.Size`` node or varargs."""
     size = _size_node(node)
     if size is not None:
         return list(size.args[0])
@@ -127,7 +128,7 @@ def head_view(node: fx.Node, path: str, width: int) -> HeadView | None:
     kept = [i for i, b in enumerate(after) if b != 1]  # size-1 dims (q_len 1, an inserted dim) carry nothing
     squeezed = [a for a in before if a != 1]
     index = next((j for a, j in zip(squeezed, kept) if a != after[j]), None)
-    sizes = _sizes(node)
+    sizes = view_sizes(node)
     if index is None and tuple(before) == tuple(after) and -1 not in sizes and any(
             isinstance(v, int) and v > 1 for v in sizes):
         return HeadView(node, None, path)  # all sizes given (so the global head count, if any), changing nothing

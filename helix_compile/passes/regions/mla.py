@@ -30,7 +30,7 @@ instead of up-projecting it to H (dn + dv) values per slot, where it is cached: 
 parts separately (``k_rope``) and reads the latent once for keys and values. The partial attentions and the LSE merge
 are the usual exact Helix math. The o_proj columns follow the heads each rank
 holds after the all-to-all, with head_dim = v_head_dim. Padded batches (``generate``): HF builds the SDPA mask from the
-2-D (B, S_m) attention_mask inside the graph; as for GQA attention (``attention._key_mask``), partial attention
+2-D (B, S_m) attention_mask inside the graph; as for GQA attention (``attention_masks.find_key_mask``), partial attention
 applies that 2-D mask itself to each key by its global position (``key_mask``), with the causal mask; HF's 4-D
 mask is left unused. Any other user mask (a 4-D one) is refused.
 """
@@ -43,7 +43,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from .attention import KV_WRITE, SDPA_TARGETS, _check_causal_mask, _first_projection_after, _key_mask, exchange_and_merge
+from .attention_core import KV_WRITE, SDPA_TARGETS
+from .attention_masks import check_causal_mask, find_key_mask
+from .attention_projections import first_projection_after
+from .attention_rewrite import exchange_and_merge
 from .common import LINEAR, UnsupportedModelError, module_path, where
 from .projection import Projection, is_projection, projection_of
 
@@ -158,8 +161,8 @@ def match(write: fx.Node, module: str) -> MLAMatch:
         raise UnsupportedModelError(f"{module}: SDPA {where(core)} does not read the up-projected latent cache")
     if core.kwargs.get("dropout_p", 0.0) not in (0.0, 0) or core.kwargs.get("enable_gqa", False):
         raise UnsupportedModelError(f"{module}: unsupported SDPA arguments {where(core)}")
-    _check_causal_mask(core.kwargs.get("attn_mask", core.args[3] if len(core.args) > 3 else None), core)
-    key_mask = _key_mask("sdpa", core)  # padded batches: partial attention masks keys by global position
+    check_causal_mask(core.kwargs.get("attn_mask", core.args[3] if len(core.args) > 3 else None), core)
+    key_mask = find_key_mask("sdpa", core)  # padded batches: partial attention masks keys by global position
     q_shape, v_shape = _shape(query), _shape(value)
     rope = _shape(values)[-1]
     heads, nope, v_dim = q_shape[1], q_shape[-1] - rope, v_shape[-1]
@@ -172,7 +175,7 @@ def match(write: fx.Node, module: str) -> MLAMatch:
     scale = core.kwargs.get("scale")
     if scale is None:
         scale = q_shape[-1] ** -0.5
-    o = _first_projection_after(core, f"attention output of {module}")
+    o = first_projection_after(core, f"attention output of {module}")
     replicated = [projection_of(n) for n in write.graph.nodes
                   if is_projection(n) and n is not o.node and module_path(n).startswith(module + ".")]
     return MLAMatch(module, write, keys, values, pos, query, core, o, kv_b.args[1], expand, heads, nope, rope,

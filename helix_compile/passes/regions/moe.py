@@ -70,6 +70,7 @@ import torch.fx as fx
 from ...layout import Layout
 from ...shards import ExpertShard
 from .common import UnsupportedModelError, is_pointwise, module_path, where
+from .ffn_kind import inside as _inside, is_moe
 from .projection import is_projection, projection_of
 
 funcol = torch.ops._c10d_functional
@@ -154,36 +155,6 @@ def _parameter(node: fx.Node) -> fx.Node:
     while node.op == "call_method" and node.target in ("type", "to", "float"):
         node = node.args[0]
     return node
-
-
-def is_moe(mlp: str, nodes: list[fx.Node]) -> bool:
-    """A block is MoE when it has an ``experts`` child, a top-k, a 3-D parameter, or a MoE-looking class at or
-    below the block (``...MoE``, ``...SparseMoeBlock``, ``...Experts``; not a family's dense ``...MoeMLP``, the
-    dense first layers of GLM-4-MoE, ERNIE-4.5-MoE, EXAONE-MoE): then this matcher owns it (and matches or
-    refuses it: it is never handed to the dense matcher nor left replicated)."""
-    classes = set()
-    for n in nodes:
-        for path, cls in (n.meta.get("nn_module_stack") or {}).values():
-            if _inside(_strip(path), mlp):
-                classes.add(getattr(cls, "__name__", str(cls)).lower())
-    params = {a for n in nodes for a in n.all_input_nodes if a.op == "placeholder"}
-    return any(_inside(module_path(n), mlp + ".experts") or n.target is torch.topk or n.target == "topk" for n in nodes) or any(
-        len(_shape(p) or ()) == 3 for p in params) or any(
-        ("moe" in c or "sparse" in c or "expert" in c) and not c.endswith("mlp") for c in classes
-    )
-
-
-def _strip(path: str) -> str:
-    """An ``nn_module_stack`` path without Dynamo's ``L['self']`` root (as ``module_path``)."""
-    if path.startswith("L["):
-        path = path[path.index("]") + 1 :]
-        while path.startswith("["):
-            path = path[path.index("]") + 1 :]
-    return path.lstrip(".")
-
-
-def _inside(path: str, module: str) -> bool:
-    return path == module or path.startswith(module + ".")
 
 
 def match_moe(graph: fx.Graph, ffn_modules) -> list[MoEMatch]:

@@ -3,7 +3,7 @@ move values only within the last axis (interleaved RoPE).
 
 Complex RoPE (Llama 4's ``apply_rotary_emb``)
 
-Match (pattern), between a q or k projection and the attention core (``attention._projection_ancestor``):
+Match (pattern), between a q or k projection and the attention core (``attention_projections.projection_ancestor``):
     x (B, L, H, D) -> [float] -> reshape(B, L, H, -1, 2) -> view_as_complex      (B, L, H, D/2) complex
                    -> * freqs_cis[:, :, None, :] -> view_as_real                   (B, L, H, D/2, 2)
                    -> flatten(3)                                                   (B, L, H, D)
@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from .common import CATS, is_call, is_method, shape
-from .heads import VIEWS, HeadView, path_nodes, _sizes
+from .heads import VIEWS, HeadView, path_nodes, view_sizes
 
 _COMPLEX = {torch.view_as_complex, torch.view_as_real}
 
@@ -79,7 +79,7 @@ def _pair_split(node: fx.Node) -> int | None:
         return None
     if tuple(after[:-2]) != tuple(before[:-1]) or after[-1] != 2 or after[-2] * 2 != before[-1]:
         return None
-    sizes, index = _sizes(node), len(before) - 2
+    sizes, index = view_sizes(node), len(before) - 2
     if len(sizes) != len(after) or not isinstance(sizes[index], int) or sizes[index] == -1:
         return None
     return index

@@ -2,7 +2,7 @@
 
     o = sum_j exp(x_j) v_j / (exp(s_h) + sum_j exp(x_j)) = o_plain * sigmoid(lse - s_h),  lse = logsumexp_j x_j
 
-Match (in the eager attention chain, ``attention._eager_core``), either form:
+Match (in the eager attention chain, ``attention_core._eager_core``), either form:
     concat   softmax(cat([scores, sinks.reshape(1, -1, 1, 1).expand(...)], -1))[..., :-1]        (Flint)
              or with the row max subtracted first (``max_shift``; softmax is invariant to it):
              c = cat([scores, sinks...], -1); softmax(c - c.max(-1, keepdim=True)[0])[..., :-1]   (gpt-oss)

@@ -4,7 +4,7 @@ partial attention masks keys by their global position itself (p <= t, and the la
 the eager scores is therefore dropped only when helix proves that every key the causal mask lets through also
 passes ``cond``. Anything else is refused by name (``UnsupportedModelError``), never ignored.
 
-Match (in the eager attention chain, ``attention._eager_core``):
+Match (in the eager attention chain, ``attention_core._eager_core``):
     where(bias[:, :, S - L : S, :S], scores, m)          (GPT-Neo's global layers)
     scores  the (B, H, L, S) scores: L queries over the S positions of the static cache
     bias    a bool buffer (1, 1, P, P), P >= S, whose live value (the placeholder's Dynamo ``GraphArg``) is
