@@ -1,7 +1,11 @@
 """Helix ops (``torch.library``): what the partitioned program calls, and how each one lowers.
 
-Global op (what the user-visible program calls; the partition pass replaces it):
+Global ops (what the user-visible program calls; the partition pass replaces them):
     helix::kv_write(keys, values, k, v, pos)                      write new K/V at global positions ``pos``
+    helix::grouped_mm(input, weight, offs)                        ``torch._grouped_mm(input, weight, offs=offs)``
+        where ``weight`` is a virtual (stride-0, ``shards.py``) expert weight, which ``_grouped_mm``'s stride check
+        refuses while tracing: transformers' grouped_mm experts reach it through ``shards.route_virtual_experts``;
+        the MoE rewrite turns it back into ``torch._grouped_mm`` over the rank's contiguous shard.
 
 Rank-local ops (what the partitioned program calls):
     helix::kv_write_local(k_shard, v_shard, k, v, pos, kvp_rank, kvp, kv_block)
@@ -75,6 +79,20 @@ def kv_write(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch
 @kv_write.register_fake
 def _(keys, values, k, v, pos):
     return None
+
+
+@custom_op("helix::grouped_mm", mutates_args=())
+def grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    raise ShardedEagerError(
+        f"these {tuple(weight.shape)} expert weights are held in rank-local shards (helix_compile.from_pretrained); "
+        f"they cannot run eagerly. Call the model through torch.compile(model, backend='helix', "
+        f"options={{'layout': layout}})"
+    )
+
+
+@grouped_mm.register_fake
+def _(input, weight, offs):
+    return input.new_empty(input.shape[0], weight.shape[-1])
 
 
 # -- KV ownership -----------------------------------------------------------------------------------------------
