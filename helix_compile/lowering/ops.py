@@ -231,4 +231,23 @@ def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_bloc
     o = torch.einsum("bkgls,bksd->bkgld", torch.exp(scores - finite[..., None]), v)
     o = o.reshape(b, hq, length, v.shape[-1]).permute(1, 0, 2, 3)
     lse = lse.reshape(b, hq, length).permute(1, 0, 2).to(_lse_dtype(q.dtype))
-    return torch.cat([o.to(q.dtype), lse.unsqueeze(-1).contiguous().view(q.dtype)], dim=-1)
+    return torch.cat([o.to(q.dtype), pack_lse(lse, q.dtype)], dim=-1)
+
+
+def pack_lse(lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., e): the bits of ``lse`` (in ``_lse_dtype(dtype)``) as ``e = lse_elems(dtype)`` elements of ``dtype``,
+    low part first: what ``lse.unsqueeze(-1).contiguous().view(dtype)`` reads on a little-endian machine, and what
+    ``lse_merge`` views back. Built from same-size bit casts and integer ops only: a view to a narrower dtype
+    needs a last stride of 1, which a compiler may not give the size-1 dim of ``unsqueeze(-1)``."""
+    e = lse_elems(dtype)
+    if e == 1:
+        return lse.unsqueeze(-1)
+    nbits = dtype.itemsize * 8
+    full = 1 << nbits
+    bits = lse.view(torch.int32)
+    parts = []
+    for k in range(e):
+        part = torch.bitwise_and(torch.bitwise_right_shift(bits, nbits * k), full - 1)
+        part = torch.where(part >= full // 2, part - full, part)  # the same bits as a signed nbits-bit integer
+        parts.append(part.to(torch.int16 if nbits == 16 else torch.int8))
+    return torch.stack(parts, dim=-1).view(dtype)
