@@ -7,9 +7,9 @@ from .lowering import ops as _ops  # noqa: F401  registers the helix:: custom op
 __all__ = ["Layout", "StaticCache", "from_pretrained"]
 
 
-def from_pretrained(path, layout, dtype=None, device=None, verify=True):
+def from_pretrained(path, layout, dtype=None, device=None, verify=True, experts_implementation=None):
     """Load an HF checkpoint or a ``helix convert`` output so that this rank reads and keeps only its own shards
     (see ``helix_compile.loading``)."""
     from .loading import from_pretrained as _load
 
-    return _load(path, layout, dtype=dtype, device=device, verify=verify)
+    return _load(path, layout, dtype=dtype, device=device, verify=verify, experts_implementation=experts_implementation)

@@ -338,13 +338,15 @@ def not_held(model, names) -> list[str]:
             if n not in names and not any(n in pair and (set(pair) & names) for pair in pairs.items())]
 
 
-def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool = True):
+def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool = True, experts_implementation=None):
     """Build the HF model of checkpoint ``path`` holding only this rank's shards (see the module docstring).
 
     ``path`` is an HF safetensors checkpoint directory or a ``helix convert`` output. For the latter ``layout``
     must place the weights as the plan does (``WEIGHT_FIELDS``), and with ``verify`` the rank's file is checked
     against its sha256 first. ``dtype`` defaults to the config's; ``device`` to the rank's GPU under an NCCL
-    process group (``torch.cuda.current_device()``), else the CPU.
+    process group (``torch.cuda.current_device()``), else the CPU. ``experts_implementation`` (MoE models):
+    transformers' ``"grouped_mm"`` (its default) or ``"batched_mm"``, as transformers' own ``from_pretrained``
+    takes it.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -361,7 +363,8 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
         dtype = getattr(torch, dtype)
     device = torch.device(device) if device is not None else _group_device()
     with init_empty_weights(include_buffers=False):
-        model = model_from_config(config, dtype=dtype)
+        extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+        model = model_from_config(config, dtype=dtype, **extra)
     if plan is None:
         checkpoint = Checkpoint(_files(path))
     else:

@@ -4,6 +4,9 @@ The user-visible model and cache keep their single-device (global) shapes so tha
 HF program; each rank stores only its shards. A virtual tensor is a stride-0 view of a one-element storage filled
 with NaN: Dynamo traces it like any tensor, it costs no memory, and an accidental eager read yields NaN rather
 than plausible garbage. The compiled program never reads it: the backend swaps in the registered shard.
+An op whose meta function checks strides must not see one while Dynamo traces: ``route_virtual_experts`` sends
+the virtual expert weights of transformers' ``grouped_mm`` experts to ``helix::grouped_mm`` instead of
+``torch._grouped_mm``.
 
 The registry maps a tensor (by identity, weakly) to its shards, one per shard spec: ``{spec: local tensor}``.
 """
@@ -67,6 +70,7 @@ _SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def virtual(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
     """A global-shaped tensor with no data of its own (one NaN element, every stride 0)."""
+    route_virtual_experts()
     base = torch.full((1,), float("nan"), dtype=dtype, device=device) if dtype.is_floating_point else torch.zeros(
         1, dtype=dtype, device=device
     )
@@ -110,3 +114,30 @@ def local_piece(tensor: torch.Tensor, spec: Shard, what: str) -> torch.Tensor:
     piece = spec.take(tensor).contiguous()
     register(tensor, spec, piece)
     return piece
+
+
+def route_virtual_experts() -> None:
+    """Let transformers' ``grouped_mm`` experts implementation trace over virtual expert weights.
+
+    Where transformers calls ``torch._grouped_mm`` (bf16 under torch.compile, and eagerly when the kernel exists),
+    the op's meta function checks the weight's strides and refuses a stride-0 virtual tensor while Dynamo traces.
+    This wraps transformers' ``_grouped_mm`` dispatcher so that a virtual weight goes to ``helix::grouped_mm``
+    (same result shape, no stride check; the MoE rewrite turns it back into ``torch._grouped_mm`` over the rank's
+    contiguous shard). Real weights, and the ``grouped_mm_fallback`` path (other dtypes), are untouched. Idempotent.
+    """
+    try:
+        from transformers.integrations import moe
+    except ImportError:
+        return
+    original = getattr(moe, "_grouped_mm", None)
+    if original is None or getattr(original, "helix_routes_virtual", False):
+        return
+    from .lowering.ops import grouped_mm as helix_grouped_mm
+
+    def _grouped_mm(input, weight, offs):
+        if is_virtual(weight) and moe._can_use_grouped_mm(input, weight, offs):
+            return helix_grouped_mm(input.to(weight.dtype), weight, offs)
+        return original(input, weight, offs)
+
+    _grouped_mm.helix_routes_virtual = True
+    moe._grouped_mm = _grouped_mm

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from helix_compile.cli import main
+from models import config
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -52,3 +53,14 @@ def test_refusals(tmp_path, capsys):
     assert main(["graph", "diffllama", "--kvp", "1", "--tpa", "4"]) == 2  # pairs h, h + 4: a TPA rank needs both
     assert ("pairs query head h with h + 4 and KV head g with g + 2 (2 parts of 4 query and 2 KV heads, 8 and 4 in "
             "all); tpa=4 must divide both 4 and 2") in capsys.readouterr().err
+
+
+def test_bf16_moe_checkpoint(tmp_path, capsys):
+    """A bf16 MoE checkpoint (virtual expert weights): transformers' grouped_mm experts would call
+    torch._grouped_mm, whose stride check refuses a virtual weight; it is traced as helix::grouped_mm and the
+    rank's program calls torch._grouped_mm on its shard."""
+    config("mixtral", dtype="bfloat16").save_pretrained(tmp_path)
+    assert main(["graph", str(tmp_path), "--kvp", "2", "--pass", "partition"]) == 0
+    text = capsys.readouterr().out
+    assert "-out = helix.grouped_mm.default(to_8, transpose_4, offsets)" in text
+    assert "+out = _grouped_mm(to_8, transpose_4, offs=offsets)" in text

@@ -1,7 +1,11 @@
 """Helix ops (``torch.library``): what the partitioned program calls, and how each one lowers.
 
-Global op (what the user-visible program calls; the partition pass replaces it):
+Global ops (what the user-visible program calls; the partition pass replaces them):
     helix::kv_write(keys, values, k, v, pos)                      write new K/V at global positions ``pos``
+    helix::grouped_mm(input, weight, offs)                        ``torch._grouped_mm(input, weight, offs=offs)``
+        where ``weight`` is a virtual (stride-0, ``shards.py``) expert weight, which ``_grouped_mm``'s stride check
+        refuses while tracing: transformers' grouped_mm experts reach it through ``shards.route_virtual_experts``;
+        the MoE rewrite turns it back into ``torch._grouped_mm`` over the rank's contiguous shard.
 
 Rank-local ops (what the partitioned program calls):
     helix::kv_write_local(k_shard, v_shard, k, v, pos, kvp_rank, kvp, kv_block)
@@ -69,6 +73,20 @@ def kv_write(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch
 @kv_write.register_fake
 def _(keys, values, k, v, pos):
     return None
+
+
+@custom_op("helix::grouped_mm", mutates_args=())
+def grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    raise ShardedEagerError(
+        f"these {tuple(weight.shape)} expert weights are held in rank-local shards (helix_compile.from_pretrained); "
+        f"they cannot run eagerly. Call the model through torch.compile(model, backend='helix', "
+        f"options={{'layout': layout}})"
+    )
+
+
+@grouped_mm.register_fake
+def _(input, weight, offs):
+    return input.new_empty(input.shape[0], weight.shape[-1])
 
 
 # -- KV ownership -----------------------------------------------------------------------------------------------
@@ -202,4 +220,23 @@ def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_bloc
     o = torch.einsum("bkgls,bksd->bkgld", torch.exp(scores - finite[..., None]), v)
     o = o.reshape(b, hq, length, v.shape[-1]).permute(1, 0, 2, 3)
     lse = lse.reshape(b, hq, length).permute(1, 0, 2).to(_lse_dtype(q.dtype))
-    return torch.cat([o.to(q.dtype), lse.unsqueeze(-1).contiguous().view(q.dtype)], dim=-1)
+    return torch.cat([o.to(q.dtype), pack_lse(lse, q.dtype)], dim=-1)
+
+
+def pack_lse(lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., e): the bits of ``lse`` (in ``_lse_dtype(dtype)``) as ``e = lse_elems(dtype)`` elements of ``dtype``,
+    low part first: what ``lse.unsqueeze(-1).contiguous().view(dtype)`` reads on a little-endian machine, and what
+    ``lse_merge`` views back. Built from same-size bit casts and integer ops only: a view to a narrower dtype
+    needs a last stride of 1, which a compiler may not give the size-1 dim of ``unsqueeze(-1)``."""
+    e = lse_elems(dtype)
+    if e == 1:
+        return lse.unsqueeze(-1)
+    nbits = dtype.itemsize * 8
+    full = 1 << nbits
+    bits = lse.view(torch.int32)
+    parts = []
+    for k in range(e):
+        part = torch.bitwise_and(torch.bitwise_right_shift(bits, nbits * k), full - 1)
+        part = torch.where(part >= full // 2, part - full, part)  # the same bits as a signed nbits-bit integer
+        parts.append(part.to(torch.int16 if nbits == 16 else torch.int8))
+    return torch.stack(parts, dim=-1).view(dtype)

@@ -198,7 +198,8 @@ _PARAM_ROLES = {  # the experts' parameters by the end of their placeholder name
     "gate_up_proj_bias_": "gate_up_bias", "down_proj_bias_": "down_bias", "gate_up_proj_": "gate_up",
     "down_proj_": "down",
 }
-_MATMULS = (torch.bmm,)  # and transformers' grouped_mm ops (by name: torch._grouped_mm, transformers::grouped_mm_fallback)
+_MATMULS = (torch.bmm,)  # and the grouped_mm ops (by name: torch._grouped_mm, transformers::grouped_mm_fallback,
+# helix::grouped_mm: torch._grouped_mm over a virtual weight, see shards.route_virtual_experts)
 _LINEAR_AFTER_DOWN = {"view", "reshape", "unsqueeze", "squeeze", "contiguous", "to", "float", "type", "sum"}
 
 
@@ -556,6 +557,10 @@ def rewrite(graph: fx.Graph, region: MoEMatch, by_name: dict, layout: Layout, ra
         return _rewrite_dense(graph, region, by_name, layout, first, local_count, world_group)
     ids, weights = by_name[region.ids.name], by_name[region.weights.name]
     experts = {by_name[n.name] for n in region.nodes}
+    for node in experts:  # the weight is now this rank's contiguous shard: the kernel transformers chose
+        if node.op == "call_function" and node.target is torch.ops.helix.grouped_mm.default:
+            a, w, offs = node.args
+            node.target, node.args, node.kwargs = torch._grouped_mm, (a, w), {"offs": offs}
     order = {n: i for i, n in enumerate(graph.nodes)}
     with graph.inserting_before(max(ids, weights, key=order.__getitem__).next):
         local = graph.call_function(operator.sub, (ids, first))
