@@ -2,7 +2,6 @@
 of the software only (no sentences about how it was developed: work periods, machines lent, budgets, issues)."""
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 
@@ -34,11 +33,8 @@ def test_coverage_page_is_generated_from_its_json():
     spec = importlib.util.spec_from_file_location("coverage_tool", ROOT / "tools" / "coverage.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    results = json.loads((ROOT / "docs" / "coverage.json").read_text())
-    runs = results.pop(tool.RUN_KEY)
-    results = {f: {int(w): per for w, per in v.items()} for f, v in results.items()}
-    worlds = sorted({w for v in results.values() for w in v})
-    page = tool.render(results, worlds, runs[-1]["steps"], runs) + "\n"
+    results, runs = tool.load((ROOT / "docs" / "coverage.json").read_text())
+    page = tool.render(results, tool.worlds_of(results), runs[-1]["steps"], runs) + "\n"
     assert page == (ROOT / "docs" / "coverage.md").read_text(), (
         "docs/coverage.md differs from what tools/coverage.py renders from docs/coverage.json: "
         "run `python tools/coverage.py --render`")

@@ -52,6 +52,11 @@ SMALL = dict(
     default_language="en_XX",  # X-MOD: the language adapter to run (its only one by default)
 )
 PROMPT_LEN, BATCH, KV_BLOCK, TOL = 7, 2, 4, 1e-5
+# Precisions a run can be in. float32 results sit under a family's world keys ({"2": per rank}); a lower precision's
+# under its name beside them ({"2": ..., "bfloat16": {"2": ...}}). A family name handed to the ranks carries a lower
+# precision as a suffix: "llama@bfloat16".
+LOW_DTYPES = ("bfloat16",)
+BOUND = 2  # a low-precision cell is within when helix's error against fp32 is at most BOUND x one device's own
 # Families whose config needs more than SMALL to build with 2 layers, or derives an attribute SMALL would override
 
 
@@ -234,30 +239,88 @@ def short(e: BaseException) -> str:
 UNTRACEABLE_MARKERS = ("data-dependent", "Data-dependent", "unbacked", "Unbacked")
 
 
-def compare_as_user(model, layout, ids, steps, max_len):
+def split_dtype(name: str):
+    """"llama@bfloat16" -> ("llama", "bfloat16"); "llama" -> ("llama", "float32")."""
+    model_type, _, dtype = name.partition("@")
+    return model_type, dtype or "float32"
+
+
+def compare_as_user(model, layout, ids, steps, max_len, **kw):
     """``compare`` with the bare call (input_ids and the cache); when Dynamo cannot trace that call (a family that
     derives its positions or mask from the static cache's length, a tensor), again with the attention_mask and
-    position_ids ``generate`` passes. Returns (report, None) or (report, the bare call's error)."""
+    position_ids ``generate`` passes. Returns (report, None) or (report, the bare call's error). ``kw``: more of
+    ``compare``'s arguments (reference, teacher_forcing)."""
     from helix_compile.verify import compare
 
     try:
-        return compare(model, layout, ids, steps, max_len), None
+        return compare(model, layout, ids, steps, max_len, **kw), None
     except Exception as e:  # noqa: BLE001
         if not any(m in str(e) for m in UNTRACEABLE_MARKERS):
             raise
         import torch
 
         torch._dynamo.reset()
-        return compare(model, layout, ids, steps, max_len, call="generate"), short(e)
+        return compare(model, layout, ids, steps, max_len, call="generate", **kw), short(e)
 
 
-def run_family(model_type: str, world: int, steps: int):
+def single_device_error(low, fp32, ids, steps, max_len, call="bare") -> float:
+    """max |low - fp32| / max |fp32| of single-device transformers' low-precision model against the fp32 model, both
+    fed the fp32 model's greedy tokens (as ``compare(..., reference=fp32, teacher_forcing=True)`` feeds helix), with
+    the same call as helix's (``call``: "bare" or "generate", see ``compare_as_user``)."""
+    import torch
+    from transformers import StaticCache as HFStaticCache
+
+    from helix_compile.verify import generate_inputs
+
+    extra = (lambda m, t, past: generate_inputs(m, t, past)) if call == "generate" else (lambda m, t, past: {})
+    c_low, c_ref = HFStaticCache(low.config, max_cache_len=max_len), HFStaticCache(fp32.config, max_cache_len=max_len)
+    err = scale = 0.0
+    tok, past = ids, 0
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            a = low(input_ids=tok, past_key_values=c_low, **extra(low, tok, past)).logits[:, -1].float()
+            b = fp32(input_ids=tok, past_key_values=c_ref, **extra(fp32, tok, past)).logits[:, -1]
+            err, scale = max(err, (a - b).abs().max().item()), max(scale, b.abs().max().item())
+            past += tok.shape[1]
+            tok = b.argmax(-1, keepdim=True)
+    return err / max(scale, 1e-30)
+
+
+def judged_compare(model, layout, ids, steps, max_len, fp32=None):
+    """One layout's run. fp32 (``fp32`` None): helix against single-device transformers on the same model, each on
+    its own greedy tokens. Low precision (``model`` is ``fp32`` cast): helix and single-device transformers, both in
+    the low precision and teacher-forced on the fp32 model's tokens, each against the fp32 model; ``single`` is
+    transformers' error, the bound for helix's. Returns (the cell's fields, the bare call's error or None)."""
+    if fp32 is None:
+        r, bare = compare_as_user(model, layout, ids, steps, max_len)
+        return {"err": r.max_rel_err, "tokens_equal": r.tokens_equal, "logits": r.logits}, bare
+    r, bare = compare_as_user(model, layout, ids, steps, max_len, reference=fp32, teacher_forcing=True)
+    single = single_device_error(model, fp32, ids, steps, max_len, call="generate" if bare else "bare")
+    return {"err": r.max_rel_err, "single": single, "tokens_equal": r.tokens_equal, "logits": r.logits}, bare
+
+
+def build_in(model_type: str, dtype: str):
+    """(model, attention implementation, the fp32 model or None): ``build``, cast to ``dtype`` (weights and buffers,
+    as ``model.to(dtype)`` does) when it is not float32, beside the fp32 model it was cast from."""
+    import copy
+
+    import torch
+
+    model, attn = build(model_type)
+    if dtype == "float32":
+        return model, attn, None
+    return copy.deepcopy(model).to(getattr(torch, dtype)), attn, model
+
+
+def run_family(name: str, world: int, steps: int):
+    """``name``: a model type, with "@dtype" for a lower precision (``split_dtype``)."""
     import torch
 
     from helix_compile import Layout
 
+    model_type, dtype = split_dtype(name)
     try:
-        model, attn = build(model_type)
+        model, attn, fp32 = build_in(model_type, dtype)
     except Exception as e:  # noqa: BLE001  recorded in the table
         return {"status": "build", "message": short(e)}
     text = model.config.get_text_config(decoder=True)
@@ -273,25 +336,26 @@ def run_family(model_type: str, world: int, steps: int):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                r, bare = compare_as_user(model, Layout(lay[0], lay[1], ep=lay[2], kv_block=KV_BLOCK), ids, steps,
-                                          PROMPT_LEN + steps + 1)
+                fields, bare = judged_compare(model, Layout(lay[0], lay[1], ep=lay[2], kv_block=KV_BLOCK), ids, steps,
+                                              PROMPT_LEN + steps + 1, fp32)
             whole = sorted({str(w.message).split(":")[0] for w in caught if str(w.message).startswith("helix leaves")})
-            res["cells"][key] = {"status": "ran", "err": r.max_rel_err, "tokens_equal": r.tokens_equal,
-                                 "logits": r.logits, "whole": whole, "bare": bare}
+            res["cells"][key] = {"status": "ran", **fields, "whole": whole, "bare": bare}
         except Exception as e:  # noqa: BLE001
             res["cells"][key] = {"status": "error", "message": short(e), "trace": traceback.format_exc()[-2000:]}
     return res
 
 
-def probe(model_type: str) -> dict:
+def probe(name: str) -> dict:
     """One process, no ranks: build the family and compile it under helix with Layout(1) (detection and planning
-    run as on N ranks; layout-independent refusals show here), prefill + 2 decode steps against transformers."""
+    run as on N ranks; layout-independent refusals show here), prefill + 2 decode steps against transformers, judged
+    as a cell of the same precision is (``name``: see ``run_family``)."""
     import torch
 
     from helix_compile import Layout
 
+    model_type, dtype = split_dtype(name)
     try:
-        model, attn = build(model_type)
+        model, attn, fp32 = build_in(model_type, dtype)
     except Exception as e:  # noqa: BLE001  recorded in the table
         return {"status": "build", "message": short(e)}
     text = model.config.get_text_config(decoder=True)
@@ -308,12 +372,15 @@ def probe(model_type: str) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r, _ = compare_as_user(model, Layout(1, kv_block=KV_BLOCK), ids, 2, PROMPT_LEN + 3)
+            r, _ = judged_compare(model, Layout(1, kv_block=KV_BLOCK), ids, 2, PROMPT_LEN + 3, fp32)
     except Exception as e:  # noqa: BLE001
         return {"status": "refused", "message": short(e), "class": type(model).__name__, "attn": attn}
-    if r.max_rel_err >= TOL or not r.tokens_equal:
-        return {"status": "WRONG", "message": f"WRONG on one rank: max rel err {r.max_rel_err:.1e}, tokens equal "
-                f"{r.tokens_equal}", "class": type(model).__name__, "attn": attn}
+    if fp32 is None and (r["err"] >= TOL or not r["tokens_equal"]):
+        return {"status": "WRONG", "message": f"WRONG on one rank: max rel err {r['err']:.1e}, tokens equal "
+                f"{r['tokens_equal']}", "class": type(model).__name__, "attn": attn}
+    if fp32 is not None and r["err"] > BOUND * r["single"]:
+        return {"status": "WRONG", "message": f"WRONG on one rank: {dtype} rel err against fp32 {r['err']:.1e}, over "
+                f"{BOUND} x one device's {r['single']:.1e}", "class": type(model).__name__, "attn": attn}
     return {"status": "ok"}
 
 
@@ -391,9 +458,13 @@ def cell(per_rank, key):
     if any(x is None or x["status"] != "ran" for x in cells):
         return {"status": "error", "message": "ranks disagree on whether the run succeeded"}
     same = all(x["logits"] == c["logits"] for x in cells)
+    out = {"err": c["err"], "tokens_equal": c["tokens_equal"], "same": same, "whole": c.get("whole", []),
+           "bare": c.get("bare")}
+    if "single" in c:  # low precision: against fp32, bounded by one device's own error (``judged_compare``)
+        within = c["err"] <= BOUND * c["single"] and same
+        return {"status": "within" if within else "WRONG", "single": c["single"], **out}
     exact = c["err"] < TOL and c["tokens_equal"] and same
-    return {"status": "exact" if exact else "WRONG", "err": c["err"], "tokens_equal": c["tokens_equal"], "same": same,
-            "whole": c.get("whole", []), "bare": c.get("bare")}
+    return {"status": "exact" if exact else "WRONG", **out}
 
 
 def summary(per_rank) -> str:
@@ -403,8 +474,12 @@ def summary(per_rank) -> str:
     return ", ".join(f"{k}={cell(per_rank, k)['status']}" for k in r["cells"])
 
 
+GOOD = ("exact", "within")  # a cell's verdicts that pass: fp32's and a low precision's
+
+
 def classify(per_rank) -> str:
-    """exact | refused-no-kv-cache | refused-hybrid | refused | wrong | build (not counted) | n/a"""
+    """exact (within, in low precision) | refused-no-kv-cache | refused-hybrid | refused | wrong | build (not
+    counted) | n/a"""
     r = per_rank[0]
     if r["status"] == "build":
         return "build"
@@ -416,13 +491,13 @@ def classify(per_rank) -> str:
         return "wrong"
     if not ran:
         return "n/a"
-    if all(c["status"] == "exact" for c in ran):
-        return "exact"
+    if all(c["status"] in GOOD for c in ran):
+        return ran[0]["status"]
     if any("layers without softmax attention over a KV cache" in c.get("message", "") for c in ran):
         return "refused-hybrid"  # some softmax attention layers, and linear / indexed / state-space ones
     if any("softmax attention over a KV cache" in c.get("message", "") for c in ran):
         return "refused-no-kv-cache"
-    if any(c["status"] == "exact" for c in ran):
+    if any(c["status"] in GOOD for c in ran):
         return "partly"
     return "refused"
 
@@ -457,8 +532,9 @@ def _cause(message: str) -> str:
 RUN_KEY = "_runs"  # in the results JSON: how each part of it was produced (see ``run_record``)
 
 
-def run_record(argv, families, steps, seconds) -> dict:
-    """Where one invocation's results come from: date, commit, versions, command, the families it ran."""
+def run_record(argv, families, steps, seconds, dtype="float32") -> dict:
+    """Where one invocation's results come from: date, commit, versions, command, the families it ran, in which
+    precision."""
     import subprocess
 
     import torch
@@ -474,16 +550,87 @@ def run_record(argv, families, steps, seconds) -> dict:
         commit = "unknown (not a git checkout)"
     return {"date": str(datetime.date.today()), "commit": commit, "torch": torch.__version__,
             "transformers": transformers.__version__, "command": "python tools/coverage.py " + " ".join(argv),
-            "minutes": round(seconds / 60), "steps": steps, "families": families}
+            "minutes": round(seconds / 60), "steps": steps, "families": families, "dtype": dtype}
 
 
 def _provenance(runs) -> list:
     lines = []
     for r in runs:
         fams = r["families"]
-        what = "every model type" if fams == "all" else f"{len(fams)} model type{'s' * (len(fams) != 1)} re-run"
+        dtype = r.get("dtype", "float32")
+        what = "every model type" if fams == "all" else f"{len(fams)} model type{'s' * (len(fams) != 1)} " + (
+            "re-run" if dtype == "float32" else "run")
         lines.append(f"- {r['date']}, commit {r['commit']}: `{r['command']}` ({r['minutes']} min, 2-core CPU): "
-                     f"{what}; torch {r['torch']}, transformers {r['transformers']}, gloo, eager executor.")
+                     f"{what} in {dtype}; torch {r['torch']}, transformers {r['transformers']}, gloo, eager executor.")
+    return lines
+
+
+def load(text: str):
+    """(results, runs) from the results file's text: results[family] = {world: per rank (fp32), dtype: {world: per
+    rank}} for each lower precision run (``LOW_DTYPES``), runs = its ``_runs`` record."""
+    import json
+
+    raw = json.loads(text)
+    runs = raw.pop(RUN_KEY, [])
+    return {f: {(k if k in LOW_DTYPES else int(k)): ({int(w): per for w, per in v.items()} if k in LOW_DTYPES else v)
+                for k, v in per.items()} for f, per in raw.items()}, runs
+
+
+def dump(results: dict, runs) -> str:
+    import json
+
+    return json.dumps({**results, RUN_KEY: runs}, default=str)
+
+
+def worlds_of(results: dict) -> list:
+    """The world sizes the fp32 results cover."""
+    return sorted({w for v in results.values() for w in v if isinstance(w, int)})
+
+
+def _low_cell(c) -> str:
+    if c is None:
+        return ""
+    if c["status"] in ("within", "WRONG"):
+        return (f"{c['status']} {c['err']:.1e} vs {BOUND} × {c['single']:.1e}"
+                + ("" if c["same"] else ", ranks differ")
+                + (f"; left whole (replicated): {'; '.join(c['whole'])}" if c.get("whole") else "")
+                + ("; with generate's attention_mask and position_ids" if c.get("bare") else ""))
+    return f"{c['status']}: {c['message']}"
+
+
+def render_low(results: dict, worlds, dtype: str) -> list:
+    """The lines of the ``dtype`` part of the page: its rule, summary and one table per world."""
+    runs = {f: v[dtype] for f, v in results.items() if dtype in v}
+    kinds = {f: classify(per[worlds[0]]) for f, per in runs.items() if worlds[0] in per}
+    count = {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))}
+    lines = [
+        f"## {dtype}", "",
+        f"The same model cast to {dtype} (`model.to(torch.{dtype})`: weights and buffers) runs the same prompts and "
+        "layouts, teacher-forced on the fp32 model's greedy tokens (so a near-tie that flips a low-precision argmax "
+        "does not end the comparison). A cell is **within** when helix's maximum relative logit error against the "
+        f"fp32 model is at most {BOUND} × single-device transformers' own {dtype} error against the fp32 model (same "
+        "tokens, same call), and every rank's logits are identical; otherwise `WRONG`. The cells show helix's error "
+        f"vs {BOUND} × transformers'. `not run` (in the tables above): no {dtype} result for the family yet.",
+        "",
+        f"**Summary ({len(kinds)} of {len(results)} model types run in {dtype}):** "
+        + (", ".join(f"{k}: {v}" for k, v in count.items()) or "none") + ".",
+        "",
+    ]
+    for world in worlds:
+        keys = sorted({k for per in runs.values() for r in per.get(world, [{}])[:1] for k in r.get("cells", {})}
+                      - {"probe"})
+        lines += [f"### {world} ranks, {dtype}", "", "| model type | verdict | " + " | ".join(keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for fam in sorted(runs):
+            per = runs[fam].get(world)
+            if per is None:
+                continue
+            r = per[0]
+            if r["status"] != "ok" or "probe" in r["cells"]:
+                lines.append(f"| {fam} | {classify(per)} | {r['message']} |" + " |" * (len(keys) - 1))
+                continue
+            lines.append("| " + " | ".join([fam, classify(per)] + [_low_cell(cell(per, k)) for k in keys]) + " |")
+        lines.append("")
     return lines
 
 
@@ -510,7 +657,9 @@ def render(results: dict, worlds, steps, runs) -> str:
         "has them, random biases) and greedy-decodes a batch of 2 prompts of 7 tokens for "
         f"{steps} steps (kv_block=4, so decode crosses blocks and ranks), against single-device transformers. "
         "**exact**: relative logit error below 1e-5, greedy tokens identical, logits identical on every rank. "
-        "Otherwise the cell shows the error raised. `WRONG` would mean a silent mismatch; there must be none.",
+        "Otherwise the cell shows the error raised. `WRONG` would mean a silent mismatch; there must be none. "
+        "The `fp32` column is this verdict; " + ", ".join(f"the `{d}` column the verdict in {d}" for d in LOW_DTYPES)
+        + " (its rule and cells: the section of that name at the end of this page).",
         "",
         f"**Summary ({len(kinds)} model types):** " + ", ".join(f"{k}: {v}" for k, v in count.items()) + ".  ",
         f"**Attention-based families that build: {len(exact)} / {len(attention)} exact "
@@ -535,18 +684,22 @@ def render(results: dict, worlds, steps, runs) -> str:
     for world in worlds:
         keys = sorted({k for per in results.values() for r in per.get(world, [{}])[:1] for k in r.get("cells", {})}
                       - {"probe"})
-        lines += [f"## {world} ranks", "", "| model type | class (attention) | verdict | " + " | ".join(keys) + " |",
-                  "|---|---|---|" + "---|" * len(keys)]
+        low = list(LOW_DTYPES)  # a column each, "not run" where the family has no result in it
+        lines += [f"## {world} ranks", "", "| model type | class (attention) | fp32 | " + "".join(
+            f"{d} | " for d in low) + " | ".join(keys) + " |", "|---|---|---|" + "---|" * (len(low) + len(keys))]
         for fam in sorted(results):
             per = results[fam].get(world)
             if per is None:
                 continue
             r = per[0]
+            low_verdicts = [classify(results[fam][d][world]) if world in results[fam].get(d, {}) else "not run"
+                            for d in low]
             if r["status"] != "ok" or "probe" in r["cells"]:
                 what = f"{r['class']} ({r['attn']})" if "class" in r else ""
-                lines.append(f"| {fam} | {what} | {classify(per)} | {r['message']} |" + " |" * (len(keys) - 1))
+                lines.append(f"| {fam} | {what} | {classify(per)} | " + "".join(f"{v} | " for v in low_verdicts)
+                             + f"{r['message']} |" + " |" * (len(keys) - 1))
                 continue
-            row = [fam, f"{r['class']} ({r['attn']})", classify(per)]
+            row = [fam, f"{r['class']} ({r['attn']})", classify(per), *low_verdicts]
             for k in keys:
                 c = cell(per, k)
                 if c is None:
@@ -562,6 +715,8 @@ def render(results: dict, worlds, steps, runs) -> str:
                     row.append(f"{c['status']}: {c['message']}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    for d in LOW_DTYPES:
+        lines += render_low(results, worlds, d)
     return "\n".join(lines)
 
 
@@ -584,6 +739,60 @@ def from_log(path: str, world: int) -> dict:
     return results
 
 
+def tested_first(families) -> list:
+    """``families`` with the model types of tests/models.py's FAMILIES first (in its order), then the rest."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from models import FAMILIES
+
+    tested = [t for t in dict.fromkeys(t for t, _ in FAMILIES.values()) if t in families]
+    return tested + [f for f in families if f not in tested]
+
+
+def run_some(families, worlds, steps, dtype, results, log):
+    """Probe, then run on ranks, ``families`` in ``dtype``, into ``results`` (their earlier ``dtype`` results
+    replaced)."""
+    import signal
+
+    def _timeout(*_):
+        raise TimeoutError("the single-rank probe took over 180 s (the family is too large or hangs)")
+
+    def put(fam, world, per):
+        (results[fam] if dtype == "float32" else results[fam][dtype])[world] = per
+
+    for fam in families:  # fp32 replaces a family's world keys and keeps its lower precisions; those replace theirs
+        if dtype == "float32":
+            results[fam] = {d: v for d, v in results.get(fam, {}).items() if d in LOW_DTYPES}
+        else:
+            results.setdefault(fam, {})[dtype] = {}
+    name = (lambda f: f) if dtype == "float32" else (lambda f: f"{f}@{dtype}")  # see split_dtype
+    probed = {}
+    signal.signal(signal.SIGALRM, _timeout)
+    for fam in families:  # layout-independent refusals and build failures, without spawning ranks
+        signal.alarm(180)
+        try:
+            probed[fam] = probe(name(fam))
+        except TimeoutError as e:
+            probed[fam] = {"status": "build", "message": str(e)}
+        signal.alarm(0)
+        if probed[fam]["status"] != "ok":
+            log(f"{name(fam)}: {probed[fam]['status']}: {probed[fam]['message'][:120]}")
+            cells = {} if probed[fam]["status"] == "build" else {"probe": {**probed[fam], "status": "error"}}
+            for w in worlds:
+                put(fam, w, [{**probed[fam], "status": "build" if not cells else "ok", "cells": cells}])
+    families = [f for f in families if probed[f]["status"] == "ok"]
+    for world in worlds:
+        if not families:
+            break
+        mine = (lambda f: results[f]) if dtype == "float32" else (lambda f: results[f][dtype])
+        todo = families if world == worlds[0] else [
+            f for f in families if worlds[0] in mine(f) and classify(mine(f)[worlds[0]]) in GOOD]
+        for fam, per in run_world([name(f) for f in todo], world, steps, log=log).items():
+            for r in per:
+                for c in r.get("cells", {}).values():
+                    c.pop("trace", None) if c.get("status") != "error" else None
+            put(split_dtype(fam)[0], world, per)
+
+
 def main():
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -591,6 +800,15 @@ def main():
     p.add_argument("--world", type=int, action="append", help="ranks (repeatable; default 2)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--only", help="comma-separated model types")
+    p.add_argument("--dtype", default="float32", choices=("float32", *LOW_DTYPES),
+                   help="the precision to run in (default float32); a lower one is judged against one device's own "
+                        "error in it and kept beside the fp32 results")
+    p.add_argument("--tested-first", action="store_true",
+                   help="run the model types of tests/models.py first, then the rest")
+    p.add_argument("--stop-after", type=float, metavar="MINUTES",
+                   help="start no family after MINUTES (the families run in groups of --group); the rest keep their "
+                        "earlier results, or none")
+    p.add_argument("--group", type=int, default=4, help="families per group of ranks with --stop-after (default 4)")
     p.add_argument("--out", default="docs/coverage.md")
     p.add_argument("--json", help="also write the raw results here (default: --out with .json)")
     p.add_argument("--merge", action="append", default=[],
@@ -598,67 +816,41 @@ def main():
     p.add_argument("--render", action="store_true",
                    help="run nothing: rewrite --out from the results file (--json, default: --out with .json)")
     args = p.parse_args()
-    import json
+    out, raw = Path(args.out), Path(args.json or str(Path(args.out).with_suffix(".json")))
 
     if args.render:
-        raw = Path(args.json or str(Path(args.out).with_suffix(".json")))
-        results = json.loads(raw.read_text())
-        runs = results.pop(RUN_KEY, [])
-        results = {f: {int(w): per for w, per in v.items()} for f, v in results.items()}
-        worlds = sorted({w for v in results.values() for w in v})
-        Path(args.out).write_text(render(results, worlds, runs[-1]["steps"] if runs else args.steps, runs) + "\n")
+        results, runs = load(raw.read_text())
+        out.write_text(render(results, worlds_of(results), runs[-1]["steps"] if runs else args.steps, runs) + "\n")
         print(f"wrote {args.out} from {raw}")
         return
     worlds = args.world or [2]
     families = [f for f in args.only.split(",") if f] if args.only is not None else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if args.tested_first:
+        families = tested_first(families)
     start = time.time()
     results, runs = {}, []
     for earlier in args.merge:
         if earlier.endswith(".log"):
             results.update(from_log(earlier, worlds[0]))
             continue
-        loaded = json.loads(Path(earlier).read_text())
-        runs += loaded.pop(RUN_KEY, [])
-        results.update({f: {int(w): per for w, per in v.items()} for f, v in loaded.items()})
-    results_only = list(families)
-    results.update({f: {} for f in families})
-    probed = {}
-    import signal
-
-    def _timeout(*_):
-        raise TimeoutError("the single-rank probe took over 180 s (the family is too large or hangs)")
-
-    signal.signal(signal.SIGALRM, _timeout)
-    for fam in families:  # layout-independent refusals and build failures, without spawning ranks
-        signal.alarm(180)
-        try:
-            probed[fam] = probe(fam)
-        except TimeoutError as e:
-            probed[fam] = {"status": "build", "message": str(e)}
-        signal.alarm(0)
-        if probed[fam]["status"] != "ok":
-            print(f"{fam}: {probed[fam]['status']}: {probed[fam]['message'][:120]}", flush=True)
-            cells = {} if probed[fam]["status"] == "build" else {"probe": {**probed[fam], "status": "error"}}
-            results[fam] = {w: [{**probed[fam], "status": "build" if not cells else "ok", "cells": cells}]
-                            for w in worlds}
-    families = [f for f in families if probed[f]["status"] == "ok"]
-    for world in worlds:
-        if not families:
+        loaded, earlier_runs = load(Path(earlier).read_text())
+        runs += earlier_runs
+        results.update(loaded)
+    groups = [families[i:i + args.group] for i in range(0, len(families), args.group)] if args.stop_after else [
+        families]
+    done = []
+    for group in groups:
+        if args.stop_after and time.time() - start > 60 * args.stop_after:
+            print(f"--stop-after {args.stop_after:g}: {len(families) - len(done)} model types not started", flush=True)
             break
-        todo = families if world == worlds[0] else [
-            f for f in families if worlds[0] in results[f] and classify(results[f][worlds[0]]) == "exact"]
-        for fam, per in run_world(todo, world, args.steps, log=lambda s: print(s, flush=True)).items():
-            for r in per:
-                for c in r.get("cells", {}).values():
-                    c.pop("trace", None) if c.get("status") != "error" else None
-            results[fam][world] = per
-    runs.append(run_record(sys.argv[1:], "all" if args.only is None else sorted(results_only), args.steps,
-                           time.time() - start))
-    out, raw = Path(args.out), Path(args.json or str(Path(args.out).with_suffix(".json")))
-    raw.parent.mkdir(parents=True, exist_ok=True)  # the results first: an hour of runs is never lost to a path
-    raw.write_text(json.dumps({**results, RUN_KEY: runs}, default=str))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, worlds, args.steps, runs) + "\n")
+        run_some(group, worlds, args.steps, args.dtype, results, log=lambda s: print(s, flush=True))
+        done += group
+        ran = "all" if args.only is None and len(done) == len(families) else sorted(done)
+        record = run_record(sys.argv[1:], ran, args.steps, time.time() - start, args.dtype)
+        raw.parent.mkdir(parents=True, exist_ok=True)  # the results first: an hour of runs is never lost to a path
+        raw.write_text(dump(results, runs + [record]))  # after each group: a run cut short keeps what it ran
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render(results, worlds_of(results), args.steps, runs + [record]) + "\n")
     print(f"wrote {args.out}")
 
 
