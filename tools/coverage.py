@@ -3,6 +3,7 @@
     python tools/coverage.py [--world 2] [--world 4] [--steps 12] [--only llama,gpt2] [--out docs/coverage.md]
     python tools/coverage.py --only llama,gpt2 --merge docs/coverage.json    # re-run some, keep the rest
     python tools/coverage.py --render                                        # rewrite the page from the JSON
+    python tools/coverage.py --dtype bfloat16 --tested-first --stop-after 55 --merge docs/coverage.json
 
 For each model type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: build a tiny random fp32 model (2 layers, hidden 64,
 4 query heads, 2 KV heads where the family has the notion, sliding windows of 12 positions where it has them,
@@ -11,6 +12,12 @@ tokens for ``--steps`` steps with every layout (kvp, tpa) that applies, against 
 its own StaticCache, kv_block=4 so the decode steps cross blocks and ranks. A cell says ``exact`` (max relative
 logit error, greedy tokens identical, logits identical on every rank), or the error helix (or transformers)
 raised. ``WRONG`` (tokens or logits differ without an error) must never appear.
+
+``--dtype bfloat16`` runs the same with the fp32 model cast to bf16, judged as the GPU smoke run judges bf16: both
+helix and single-device transformers in bf16 read the fp32 model's greedy tokens (teacher forcing), and a cell is
+``within`` when helix's relative logit error against the fp32 model is at most twice transformers' own (``BOUND``)
+and every rank's logits are identical. Its results sit beside the fp32 ones in the JSON (a family's ``"bfloat16"``
+key) and fp32 runs keep them; the page has a column for each precision (``not run`` where a family has no result).
 
 Ranks process the families one after another in one process group; a family that hangs or kills a rank is
 recorded as such and the ranks restart after it. The raw results go to ``--json`` (default: ``--out`` with
