@@ -66,12 +66,13 @@ def test_results_file_keeps_fp32_and_bf16_side_by_side(tool):
     assert "every model type in float32" in page  # a run record without a dtype is an fp32 run
 
 
-def test_bf16_llama_on_one_process_is_within_the_bound(tool):
+@pytest.mark.parametrize("family", ["llama", "mpt"])  # MPT: bf16's lowest fills its fp32 scores (ALiBi in fp32)
+def test_bf16_on_one_process_is_within_the_bound(tool, family):
     import torch
 
     from helix_compile import Layout
 
-    model, _, fp32 = tool.build_in("llama", "bfloat16")
+    model, _, fp32 = tool.build_in(family, "bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16 and next(fp32.parameters()).dtype == torch.float32
     ids = torch.randint(3, 97, (2, tool.PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()

@@ -135,8 +135,11 @@ def dropout_is_identity(node: fx.Node) -> bool:
 
 
 def fills_min(node: fx.Node) -> bool:
-    """``x.masked_fill(mask, value)`` with value the lowest float of x's dtype or -inf (a hidden key)."""
+    """``x.masked_fill(mask, value)`` with value the lowest float of x's dtype or -inf (a hidden key), or at or below
+    bfloat16's lowest in wider scores (MPT in bf16 fills its fp32 scores, promoted by the fp32 ALiBi bias, with
+    ``finfo(bfloat16).min``): exp(value - row max) is 0 there as for float32's lowest."""
     value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
     val = node.meta.get("example_value")
     return isinstance(value, float) and isinstance(val, torch.Tensor) and val.is_floating_point() and (
-        value == float("-inf") or value == torch.finfo(val.dtype).min)
+        value == float("-inf") or value == torch.finfo(val.dtype).min
+        or (val.dtype.itemsize >= 4 and value <= torch.finfo(torch.bfloat16).min))
