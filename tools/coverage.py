@@ -846,6 +846,7 @@ def main():
     groups = [families[i:i + args.group] for i in range(0, len(families), args.group)] if args.stop_after else [
         families]
     done = []
+    first = run_record(sys.argv[1:], [], args.steps, 0, args.dtype)  # the commit before this run writes its outputs
     for group in groups:
         if args.stop_after and time.time() - start > 60 * args.stop_after:
             print(f"--stop-after {args.stop_after:g}: {len(families) - len(done)} model types not started", flush=True)
@@ -853,7 +854,7 @@ def main():
         run_some(group, worlds, args.steps, args.dtype, results, log=lambda s: print(s, flush=True))
         done += group
         ran = "all" if args.only is None and len(done) == len(families) else sorted(done)
-        record = run_record(sys.argv[1:], ran, args.steps, time.time() - start, args.dtype)
+        record = {**first, "minutes": round((time.time() - start) / 60), "families": ran}
         raw.parent.mkdir(parents=True, exist_ok=True)  # the results first: an hour of runs is never lost to a path
         raw.write_text(dump(results, runs + [record]))  # after each group: a run cut short keeps what it ran
         out.parent.mkdir(parents=True, exist_ok=True)
