@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from .layout import Layout
-from .loading import (DTYPE_TAGS, Checkpoint, RankTensor, _files, model_from_config, not_held, rank_file,
+from .loading import (DTYPE_TAGS, Checkpoint, RankTensor, checkpoint_files, model_from_config, not_held, rank_file,
                       rank_tensors, sha256)
 from .loading import PLAN_FILE as MANIFEST_FILE, PLAN_FORMAT as MANIFEST_FORMAT, read_plan as read_manifest
 
@@ -58,7 +58,7 @@ class _HFDir(_Source):
     def __init__(self, path: Path):
         self.path = path
         self.config = _config(path)
-        self.checkpoint = Checkpoint(_files(path))
+        self.checkpoint = Checkpoint(checkpoint_files(path))
 
     def write_side_files(self, folder):
         for f in sorted(self.path.iterdir()):  # tokenizer, generation config, chat template, ...
