@@ -3,19 +3,14 @@ de-quantised GGUF model, N gloo ranks that each load their shards (``helix_compi
 through ``torch.compile(backend="helix")``, and the comparison of the two texts."""
 
 import os
-import socket
-import sys
 import tempfile
 import shutil
 import time
 import warnings
 from pathlib import Path
-from queue import Empty
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantisation progress bar, once per rank
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
 def add_arguments(p, tpa_help):
@@ -65,28 +60,24 @@ def greedy(model, ids, cache, steps, eos):
     return tokens, torch.cat(logits), times
 
 
-def rank_main(rank, args, port, queue, checkpoint, ids, eos):
+def rank_main(rank, args, checkpoint, ids, eos):
+    """One gloo rank (started by ``helix_compile.launch.run_ranks``): rank 0 returns its tokens, logits, step times,
+    weight and cache bytes."""
     import helix_compile
     from helix_compile import Layout, StaticCache, shards
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
-    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
-    try:
-        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated")
-        layout = Layout(kvp=args.kvp, tpa=args.tpa, kv_block=args.kv_block)
-        model = helix_compile.from_pretrained(checkpoint, layout)  # this rank's shards only
-        held = sum(p.nbytes if not shards.is_virtual(p) else sum(shards.lookup(p, k).nbytes for k in shards.keys_of(p))
-                   for p in model.parameters())
-        cache = StaticCache(model.config, max_batch_size=1, max_cache_len=ids.shape[1] + args.max_new_tokens,
-                            layout=layout)
-        compiled = torch.compile(model, backend="helix", options={"layout": layout, "executor": args.executor},
-                                 fullgraph=True)
-        tokens, logits, times = greedy(compiled, ids, cache, args.max_new_tokens, eos)
-        if rank == 0:
-            queue.put((tokens, logits.numpy(), times, held, cache.nbytes))  # numpy: no shared-memory handle to outlive us
-    finally:
-        dist.destroy_process_group()
+    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated")
+    layout = Layout(kvp=args.kvp, tpa=args.tpa, kv_block=args.kv_block)
+    model = helix_compile.from_pretrained(checkpoint, layout)  # this rank's shards only
+    held = sum(p.nbytes if not shards.is_virtual(p) else sum(shards.lookup(p, k).nbytes for k in shards.keys_of(p))
+               for p in model.parameters())
+    cache = StaticCache(model.config, max_batch_size=1, max_cache_len=ids.shape[1] + args.max_new_tokens,
+                        layout=layout)
+    compiled = torch.compile(model, backend="helix", options={"layout": layout, "executor": args.executor},
+                             fullgraph=True)
+    tokens, logits, times = greedy(compiled, ids, cache, args.max_new_tokens, eos)
+    # numpy: no shared-memory handle to outlive the rank
+    return (tokens, logits.numpy(), times, held, cache.nbytes) if rank == 0 else None
 
 
 def compare_on_ranks(model, tok, ids, args, prompt: str, reference_cache) -> int:
@@ -99,22 +90,11 @@ def compare_on_ranks(model, tok, ids, args, prompt: str, reference_cache) -> int
     save_checkpoint(model, checkpoint)
     del model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").Queue()
+    from helix_compile.launch import run_ranks
+
     t0 = time.perf_counter()
-    procs = mp.start_processes(rank_main, args=(args, port, queue, checkpoint, ids, tok.eos_token_id),
-                               nprocs=args.ranks, join=False)
-    while True:  # read before joining: rank 0's put blocks until we read; join(0) re-raises a rank's error
-        try:
-            tokens, logits, times, held, cache_bytes = queue.get(timeout=1)
-            break
-        except Empty:
-            if procs.join(timeout=0):
-                sys.exit("helix ranks exited without a result")
-    while not procs.join():
-        pass
+    results = run_ranks(args.ranks, rank_main, args, checkpoint, ids, tok.eos_token_id, share_cores=True)
+    tokens, logits, times, held, cache_bytes = results[0]
     helix_s = time.perf_counter() - t0
     logits = torch.from_numpy(logits)
 

@@ -34,8 +34,7 @@ from .layout import Layout, current_world
 from .lowering.compile import Lowered
 from .passes.detect import KV_WRITE, Regions, detect
 from .passes.partition import partition
-from .passes.plan import Plan
-from .passes.plan import plan as make_plan
+from .passes.plan import Placements, place
 from .passes.schedule import schedule
 
 
@@ -45,7 +44,7 @@ class Compiled:
 
     stages: dict  # pass name -> GraphModule after it ("capture" is the global graph)
     regions: Regions
-    plan: Plan
+    plan: Placements  # the plan pass's placements
 
 
 def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
@@ -65,7 +64,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
             f"cache has {cache.writing_layers} (num_hidden_layers={config.num_hidden_layers}). {cache_fix}"
         )
     regions = detect(gm, config)
-    the_plan = make_plan(gm, regions, config, layout, rank)
+    the_plan = place(gm, regions, config, layout, rank)
     local = partition(gm, regions, the_plan)
     scheduled = schedule(local, the_plan)
     return Compiled({"capture": gm, "partition": local, "schedule": scheduled}, regions, the_plan)

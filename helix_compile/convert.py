@@ -1,9 +1,12 @@
-"""`helix convert`: split a checkpoint into one safetensors file per rank, plus plan.json.
+"""Checkpoint conversion (what `helix convert` runs): one safetensors file per rank, plus a manifest.
 
-    helix convert ckpt/ --kvp 2 --tpa 2 -o ckpt-helix/        # HF safetensors directory (sharded or not)
-    helix convert moe/ --kvp 4 --ep 2 -o moe-helix/           # MoE: 2 expert groups, each TP-split over tpf=2
-    helix convert model.Q4_1.gguf --kvp 2 -o ckpt-helix/      # GGUF: transformers de-quantises it
-    helix convert --verify ckpt-helix/                        # re-check every sha256
+    from helix_compile import Layout
+    from helix_compile.convert import convert, verify
+    convert("ckpt/", Layout(kvp=2, tpa=2), "ckpt-helix/")     # HF safetensors directory (sharded or not) or .gguf
+    verify("ckpt-helix/")                                     # [] when every sha256 matches the manifest
+
+The manifest is the file ``plan.json`` (``loading.PLAN_FILE``; the name is kept so that existing conversions
+load): the format, the whole layout, the model config and the sha256 of every file.
 
 Contract
     in:  an HF checkpoint directory (config.json + *.safetensors) or a GGUF file, of any family that
@@ -12,10 +15,10 @@ Contract
     out: OUT/rank<r>.safetensors for r in 0..N-1 holding exactly the tensors rank r loads
          (``loading.rank_tensors``, the same function ``from_pretrained`` reads a checkpoint with), named as the
          model names them: its piece of every sharded tensor (of a routed-expert weight: only its ep experts, each
-         cut to its tpf slice, fused), every other tensor in full; OUT/plan.json (format, the whole layout, model
-         config, the sha256 of every file); config.json, generation config and tokenizer files.
+         cut to its tpf slice, fused), every other tensor in full; the manifest OUT/plan.json (format, the
+         whole layout, model config, the sha256 of every file); config.json, generation config and tokenizer files.
          ``from_pretrained(OUT, layout)`` reads only its rank's file, and refuses a layout whose kvp, tpa, tpf or
-         ep differ from the plan's.
+         ep differ from the manifest's.
     refused: what the backend refuses (a layout that does not divide the heads, the FFN or the experts, MLA with
          tpa > 1, ...), a checkpoint lacking parameters of the model, an unknown model type; before anything is
          written.
@@ -27,7 +30,6 @@ Contract
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,56 +39,9 @@ from pathlib import Path
 import torch
 
 from .layout import Layout
-from .loading import (DTYPE_TAGS, PLAN_FILE, PLAN_FORMAT, Checkpoint, RankTensor, _files, model_from_config,
-                      not_held, rank_file, rank_tensors, read_plan, sha256)
-
-EPILOG = """examples:
-  helix convert ckpt/ --kvp 2 --tpa 2 -o ckpt-helix/
-  helix convert mixtral/ --kvp 4 --ep 2 -o mixtral-helix/
-  helix convert SmolLM2-135M-Instruct.Q4_1.gguf --kvp 2 --kv-block 16 -o smollm2-helix/
-  helix convert --verify ckpt-helix/
-"""
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("convert", help="write one safetensors file per rank plus plan.json",
-                              description=__doc__.split("\n")[0].split(": ", 1)[1], epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
-    p.add_argument("-o", "--out", help="output directory (must not exist)")
-    p.add_argument("--kvp", type=int, help="KV-parallel width")
-    p.add_argument("--tpa", type=int, default=1, help="tensor-parallel width of attention (divides the KV heads)")
-    p.add_argument("--tpf", type=int, help="tensor-parallel width of the FFN (N = kvp * tpa = tpf * ep; default N / ep)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel width: each of ep groups of tpf ranks holds 1/ep of the routed experts (MoE only)")
-    p.add_argument("--kv-block", type=int, default=16, help="tokens per round-robin KV block (recorded in plan.json)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors (default: keep)")
-    p.add_argument("--verify", metavar="OUT", help="re-check every file of a conversion against plan.json")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args) -> int:
-    if args.verify:
-        bad = verify(args.verify)
-        for line in bad:
-            print(f"helix convert --verify: {line}")
-        if bad:
-            print(f"{len(bad)} bad file(s) in {args.verify}: convert the original checkpoint again (or copy the "
-                  f"named files again)")
-            return 1
-        print(f"{args.verify}: every file matches plan.json")
-        return 0
-    missing = [n for n, v in (("MODEL", args.model), ("-o/--out", args.out), ("--kvp", args.kvp)) if v is None]
-    if missing:
-        raise ValueError(f"{', '.join(missing)} required (or --verify OUT)")
-    layout = Layout(kvp=args.kvp, tpa=args.tpa, tpf=args.tpf, ep=args.ep, kv_block=args.kv_block)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = convert(args.model, layout, args.out, dtype=dtype, progress=not args.quiet)
-    print(f"wrote {out}: {layout.world_size} rank files + plan.json (kvp={layout.kvp} tpa={layout.tpa} "
-          f"tpf={layout.tpf} ep={layout.ep} kv_block={layout.kv_block})")
-    return 0
-
+from .loading import (DTYPE_TAGS, Checkpoint, RankTensor, checkpoint_files, model_from_config, not_held, rank_file,
+                      rank_tensors, sha256)
+from .loading import PLAN_FILE as MANIFEST_FILE, PLAN_FORMAT as MANIFEST_FORMAT, read_plan as read_manifest
 
 # -- sources ---------------------------------------------------------------------------------------------------
 class _Source:
@@ -103,11 +58,11 @@ class _HFDir(_Source):
     def __init__(self, path: Path):
         self.path = path
         self.config = _config(path)
-        self.checkpoint = Checkpoint(_files(path))
+        self.checkpoint = Checkpoint(checkpoint_files(path))
 
     def write_side_files(self, folder):
         for f in sorted(self.path.iterdir()):  # tokenizer, generation config, chat template, ...
-            if f.is_file() and f.name not in ("config.json", "model.safetensors.index.json", PLAN_FILE) \
+            if f.is_file() and f.name not in ("config.json", "model.safetensors.index.json", MANIFEST_FILE) \
                     and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
                 shutil.copy2(f, folder / f.name)
 
@@ -165,7 +120,7 @@ def open_source(model) -> _Source:
     if path.is_file() and path.suffix == ".gguf":
         return _GGUF(path)
     if path.is_dir():
-        if (path / PLAN_FILE).exists():
+        if (path / MANIFEST_FILE).exists():
             raise ValueError(f"{model} is already a helix convert output; convert the original checkpoint")
         return _HFDir(path)
     raise ValueError(f"{model}: not a checkpoint directory or a .gguf file")
@@ -179,7 +134,7 @@ def _empty_model(config):
         return model_from_config(config, dtype=torch.float32)
 
 
-def plan_ranks(source: _Source, layout: Layout) -> list[list[RankTensor]]:
+def rank_contents(source: _Source, layout: Layout) -> list[list[RankTensor]]:
     """Each rank's tensors (``loading.rank_tensors``, what ``from_pretrained`` reads), checked before anything is
     written: the layout fits the model (``Layout.validate``, ``role_shard``), every parameter is in the
     checkpoint, every dtype can be written."""
@@ -221,7 +176,7 @@ def convert(model, layout: Layout, out, dtype: torch.dtype | None = None, progre
     if out.exists():
         raise ValueError(f"{out} already exists: helix convert never overwrites; remove it or choose another -o")
     source = source or open_source(model)
-    ranks = plan_ranks(source, layout)
+    ranks = rank_contents(source, layout)
     n = layout.world_size
     if dtype is not None:
         source.config.dtype = dtype
@@ -258,8 +213,8 @@ def convert(model, layout: Layout, out, dtype: torch.dtype | None = None, progre
         source.write_side_files(tmp)
         source.config.save_pretrained(tmp)
         digests = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        plan = {
-            "format": PLAN_FORMAT,
+        manifest = {
+            "format": MANIFEST_FORMAT,
             "layout": _layout_dict(layout),
             "world_size": n,
             "ranks": {str(r): rank_file(r) for r in range(n)},
@@ -268,7 +223,7 @@ def convert(model, layout: Layout, out, dtype: torch.dtype | None = None, progre
             "config": source.config.to_dict(),
             "files": digests,
         }
-        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1, sort_keys=True, default=str) + "\n")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
         if out.exists():
             raise ValueError(f"{out} appeared while converting; nothing was overwritten")
         os.rename(tmp, out)
@@ -296,16 +251,16 @@ def _bar(total: int, enabled: bool):
 
 
 def verify(out) -> list[str]:
-    """Problems with a conversion, one line each naming the file (empty: every sha256 matches plan.json)."""
+    """Problems with a conversion, one line each naming the file (empty: every sha256 matches the manifest)."""
     out = Path(out)
-    if not (out / PLAN_FILE).exists():
-        return [f"{out / PLAN_FILE} is missing: {out} is not a complete helix convert output"]
-    plan = read_plan(out)
+    if not (out / MANIFEST_FILE).exists():
+        return [f"{out / MANIFEST_FILE} is missing: {out} is not a complete helix convert output"]
+    manifest = read_manifest(out)
     bad = []
-    for name, want in sorted(plan["files"].items()):
+    for name, want in sorted(manifest["files"].items()):
         file = out / name
         if not file.exists():
             bad.append(f"{file}: missing")
         elif (got := sha256(file)) != want:
-            bad.append(f"{file}: corrupted (sha256 {got[:16]}..., plan.json records {want[:16]}...)")
+            bad.append(f"{file}: corrupted (sha256 {got[:16]}..., the manifest {MANIFEST_FILE} records {want[:16]}...)")
     return bad

@@ -61,7 +61,7 @@ def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
 
 
-def _files(path: Path) -> list[Path]:
+def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -366,7 +366,7 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
         extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
         model = model_from_config(config, dtype=dtype, **extra)
     if plan is None:
-        checkpoint = Checkpoint(_files(path))
+        checkpoint = Checkpoint(checkpoint_files(path))
     else:
         name = rank_file(rank)
         checkpoint = Checkpoint([check_file(path, name, plan) if verify else path / name])

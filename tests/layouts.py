@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from helix_compile import Layout
-from helix_compile.verify import compare
+from helix_compile.testing import compare
 from distributed import run_ranks
 from models import config, model, prompt, runs_here
 

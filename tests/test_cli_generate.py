@@ -154,14 +154,11 @@ BAD_INPUT = [  # (checkpoint, arguments, the one line that names the problem)
 
 @pytest.mark.parametrize("which, args, message", BAD_INPUT, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(BAD_INPUT)])
 def test_bad_input_is_one_line_before_any_rank_starts(broken, which, args, message, monkeypatch, capsys):
-    import helix_compile.generate as generate
+    import helix_compile.generation as generation
 
-    monkeypatch.setattr(generate, "launch", lambda *a: pytest.fail("a rank was started"))
-    monkeypatch.setattr(generate, "_visible_gpus", lambda: 0)
-    try:
-        code = main(["generate", str(broken[which]), "--device", "cpu", *args])
-    except SystemExit as e:  # argparse's own checks
-        code = e.code
+    monkeypatch.setattr(generation, "launch_ranks", lambda *a: pytest.fail("a rank was started"))
+    monkeypatch.setattr(generation, "visible_gpus", lambda: 0)
+    code = main(["generate", str(broken[which]), "--device", "cpu", *args])  # argparse's own checks return 2 too
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert message in err[-1], err

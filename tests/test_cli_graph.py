@@ -20,8 +20,8 @@ def test_out_folder_is_the_golden_fixture(tmp_path, capsys):
     if recorded != f"torch {torch.__version__}\ntransformers {transformers.__version__}\n":
         pytest.skip(f"golden graphs were recorded with {recorded!r}")
     html = tmp_path / "graph.html"
-    assert main(["graph", "llama", "--kvp", "2", "--tpa", "2", "--rank", "1", "--out", str(tmp_path / "g"),
-                 "--html", str(html)]) == 0
+    assert main(["graph", "llama", "--kvp", "2", "--tpa", "2", "--kv-block", "4", "--rank", "1",
+                 "--out", str(tmp_path / "g"), "--html", str(html)]) == 0
     text = capsys.readouterr().out
     for want in sorted((GOLDEN / "llama" / "decode").iterdir()):
         assert (tmp_path / "g" / want.name).read_text() == want.read_text(), want.name

@@ -17,9 +17,8 @@ HISTORY = re.compile(
 
 def _scanned():
     docs = [ROOT / "README.md", ROOT / "examples" / "README.md"]
-    docs += [p for p in sorted((ROOT / "docs").glob("*.md")) if p.name != "planner.md"]  # planner.md: its own
-    code = [p for d in ("helix_compile", "tools", "examples", "tests/gpu") for p in sorted((ROOT / d).rglob("*.py"))
-            if "planner" not in p.parts]
+    docs += sorted((ROOT / "docs").rglob("*.md"))
+    code = [p for d in ("helix_compile", "tools", "examples", "tests/gpu") for p in sorted((ROOT / d).rglob("*.py"))]
     return docs + code + [ROOT / "pyproject.toml"]
 
 

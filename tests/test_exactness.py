@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helix_compile import Layout
-from helix_compile.verify import compare
+from helix_compile.testing import compare
 from distributed import run_ranks
 from models import CALL, model, prompt, runs_here
 

@@ -2,7 +2,7 @@
 
 Rank 1 of a 4-rank layout (kvp=2, tpa=2; ``LAYOUTS`` for MQA, MoE and MLA) on a fake process group, decode step (q_len=1), plus
 llama's prefill and llama's decode with HOP-B (2 batch chunks: schedule.txt differs from partition.txt). Written
-by ``helix_compile.graph_cmd`` (the code behind `helix graph --out`). Regenerate on purpose with
+by ``helix_compile.graph_view`` (the code behind `helix graph --out`). Regenerate on purpose with
 ``HELIX_UPDATE_GOLDEN=1 pytest tests/test_golden.py`` and review the diff. Fixtures are tied to the torch and
 transformers versions recorded in tests/golden/VERSIONS (the CI ones); with other versions (e.g. a GPU image's) the
 comparison is skipped, saying why.
@@ -19,7 +19,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from helix_compile import Layout
 from helix_compile.backend import write_stages
-from helix_compile.graph_cmd import capture as capture_graphs
+from helix_compile.graph_view import capture as capture_graphs
 from models import model
 
 GOLDEN = Path(__file__).parent / "golden"

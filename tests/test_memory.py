@@ -7,7 +7,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import helix_compile
 from helix_compile import Layout, StaticCache
-from helix_compile.verify import compare
+from helix_compile.testing import compare
 from distributed import run_ranks
 from models import config, model, prompt
 

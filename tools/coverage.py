@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import sys
 import time
 import traceback
@@ -257,7 +256,7 @@ def compare_as_user(model, layout, ids, steps, max_len, **kw):
     derives its positions or mask from the static cache's length, a tensor), again with the attention_mask and
     position_ids ``generate`` passes. Returns (report, None) or (report, the bare call's error). ``kw``: more of
     ``compare``'s arguments (reference, teacher_forcing)."""
-    from helix_compile.verify import compare
+    from helix_compile.testing import compare
 
     try:
         return compare(model, layout, ids, steps, max_len, **kw), None
@@ -277,7 +276,7 @@ def single_device_error(low, fp32, ids, steps, max_len, call="bare") -> float:
     import torch
     from transformers import StaticCache as HFStaticCache
 
-    from helix_compile.verify import generate_inputs
+    from helix_compile.testing import generate_inputs
 
     extra = (lambda m, t, past: generate_inputs(m, t, past)) if call == "generate" else (lambda m, t, past: {})
     c_low, c_ref = HFStaticCache(low.config, max_cache_len=max_len), HFStaticCache(fp32.config, max_cache_len=max_len)
@@ -391,40 +390,36 @@ def probe(name: str) -> dict:
     return {"status": "ok"}
 
 
-def worker(rank, world, port, families, steps, queue):
-    import datetime as dt
-
+def worker(rank, families, steps, queue):
+    """One gloo rank (``helix_compile.launch.spawn``): every family in turn, each reported as it starts and ends."""
     import torch
     import torch.distributed as dist
 
+    from helix_compile.launch import init_process_group
+
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=dt.timedelta(seconds=180))
+    init_process_group("cpu", timeout=180)
+    world = dist.get_world_size()
     for fam in families:
         queue.put((rank, fam, "start", None))
         queue.put((rank, fam, "done", run_family(fam, world, steps)))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return 0
 
 
 def run_world(families, world, steps, per_family_s=240, log=print):
-    """{family: [result of each rank]}; a family that hangs or crashes a rank gets {"status": "crash"}."""
+    """{family: [result of each rank]}; a family that hangs or crashes a rank gets {"status": "crash"}, and the
+    ranks start again on the families left."""
     import torch.multiprocessing as mp
+
+    from helix_compile.launch import spawn, stop
 
     ctx = mp.get_context("spawn")
     results, pending = {}, list(families)
     while pending:
         queue = ctx.Queue()
-        port = free_port()
-        procs = [ctx.Process(target=worker, args=(r, world, port, pending, steps, queue)) for r in range(world)]
-        for p in procs:
-            p.start()
+        procs = spawn(world, worker, (pending, steps, queue), context=ctx)
         got, current, last = {}, pending[0], time.time()
         while len(results) < len(families):
             try:
@@ -445,9 +440,7 @@ def run_world(families, world, steps, per_family_s=240, log=print):
             if len(got[fam]) == world:
                 results[fam] = [got[fam][r] for r in range(world)]
                 log(f"{fam}: {summary(results[fam])}")
-        for p in procs:
-            p.kill() if p.is_alive() else None
-            p.join()
+        stop(procs, grace=1.0)
         pending = [f for f in families if f not in results]
     return results
 

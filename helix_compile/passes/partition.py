@@ -1,7 +1,7 @@
 """Pass 3, partition: global graph -> rank-local graph.
 
 Contract
-    in:  the global Dynamo graph, its ``Regions`` and this rank's ``Plan``.
+    in:  the global Dynamo graph, its ``Regions`` and this rank's ``Placements``.
     out: a new GraphModule that computes this rank's part when its placeholders receive the plan's local
          tensors (parameter shards, the cache's local shards). Its output (the logits) equals the global
          graph's on every rank. The input graph is not changed.
@@ -33,11 +33,11 @@ import torch.fx as fx
 
 from ..lowering import ops as _ops  # noqa: F401  registers the helix:: ops the rewrites emit
 from .detect import Regions
-from .plan import Plan
+from .plan import Placements
 from .regions import RewriteContext
 
 
-def partition(gm: fx.GraphModule, regions: Regions, plan: Plan) -> fx.GraphModule:
+def partition(gm: fx.GraphModule, regions: Regions, plan: Placements) -> fx.GraphModule:
     layout = plan.layout
     local = copy_module(gm)
     graph = local.graph

@@ -1,8 +1,8 @@
-"""Pass 2, plan: a placement for every graph input of one rank, as plain data.
+"""Pass 2, plan: the placements of one rank, a placement for every graph input, as plain data.
 
 Contract
     in:  ``Regions`` from detect, the model config, the ``Layout`` and this rank.
-    out: ``Plan``: for every placeholder name either ``replicate``, a ``Shard(dim, start, stop)`` / ``Pieces`` of a
+    out: ``Placements``: for every placeholder name either ``replicate``, a ``Shard(dim, start, stop)`` / ``Pieces`` of a
          parameter, or ``kv`` (a cache tensor whose local shard lives in the helix StaticCache); and the regions
          left whole with their bytes per rank (also warned about). Serialisable (``to_json``). The graph is not
          changed.
@@ -30,7 +30,7 @@ from .regions.roles import ROLE_BY_NAME, Heads, Pieces, role_shard  # noqa: F401
 
 
 @dataclasses.dataclass
-class Plan:
+class Placements:
     layout: Layout
     rank: int
     heads: Heads
@@ -74,7 +74,7 @@ def _nbytes(node) -> int:
     return int(val.numel() * val.element_size()) if val is not None else 0
 
 
-def plan(gm, regions: Regions, config, layout: Layout, rank: int) -> Plan:
+def place(gm, regions: Regions, config, layout: Layout, rank: int) -> Placements:
     heads = Heads.of(config)
     inputs = {n.name: "replicate" for n in gm.graph.nodes if n.op == "placeholder"}
     roles: dict[str, str] = {}
@@ -99,4 +99,4 @@ def plan(gm, regions: Regions, config, layout: Layout, rank: int) -> Plan:
                 f"replicated, {size} bytes on every rank (no region matcher claims them)",
                 stacklevel=2,
             )
-    return Plan(layout, rank, heads, inputs, roles, whole)
+    return Placements(layout, rank, heads, inputs, roles, whole)

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from .partition import copy_module, eliminate_dead_code
-from .plan import Plan
+from .plan import Placements
 
 PARTIAL = torch.ops.helix.partial_attention.default
 A2A = torch.ops._c10d_functional.all_to_all_single.default
@@ -34,7 +34,7 @@ WAIT = torch.ops._c10d_functional.wait_tensor.default
 MERGE = torch.ops.helix.lse_merge.default
 
 
-def schedule(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+def schedule(gm: fx.GraphModule, plan: Placements) -> fx.GraphModule:
     chunks = plan.layout.hopb_chunks
     if chunks == 1 or plan.layout.kvp == 1:
         return gm

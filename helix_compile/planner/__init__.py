@@ -8,7 +8,8 @@ See docs/planner.md for the model, the comparison with the paper and the calibra
 from .cost import Candidate, appendix_a, evaluate
 from .hardware import Hardware, get_hardware
 from .model import ModelSpec, get_model
-from .search import Plan, choose_layout, parse_context, parse_layout, plan
+from ..parse import parse_layout, parse_tokens
+from .search import Plan, choose_layout, plan
 
 __all__ = ["Candidate", "Hardware", "ModelSpec", "Plan", "appendix_a", "choose_layout", "evaluate", "get_hardware",
-           "get_model", "parse_context", "parse_layout", "plan"]
+           "get_model", "parse_layout", "parse_tokens", "plan"]

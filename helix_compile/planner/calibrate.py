@@ -24,7 +24,7 @@ from .collectives import fit_collectives
 from .cost import STRATEGIES, Candidate, evaluate
 from .hardware import Hardware, get_hardware
 from .model import get_model
-from .search import parse_context
+from ..parse import parse_tokens
 
 SCHEMA = "helix-bench/1"
 TOLERANCE = 0.20
@@ -75,7 +75,7 @@ def predict(rows: list, hw: Hardware) -> list:
     """[(row, Evaluation)] for the decode rows under hw."""
     out = []
     for r in rows:
-        e = evaluate(get_model(r["model"]), hw, _candidate(r), parse_context(r["context"]), r["dtype"])
+        e = evaluate(get_model(r["model"]), hw, _candidate(r), parse_tokens(r["context"], "context"), r["dtype"])
         out.append((r, e))
     return out
 
@@ -118,7 +118,7 @@ def calibrate(data: dict, hw=None, fit_overhead: bool = True) -> tuple:
     for r, e in predict(decode, hw):
         pred = e.ttl_s * 1e3
         err = (pred - r["ttl_ms"]) / r["ttl_ms"]
-        table.append({"model": get_model(r["model"]).name, "context": parse_context(r["context"]), "batch": r["batch"],
+        table.append({"model": get_model(r["model"]).name, "context": parse_tokens(r["context"], "context"), "batch": r["batch"],
                       "dtype": r["dtype"], "layout": r["layout"], "measured_ms": r["ttl_ms"], "predicted_ms": pred,
                       "error": err, "within_20pct": abs(err) <= TOLERANCE, "fitted": _modelled(r),
                       "preset_ms": before[id(r)], "preset_error": (before[id(r)] - r["ttl_ms"]) / r["ttl_ms"]})

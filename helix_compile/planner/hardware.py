@@ -81,7 +81,7 @@ PUBLIC = {
                                       "github.com/NVIDIA/nccl-tests/issues/333; same thread: 'under 8us' up to 1 KB "
                                       "on 4 GB200, best 5.18 us)"),
 }
-# NCCL's ~20% protocol overhead (nccl-tests issue 212) applied to the NVLink 5 spec for Blackwell.
+# NCCL's ~20% protocol overhead (github.com/NVIDIA/nccl-tests/issues/212) applied to the NVLink 5 spec for Blackwell.
 NCCL_LINK_EFFICIENCY = PUBLIC["hopper_nccl_bw_gbs"][0] / 450.0
 
 # Vendor spec sheets (dense, no sparsity).

@@ -1,7 +1,6 @@
 """Evaluate every candidate layout and batch, keep the feasible ones, and pick a recommendation."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 
 from .cost import BACKEND, BACKEND_STRATEGIES, STRATEGIES, Candidate, Costing, evaluate
@@ -9,52 +8,7 @@ from .enumerate import backend_error, candidates, helix_layouts, layout_error, s
 from .hardware import DTYPE_BYTES, Hardware, get_hardware
 from .model import ModelSpec, get_model
 from .pareto import frontier
-
-LAYOUT_KEYS = ("kvp", "tpa", "tpf", "ep", "hopb_chunks", "kv_block")
-
-
-def parse_context(text) -> int:
-    """'1M' -> 1_000_000, '128K' -> 128_000, '128Ki' -> 131072, '1e6' -> 1_000_000 (decimal, as the paper)."""
-    if isinstance(text, (int, float)):
-        value = int(text)
-    else:
-        m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgG]i?)?\s*", str(text))
-        if not m:
-            raise ValueError(f"cannot read context length {text!r}: use e.g. 131072, 128K, 128Ki or 1M")
-        scale = {"k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3}
-        value = int(float(m.group(1)) * scale.get((m.group(2) or "").lower(), 1))
-    if value < 1:
-        raise ValueError(f"context length must be at least 1 token, got {text!r}")
-    return value
-
-
-def parse_layout(text) -> dict:
-    """'kvp=2,tpa=4[,tpf=8,ep=1,hopb_chunks=2,kv_block=16]' -> dict of ints."""
-    if isinstance(text, dict):
-        items = text.items()
-    else:
-        items = []
-        for part in str(text).split(","):
-            if not part.strip():
-                continue
-            if "=" not in part:
-                raise ValueError(f"invalid --layout {text!r}: expected key=value pairs such as kvp=2,tpa=4")
-            k, v = part.split("=", 1)
-            items.append((k.strip(), v.strip()))
-    out = {}
-    for k, v in items:
-        if k not in LAYOUT_KEYS:
-            raise ValueError(f"invalid --layout key {k!r}: known keys are {', '.join(LAYOUT_KEYS)}")
-        try:
-            out[k] = int(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"invalid --layout value {k}={v!r}: must be a positive integer") from None
-        if out[k] < 1:
-            raise ValueError(f"invalid --layout value {k}={v}: must be a positive integer")
-    if "kvp" not in out and "tpa" not in out:
-        raise ValueError(f"invalid --layout {text!r}: give at least kvp or tpa")
-    return out
-
+from ..parse import parse_layout, parse_tokens
 
 def batch_sweep(max_batch: int) -> list:
     """Every batch 1..64, then 8 points per doubling (72, 80, ..., 128, 144, ...) up to max_batch, max_batch
@@ -114,13 +68,16 @@ def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16
     the layouts the backend does not run (the MLA TP baseline, whose latent is duplicated on every GPU).
     """
     m, hw = get_model(model), get_hardware(hw)
-    S = parse_context(context)
+    S = parse_tokens(context, "context")
     _check_inputs(m, hw, gpus, dtype)
     if batch is not None and batch < 1:
         raise ValueError(f"--batch must be at least 1, got {batch}")
     batches = [batch] if batch else batch_sweep(max_batch)
     if layout is not None:
-        cands = list(_layout_candidates(m, gpus, parse_layout(layout), batches))
+        lay = parse_layout(layout)
+        if "kvp" not in lay and "tpa" not in lay:
+            raise ValueError(f"invalid layout {layout!r}: give at least kvp or tpa")
+        cands = list(_layout_candidates(m, gpus, lay, batches))
     else:
         cands = list(candidates(m, gpus, batches, strategies, replicas, backend_only=backend_only))
     evals, dead = [], set()

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from distributed import run_ranks  # noqa: E402
 from helix_compile import Layout  # noqa: E402
-from helix_compile.verify import compare  # noqa: E402
+from helix_compile.testing import compare  # noqa: E402
 from models import model, prompt  # noqa: E402
 
 CONFIGS = [  # (family, dtype, executor, layouts, hopb_chunks)

@@ -23,7 +23,7 @@ def _json(capsys, argv):
 def test_plan_json_schema(capsys):
     rc, d = _json(capsys, ["plan", "--model", "llama-3.1-8b", "--gpus", "4", "--context", "128K", "--batch", "8",
                            "--json"])
-    assert rc == 0 and d["gpus"] == 4 and d["context"] == 128000
+    assert rc == 0 and d["gpus"] == 4 and d["context"] == 131072  # K = 1024
     assert d["layouts"] and d["best"]
     for lay in d["layouts"]:
         assert LAYOUT_KEYS <= set(lay)
@@ -54,7 +54,7 @@ def test_plan_table_and_png(tmp_path, capsys):
     (["--model", "llama-3.1-8b", "--gpus", "4", "--context", "1M", "--hw", "tpu"], "unknown hardware 'tpu'"),
     (["--model", "llama-3.1-8b", "--gpus", "4", "--context", "1M", "--layout", "kvp=2,tpa=4"],
      "kvp*tpa = 8 GPUs but --gpus is 4"),
-    (["--model", "llama-3.1-8b", "--gpus", "4", "--context", "1M", "--layout", "kvp=2,tpa"], "invalid --layout"),
+    (["--model", "llama-3.1-8b", "--gpus", "4", "--context", "1M", "--layout", "kvp=2,tpa"], "invalid layout"),
     (["--model", "llama-3.1-8b", "--gpus", "4", "--context", "1M", "--layout", "kvp=2,foo=2"], "'foo'"),
     (["--model", "llama-3.1-8b", "--gpus", "16", "--context", "1M"], "16 GPUs exceed one NVLink domain of h200 (8 GPUs)"),
     (["--model", "llama-3.1-8b", "--gpus", "8", "--context", "1M", "--layout", "kvp=1,tpa=8", "--hw", "h100"], None),

@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from helix_compile.planner import choose_layout, get_model, parse_context, plan
+from helix_compile.planner import choose_layout, get_model, parse_tokens, plan
 from helix_compile.planner.enumerate import backend_error, helix_layouts, layout_error
 from helix_compile.planner.pareto import frontier, headline
 
@@ -127,10 +127,17 @@ def test_ttl_limit_and_best():
     assert p.best.tokens_per_s_per_gpu == max(e.tokens_per_s_per_gpu for e in p.frontier)
 
 
-def test_parse_context():
-    assert parse_context("1M") == 1_000_000 and parse_context("128Ki") == 131072 and parse_context(4096) == 4096
-    with pytest.raises(ValueError, match="cannot read context"):
-        parse_context("lots")
+def test_token_counts_are_binary():
+    """K = 1024 everywhere (as `helix bench` has it); a decimal count is written out or as 1e6."""
+    assert parse_tokens("128K") == parse_tokens("128Ki") == 131072
+    assert parse_tokens("1M") == 1_048_576 and parse_tokens("1e6") == 1_000_000 and parse_tokens(4096) == 4096
+    assert plan("llama-3.1-8b", 4, "1M", batch=1).context == 1_048_576
+    with pytest.raises(ValueError, match="context: cannot read 'lots' as a token count"):
+        plan("llama-3.1-8b", 4, "lots", batch=1)
+    with pytest.raises(ValueError, match="is 1.5 tokens, not a whole number"):
+        parse_tokens("1.5")
+    with pytest.raises(ValueError, match="must be at least 1, got 0"):
+        parse_tokens("0K")
 
 
 def test_config_json_path(tmp_path):

@@ -1,7 +1,8 @@
 """Check a layout against the single-device model: the same prompt, greedy decoding, logits compared per step.
 
-Runs on every rank of an initialised process group (tests, the GPU smoke run and ``examples/`` use it). The
-reference is the unmodified transformers model with transformers' own ``StaticCache``, run on each rank.
+A test comparator: runs on every rank of an initialised process group (the tests, the GPU smoke run and
+``tools/coverage.py`` use it; the commands do not). The reference is the unmodified transformers model with
+transformers' own ``StaticCache``, run on each rank.
 """
 
 from __future__ import annotations

@@ -1,21 +1,21 @@
-"""`helix graph`: what the compiler did, pass by pass: the FX graph before and after each pass and their diff.
+"""What the compiler did, pass by pass: the FX graph before and after each pass and their diff (what
+`helix graph` prints, and what ``tests/test_golden.py`` compares).
 
-    helix graph llama --kvp 2 --tpa 2                       # a tiny random llama: no weights needed
-    helix graph ckpt/ --kvp 2 --pass partition --html g.html   # a checkpoint's config (its weights are not read)
+    title, secs = passes_of("llama", Layout(kvp=2, tpa=2))     # a tiny random llama: no weights needed
+    print(report_text(secs))
 
 Contract
     ``capture(model, layout, phase)`` traces ``model`` (prefill, or prefill then one decode step) inside
     ``fake_world(rank, layout.world_size)`` (a process group without communication) and returns the backend's ``Compiled`` (``backend.run_passes``)
     of the last graph; ``write_stages`` of it is the golden-fixture format (``tests/test_golden.py`` calls the same
-    two functions). The command prints, for each pass in pipeline order (capture, detect, plan, partition,
+    two functions). ``passes_of`` gives, for each pass in pipeline order (capture, detect, plan, partition,
     schedule), what it produced: the captured graph, the regions, the placements, and the unified diff of the
-    graph text before -> after each graph-changing pass; ``--html`` writes the same as one self-contained page.
+    graph text before -> after each graph-changing pass; ``report_html`` makes one self-contained page of it.
     Parameters are virtual (zero-storage, global-shaped): a model of any size is traced without its weights.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import html
@@ -25,36 +25,6 @@ PASSES = ("capture", "detect", "plan", "partition", "schedule")
 GRAPH_BEFORE = {"partition": "capture", "schedule": "partition"}  # graph-changing passes and their input
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=4, max_position_embeddings=256)
-
-EPILOG = """examples:
-  helix graph llama --kvp 2 --tpa 2
-  helix graph qwen2 --kvp 2 --tpa 2 --pass partition
-  helix graph llama --kvp 2 --tpa 2 --hopb-chunks 2 --pass schedule --html schedule.html
-  helix graph ckpt/ --kvp 4 --phase prefill --out graphs/      # the files tests/golden/ holds
-"""
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("graph", help="show the FX graph before/after each compiler pass, and the diffs",
-                              description=__doc__.split("\n")[0].split(": ", 1)[1], epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a model_type (llama, qwen2, mistral, ...: a tiny random config) or a checkpoint "
-                                 "directory (only its config.json is read)")
-    p.add_argument("--kvp", type=int, required=True)
-    p.add_argument("--tpa", type=int, default=1)
-    p.add_argument("--kv-block", type=int, default=4)
-    p.add_argument("--hopb-chunks", type=int, default=1)
-    p.add_argument("--rank", type=int, default=0, help="whose local graph (default 0)")
-    p.add_argument("--phase", choices=["decode", "prefill"], default="decode")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--prompt-len", type=int, default=5)
-    p.add_argument("--pass", dest="only", choices=PASSES, help="show only this pass")
-    p.add_argument("--full", action="store_true", help="print every graph in full, not only the diffs")
-    p.add_argument("--html", help="write the report as one self-contained HTML page")
-    p.add_argument("--out", help="write the fixture files (capture.txt, detect.txt, plan.json, ...) into this folder")
-    p.set_defaults(func=run)
-    return p
-
 
 # -- building and tracing -----------------------------------------------------------------------------------------
 def tiny_config(model_type: str):
@@ -207,30 +177,21 @@ def report_html(secs, title: str) -> str:
             f"<style>{style}</style></head><body><p>{nav}</p>{''.join(body)}</body></html>\n")
 
 
-def run(args) -> int:
-    import warnings
-
+def passes_of(spec: str, layout, rank: int = 0, phase: str = "decode", batch: int = 2, prompt_len: int = 5,
+              out: str | None = None):
+    """(title, ``sections``) of ``spec`` (a model_type or a checkpoint directory) as ``rank`` of ``layout``; with
+    ``out``, the fixture files are written there too (``backend.write_stages``)."""
     from .backend import write_stages
-    from .layout import Layout
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    layout = Layout(kvp=args.kvp, tpa=args.tpa, kv_block=args.kv_block, hopb_chunks=args.hopb_chunks)
-    if not 0 <= args.rank < layout.world_size:
-        raise ValueError(f"--rank {args.rank} is not one of the layout's {layout.world_size} ranks")
-    model = load_model(args.model)
+    if not 0 <= rank < layout.world_size:
+        raise ValueError(f"--rank {rank} is not one of the layout's {layout.world_size} ranks")
+    model = load_model(spec)
     layout.validate(model.config.get_text_config(decoder=True))
-    with fake_world(args.rank, layout.world_size):
-        done = capture(model, layout, args.phase, args.batch, args.prompt_len,
-                       max_cache_len=max(32, args.prompt_len + 1))
-        secs = [s for s in sections(done) if args.only in (None, s[0])]
-        if args.out:
-            write_stages(Path(args.out), done)
-    title = (f"helix graph {args.model}: rank {args.rank} of kvp={layout.kvp} x tpa={layout.tpa}, {args.phase}, "
+    with fake_world(rank, layout.world_size):
+        done = capture(model, layout, phase, batch, prompt_len, max_cache_len=max(32, prompt_len + 1))
+        secs = sections(done)  # graph text resolves group names: inside the fake world
+        if out:
+            write_stages(Path(out), done)
+    title = (f"helix graph {spec}: rank {rank} of kvp={layout.kvp} x tpa={layout.tpa}, {phase}, "
              f"kv_block={layout.kv_block}, hopb_chunks={layout.hopb_chunks}")
-    print(f"# {title}\n" + report_text(secs, args.full), end="")
-    if args.html:
-        Path(args.html).write_text(report_html(secs, title))
-        print(f"# wrote {args.html}")
-    if args.out:
-        print(f"# wrote {args.out}/")
-    return 0
+    return title, secs

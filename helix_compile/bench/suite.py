@@ -1,93 +1,43 @@
-"""`helix bench`: the command line. Launches one process per GPU (NCCL), gathers rank 0's rows, writes the report.
-
-    helix bench --gpus 4 --models mqa,gqa8 --contexts 32K,256K --batches 1,8,32 --out docs/perf
+"""`helix bench`'s work: one process per GPU (NCCL, through ``helix_compile.launch``), rank 0's rows, the report.
 
 For N GPUs it times: every Helix layout kvp x tpa of N (each with HOP-B off, and on with 2 chunks where kvp > 1
 and the batch allows), the tensor-parallel baseline TP = N (``Layout(kvp=1, tpa=N)``, KV heads duplicated when
-N > K), and with ``--baseline`` one GPU running unmodified transformers + torch.compile. With N = 1 the Helix
+N > K), and with ``baseline`` one GPU running unmodified transformers + torch.compile. With N = 1 the Helix
 row is helix's own single-GPU program.
+
+    spec = dict(models=["mqa"], layers=8, contexts=[32768], batches=[1, 8], steps=20, layouts="all", hopb=True,
+                baseline=False, prefill=None, profile=None)
+    run_bench(4, spec, "bench-out", command="...")       # bench-out/bench.json (helix-bench/1) and the plots
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-EPILOG = """examples:
-  helix bench --gpus 4 --models mqa,gqa2,gqa8 --contexts 32K,128K,256K --batches 1,8,32 --out docs/perf
-  helix bench --gpus 1 --models mqa --contexts 256K --batches 8 --baseline --prefill 32K
-"""
 
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="time decode/prefill on GPUs: Helix layouts vs TP vs one GPU, with floors",
-                              description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=int, default=None, help="N GPUs (default: all visible)")
-    p.add_argument("--models", default="mqa,gqa8", help="comma list of mqa (K=1), gqa2 (K=2), gqa8 (K=8)")
-    p.add_argument("--layers", type=int, default=8, help="decoder layers (8B-class widths, fewer layers)")
-    p.add_argument("--contexts", default="32K,256K", help="comma list; K = 1024 tokens here")
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--layouts", default="all", help="'all' or ';'-separated kvp=..,tpa=.. entries")
-    p.add_argument("--no-hopb", action="store_true")
-    p.add_argument("--baseline", action="store_true", help="also one GPU with unmodified transformers")
-    p.add_argument("--prefill", default=None, help="also time a prefill of this many tokens (e.g. 32K)")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile 5 steps of each helix row (torch.profiler): GPU busy vs exposed time, top "
-                        "kernels in bench.json, a Chrome trace per row under --out")
-    p.add_argument("--out", default="bench-out")
-    p.set_defaults(func=run)
-    return p
-
-
-def tokens(text: str) -> int:
-    text = text.strip().upper()
-    scale = 1 << 20 if text.endswith("M") else 1 << 10 if text.endswith("K") else 1
-    return int(float(text.rstrip("MK")) * scale)
-
-
-def run(args) -> int:
+def run_bench(n: int, spec: dict, out, command: str) -> dict:
+    """Time ``spec`` on ``n`` GPUs (rank r on cuda:r) and write the report into ``out``; returns rank 0's data.
+    ``spec["layouts"]``: "all", or a list of layout dicts (``parse.parse_layout``) to time instead."""
     import torch
 
-    n = args.gpus or torch.cuda.device_count()
-    if n < 1 or torch.cuda.device_count() < n:
-        raise ValueError(f"--gpus {n}: this machine has {torch.cuda.device_count()} CUDA devices")
-    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        os.environ.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")  # NVLink multicast stays off
-    spec = dict(
-        models=args.models.split(","), layers=args.layers, contexts=sorted(tokens(c) for c in args.contexts.split(",")),
-        batches=[int(b) for b in args.batches.split(",")], steps=args.steps, layouts=args.layouts,
-        hopb=not args.no_hopb, baseline=args.baseline, prefill=tokens(args.prefill) if args.prefill else None,
-        profile=str(Path(args.out).resolve()) if args.profile else None,
-    )
     from ..launch import run_ranks
-
-    start = time.time()
-    results = run_ranks(n, _rank_main, spec, backend="nccl")
     from .report import write
 
-    write(Path(args.out), results[0], n, spec, command="helix bench " + " ".join(_argv()), seconds=time.time() - start)
-    return 0
-
-
-def _argv():
-    import sys
-
-    return sys.argv[2:] if len(sys.argv) > 2 else []
+    if n < 1 or torch.cuda.device_count() < n:
+        raise ValueError(f"--nproc-per-node {n}: this machine has {torch.cuda.device_count()} CUDA devices")
+    start = time.time()
+    results = run_ranks(n, _rank_main, spec, backend="nccl")
+    write(Path(out), results[0], n, spec, command=command, seconds=time.time() - start)
+    return results[0]
 
 
 def layouts_for(n: int, kv_heads: int, q_heads: int, spec) -> list[tuple[str, object]]:
     from ..layout import Layout
 
     if spec["layouts"] != "all":
-        out = []
-        for entry in spec["layouts"].split(";"):
-            fields = dict(kv.split("=") for kv in entry.split(","))
-            out.append(("helix", Layout(**{k: int(v) for k, v in fields.items()}, kv_block=16)))
-        return out
+        return [("helix", Layout(**{"kv_block": 16, **fields})) for fields in spec["layouts"]]
     out = []
     for tpa in (t for t in range(1, n + 1) if n % t == 0 and t <= kv_heads and kv_heads % t == 0):
         out.append(("helix", Layout(n // tpa, tpa, kv_block=16)))

@@ -1,37 +1,38 @@
-"""`helix plan`: the planner's command line (cli.py only registers and dispatches it)."""
+"""`helix plan`: the layout search and its Pareto frontier. The work is ``helix_compile.planner``."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from .cost import BACKEND, PAPER, STRATEGIES, payload_precision
-from .hardware import DTYPE_BYTES, HARDWARE_NAMES
-from .model import PRESETS
+from ..planner.cost import BACKEND, PAPER, STRATEGIES, payload_precision
+from ..planner.hardware import HARDWARE_NAMES
+from ..planner.model import PRESETS
+from . import args as shared
 
 EPILOG = """examples:
-  helix plan --model llama-3.1-405b --gpus 64 --context 1M --dtype fp4 --hw gb200 --png pareto.png
-  helix plan --model path/to/config.json --gpus 4 --context 128K --batch 8 --layout kvp=2,tpa=2 --json
-  helix plan --model deepseek-r1 --gpus 64 --context 1M --dtype fp4 --hw gb200 --ttl-ms 5 --costing paper
-  helix plan --paper docs/planner          # Figure 1 and the paper's 1M-context comparisons
+  helix plan --model llama-3.1-405b --nproc-per-node 64 --context 1000000 --dtype fp4 --hw gb200 --png pareto.png
+  helix plan --model path/to/config.json --nproc-per-node 4 --context 128K --batch 8 --layout kvp=2,tpa=2 --json
+  helix plan --model deepseek-r1 --nproc-per-node 64 --context 1e6 --dtype fp4 --hw gb200 --ttl-ms 5 --costing paper
+  helix plan --paper planner-out/          # Figure 1 and the paper's comparisons at S = 10^6 tokens
   helix plan --calibrate bench.json --save-hw h200-calibrated.json
 """
+DTYPES = ("bfloat16", "float16", "float32", "fp8", "fp4")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("plan", help="pick kvp/tpa/tpf/ep and batch from a decode cost model",
-                              description="Evaluate Helix and baseline layouts with a roofline + collective cost "
-                                          "model; print the Pareto frontier (tokens/s/user vs tokens/s/GPU).",
-                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = shared.subparser(subparsers, "plan", "pick kvp/tpa/tpf/ep and batch from a decode cost model",
+                         "Evaluate Helix and baseline layouts with a roofline + collective cost model; print the "
+                         "Pareto frontier (tokens/s/user vs tokens/s/GPU).", EPILOG)
     p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}) or path to an HF config.json / its directory")
-    p.add_argument("--gpus", type=int, help="GPU budget N (layouts on divisors of N run as replicas)")
-    p.add_argument("--context", help="KV length S: 131072, 128K (=128000), 128Ki (=131072), 1M (=10^6)")
+    shared.add_ranks(p, "GPU budget N (layouts on divisors of N run as replicas)")
+    shared.add_tokens(p, "--context", "KV length S")
     p.add_argument("--batch", type=int, help="batch size (concurrent requests); default: sweep 1..--max-batch")
     p.add_argument("--max-batch", type=int, default=4096)
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="weights, KV and math (default bf16)")
+    shared.add_dtype(p, DTYPES, default="bfloat16", help_text="weights, KV, math and collective payloads")
     p.add_argument("--hw", default="h200", help=f"hardware preset ({', '.join(HARDWARE_NAMES)}) or a calibrated JSON")
-    p.add_argument("--layout", help="evaluate only this Helix layout on all N GPUs: kvp=..,tpa=..[,tpf=..,ep=..,"
-                                    "hopb_chunks=..,kv_block=..]")
+    lay = p.add_argument_group("layout (evaluate only this Helix layout on all N GPUs; tpf and ep left out: every "
+                               "valid split)")
+    shared.add_layout(lay, fields=("kvp", "tpa", "tpf", "ep", "kv_block", "hopb_chunks"))
     p.add_argument("--ttl-ms", type=float, help="keep layouts with time per output token <= X ms; best = most "
                                                 "tokens/s/GPU among them")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list of " + ", ".join(STRATEGIES))
@@ -55,33 +56,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     if args.paper:
-        from .paper import run as run_paper
+        from ..planner.paper import run as run_paper
 
         run_paper(args.paper, fit_grid=args.fit)
         return 0
     if args.calibrate:
         return _calibrate(args)
-    missing = [f"--{k}" for k in ("model", "gpus", "context") if getattr(args, k) is None]
+    missing = [flag for flag, k in (("--model", "model"), ("--nproc-per-node", "nproc"), ("--context", "context"))
+               if getattr(args, k) is None]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or use --paper DIR / --calibrate FILE)")
-    from .search import plan
+    from ..planner.search import planner_dtype, plan
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"unknown strategy {', '.join(bad)}: use a comma list of {', '.join(STRATEGIES)}")
-    p = plan(args.model, args.gpus, args.context, batch=args.batch, dtype=args.dtype, hw=args.hw,
-             layout=args.layout, ttl_ms=args.ttl_ms, strategies=strategies, replicas=not args.no_replicas,
+    p = plan(args.model, args.nproc, args.context, batch=args.batch, dtype=planner_dtype(args.dtype), hw=args.hw,
+             layout=shared.layout_fields(args) or None, ttl_ms=args.ttl_ms, strategies=strategies, replicas=not args.no_replicas,
              max_batch=args.max_batch, hopb=not args.no_hopb, costing=BACKEND if args.costing == "backend" else PAPER)
     if args.png:
-        from .report import plot_pareto
+        from ..planner.report import plot_pareto
 
         plot_pareto(p, args.png)
     if args.json:
         json.dump(p.to_dict(), sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0 if p.best else 1
-    from .report import print_table
+    from ..planner.report import print_table
 
     feasible = sum(e.feasible for e in p.evaluations)
     print(f"{p.model.name}: {p.model.params / 1e9:.1f}B params, S={p.context:,}, {p.dtype}, {p.hw.name} "
@@ -106,7 +108,7 @@ def run(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from .calibrate import calibrate, load_results, table_markdown
+    from ..planner.calibrate import calibrate, load_results, table_markdown
 
     data = load_results(args.calibrate)
     hw, rows = calibrate(data, hw=args.hw if args.hw != "h200" else None)

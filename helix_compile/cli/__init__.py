@@ -1,8 +1,8 @@
-"""The `helix` command. Each subcommand lives in its own module and registers itself here.
+"""The `helix` command: one thin module per subcommand, on the argument groups of ``cli/args.py``.
 
-To add one: give its module an `add_parser(subparsers)` that sets `func=run` with `run(args) -> int`, and
-append the module to SUBCOMMANDS (a listed module that does not exist is skipped). User errors are ValueError
-and print as one line with exit code 2; Ctrl-C exits 130.
+Each module has ``add_parser(subparsers)``, which sets ``func=run`` with ``run(args) -> int``; the work is done by
+library modules the Python API uses too (``planner``, ``convert``, ``generation``, ``graph_view``, ``bench``).
+User errors are ValueError and print as one line with exit code 2; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -13,23 +13,24 @@ import sys
 
 # module paths, each with add_parser(subparsers); listed in `helix --help` in this order
 SUBCOMMANDS = [
-    "helix_compile.planner.command",
-    "helix_compile.convert",
-    "helix_compile.generate",
-    "helix_compile.graph_cmd",
-    "helix_compile.bench.command",
+    "helix_compile.cli.plan",
+    "helix_compile.cli.convert",
+    "helix_compile.cli.generate",
+    "helix_compile.cli.graph",
+    "helix_compile.cli.bench",
 ]
 
 EPILOG = """examples:
-  helix plan --model llama-3.1-405b --gpus 64 --context 1M --dtype fp4 --hw gb200
-  helix convert ckpt/ --kvp 2 --tpa 2 -o ckpt-helix/          # one safetensors file per rank + plan.json
+  helix plan --model llama-3.1-405b --nproc-per-node 64 --context 1M --dtype fp4 --hw gb200
+  helix convert ckpt/ --kvp 2 --tpa 2 -o ckpt-helix/          # one safetensors file per rank + the manifest
   helix convert --verify ckpt-helix/
-  helix generate ckpt-helix/ --prompt "Hello" --max-new-tokens 32   # launches the plan's 4 ranks itself
+  helix generate ckpt-helix/ --prompt "Hello" --max-new-tokens 32   # launches the manifest's 4 ranks itself
   torchrun --nproc-per-node 4 -m helix_compile.cli generate ckpt-helix/ --prompt "Hello"
   helix graph llama --kvp 2 --tpa 2 --html graph.html        # tiny random llama: the graph after each pass
-  helix bench --gpus 4 --models mqa,gqa8 --contexts 32K,256K --batches 1,8,32 --out docs/perf   # GPU timings
+  helix bench --nproc-per-node 4 --models mqa,gqa8 --contexts 32K,256K --batches 1,8,32 --out bench-out
 
-`helix COMMAND --help` shows each command's options and more examples.
+Token counts are in K = 1024 tokens (128K = 131072, 1M = 1048576). `helix COMMAND --help` shows each command's
+options and more examples.
 """
 
 
@@ -39,13 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for mod in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name is not None and mod.startswith(e.name):  # that command's module does not exist
-                continue
-            raise
-        module.add_parser(sub)
+        importlib.import_module(mod).add_parser(sub)
     return parser
 
 
@@ -55,7 +50,10 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or argparse's one-line error (2)
+        return e.code if isinstance(e.code, int) else 2
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
@@ -65,7 +63,3 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"helix {args.command}: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
