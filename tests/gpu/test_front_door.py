@@ -6,7 +6,7 @@ tokenizer (SmolLM2's, random weights), against transformers on the same GPU.
 - bf16 (the checkpoint's dtype, what `--dtype auto` picks): the Python path's logits, teacher-forced on the fp32
   model's tokens, at most twice one device's own bf16 error against the fp32 model.
 - The README's snippet runs as written (bf16) and, with its dtype set to float32, prints transformers' tokens.
-- Ctrl-C while the ranks compile leaves no process behind.
+- Ctrl-C while the ranks compile leaves no process behind; on 2 GPUs, a rank killed mid-decode stops the other.
 
 Every GPU visible is used by the commands that default to them; the layout is planned for that many.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tier import gpus
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "tests" / "assets" / "smollm2-tokenizer"
@@ -225,3 +226,26 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
 
+
+
+@gpus(2)
+def test_rank_killed_mid_decode_nccl(ckpt):
+    """Two GPUs: a rank SIGKILLed while decoding makes the launcher stop the other and exit 1 naming it, within
+    60 s (NCCL's asynchronous error handling, set by helix, and the launcher's supervision)."""
+    proc = subprocess.Popen(CLI + ["generate", str(ckpt), "--nproc-per-node", "2", "--kvp", "2", "--prompt", PROMPTS[0],
+                                   "--max-new-tokens", "200", "--step-delay", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while proc.stdout.read(1) == "":  # the first streamed character: decoding is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+    ranks = _descendants(proc.pid)
+    workers = [p for p in ranks if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    assert len(workers) == 2, workers
+    t0 = time.monotonic()
+    os.kill(workers[1], signal.SIGKILL)
+    code = proc.wait(timeout=60)
+    err = proc.stderr.read()
+    assert code == 1 and time.monotonic() - t0 < 60, (code, err[-3000:])
+    assert "ended with signal SIGKILL" in err, err[-3000:]
+    time.sleep(2)
+    assert [p for p in ranks if _alive(p)] == []
