@@ -127,7 +127,8 @@ def broken(tmp_path_factory, converted):
     for f in no_tokenizer.glob("tokenizer*"):
         f.unlink()
     return {"good": good, "hf": ckpt, "flipped": flipped, "truncated": truncated, "no-config": no_config,
-            "no-tokenizer": no_tokenizer, "gpt2": save(root / "gpt2", "gpt2", max_position_embeddings=16)}
+            "no-tokenizer": no_tokenizer, "gpt2": save(root / "gpt2", "gpt2", max_position_embeddings=16),
+            "two-heads": save(root / "two-heads", "llama", num_attention_heads=2, num_key_value_heads=2)}
 
 
 LONG = " ".join(f"w{i}" for i in range(12))
@@ -135,6 +136,7 @@ BAD_INPUT = [  # (checkpoint, arguments, the one line that names the problem)
     ("gpt2", ["--kvp", "1", "--prompt", LONG, "--max-new-tokens", "8"],
      "the prompt (12 tokens) plus --max-new-tokens 8 is 20 positions, but gpt2 has 16"),
     ("hf", ["--kvp", "1", "--tpa", "3", "--prompt", PROMPT], "tpa=3"),
+    ("two-heads", ["--kvp", "3", "--prompt", PROMPT], "kvp=3 exceeds the 2 query heads of a TPA slice"),
     ("hf", ["--kvp", "2", "--prompt", PROMPT, "--nproc", "3"], "kvp=2 x tpa=1 needs 2 ranks but --nproc asks for 3"),
     ("hf", ["--kvp", "2", "--prompt", PROMPT, "--max-new-tokens", "-3"], "--max-new-tokens: must be at least 1, got -3"),
     ("hf", ["--kvp", "2", "--prompt", PROMPT, "--max-new-tokens", "0"], "--max-new-tokens: must be at least 1, got 0"),
