@@ -292,6 +292,8 @@ def rank_main(req: Request) -> int:
     from transformers.utils import logging as hf_logging
 
     warnings.filterwarnings("ignore", message="`past_key_values` is deprecated")
+    # Inductor's advice to enable TF32 for fp32 matmuls: helix keeps fp32 exact, so the advice is not taken
+    warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
     hf_logging.disable_progress_bar()  # stderr carries helix's progress lines only
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if req.device == "cuda" else torch.device("cpu")
