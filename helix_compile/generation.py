@@ -57,6 +57,7 @@ class Request:
     device: str  # "cuda" or "cpu"
     input_ids: list  # left-padded [batch][length]
     attention_mask: list
+    pad_token_id: int  # what the left padding holds; generate is told the same
     generate_kwargs: dict  # decoding arguments given (transformers' generate kwargs; the rest: generation_config)
     max_new_tokens: int = 32
     seed: int = 0  # sampling seed, the same on every rank
@@ -67,10 +68,8 @@ class Request:
     verified: bool = False  # every file was checked against the manifest's sha256 before the ranks started
 
 
-def tokenize(tok, prompts: list[str], chat: bool, path) -> tuple[list, list]:
-    """One left-padded batch: (input_ids, attention_mask) as lists."""
-    import torch
-
+def tokenize(tok, prompts: list[str], chat: bool, path) -> tuple[list, list, int]:
+    """One left-padded batch: (input_ids, attention_mask) as lists, and the pad id (the tokenizer's, else EOS)."""
     rows = []
     for text in prompts:
         if chat:
@@ -88,9 +87,9 @@ def tokenize(tok, prompts: list[str], chat: bool, path) -> tuple[list, list]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     if isinstance(pad, list):
         pad = pad[0]
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows]).tolist()
+    ids = [[pad] * (width - len(r)) + r for r in rows]
     mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-    return ids, mask
+    return ids, mask, pad
 
 
 def visible_gpus() -> int:
@@ -142,7 +141,7 @@ def prepare(model, prompts: list[str], *, max_new_tokens: int = 32, layout: dict
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 -- transformers raises many kinds here; all mean "no usable tokenizer"
         raise ValueError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    input_ids, attention_mask = tokenize(tok, prompts, chat, path)
+    input_ids, attention_mask, pad_token_id = tokenize(tok, prompts, chat, path)
     prompt_len = len(input_ids[0])
     check_request(config, prompt_len, max_new_tokens)
 
@@ -190,7 +189,7 @@ def prepare(model, prompts: list[str], *, max_new_tokens: int = 32, layout: dict
         raise ValueError(f"{n} ranks need {n} GPUs (one each) but {visible_gpus()} are visible: use --nproc "
                          f"{visible_gpus()} with a layout for it, or --device cpu")
     return Request(path=str(path), name=name or str(path), layout=chosen, world=n, dtype=dtype, device=device,
-                   input_ids=input_ids, attention_mask=attention_mask, generate_kwargs=dict(generate_kwargs or {}),
+                   input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_token_id, generate_kwargs=dict(generate_kwargs or {}),
                    max_new_tokens=max_new_tokens, verified=world is None and manifest is not None, **options)
 
 
@@ -284,7 +283,7 @@ def rank_main(req: Request) -> int:
 
     import torch
     import torch.distributed as dist
-    from transformers import AutoTokenizer, GenerationConfig, LogitsProcessorList, TextStreamer
+    from transformers import AutoTokenizer, LogitsProcessorList, TextStreamer
 
     import helix_compile
     from helix_compile import StaticCache
@@ -313,18 +312,12 @@ def rank_main(req: Request) -> int:
     t0 = time.perf_counter()
     # the launcher already checked a conversion's files against plan.json (preflight.check_checkpoint)
     model = helix_compile.from_pretrained(req.path, layout, dtype=dtype, device=device, verify=not req.verified)
-    if (Path(req.path) / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(req.path)
     tok = AutoTokenizer.from_pretrained(req.path)
     loaded = time.perf_counter() - t0
     _say(rank, f"loaded in {loaded:.1f} s")
     model.forward = torch.compile(model.forward, backend="helix", fullgraph=True,
                                   options={"layout": layout, "executor": req.executor})
-    pad = tok.pad_token_id if tok.pad_token_id is not None else model.generation_config.pad_token_id
-    if pad is None:
-        pad = _as_list(model.generation_config.eos_token_id or tok.eos_token_id)[:1] or [0]
-        pad = pad[0]
-    common = dict(input_ids=ids, attention_mask=mask, pad_token_id=pad,
+    common = dict(input_ids=ids, attention_mask=mask, pad_token_id=req.pad_token_id,
                   logits_processor=LogitsProcessorList([_same_on_every_rank()]))
 
     def cache():
@@ -377,10 +370,6 @@ def rank_main(req: Request) -> int:
                    f"peak memory per rank {', '.join(f'{m:.2f}' for m in memory)} GiB")
     dist.barrier()
     return 0
-
-
-def _as_list(x):
-    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def rank_entry(req: Request, rank: int) -> int:

@@ -181,8 +181,8 @@ def stop(procs, grace: float = 5.0) -> None:
                 p.join()
 
 
-def signal_tree(pid: int, sig) -> None:
-    """Send ``sig`` to ``pid`` and every process below it (read from /proc; children first)."""
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc), parents before their children."""
     children = {}
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
         if entry.name.isdigit():
@@ -191,11 +191,17 @@ def signal_tree(pid: int, sig) -> None:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    order, todo = [], [pid]
+    order, todo = [], list(children.get(pid, []))
     while todo:
         p = todo.pop()
         order.append(p)
         todo.extend(children.get(p, []))
+    return order
+
+
+def signal_tree(pid: int, sig) -> None:
+    """Send ``sig`` to ``pid`` and every process below it (children first)."""
+    order = [pid] + descendants(pid)
     for p in reversed(order):
         try:
             os.kill(p, sig)

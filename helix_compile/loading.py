@@ -384,6 +384,10 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    if (path / "generation_config.json").is_file():  # decoding defaults, as transformers' from_pretrained reads them
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
     model.register_forward_pre_hook(_refuse_eager, with_kwargs=True)
     return model

@@ -192,18 +192,9 @@ class _Launcher:
         return self.children("spawn_main")
 
     def descendants(self):
-        children = {}
-        for entry in Path("/proc").iterdir():
-            try:
-                children.setdefault(int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
-                    int(entry.name))
-            except (OSError, ValueError, IndexError):
-                continue
-        out, todo = [], list(children.get(self.proc.pid, []))
-        while todo:
-            out.append(todo.pop())
-            todo.extend(children.get(out[-1], []))
-        return out
+        from helix_compile.launch import descendants
+
+        return descendants(self.proc.pid)
 
     def children(self, marker):
         pids = []

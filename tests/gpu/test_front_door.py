@@ -25,6 +25,8 @@ import pytest
 import torch
 from tier import gpus
 
+from helix_compile.launch import descendants
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "tests" / "assets" / "smollm2-tokenizer"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
@@ -195,29 +197,12 @@ def test_ctrl_c_while_compiling_leaves_no_process(ckpt):
         err.append(line)
         assert time.monotonic() < deadline
     time.sleep(3)  # inside the compile
-    below = _descendants(proc.pid)
+    below = descendants(proc.pid)
     assert below, "no rank processes found"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130, proc.stderr.read()[-3000:]
     time.sleep(2)
     assert [p for p in below if _alive(p)] == []
-
-
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
 
 
 def _alive(pid: int) -> bool:
@@ -238,7 +223,7 @@ def test_rank_killed_mid_decode_nccl(ckpt):
     deadline = time.monotonic() + 300
     while proc.stdout.read(1) == "":  # the first streamed character: decoding is under way
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-    ranks = _descendants(proc.pid)
+    ranks = descendants(proc.pid)
     workers = [p for p in ranks if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
     assert len(workers) == 2, workers
     t0 = time.monotonic()
