@@ -20,6 +20,9 @@ included, is captured once and replayed, so a decode step costs one graph launch
     later calls replay. An argument that is the same tensor object as at capture (parameters, cache shards,
         position counters) is read in place; one that changed between calls 1 and 2 (input ids) is copied into
         the captured buffer. Outputs are cloned, so a caller may keep them across steps.
+    a prefill (queries at more than one position) is not captured: its attention reads its positions on the host
+        to pick a kernel (``prefill.py``), and a graph saves nothing on kernels that long. ``cudagraphs=True``
+        applies to the steps of one query position.
     programs that copy to the host inside the step cannot be captured: transformers' ``grouped_mm_fallback``
         (the experts of MoE models whose dtype ``torch._grouped_mm`` does not take, e.g. fp32) reads its offsets
         with ``.tolist()``. Such a program runs without CUDA graphs (a warning says why); ``cudagraphs=True`` on it
@@ -63,7 +66,7 @@ class Lowered:
         if syncing and cudagraphs is None and on_cuda:
             warnings.warn(f"helix: CUDA graphs off for this step: it calls {syncing}, which copy to the host "
                           f"(transformers' grouped_mm fallback for expert dtypes torch._grouped_mm does not take)")
-        self.cudagraphs = cudagraphs if cudagraphs is not None else on_cuda and not syncing
+        self.cudagraphs = (cudagraphs if cudagraphs is not None else on_cuda and not syncing) and not is_prefill(gm)
         self.graphed: OrderedDict[tuple, GraphedStep] = OrderedDict()  # per value of the SymInt inputs, LRU order
 
     def __call__(self, args: list):
@@ -79,6 +82,20 @@ class Lowered:
                 self.graphed.popitem(last=False)  # frees that graph and its private memory pool
         self.graphed.move_to_end(key)
         return step(*args)
+
+
+def is_prefill(gm: fx.GraphModule) -> bool:
+    """Whether the program attends queries at more than one position (a prompt), not one (a decode step), as the
+    example values Dynamo left on the query (or the positions) say. Without them it counts as a decode step, which
+    is safe: captured, the prefill kernel takes its no-host-read path."""
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.helix.partial_attention.default:
+            for arg, dim in ((n.args[0], 2), (n.args[3], 0)):  # q (B, H, L, D), pos (L,)
+                value = arg.meta.get("val", arg.meta.get("example_value")) if isinstance(arg, fx.Node) else None
+                if isinstance(value, torch.Tensor):
+                    length = value.shape[dim]
+                    return not (isinstance(length, int) and length == 1)
+    return False
 
 
 def _inductor(gm: fx.GraphModule, examples: list):

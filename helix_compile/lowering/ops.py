@@ -52,7 +52,8 @@ from typing import Optional
 import torch
 from torch.library import Library, custom_op, triton_op
 
-from .common import left_padding, lse_elems  # noqa: F401  (lse_elems: re-exported)
+from .common import left_padding, lse_elems, pack_lse  # noqa: F401  (lse_elems, pack_lse: re-exported)
+from . import prefill
 from .common import lse_dtype as _lse_dtype
 
 
@@ -153,6 +154,9 @@ def partial_attention(
     chunk: int = 0,
 ) -> torch.Tensor:
     if q.device.type == "cuda":
+        if q.shape[2] != 1 and prefill.eligible(q, k_shard, v_shard, kvp, softcap, window, alibi_slopes, alibi_pos,
+                                                 k_rope, chunk):
+            return torch.ops.helix.prefill_attention(q, k_shard, v_shard, pos, scale, key_mask)
         from .triton_attention import partial_attention as triton_partial_attention
 
         return triton_partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask,
@@ -221,22 +225,3 @@ def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_bloc
     o = o.reshape(b, hq, length, v.shape[-1]).permute(1, 0, 2, 3)
     lse = lse.reshape(b, hq, length).permute(1, 0, 2).to(_lse_dtype(q.dtype))
     return torch.cat([o.to(q.dtype), pack_lse(lse, q.dtype)], dim=-1)
-
-
-def pack_lse(lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(..., e): the bits of ``lse`` (in ``_lse_dtype(dtype)``) as ``e = lse_elems(dtype)`` elements of ``dtype``,
-    low part first: what ``lse.unsqueeze(-1).contiguous().view(dtype)`` reads on a little-endian machine, and what
-    ``lse_merge`` views back. Built from same-size bit casts and integer ops only: a view to a narrower dtype
-    needs a last stride of 1, which a compiler may not give the size-1 dim of ``unsqueeze(-1)``."""
-    e = lse_elems(dtype)
-    if e == 1:
-        return lse.unsqueeze(-1)
-    nbits = dtype.itemsize * 8
-    full = 1 << nbits
-    bits = lse.view(torch.int32)
-    parts = []
-    for k in range(e):
-        part = torch.bitwise_and(torch.bitwise_right_shift(bits, nbits * k), full - 1)
-        part = torch.where(part >= full // 2, part - full, part)  # the same bits as a signed nbits-bit integer
-        parts.append(part.to(torch.int16 if nbits == 16 else torch.int8))
-    return torch.stack(parts, dim=-1).view(dtype)

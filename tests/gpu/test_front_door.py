@@ -185,9 +185,12 @@ def test_python_path_bf16_within_single_device_error(ckpt):
     assert helix <= 2 * single, (helix, single)
 
 
-def test_ctrl_c_while_compiling_leaves_no_process(ckpt):
+def test_ctrl_c_while_compiling_leaves_no_process(ckpt, tmp_path):
+    # its own Inductor cache: a compile stopped half-way must not leave a half-written artifact where other tests
+    # (running side by side under pytest -n) read theirs
+    env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton")}
     proc = subprocess.Popen(CLI + ["generate", str(ckpt), "--prompt", PROMPTS[0]], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = []
     deadline = time.monotonic() + 300

@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("smoke")  # one worker runs each world once (pytest -n: --dist loadgroup)
+
 from tier import gpus
 from smoke import CONFIGS, body
 
