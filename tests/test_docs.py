@@ -32,7 +32,8 @@ def test_docs_speak_of_the_software_only():
 # A repository path as the docs and the code cite it, from the repository root: a file under one of the top-level
 # folders (with its extension), or a folder (with its trailing slash).
 _TOP = r"(?:helix_compile|tests|tools|benchmarks|examples|docs|results)"
-CITED = re.compile(rf"(?<![\w./-]){_TOP}/(?:[\w-][\w.-]*/)*(?:[\w-][\w.-]*\.(?:json|log|png|md|py|txt|html)\b|(?=[`'\s),;:]))")
+_FILE = r"[\w-][\w.-]*\.(?:json|log|png|md|py|txt|html)\b"
+CITED = re.compile(rf"(?<![\w./-]){_TOP}/(?:[\w-][\w.-]*/)*(?:{_FILE}|(?=[`'\s),;:]))")
 # A Markdown link or image to a file beside the page: ](target), the target relative to the page.
 LINK = re.compile(r"\]\((?!https?:|mailto:|#)([^)\s#]+)(?:#[^)]*)?\)")
 
