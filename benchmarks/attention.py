@@ -106,6 +106,7 @@ def main():
     info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=__import__("triton").__version__,
                 hbm_read_gbs=bw, date=time.strftime("%Y-%m-%d"), command="python benchmarks/attention.py"
                 + (" --sweep" if args.sweep else "") + (" --extra-only" if args.extra_only else ""))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "attention_bench.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
 
 
