@@ -5,8 +5,9 @@
     convert("ckpt/", Layout(kvp=2, tpa=2), "ckpt-helix/")     # HF safetensors directory (sharded or not) or .gguf
     verify("ckpt-helix/")                                     # [] when every sha256 matches the manifest
 
-The manifest is the file ``plan.json`` (``loading.PLAN_FILE``; the name is kept so that existing conversions
-load): the format, the whole layout, the model config and the sha256 of every file.
+The manifest is the file ``manifest.json`` (``loading.MANIFEST_FILE``): the format, the whole layout, the model
+config and the sha256 of every file. ``plan.json``, the name earlier versions wrote, is read too (the same format),
+so their conversions load, verify and are refused as sources as before.
 
 Contract
     in:  an HF checkpoint directory (config.json + *.safetensors) or a GGUF file, of any family that
@@ -15,7 +16,7 @@ Contract
     out: OUT/rank<r>.safetensors for r in 0..N-1 holding exactly the tensors rank r loads
          (``loading.rank_tensors``, the same function ``from_pretrained`` reads a checkpoint with), named as the
          model names them: its piece of every sharded tensor (of a routed-expert weight: only its ep experts, each
-         cut to its tpf slice, fused), every other tensor in full; the manifest OUT/plan.json (format, the
+         cut to its tpf slice, fused), every other tensor in full; the manifest OUT/manifest.json (format, the
          whole layout, model config, the sha256 of every file); config.json, generation config and tokenizer files.
          ``from_pretrained(OUT, layout)`` reads only its rank's file, and refuses a layout whose kvp, tpa, tpf or
          ep differ from the manifest's.
@@ -39,9 +40,9 @@ from pathlib import Path
 import torch
 
 from .layout import Layout
-from .loading import (DTYPE_TAGS, Checkpoint, RankTensor, checkpoint_files, model_from_config, not_held, rank_file,
-                      rank_tensors, sha256)
-from .loading import PLAN_FILE as MANIFEST_FILE, PLAN_FORMAT as MANIFEST_FORMAT, read_plan as read_manifest
+from .loading import (DTYPE_TAGS, EARLIER_MANIFEST_FILE, MANIFEST_FILE, MANIFEST_FORMAT, Checkpoint, RankTensor,
+                      checkpoint_files, manifest_file, model_from_config, not_held, rank_file, rank_tensors,
+                      read_manifest, sha256)
 
 # -- sources ---------------------------------------------------------------------------------------------------
 class _Source:
@@ -62,7 +63,8 @@ class _HFDir(_Source):
 
     def write_side_files(self, folder):
         for f in sorted(self.path.iterdir()):  # tokenizer, generation config, chat template, ...
-            if f.is_file() and f.name not in ("config.json", "model.safetensors.index.json", MANIFEST_FILE) \
+            if f.is_file() and f.name not in ("config.json", "model.safetensors.index.json", MANIFEST_FILE,
+                                              EARLIER_MANIFEST_FILE) \
                     and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
                 shutil.copy2(f, folder / f.name)
 
@@ -120,7 +122,7 @@ def open_source(model) -> _Source:
     if path.is_file() and path.suffix == ".gguf":
         return _GGUF(path)
     if path.is_dir():
-        if (path / MANIFEST_FILE).exists():
+        if manifest_file(path):
             raise ValueError(f"{model} is already a helix convert output; convert the original checkpoint")
         return _HFDir(path)
     raise ValueError(f"{model}: not a checkpoint directory or a .gguf file")
@@ -253,7 +255,8 @@ def _bar(total: int, enabled: bool):
 def verify(out) -> list[str]:
     """Problems with a conversion, one line each naming the file (empty: every sha256 matches the manifest)."""
     out = Path(out)
-    if not (out / MANIFEST_FILE).exists():
+    recorded = manifest_file(out)
+    if recorded is None:
         return [f"{out / MANIFEST_FILE} is missing: {out} is not a complete helix convert output"]
     manifest = read_manifest(out)
     bad = []
@@ -262,5 +265,5 @@ def verify(out) -> list[str]:
         if not file.exists():
             bad.append(f"{file}: missing")
         elif (got := sha256(file)) != want:
-            bad.append(f"{file}: corrupted (sha256 {got[:16]}..., the manifest {MANIFEST_FILE} records {want[:16]}...)")
+            bad.append(f"{file}: corrupted (sha256 {got[:16]}..., the manifest {recorded.name} records {want[:16]}...)")
     return bad

@@ -117,8 +117,7 @@ def prepare(model, prompts: list[str], *, max_new_tokens: int = 32, layout: dict
     from transformers import AutoConfig, AutoTokenizer
 
     from .layout import Layout
-    from .loading import PLAN_FILE as MANIFEST_FILE, check_layout, plan_layout as manifest_layout, \
-        read_plan as read_manifest
+    from .loading import check_layout, manifest_file, manifest_layout, read_manifest
     from .preflight import check_checkpoint, check_request
 
     auto = layout == "auto"
@@ -154,7 +153,7 @@ def prepare(model, prompts: list[str], *, max_new_tokens: int = 32, layout: dict
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"{path}: the checkpoint's dtype is {dtype}; give --dtype bfloat16, float16 or float32")
 
-    manifest = read_manifest(path) if (path / MANIFEST_FILE).exists() else None
+    manifest = read_manifest(path) if manifest_file(path) else None
     if manifest is not None:
         chosen = manifest_layout(manifest)
         if fields:  # refused here if it places the weights differently from the conversion
@@ -310,7 +309,7 @@ def rank_main(req: Request) -> int:
                f"{batch} prompt(s) of {prompt_len} tokens (left-padded), {req.max_new_tokens} new tokens")
     _say(rank, "loading this rank's shards ...")
     t0 = time.perf_counter()
-    # the launcher already checked a conversion's files against plan.json (preflight.check_checkpoint)
+    # the launcher already checked a conversion's files against its manifest (preflight.check_checkpoint)
     model = helix_compile.from_pretrained(req.path, layout, dtype=dtype, device=device, verify=not req.verified)
     tok = AutoTokenizer.from_pretrained(req.path)
     loaded = time.perf_counter() - t0

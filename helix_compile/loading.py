@@ -4,8 +4,8 @@ Two kinds of checkpoint:
 
 - a plain HF safetensors checkpoint (one file or an index of several): every tensor is read with safetensors'
   ``get_slice``, sharded ones as this rank's slice only;
-- a ``helix convert`` output (a ``plan.json`` beside ``rank<r>.safetensors`` files): the rank opens only its own
-  file, after checking its sha256 against the plan, and only if the layout is the plan's.
+- a ``helix convert`` output (a manifest, ``manifest.json``, beside ``rank<r>.safetensors`` files): the rank opens
+  only its own file, after checking its sha256 against the manifest, and only if the layout is the manifest's.
 
 The model is built without parameter storage (``accelerate.init_empty_weights``; buffers such as RoPE's
 ``inv_freq`` stay real). A sharded parameter (``shard_spec``: q/k/v/o_proj, gate/up/down_proj, the fused qkv_proj / query_key_value /
@@ -49,8 +49,9 @@ from .passes.regions.roles import Heads, Pieces, role_by_name, role_shard
 from .shards import ExpertShard, Shard
 
 
-PLAN_FILE = "plan.json"
-PLAN_FORMAT = "helix-convert/1"
+MANIFEST_FILE = "manifest.json"  # what helix convert writes
+EARLIER_MANIFEST_FILE = "plan.json"  # the name earlier versions wrote, read too (the same format)
+MANIFEST_FORMAT = "helix-convert/1"
 # Fields of a Layout that decide which weights a rank holds. kv_block and hopb_chunks shape only the KV cache
 # and the schedule, so a converted checkpoint runs with any of them.
 WEIGHT_FIELDS = ("kvp", "tpa", "tpf", "ep")
@@ -101,44 +102,56 @@ def sha256(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def read_plan(path: Path) -> dict:
-    """The ``plan.json`` of a ``helix convert`` output, checked for its format."""
-    file = Path(path) / PLAN_FILE
+def manifest_file(path: Path) -> Path | None:
+    """The manifest of the ``helix convert`` output ``path``: ``manifest.json``, else ``plan.json`` (the name
+    earlier versions wrote); None where ``path`` has neither (not a conversion)."""
+    for name in (MANIFEST_FILE, EARLIER_MANIFEST_FILE):
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return None
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of the ``helix convert`` output ``path`` (``manifest_file``), checked for its format."""
+    file = manifest_file(path)
+    if file is None:
+        raise ValueError(f"{path} has no {MANIFEST_FILE}: not a helix convert output")
     try:
-        plan = json.loads(file.read_text())
+        manifest = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON ({e}): the conversion is damaged; run helix convert again")
-    if plan.get("format") != PLAN_FORMAT:
-        raise ValueError(f"{file} has format {plan.get('format')!r}, this helix reads {PLAN_FORMAT!r}")
-    return plan
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{file} has format {manifest.get('format')!r}, this helix reads {MANIFEST_FORMAT!r}")
+    return manifest
 
 
-def plan_layout(plan: dict) -> Layout:
-    return Layout(**plan["layout"])
+def manifest_layout(manifest: dict) -> Layout:
+    """The whole layout a conversion was written for."""
+    return Layout(**manifest["layout"])
 
 
-def check_layout(plan: dict, layout: Layout, path) -> None:
-    """Refuse ``layout`` if its weight placement differs from the one ``plan`` was converted for."""
-    want = plan_layout(plan)
+def check_layout(manifest: dict, layout: Layout, path) -> None:
+    """Refuse ``layout`` if its weight placement differs from the one ``manifest`` was converted for."""
+    want = manifest_layout(manifest)
     if any(getattr(want, f) != getattr(layout, f) for f in WEIGHT_FIELDS):
         fmt = lambda l: " ".join(f"{f}={getattr(l, f)}" for f in WEIGHT_FIELDS)  # noqa: E731
         raise ValueError(
             f"{path} was converted for {fmt(want)} ({want.world_size} ranks) but the layout asked for is "
-            f"{fmt(layout)} ({layout.world_size} ranks): use the plan's layout, or convert the original checkpoint "
+            f"{fmt(layout)} ({layout.world_size} ranks): use the manifest's layout, or convert the original checkpoint "
             f"again with helix convert --kvp {layout.kvp} --tpa {layout.tpa}"
             + (f" --ep {layout.ep}" if layout.ep != 1 else "")
         )
 
 
-def check_file(path: Path, name: str, plan: dict) -> Path:
-    """``path/name`` after checking it exists and its sha256 is the one recorded in ``plan``."""
+def check_file(path: Path, name: str, manifest: dict) -> Path:
+    """``path/name`` after checking it exists and its sha256 is the one recorded in ``manifest``."""
     file = Path(path) / name
     if not file.exists():
         raise ValueError(f"{file} is missing: copy the whole helix convert output, or convert again")
-    want, got = plan["files"].get(name), sha256(file)
+    want, got = manifest["files"].get(name), sha256(file)
     if want != got:
         raise ValueError(
-            f"{file} is corrupted: its sha256 is {got[:16]}..., plan.json records {str(want)[:16]}...; "
+            f"{file} is corrupted: its sha256 is {got[:16]}..., the manifest records {str(want)[:16]}...; "
             f"copy it again or convert again (helix convert --verify {path} checks every file)"
         )
     return file
@@ -342,7 +355,7 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     """Build the HF model of checkpoint ``path`` holding only this rank's shards (see the module docstring).
 
     ``path`` is an HF safetensors checkpoint directory or a ``helix convert`` output. For the latter ``layout``
-    must place the weights as the plan does (``WEIGHT_FIELDS``), and with ``verify`` the rank's file is checked
+    must place the weights as its manifest does (``WEIGHT_FIELDS``), and with ``verify`` the rank's file is checked
     against its sha256 first. ``dtype`` defaults to the config's; ``device`` to the rank's GPU under an NCCL
     process group (``torch.cuda.current_device()``), else the CPU. ``experts_implementation`` (MoE models):
     transformers' ``"grouped_mm"`` (its default) or ``"batched_mm"``, as transformers' own ``from_pretrained``
@@ -352,10 +365,10 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     from transformers import AutoConfig
 
     path = Path(path)
-    plan = read_plan(path) if (path / PLAN_FILE).exists() else None
+    manifest = read_manifest(path) if manifest_file(path) else None
     rank, world = current_world()
-    if plan is not None:
-        check_layout(plan, layout, path)
+    if manifest is not None:
+        check_layout(manifest, layout, path)
     config = AutoConfig.from_pretrained(path)
     layout.validate(config.get_text_config(decoder=True), world_size=world)
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
@@ -365,12 +378,12 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     with init_empty_weights(include_buffers=False):
         extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
         model = model_from_config(config, dtype=dtype, **extra)
-    if plan is None:
+    if manifest is None:
         checkpoint = Checkpoint(checkpoint_files(path))
     else:
         name = rank_file(rank)
-        checkpoint = Checkpoint([check_file(path, name, plan) if verify else path / name])
-    for item in rank_tensors(checkpoint, model, layout, rank, local=plan is not None):
+        checkpoint = Checkpoint([check_file(path, name, manifest) if verify else path / name])
+    for item in rank_tensors(checkpoint, model, layout, rank, local=manifest is not None):
         if item.buffer:
             model.get_buffer(item.name).copy_(item.read())
             continue

@@ -5,7 +5,7 @@ the group), so that a bad argument or a broken checkpoint never costs a rank sta
 
 - ``check_checkpoint(path)``: a config.json, a tokenizer and weights are there, and every safetensors file is
   whole (its header parses and the file is as long as the header says; a helix convert output's files match
-  plan.json's sha256).
+  its manifest's sha256).
 - ``max_positions(config)``: the size of the model's learned position table (``None``: positions are unbounded).
 - ``check_request(config, prompt_len, max_new_tokens)``: prompt plus new tokens within the model's positions.
 """
@@ -53,8 +53,10 @@ def check_safetensors(file: Path) -> None:
 def check_checkpoint(path: Path, checksums: bool = True) -> None:
     """A config, a tokenizer and whole weight files in ``path`` (an HF directory or a helix convert output).
 
-    With ``checksums``, a helix convert output's files are also checked against plan.json's sha256 (a flipped
+    With ``checksums``, a helix convert output's files are also checked against its manifest's sha256 (a flipped
     byte is caught here, not only a truncation)."""
+    from .loading import check_file, manifest_file, read_manifest
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: give an HF checkpoint directory (save_pretrained's output), a "
@@ -63,9 +65,10 @@ def check_checkpoint(path: Path, checksums: bool = True) -> None:
     if not any((path / f).is_file() for f in tokenizer_files):
         raise ValueError(f"{path} has no tokenizer (none of {', '.join(tokenizer_files)}): save the tokenizer beside "
                          f"the weights (tokenizer.save_pretrained({str(path)!r}))")
-    plan = path / "plan.json"
-    if plan.is_file():
-        files = [path / name for name in json.loads(plan.read_text()).get("files", {}) if name.endswith(".safetensors")]
+    manifest = manifest_file(path)
+    if manifest is not None:
+        files = [path / name for name in json.loads(manifest.read_text()).get("files", {})
+                 if name.endswith(".safetensors")]
     else:
         index = path / "model.safetensors.index.json"
         if index.is_file():
@@ -80,10 +83,8 @@ def check_checkpoint(path: Path, checksums: bool = True) -> None:
         if not file.is_file():
             raise ValueError(f"{file} is missing: the checkpoint in {path} is incomplete")
         check_safetensors(file)
-    if plan.is_file() and checksums:
-        from .loading import check_file, read_plan
-
-        recorded = read_plan(path)
+    if manifest is not None and checksums:
+        recorded = read_manifest(path)
         for name in recorded.get("files", {}):
             check_file(path, name, recorded)
 

@@ -50,9 +50,12 @@ def converted(tmp_path_factory):
 def test_rank_files_hold_exactly_what_from_pretrained_reads(converted):
     ckpt, out = converted
     layout = Layout(2, 2, kv_block=4)
-    plan = json.loads((out / "plan.json").read_text())
-    assert plan["layout"] == dict(kvp=2, tpa=2, tpf=4, ep=1, kv_block=4, hopb_chunks=1) and plan["world_size"] == 4
-    assert {"config.json", "tokenizer.json", "rank0.safetensors", "rank3.safetensors"} <= set(plan["files"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not (out / "plan.json").exists()
+    assert manifest["format"] == "helix-convert/1"
+    assert manifest["layout"] == dict(kvp=2, tpa=2, tpf=4, ep=1, kv_block=4, hopb_chunks=1)
+    assert manifest["world_size"] == 4
+    assert {"config.json", "tokenizer.json", "rank0.safetensors", "rank3.safetensors"} <= set(manifest["files"])
     sharded_elems = 0
     for rank in range(4):
         from_hf = _as_rank(rank, 4, lambda: _held(helix_compile.from_pretrained(ckpt, layout)))
@@ -94,6 +97,39 @@ def test_verify_names_a_corrupted_or_missing_file(converted, tmp_path, capsys):
     assert "rank2.safetensors: missing" in capsys.readouterr().out
     with pytest.raises(ValueError, match="rank2.safetensors is missing"):
         _as_rank(2, 4, lambda: helix_compile.from_pretrained(out, Layout(2, 2)))
+
+
+def test_a_manifest_named_plan_json_is_read_too(converted, tmp_path, capsys):
+    """A conversion whose manifest is ``plan.json`` (the name earlier versions wrote) loads, verifies, is checked
+    before a rank starts and is refused as a source, as one with ``manifest.json``; its format is checked too."""
+    import shutil
+
+    from helix_compile.preflight import check_checkpoint
+
+    ckpt, good = converted
+    out = tmp_path / "earlier"
+    shutil.copytree(good, out)
+    (out / "manifest.json").rename(out / "plan.json")
+    layout = Layout(2, 2, kv_block=4)
+    new = _as_rank(3, 4, lambda: _held(helix_compile.from_pretrained(good, layout)))
+    earlier = _as_rank(3, 4, lambda: _held(helix_compile.from_pretrained(out, layout)))
+    assert new.keys() == earlier.keys() and all(torch.equal(new[k], earlier[k]) for k in new)
+    with pytest.raises(ValueError, match="converted for kvp=2 tpa=2 tpf=4 ep=1 .4 ranks. but the layout asked for"):
+        _as_rank(0, 4, lambda: helix_compile.from_pretrained(out, Layout(4, 1)))
+    assert main(["convert", "--verify", str(out)]) == 0
+    check_checkpoint(out)
+    assert main(["convert", str(out), "--kvp", "2", "-o", str(tmp_path / "again"), "--quiet"]) == 2
+    assert "is already a helix convert output" in capsys.readouterr().err
+    data = bytearray((out / "rank0.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (out / "rank0.safetensors").write_bytes(bytes(data))
+    assert main(["convert", "--verify", str(out)]) == 1
+    assert "rank0.safetensors: corrupted (sha256" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="rank0.safetensors is corrupted: its sha256 is .*, the manifest records"):
+        check_checkpoint(out)
+    (out / "plan.json").write_text(json.dumps({**json.loads((good / "manifest.json").read_text()), "format": "x/9"}))
+    with pytest.raises(ValueError, match=r"plan.json has format 'x/9', this helix reads 'helix-convert/1'"):
+        _as_rank(0, 4, lambda: helix_compile.from_pretrained(out, layout))
 
 
 def test_other_layout_or_world_size_refused(converted):
@@ -247,9 +283,9 @@ def test_every_family_converts_and_runs_exact(tmp_path):
     # the rank files hold only the rank's experts (ep) or their tpf slice, fused, and nothing per expert
     full = model("mixtral").model.layers[1].mlp.experts
     for name, experts, cut in (("mixtral_ep2", slice(2, 4), slice(None)), ("mixtral_tpf2", slice(None), slice(16, 32))):
-        plan = json.loads((Path(outs[name]) / "plan.json").read_text())
+        manifest = json.loads((Path(outs[name]) / "manifest.json").read_text())
         fields = dict(kvp=2, tpa=1, tpf=1, ep=2) if name == "mixtral_ep2" else dict(kvp=1, tpa=2, tpf=2, ep=1)
-        assert plan["layout"] == {**fields, "kv_block": 4, "hopb_chunks": 1}
+        assert manifest["layout"] == {**fields, "kv_block": 4, "hopb_chunks": 1}
         with safe_open(Path(outs[name]) / "rank1.safetensors", framework="pt") as f:
             assert not any(".experts.0." in k or "block_sparse_moe" in k for k in f.keys())
             gate_up, down = f.get_tensor("model.layers.1.mlp.experts.gate_up_proj"), \

@@ -1,4 +1,4 @@
-"""`helix convert`: split a checkpoint into one safetensors file per rank, plus a manifest (``plan.json``).
+"""`helix convert`: split a checkpoint into one safetensors file per rank, plus a manifest (``manifest.json``).
 
 The work is ``helix_compile.convert`` (its docstring is the contract); this module reads the flags.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from . import args as shared
 
-DESCRIPTION = ("split a checkpoint into one safetensors file per rank plus a manifest, plan.json (the whole layout, "
-               "the sha256 of every file)")
+DESCRIPTION = ("split a checkpoint into one safetensors file per rank plus a manifest, manifest.json (the whole "
+               "layout, the sha256 of every file)")
 EPILOG = """examples:
   helix convert ckpt/ --kvp 2 --tpa 2 -o ckpt-helix/                # HF safetensors directory (sharded or not)
   helix convert ckpt/ --layout kvp=2,tpa=2 -o ckpt-helix/           # the same layout as one string
@@ -19,7 +19,7 @@ EPILOG = """examples:
 
 
 def add_parser(subparsers):
-    p = shared.subparser(subparsers, "convert", "write one safetensors file per rank plus a manifest (plan.json)",
+    p = shared.subparser(subparsers, "convert", "write one safetensors file per rank plus a manifest (manifest.json)",
                          DESCRIPTION, EPILOG)
     p.add_argument("model", nargs="?", help="HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
     p.add_argument("-o", "--out", help="output directory (must not exist)")
@@ -56,6 +56,6 @@ def run(args) -> int:
     layout = Layout(**fields)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else None
     out = convert(args.model, layout, args.out, dtype=dtype, progress=not args.quiet)
-    print(f"wrote {out}: {layout.world_size} rank files + the manifest plan.json (kvp={layout.kvp} tpa={layout.tpa} "
+    print(f"wrote {out}: {layout.world_size} rank files + manifest.json (kvp={layout.kvp} tpa={layout.tpa} "
           f"tpf={layout.tpf} ep={layout.ep} kv_block={layout.kv_block})")
     return 0

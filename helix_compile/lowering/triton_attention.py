@@ -307,9 +307,9 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
         programs = batch * hk * triton.cdiv(group, block_r)
         # at most one split per SM: at batch 1 with one KV head (32 rows per program), 264 splits ran 49.7 us
         # against 47.8 us for 128 at 256K slots, the combine growing with the splits (one H200:
-        # docs/results/attention-bench-2026-11-29-h200-mla-alibi-k1b1.json, rows k1-b1-sweep)
+        # results/perf/attention-bench-2026-11-29-h200-mla-alibi-k1b1.json, rows k1-b1-sweep)
         splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(capacity, 512), sms))
-        # measured on one H200 (docs/results/attention-ab-2026-11-29-h200.json, the k1_grid launch-configuration
+        # measured on one H200 (results/perf/attention-ab-2026-11-29-h200.json, the k1_grid launch-configuration
         # grids, and the k1-b1-sweep rows above): 128-key tiles pay when 32+ rows share a KV head
         # and either 64+ programs fill the SMs (MQA at batch 64: 91% of HBM against 68% with 64) or all programs
         # and splits fit in one wave (MQA at batch 1, 256K: 73% against 66%); 4 stages without splits

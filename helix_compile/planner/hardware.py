@@ -61,7 +61,7 @@ def _coll(alpha, bw, source, alpha_peer=0.0):
     return Collective(alpha_us=alpha, bw_gbs=bw, alpha_peer_us=alpha_peer, source=source)
 
 
-# HBM read bandwidth of one H200, measured by `helix bench` (docs/perf/bench-2026-11-29-h200x1-mqa-gqa8.json,
+# HBM read bandwidth of one H200, measured by `helix bench` (results/perf/bench-2026-11-29-h200x1-mqa-gqa8.json,
 # "memory.hbm_read_gbs"; command: helix bench --gpus 1 --models mqa,gqa8 --contexts 32K,128K,256K --batches 1,8,32
 # --baseline --prefill 32K).
 H200_HBM_READ_GBS = 4317.1
@@ -115,7 +115,7 @@ def _hopper(name: str, description: str) -> Hardware:
                "reserved_gb": "assumed"}
     if name == "h200":
         mem_bw = H200_HBM_READ_GBS
-        sources["mem_bw_gbs"] = ("measured: helix bench, docs/perf/bench-2026-11-29-h200x1-mqa-gqa8.json "
+        sources["mem_bw_gbs"] = ("measured: helix bench, results/perf/bench-2026-11-29-h200x1-mqa-gqa8.json "
                                  "memory.hbm_read_gbs")
     else:
         mem_bw = spec["hbm_tbs"] * 1000 * mem_eff

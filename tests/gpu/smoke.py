@@ -7,7 +7,9 @@ Inductor configuration runs with CUDA graphs (the default on CUDA) and is also c
 program without them (``cudagraphs_bitwise``).
 
 The pytest form is ``tests/gpu/test_smoke.py`` (the GPU tier); this script prints one line per configuration and
-writes smoke.json, for the full list and the docs.
+writes smoke.json, for the full list and the docs (``results/exactness/gpu-smoke-*.json``). It lives with the tests,
+not in ``benchmarks/``: it checks rather than times, the GPU tier runs its ``CONFIGS`` and ``body``, and it builds
+its models with the tests' tiny configs (``tests/models.py``) and starts its ranks through ``tests/distributed.py``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Triton partial-attention kernels against the reference op, in Triton's interpreter (CPU).
 
-The same kernels run compiled on a GPU (tests/gpu/smoke.py and tests/gpu/attention_bench.py check them
+The same kernels run compiled on a GPU (tests/gpu/smoke.py and benchmarks/attention.py check them
 there). Each case fixes the launch configuration (rows per program, keys per tile, splits) so that both the
 single-split path (prefill, written straight to the packed output) and the split + combine path (decode) run.
 """

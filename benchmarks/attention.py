@@ -1,29 +1,33 @@
 """Decode partial attention on one GPU: the Triton kernels vs the reference op vs torch SDPA, checked and timed.
 
-    python3 tests/gpu/attention_bench.py [--out DIR] [--sweep]
+    python benchmarks/attention.py [--out DIR] [--sweep] [--extra-only]
 
 For each (batch, KV heads, local slots) it checks the Triton output against the reference (fp32 math, on the
 smaller shapes), times the kernel through the op (CUDA-graph captured, so launch overhead is not counted: that is
 how the compiled step runs it) and torch's SDPA flash kernel over the same keys (GQA) as the yardstick, and
 the HBM read bandwidth of the same card in the same run. Bandwidth counts the K and V bytes read once.
 ``--sweep`` also times other launch configurations (rows, keys per tile, splits, warps, stages).
-Writes attention_bench.json.
+Writes attention_bench.json into --out. Needs one CUDA GPU (Triton).
 """
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the helix_compile of this checkout
 
-from helix_compile.bench import measure
-from helix_compile.lowering import ops
-from helix_compile.lowering import triton_attention as ta
+import torch  # noqa: E402
+
+# helix_compile's kernel modules are imported where they are used, after the GPU check: Triton may be missing on a
+# machine without CUDA, and --help works there.
 
 
 def graphed_ms(fn, reps=50):
     """Milliseconds per call of fn replayed from a CUDA graph of ``reps`` calls."""
+    from helix_compile.bench import measure
+
     return measure.graphed_us(fn, reps) / 1e3
 
 
@@ -35,12 +39,19 @@ def errors(got, want, dv):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--sweep", action="store_true")
+    parser = argparse.ArgumentParser(description="The Triton partial-attention kernels on one GPU: checked against "
+                                     "the reference op, timed against torch SDPA and the measured HBM read bandwidth.")
+    parser.add_argument("--out", default=".", help="folder for attention_bench.json (default: the current one)")
+    parser.add_argument("--sweep", action="store_true", help="also time other launch configurations")
     parser.add_argument("--extra-only", action="store_true", help="only the ALiBi / absorbed-MLA cases (and with "
                         "--sweep the K=1, batch-1 sweep), not the main grid")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit(f"benchmarks/attention.py: needs a CUDA GPU, and torch {torch.__version__} sees none")
+    from helix_compile.bench import measure
+    from helix_compile.lowering import ops
+    from helix_compile.lowering import triton_attention as ta
+
     torch.manual_seed(0)
     bw = measure.hbm_read_gbs()
     print(f"{torch.cuda.get_device_name(0)}: HBM read {bw:.0f} GB/s")
@@ -93,8 +104,9 @@ def main():
                 torch.cuda.empty_cache()
     rows += _extra_cases(bw, args.sweep)
     info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=__import__("triton").__version__,
-                hbm_read_gbs=bw, date=time.strftime("%Y-%m-%d"), command="python3 tests/gpu/attention_bench.py"
+                hbm_read_gbs=bw, date=time.strftime("%Y-%m-%d"), command="python benchmarks/attention.py"
                 + (" --sweep" if args.sweep else "") + (" --extra-only" if args.extra_only else ""))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "attention_bench.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
 
 
@@ -105,6 +117,9 @@ def _extra_cases(bw, sweep):
     ("mla-absorbed": the latent and the rotary key in two tensors, ``k_rope``) and, for comparison, as one
     concatenated key ("mla-concat": one tensor, the values a view of it; the concatenation itself not timed).
     With ``sweep``, the MLA cases also time other launch configurations."""
+    from helix_compile.lowering import ops
+    from helix_compile.lowering import triton_attention as ta
+
     rows, kvp, rank, block = [], 4, 1, 16
     cases = [("alibi", 8, 8, 128, 128, 8, 65536, 1), ("alibi", 8, 8, 128, 128, 1, 8192, 512),
              ("mla-absorbed", 16, 1, 576, 512, 1, 65536, 1), ("mla-absorbed", 16, 1, 576, 512, 8, 65536, 1),
