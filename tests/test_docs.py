@@ -47,7 +47,8 @@ READERS = {"tests/test_docs.py", "tests/test_architecture.py"}
 
 
 def _citing():
-    docs = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "examples" / "README.md", ROOT / "results" / "README.md"]
+    docs = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md", ROOT / "examples" / "README.md",
+                                                    ROOT / "results" / "README.md"]
     code = [p for d in ("helix_compile", "tools", "benchmarks", "examples", "tests")
             for p in sorted((ROOT / d).rglob("*.py")) if str(p.relative_to(ROOT)) not in READERS]
     return docs, code
