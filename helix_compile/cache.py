@@ -378,7 +378,8 @@ class StaticCache(Cache):
             from .planner import choose_layout
 
             # the cache's dtype sizes the KV the planner costs (an fp32 cache is twice a bf16 one, an fp8 half)
-            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size, dtype=kv_dtype))
+            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size, dtype=dtype,
+                                            kv_dtype=kv_dtype))
         layout.validate(text, world_size=world)
         # Sliding-window layers (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) keep every position too: the
         # partial attention masks keys older than the window by their global position, which is exact, at the
