@@ -15,8 +15,10 @@ last ``positions`` tokens are fed in chunks of ``--chunk`` (each chunk reads the
 logits of those positions are compared with transformers' fp32 model over its own fp32 StaticCache fed the same
 way: max and mean |logit error| and the share of positions whose argmax agrees.
 
-Retrieval: "The secret code is 48213." then ``--filler`` tokens of the same text, then "What is the secret code?",
-in the model's chat template; 8 greedy tokens; passes when "48213" is in the answer.
+Retrieval (passkey): "The secret code is 48213." then about ``--filler`` tokens of the passkey-retrieval filler
+("The grass is green. The sky is blue. ...", Mohtashami and Jaggi, "Landmark Attention", 2023), then "What is the
+secret code? The secret code is" as plain text; 8 greedy tokens; passes when "48213" is in them. (Over the docstring
+text as filler the 135M model does not retrieve the code even in fp32: it answers " a Python class that is a".)
 
 helix runs with the eager executor (the local FX graph; the attention is the reference torch math, fp32 scores),
 one rank (``--ranks 1``) or two gloo ranks with kvp=2 (``--ranks 2``; rank 0's logits are reported, after
@@ -45,7 +47,8 @@ MODULES = ["argparse", "collections", "json", "logging", "pathlib", "subprocess"
            "fractions", "statistics", "random", "heapq", "bisect", "contextlib", "abc", "enum", "shutil", "tempfile",
            "zipfile", "tarfile", "csv", "configparser", "socket", "queue", "sched", "pickle", "copy", "pprint",
            "difflib", "doctest", "timeit", "tokenize", "ast", "asyncio", "email", "http.client", "urllib.parse"]
-FACT, CODE, QUESTION = "The secret code is 48213.", "48213", "What is the secret code?"
+FACT, CODE, QUESTION = "The secret code is 48213.", "48213", "What is the secret code? The secret code is"
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 CONFIGS = [  # (name, model dtype, helix cache kv_dtype)
     ("bf16 model, bf16 cache", "bfloat16", None),
     ("bf16 model, fp8 cache", "bfloat16", "fp8"),
@@ -97,9 +100,8 @@ def text_ids(tok, tokens: int) -> torch.Tensor:
 
 
 def retrieval_ids(tok, filler: int) -> torch.Tensor:
-    body = tok.decode(text_ids(tok, filler)[0])
-    chat = [{"role": "user", "content": f"{FACT}\n\n{body}\n\n{QUESTION}"}]
-    return tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    body = FILLER * (filler // len(tok(FILLER).input_ids))
+    return tok(f"{FACT}\n\n{body}\n\n{QUESTION}", return_tensors="pt").input_ids
 
 
 def feed(step, ids: torch.Tensor, positions: int, chunk: int) -> torch.Tensor:
@@ -230,7 +232,7 @@ def main():
         f"de-quantised to fp32)", layout=f"kvp={args.ranks}, tpa=1", executor="eager",
         text=f"docstrings of {len(MODULES)} Python {platform.python_version()} standard-library modules",
         tokens=args.tokens, positions=args.positions, chunk=args.chunk, prefill=args.tokens - args.positions,
-        retrieval=dict(fact=FACT, question=QUESTION, filler_tokens=args.filler, prompt_tokens=retrieval.shape[1],
+        retrieval=dict(fact=FACT, question=QUESTION, filler=FILLER, filler_tokens=args.filler, prompt_tokens=retrieval.shape[1],
                        reference_answer=ref_text, reference_pass=CODE in ref_text),
         reference="transformers fp32 model, transformers StaticCache (fp32), the same prefill and chunks",
         rows=rows)
