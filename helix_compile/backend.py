@@ -35,6 +35,7 @@ from .lowering.compile import Lowered
 from .passes.detect import KV_WRITE, Regions, detect
 from .passes.partition import partition
 from .passes.plan import Placements, place
+from .passes.regions import KV_SCALE_OF
 from .passes.schedule import schedule
 
 
@@ -64,7 +65,8 @@ def run_passes(gm: fx.GraphModule, example_inputs, layout_option) -> Compiled:
             f"cache has {cache.writing_layers} (num_hidden_layers={config.num_hidden_layers}). {cache_fix}"
         )
     regions = detect(gm, config)
-    the_plan = place(gm, regions, config, layout, rank)
+    kv_dtype = "float8_e4m3fn" if cache.kv_dtype == torch.float8_e4m3fn else None
+    the_plan = place(gm, regions, config, layout, rank, kv_dtype)
     local = partition(gm, regions, the_plan)
     scheduled = schedule(local, the_plan)
     return Compiled({"capture": gm, "partition": local, "schedule": scheduled}, regions, the_plan)
@@ -80,23 +82,34 @@ def helix_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     if options.get("dump"):
         write_stages(Path(options["dump"]) / f"rank{done.plan.rank}", done)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    scales = _scale_sources(placeholders, done.stages["schedule"])
     executor = options.get("executor", "inductor")
-    examples = _local_examples(placeholders, done.plan, example_inputs) if executor == "inductor" else None
+    examples = _local_examples(placeholders, done.plan, example_inputs, scales) if executor == "inductor" else None
     with torch.no_grad():  # inference only: Inductor compiles no backward, even for a grad-mode call
         lowered = Lowered(done.stages["schedule"], executor, options.get("cudagraphs"), examples)
-    return Runtime(placeholders, done.plan, lowered, done.regions, _key_mask_padding(placeholders, done))
+    return Runtime(placeholders, done.plan, lowered, done.regions, _key_mask_padding(placeholders, done), scales)
+
+
+def _scale_sources(placeholders, local: fx.GraphModule) -> list[int]:
+    """For each input the local graph has beyond the global ones (the scales of an FP8 cache, in order): the index
+    of the global cache input whose scale it is."""
+    names = [p.name for p in placeholders]
+    extra = [n for n in local.graph.nodes if n.op == "placeholder"][len(names):]
+    return [names.index(n.meta[KV_SCALE_OF]) for n in extra]
 
 
 class Runtime:
     """Called by Dynamo with the global inputs; runs the local program on this rank's pieces."""
 
-    def __init__(self, placeholders, the_plan, lowered: Lowered, regions, mask_padding=None):
+    def __init__(self, placeholders, the_plan, lowered: Lowered, regions, mask_padding=None, scales=()):
         self.plan, self.lowered = the_plan, lowered
         self.mask_padding = mask_padding  # (mask input index, its length's SymInt input index) or None
         self.placements = [the_plan.inputs[p.name] for p in placeholders]
         self.names = [p.name for p in placeholders]
         self._seen = [None] * len(placeholders)
         self.kv_key = ("kv", the_plan.layout, the_plan.rank)
+        self.scales = list(scales)  # FP8 cache: the cache input of each extra local input (its scale)
+        self.scale_key = ("kv_scale", the_plan.layout, the_plan.rank)
         self.cache_index = self.placements.index("kv")
         self.q_len = _q_len_source(placeholders, regions.writes()[0].args[2])
 
@@ -112,6 +125,7 @@ class Runtime:
             args = _pad_key_mask(args, *self.mask_padding, cache.max_cache_len)
         with torch.no_grad():  # inference only: parameter slices and the local program never record autograd
             local = [self._swap(i, a) for i, a in enumerate(args)]
+            local += [shards.lookup(args[i], self.scale_key) for i in self.scales]
             out = self.lowered(local)
         cache.host_length += q_len
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
@@ -220,9 +234,9 @@ def _check_cache_fits(gm: fx.GraphModule) -> None:
             raise ValueError(node.args[2])
 
 
-def _local_examples(placeholders, the_plan, example_inputs) -> list:
+def _local_examples(placeholders, the_plan, example_inputs, scales=()) -> list:
     """Example inputs of the local program for Inductor: Dynamo's own (SymInts and symbolic fakes included) where
-    the input is replicated, fake tensors of the local shapes where it is sharded."""
+    the input is replicated, fake tensors of the local shapes where it is sharded, then the FP8 cache's scales."""
     from torch._guards import detect_fake_mode
 
     fake_mode = detect_fake_mode(example_inputs)
@@ -237,6 +251,8 @@ def _local_examples(placeholders, the_plan, example_inputs) -> list:
         else:
             with fake_mode:
                 out.append(placement.take(fake_mode.from_tensor(example, static_shapes=True)).contiguous())
+    scale_key = ("kv_scale", the_plan.layout, the_plan.rank)
+    out += [fake_mode.from_tensor(shards.lookup(example_inputs[i], scale_key), static_shapes=True) for i in scales]
     return out
 
 

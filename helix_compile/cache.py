@@ -15,6 +15,16 @@ and the backend raises ``message`` before any pass runs.
 MLA (DeepSeek-V2/V3): transformers 5.x caches the compressed latent, one KV "head": ``keys`` holds the normalised
 compressed kv (D = kv_lora_rank) and ``values`` the rotary key (D = qk_rope_head_dim); tpa = 1, so each rank
 holds (B, 1, capacity + 1, kv_lora_rank) and (B, 1, capacity + 1, qk_rope_head_dim).
+
+FP8 (``kv_dtype=torch.float8_e4m3fn``): the shards hold float8_e4m3fn (one byte per element) and each layer holds
+one fp32 scale per local KV head for its keys and one for its values, ``k_scale`` / ``v_scale`` of shape (K/tpa,):
+a stored element e stands for e * scale. The model still computes in its own dtype; the global virtual
+keys/values keep it, so the traced program is the same. The scales are set by the first write after a reset (the
+prefill): scale = amax(|x|) over that call's keys (values) of the head, every batch row and every position written,
+/ 448 * 2 (``lowering.ops.fp8_scale``, ``FP8_HEADROOM``), so every KVP rank computes the same scale. Later tokens
+up to twice the prompt's largest value keep e4m3's precision (3 mantissa bits: relative error <= 2**-4);
+larger ones saturate at +-448 * scale, never inf or NaN. Scales are computed on the device (no host sync), inside
+the compiled step. MLA's latent cache has no FP8 form (refused).
 """
 
 from __future__ import annotations
@@ -67,7 +77,7 @@ class HelixLayer(StaticLayer):
     is_compileable = False
 
     def __init__(self, cache: "StaticCache", max_cache_len: int, batch: int, heads: int, k_dim: int, v_dim: int,
-                 dtype, device):
+                 dtype, device, kv_dtype=None):
         super().__init__(max_cache_len=max_cache_len)
         layout, rank = cache.layout, cache.rank
         first, stop = layout.kv_heads(heads, rank)
@@ -77,12 +87,20 @@ class HelixLayer(StaticLayer):
         self.batch_size, self.num_heads, self.k_head_dim, self.v_head_dim = batch, heads, k_dim, v_dim
         self.keys = shards.virtual((batch, heads, max_cache_len, k_dim), dtype, self.device)
         self.values = shards.virtual((batch, heads, max_cache_len, v_dim), dtype, self.device)
-        self.local_keys = torch.zeros((batch, local_heads, capacity + 1, k_dim), dtype=dtype, device=self.device)
-        self.local_values = torch.zeros((batch, local_heads, capacity + 1, v_dim), dtype=dtype, device=self.device)
+        stored = kv_dtype or dtype
+        self.local_keys = torch.zeros((batch, local_heads, capacity + 1, k_dim), dtype=stored, device=self.device)
+        self.local_values = torch.zeros((batch, local_heads, capacity + 1, v_dim), dtype=stored, device=self.device)
         self.dtype, self.device = dtype, self.local_keys.device  # "cuda" resolved to "cuda:<current>"
+        self.kv_dtype = stored
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         shards.register(self.keys, ("kv", cache.layout, rank), self.local_keys)
         shards.register(self.values, ("kv", cache.layout, rank), self.local_values)
+        self.k_scale = self.v_scale = None
+        if stored == FP8:  # per local KV head; 0 = not set yet (the next write sets it)
+            self.k_scale = torch.zeros((local_heads,), dtype=torch.float32, device=self.device)
+            self.v_scale = torch.zeros((local_heads,), dtype=torch.float32, device=self.device)
+            shards.register(self.keys, ("kv_scale", cache.layout, rank), self.k_scale)
+            shards.register(self.values, ("kv_scale", cache.layout, rank), self.v_scale)
         shards.register(self.keys, "helix_cache", cache)
         self.is_initialized = True
 
@@ -128,6 +146,9 @@ class HelixLayer(StaticLayer):
         self.local_keys.zero_()
         self.local_values.zero_()
         self.cumulative_length.zero_()
+        if self.k_scale is not None:
+            self.k_scale.zero_()
+            self.v_scale.zero_()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("helix StaticCache cannot be cropped; call reset()")
@@ -137,7 +158,42 @@ class HelixLayer(StaticLayer):
 
     @property
     def nbytes(self) -> int:
-        return self.local_keys.nbytes + self.local_values.nbytes
+        scales = 0 if self.k_scale is None else self.k_scale.nbytes + self.v_scale.nbytes
+        return self.local_keys.nbytes + self.local_values.nbytes + scales
+
+
+FP8 = torch.float8_e4m3fn  # the one FP8 format of the cache
+
+
+def kv_storage_dtype(kv_dtype, dtype: torch.dtype, config=None, device=None):
+    """The dtype the cache shards hold: ``dtype`` (the model's) for None / "auto" / ``dtype`` itself, or
+    float8_e4m3fn for it or "fp8". Anything else, an FP8 cache for MLA, or one on a CUDA device below compute
+    capability 8.9 is a ValueError naming it."""
+    if kv_dtype is None or kv_dtype == "auto" or kv_dtype == dtype:
+        return dtype
+    if kv_dtype in ("fp8", "float8_e4m3fn", FP8):
+        if config is not None and mla_latent(config) is not None:
+            raise ValueError(
+                f"kv_dtype=float8_e4m3fn: {type(config).__name__} caches MLA's compressed latent, which has no FP8 "
+                f"form in helix; use kv_dtype=None (the model's {dtype})"
+            )
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "cuda":
+            major, minor = cuda_capability(device)
+            if (major, minor) < (8, 9):
+                raise ValueError(
+                    f"kv_dtype=float8_e4m3fn needs a GPU of compute capability >= 8.9 (Ada, Hopper or newer); "
+                    f"{device} has {major}.{minor}"
+                )
+        return FP8
+    raise ValueError(
+        f"kv_dtype must be None (the model's dtype, {dtype}) or torch.float8_e4m3fn, got {kv_dtype!r}"
+    )
+
+
+def cuda_capability(device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device."""
+    return torch.cuda.get_device_capability(device)
 
 
 FIX = (
@@ -293,9 +349,14 @@ class StaticCache(Cache):
     ``config`` may be the model itself: then dtype and device default to the model's. Otherwise dtype defaults
     to ``config.dtype`` (set by ``from_pretrained(dtype=...)``), else float32, and device to the CPU; a cache that
     does not fit the model is a clear error at the first call. A batch smaller than ``max_batch_size`` is fine.
+
+    ``kv_dtype``: what the shards hold. None (or the model's dtype): the model's dtype, exact.
+    ``torch.float8_e4m3fn``: one byte per element with per-head scales (module docstring), half a bf16 cache's
+    bytes, an approximation (docs/perf.md, "FP8 KV cache: accuracy"); on CUDA it needs compute capability >= 8.9.
     """
 
-    def __init__(self, config, max_batch_size: int, max_cache_len: int, layout: Layout | str, dtype=None, device=None):
+    def __init__(self, config, max_batch_size: int, max_cache_len: int, layout: Layout | str, dtype=None, device=None,
+                 kv_dtype=None):
         from .layout import current_world
 
         if isinstance(config, torch.nn.Module):  # the model: its dtype and device, unless given
@@ -312,11 +373,13 @@ class StaticCache(Cache):
         dtype = dtype or getattr(text, "dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
+        kv_dtype = kv_storage_dtype(kv_dtype, dtype, text, device)
         if layout == "auto":
             from .planner import choose_layout
 
-            # the cache's dtype sizes the KV the planner costs (an fp32 cache is twice a bf16 one)
-            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size, dtype=dtype))
+            # the cache's dtype sizes the KV the planner costs (an fp32 cache is twice a bf16 one, an fp8 half)
+            layout = Layout(**choose_layout(text, world, max_cache_len, batch_size=max_batch_size, dtype=dtype,
+                                            kv_dtype=kv_dtype))
         layout.validate(text, world_size=world)
         # Sliding-window layers (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) keep every position too: the
         # partial attention masks keys older than the window by their global position, which is exact, at the
@@ -326,13 +389,15 @@ class StaticCache(Cache):
             raise ValueError(f"max_batch_size={max_batch_size} and max_cache_len={max_cache_len} must be >= 1")
         self.config = text
         self.layout = layout
+        self.kv_dtype = kv_dtype  # what the shards hold: the model's dtype, or float8_e4m3fn
         self._max_batch_size, self._max_cache_len = max_batch_size, max_cache_len
         self.host_length = 0  # tokens written, tracked on the host so the bound is checked without a device sync
         self.host_seq_length = model_type in HOST_LENGTH  # get_seq_length returns host_length (see there)
         shared = kv_shared_layers(text)
         layers = [
             DummyLayer() if i in shared else
-            HelixLayer(self, max_cache_len, max_batch_size, *_kv_shape(text, i), dtype, device)
+            HelixLayer(self, max_cache_len, max_batch_size, *_kv_shape(text, i), dtype, device,
+                       None if kv_dtype == dtype else kv_dtype)
             for i in range(text.num_hidden_layers)
         ]
         super().__init__(layers=layers)

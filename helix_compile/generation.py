@@ -66,6 +66,7 @@ class Request:
     compile_timeout: float = 900.0  # the same while loading and compiling
     step_delay: float = 0.0  # seconds of sleep after each token (fault-injection tests)
     verified: bool = False  # every file was checked against the manifest's sha256 before the ranks started
+    kv_dtype: str = "auto"  # the KV cache's elements: "auto" (the model's dtype) or "fp8" (StaticCache(kv_dtype=...))
 
 
 def tokenize(tok, prompts: list[str], chat: bool, path) -> tuple[list, list, int]:
@@ -100,14 +101,16 @@ def visible_gpus() -> int:
 
 def prepare(model, prompts: list[str], *, max_new_tokens: int = 32, layout: dict | str | None = None,
             nproc: int | None = None, world: int | None = None, dtype: str = "auto", device: str = "auto",
-            chat: bool = False, generate_kwargs: dict | None = None, name: str | None = None, **options) -> Request:
+            chat: bool = False, generate_kwargs: dict | None = None, name: str | None = None, kv_dtype: str = "auto",
+            **options) -> Request:
     """Check the arguments and the checkpoint and decide everything a rank needs.
 
     ``model``: a checkpoint directory (an HF one or a ``helix convert`` output). ``layout``: a dict of Layout
     fields (``{}`` or None: the manifest's for a conversion, else planned), or "auto" (planned; a dict with only
     kv_block is planned too). ``nproc``: ranks to launch (default: the manifest's, kvp*tpa, or every visible
     GPU); ``world``: torchrun's world size, when each process is one rank. ``dtype``: auto (the checkpoint's),
-    bfloat16, float16 or float32; ``device``: auto, cuda or cpu. ``options``: the other ``Request`` fields
+    bfloat16, float16 or float32; ``device``: auto, cuda or cpu; ``kv_dtype``: auto (the model's) or fp8 (refused
+    here for MLA and for a GPU below compute capability 8.9). ``options``: the other ``Request`` fields
     (seed, executor, timeout, compile_timeout, step_delay).
     Raises ValueError with one line naming the problem: nothing has started yet.
     """
@@ -152,6 +155,11 @@ def prepare(model, prompts: list[str], *, max_new_tokens: int = 32, layout: dict
         dtype = str(found).removeprefix("torch.") if found is not None else "float32"
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"{path}: the checkpoint's dtype is {dtype}; give --dtype bfloat16, float16 or float32")
+    if kv_dtype not in ("auto", "fp8"):
+        raise ValueError(f"--kv-dtype must be auto or fp8, got {kv_dtype!r}")
+    from .cache import kv_storage_dtype
+
+    cache_dtype = kv_storage_dtype(None if kv_dtype == "auto" else kv_dtype, getattr(torch, dtype), text, device)
 
     manifest = read_manifest(path) if manifest_file(path) else None
     if manifest is not None:
@@ -173,7 +181,7 @@ def prepare(model, prompts: list[str], *, max_new_tokens: int = 32, layout: dict
         from .planner import choose_layout
 
         planned = choose_layout(text, n, prompt_len + max_new_tokens, batch_size=len(input_ids),
-                                dtype=getattr(torch, dtype))
+                                dtype=getattr(torch, dtype), kv_dtype=cache_dtype)
         chosen = Layout(**planned, **{k: v for k, v in fields.items() if k == "kv_block"})
     else:
         if "kvp" not in fields:
@@ -189,7 +197,8 @@ def prepare(model, prompts: list[str], *, max_new_tokens: int = 32, layout: dict
                          f"{visible_gpus()} with a layout for it, or --device cpu")
     return Request(path=str(path), name=name or str(path), layout=chosen, world=n, dtype=dtype, device=device,
                    input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_token_id, generate_kwargs=dict(generate_kwargs or {}),
-                   max_new_tokens=max_new_tokens, verified=world is None and manifest is not None, **options)
+                   max_new_tokens=max_new_tokens, verified=world is None and manifest is not None, kv_dtype=kv_dtype,
+                   **options)
 
 
 def decoding_kwargs(do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None) -> dict:
@@ -305,7 +314,8 @@ def rank_main(req: Request) -> int:
                                if req.device == "cuda" and world > 1 else
                                f" ({torch.cuda.get_device_name(device)})" if req.device == "cuda" else "")
     _say(rank, f"{req.name}: {world} rank(s), kvp={layout.kvp} tpa={layout.tpa} tpf={layout.tpf} ep={layout.ep} "
-               f"kv_block={layout.kv_block}, {req.dtype} on {where}, executor {req.executor}; "
+               f"kv_block={layout.kv_block}, {req.dtype}" + (" (KV cache fp8)" if req.kv_dtype == "fp8" else "")
+               + f" on {where}, executor {req.executor}; "
                f"{batch} prompt(s) of {prompt_len} tokens (left-padded), {req.max_new_tokens} new tokens")
     _say(rank, "loading this rank's shards ...")
     t0 = time.perf_counter()
@@ -321,7 +331,7 @@ def rank_main(req: Request) -> int:
 
     def cache():
         return StaticCache(model, max_batch_size=batch, max_cache_len=prompt_len + req.max_new_tokens,
-                           layout=layout)
+                           layout=layout, kv_dtype=torch.float8_e4m3fn if req.kv_dtype == "fp8" else None)
 
     # warm-up: the prefill graph and the decode graph(s) compile here, on the real prompts, so that the timed
     # generation below compiles nothing

@@ -8,7 +8,8 @@ Cache. The helix StaticCache is sized for the longest context; its local shards 
 values once, and each context is then set by its position counters (``cumulative_length`` on the device,
 ``host_length`` on the host). The partial-attention kernel reads only the filled slots, so one compiled program
 serves every context. The transformers baseline's StaticCache reads its whole length each step, so it is sized to
-each context (a compile per context).
+each context (a compile per context). With ``kv_dtype="fp8"`` the helix cache holds float8_e4m3fn (random normal
+keys/values rounded to fp8, every scale 1) and the floor counts one byte per KV element.
 
 Timing. Per configuration: the first call compiles (``compile_s``), two more warm up and capture the CUDA graph,
 then ``steps`` decode steps run back to back with one synchronisation at the end (``ttl_ms``, the time per output
@@ -134,6 +135,7 @@ class Row:
     compile_s: float = math.nan
     error: str | None = None
     profile: dict | None = None
+    kv_dtype: str = "bf16"  # the helix cache's elements: bf16 or fp8
 
 
 @torch.no_grad()
@@ -196,19 +198,37 @@ def profile_steps(step, steps: int, trace=None) -> dict:
                 top=[dict(kernel=k[:120], ms_per_step=v[0] / steps / 1e3, calls_per_step=v[1] / steps) for k, v in top])
 
 
-def helix_rows(model, name, cfg, layout, strategy, batch, contexts, steps, bw, coll, n, profile_dir=None) -> list[Row]:
+def fill_random(cache) -> None:
+    """Random normal keys and values in every layer's shards (rounded to fp8 for an FP8 cache, with scales 1)."""
+    for layer in cache.layers:
+        for shard in (layer.local_keys, layer.local_values):
+            if shard.dtype == torch.float8_e4m3fn:
+                for b in range(shard.shape[0]):  # one batch row at a time: a bf16 copy of the whole shard is 2x it
+                    shard[b].copy_(torch.randn(shard[b].shape, dtype=torch.bfloat16, device=shard.device))
+            else:
+                shard.normal_()
+        if layer.k_scale is not None:
+            layer.k_scale.fill_(1.0)
+            layer.v_scale.fill_(1.0)
+
+
+def _kv(kv_dtype: str):
+    """The StaticCache kv_dtype of a bench kv dtype name (auto / bf16: None, fp8: float8_e4m3fn)."""
+    return torch.float8_e4m3fn if kv_dtype == "fp8" else None
+
+
+def helix_rows(model, name, cfg, layout, strategy, batch, contexts, steps, bw, coll, n, profile_dir=None,
+               kv_dtype: str = "auto") -> list[Row]:
     from .. import StaticCache
 
     torch._dynamo.reset()
     torch.cuda.reset_peak_memory_stats()  # mem_gb is this configuration's peak
     max_len = max(contexts) + 8 * steps
     rows = [Row(name, cfg.num_key_value_heads, cfg.num_hidden_layers, n, strategy, layout.kvp, layout.tpa,
-                layout.hopb_chunks, batch, c) for c in contexts]
+                layout.hopb_chunks, batch, c, kv_dtype="fp8" if kv_dtype == "fp8" else "bf16") for c in contexts]
     try:
-        cache = StaticCache(cfg, batch, max_len, layout, dtype=torch.bfloat16, device="cuda")
-        for layer in cache.layers:
-            layer.local_keys.normal_()
-            layer.local_values.normal_()
+        cache = StaticCache(cfg, batch, max_len, layout, dtype=torch.bfloat16, device="cuda", kv_dtype=_kv(kv_dtype))
+        fill_random(cache)
         compiled = torch.compile(model, backend="helix", options={"layout": layout}, fullgraph=True)
         tok = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
 
@@ -242,7 +262,7 @@ def helix_rows(model, name, cfg, layout, strategy, batch, contexts, steps, bw, c
 
 
 def _floor(row: Row, cfg, layout, bw, coll, n, batch):
-    kv = local_kv_bytes(cfg, layout, row.context, batch)
+    kv = local_kv_bytes(cfg, layout, row.context, batch, itemsize=1 if row.kv_dtype == "fp8" else 2)
     w = local_weight_bytes(cfg, layout.tpa, n, batch)
     row.kv_gb, row.weight_gb = kv / 1e9, w / 1e9
     us = 0.0
@@ -309,14 +329,15 @@ def transformers_rows(model, name, cfg, batch, contexts, steps, bw) -> list[Row]
     return rows
 
 
-def prefill_row(model, name, cfg, layout, strategy, length: int, n: int) -> dict:
+def prefill_row(model, name, cfg, layout, strategy, length: int, n: int, kv_dtype: str = "auto") -> dict:
     """Time one prefill of ``length`` tokens (batch 1) through helix: compile call, then a timed second call."""
     from .. import StaticCache
 
     torch._dynamo.reset()
-    out = dict(model=name, strategy=strategy, kvp=layout.kvp, tpa=layout.tpa, gpus=n, prompt=length)
+    out = dict(model=name, strategy=strategy, kvp=layout.kvp, tpa=layout.tpa, gpus=n, prompt=length,
+               kv_dtype="fp8" if kv_dtype == "fp8" else "bf16")
     try:
-        cache = StaticCache(cfg, 1, length + 16, layout, dtype=torch.bfloat16, device="cuda")
+        cache = StaticCache(cfg, 1, length + 16, layout, dtype=torch.bfloat16, device="cuda", kv_dtype=_kv(kv_dtype))
         compiled = torch.compile(model, backend="helix", options={"layout": layout, "cudagraphs": False},
                                  fullgraph=True)
         ids = torch.randint(0, cfg.vocab_size, (1, length), device="cuda")

@@ -26,6 +26,10 @@ def write(out: Path, result: dict, n: int, spec: dict, command: str, seconds: fl
         row["layout"] = dict(strategy=r["strategy"], kvp=r["kvp"], tpa=r["tpa"], tpf=r["kvp"] * r["tpa"], ep=1,
                              hopb_chunks=r["hopb_chunks"])
         row["dtype"] = "bf16"
+        if r.get("kv_dtype", "bf16") != "bf16":  # the helix cache's elements (helix bench --kv-dtype fp8)
+            row["kv_dtype"] = r["kv_dtype"]
+        else:
+            row.pop("kv_dtype", None)
         decode.append(row)
     data = {
         "schema": "helix-bench/1",

@@ -78,7 +78,7 @@ def _rank_main(rank: int, spec: dict):
                 for c in chunks:
                     lay = Layout(layout.kvp, layout.tpa, kv_block=layout.kv_block, hopb_chunks=c)
                     rows += measure.helix_rows(model, name, cfg, lay, strategy, batch, spec["contexts"], spec["steps"],
-                                               bw, coll, n, profile_dir)
+                                               bw, coll, n, profile_dir, spec.get("kv_dtype", "auto"))
                     _log(rank, rows[-len(spec["contexts"]):])
             if spec["baseline"] and rank == 0:
                 base = measure.transformers_rows(model, name, cfg, batch, spec["contexts"], spec["steps"], bw)
@@ -87,7 +87,8 @@ def _rank_main(rank: int, spec: dict):
             torch.distributed.barrier()
         if spec["prefill"]:
             for strategy, layout in layouts_for(n, cfg.num_key_value_heads, cfg.num_attention_heads, spec)[:1]:
-                prefill.append(measure.prefill_row(model, name, cfg, layout, strategy, spec["prefill"], n))
+                prefill.append(measure.prefill_row(model, name, cfg, layout, strategy, spec["prefill"], n,
+                                                   spec.get("kv_dtype", "auto")))
             if rank == 0:
                 prefill.append(measure.sdpa_prefill_row(model, name, spec["prefill"]))
             _log(rank, prefill[-2:])

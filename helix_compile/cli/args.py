@@ -5,6 +5,7 @@
 - ranks: ``--nproc-per-node N`` as torchrun names it (``--nproc`` and ``--gpus`` are accepted too);
 - dtype: ``--dtype`` auto|bfloat16|float16|float32 (bf16, fp16, fp32 accepted; fp8 and fp4 where the cost model
   takes them) through ``parse.parse_dtype``;
+- KV dtype: ``--kv-dtype auto|fp8`` (auto: the model's dtype; fp8: ``StaticCache(kv_dtype=torch.float8_e4m3fn)``);
 - device: ``--device auto|cuda|cpu``;
 - token counts: ``parse.parse_tokens``, K = 1024 (``token_count``, stated in every such flag's help).
 
@@ -112,6 +113,24 @@ def add_dtype(p, allowed=("auto",) + TORCH_DTYPES, default="auto", help_text="we
                    help=f"{help_text}: {'|'.join(allowed)}" + (f" ({', '.join(aliases)} accepted)" if aliases else "")
                    + (f"; default {default}" if default is not None else ""))
     return p
+
+
+KV_DTYPES = ("auto", "fp8")
+
+
+def add_kv_dtype(p):
+    """--kv-dtype auto|fp8: what the KV cache holds (``StaticCache(kv_dtype=...)``)."""
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto",
+                   help="KV cache elements: auto (the model's dtype, exact) or fp8 (float8_e4m3fn with one fp32 scale "
+                        "per KV head, half a bf16 cache's bytes; an approximation: docs/perf.md); default auto")
+    return p
+
+
+def kv_dtype_of(text: str):
+    """The ``StaticCache(kv_dtype=...)`` of a --kv-dtype value: None (auto) or torch.float8_e4m3fn."""
+    import torch
+
+    return {"auto": None, "fp8": torch.float8_e4m3fn}[text]
 
 
 def add_device(p):

@@ -35,6 +35,7 @@ def add_parser(subparsers):
     p.add_argument("--no-hopb", action="store_true")
     p.add_argument("--baseline", action="store_true", help="also one GPU with unmodified transformers")
     shared.add_tokens(p, "--prefill", "also time a prefill of this many tokens")
+    shared.add_kv_dtype(p)
     p.add_argument("--profile", action="store_true",
                    help="also profile 5 steps of each helix row (torch.profiler): GPU busy vs exposed time, top "
                         "kernels in bench.json, a Chrome trace per row under --out")
@@ -57,7 +58,7 @@ def run(args) -> int:
         models=args.models.split(","), layers=args.layers, contexts=sorted(args.contexts),
         batches=[int(b) for b in args.batches.split(",")], steps=args.steps, layouts=layouts or "all",
         hopb=not args.no_hopb, baseline=args.baseline, prefill=args.prefill,
-        profile=str(Path(args.out).resolve()) if args.profile else None,
+        profile=str(Path(args.out).resolve()) if args.profile else None, kv_dtype=args.kv_dtype,
     )
     n = args.nproc or torch.cuda.device_count()
     run_bench(n, spec, args.out, command="helix bench " + " ".join(sys.argv[2:]))

@@ -40,6 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     shared.add_layout(run_, auto=True, shown={"tpa": "1", "kv_block": "the manifest's, else 16",
                                               "kvp": "the manifest's, else ranks / tpa; neither given: planned"})
     shared.add_dtype(run_, help_text="weights and KV cache (auto: the checkpoint's dtype)")
+    shared.add_kv_dtype(run_)
     shared.add_device(run_)
     run_.add_argument("--executor", choices=["inductor", "eager"], default="inductor",
                       help="run the local graph through Inductor (default) or without it")
@@ -92,4 +93,4 @@ def run(args) -> int:
     return generation.generate(
         args.model, prompts, layout=layout, nproc=args.nproc, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
         device=args.device, chat=args.chat, generate_kwargs=decoding, seed=args.seed, executor=args.executor,
-        timeout=args.timeout, compile_timeout=args.compile_timeout, step_delay=args.step_delay)
+        timeout=args.timeout, compile_timeout=args.compile_timeout, step_delay=args.step_delay, kv_dtype=args.kv_dtype)

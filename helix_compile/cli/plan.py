@@ -29,6 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="batch size (concurrent requests); default: sweep 1..--max-batch")
     p.add_argument("--max-batch", type=int, default=4096)
     shared.add_dtype(p, DTYPES, default="bfloat16", help_text="weights, KV, math and collective payloads")
+    shared.add_kv_dtype(p)
     p.add_argument("--hw", default="h200", help=f"hardware preset ({', '.join(HARDWARE_NAMES)}) or a calibrated JSON")
     lay = p.add_argument_group("layout (evaluate only this Helix layout on all N GPUs; tpf and ep left out: every "
                                "valid split)")
@@ -74,7 +75,8 @@ def run(args) -> int:
         raise ValueError(f"unknown strategy {', '.join(bad)}: use a comma list of {', '.join(STRATEGIES)}")
     p = plan(args.model, args.nproc, args.context, batch=args.batch, dtype=planner_dtype(args.dtype), hw=args.hw,
              layout=shared.layout_fields(args) or None, ttl_ms=args.ttl_ms, strategies=strategies, replicas=not args.no_replicas,
-             max_batch=args.max_batch, hopb=not args.no_hopb, costing=BACKEND if args.costing == "backend" else PAPER)
+             max_batch=args.max_batch, hopb=not args.no_hopb, costing=BACKEND if args.costing == "backend" else PAPER,
+             kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype)
     if args.png:
         from ..planner.report import plot_pareto
 
@@ -86,7 +88,8 @@ def run(args) -> int:
     from ..planner.report import print_table
 
     feasible = sum(e.feasible for e in p.evaluations)
-    print(f"{p.model.name}: {p.model.params / 1e9:.1f}B params, S={p.context:,}, {p.dtype}, {p.hw.name} "
+    print(f"{p.model.name}: {p.model.params / 1e9:.1f}B params, S={p.context:,}, {p.dtype}"
+          + (f" (KV cache {p.kv_dtype})" if p.kv_dtype else "") + f", {p.hw.name} "
           f"({p.hw.description}); {len(p.evaluations)} layouts evaluated, {feasible} fit in "
           f"{p.hw.memory_gb:.0f} GB/GPU" + (f", TTL <= {p.ttl_ms} ms" if p.ttl_ms else ""))
     print(payload_precision(p.dtype))

@@ -12,9 +12,12 @@ Rank-local ops (what the partitioned program calls):
         owner-only write: position p goes to slot (p // kv_block // kvp) * kv_block + p % kv_block of the rank
         with kvp_rank == (p // kv_block) % kvp; every other rank writes it to its spare last slot (never read),
         so the op needs no data-dependent shapes and no host sync.
+    helix::kv_write_local_fp8(k_shard, v_shard, k_scale, v_scale, k, v, pos, kvp_rank, kvp, kv_block)
+        the same write into float8_e4m3fn shards: a scale still 0 (the first write after a reset) becomes
+        ``fp8_scale`` of this call's keys (values), then each element is stored as x / scale clamped to +-448.
     helix::partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale,
                              softcap=0.0, window=0, key_mask=None, alibi_slopes=None, alibi_pos=None,
-                             k_rope=None, chunk=0) -> packed
+                             k_rope=None, chunk=0, k_scale=None, v_scale=None) -> packed
         attention of the local query heads over the local keys. Key at global position p is visible to the query
         at position t when p <= t, and t - p < window (window > 0: sliding window), and key_mask[b, p] != 0
         (key_mask given: the 2-D HF attention mask over global positions; p >= its length is not visible), and
@@ -29,7 +32,9 @@ Rank-local ops (what the partitioned program calls):
         same t, so the LSEs merge exactly. k_rope (B, Hk, S + 1, Dr), when given, is the keys' second part: the
         keys are cat([k_shard, k_rope], -1) and q has D + Dr dims (absorbed MLA: the latent and the rotary key
         are read where they are cached, with no per-step concatenation; passing the latent as v_shard too lets the
-        kernel read it once).
+        kernel read it once). k_scale, v_scale (fp32, (Hk,)), when given: the shards are float8_e4m3fn and key
+        (value) element e of KV head h stands for e * k_scale[h] (v_scale[h]); dequantised while loading, the
+        products accumulated in fp32 (not with k_rope).
         Returns ``packed`` of shape (Hq_local, B, L, D + e): the output o_r in q's dtype with its natural-log
         LSE (fp32, bit-cast into the last e = 4 / itemsize elements). Head-major so that the all-to-all over
         query heads splits dim 0. A row with no visible key has lse = -inf and o = 0.
@@ -110,6 +115,10 @@ _lib.define(
     "kv_write_local(Tensor(a!) k_shard, Tensor(b!) v_shard, Tensor k, Tensor v, Tensor pos, int kvp_rank, int kvp, "
     "int kv_block) -> ()"
 )
+_lib.define(
+    "kv_write_local_fp8(Tensor(a!) k_shard, Tensor(b!) v_shard, Tensor(c!) k_scale, Tensor(d!) v_scale, Tensor k, "
+    "Tensor v, Tensor pos, int kvp_rank, int kvp, int kv_block) -> ()"
+)
 _lib.define("lse_merge(Tensor recv, int kvp, int head_dim) -> Tensor")
 
 
@@ -118,6 +127,40 @@ def kv_write_local(k_shard, v_shard, k, v, pos, kvp_rank, kvp, kv_block):
     slots = local_slots(pos, kvp_rank, kvp, kv_block, k_shard.shape[2] - 1)
     k_shard.index_copy_(2, slots, k.to(k_shard.dtype))
     v_shard.index_copy_(2, slots, v.to(v_shard.dtype))
+
+
+# -- FP8 KV cache -------------------------------------------------------------------------------------------------
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+FP8_HEADROOM = 2.0  # a scale leaves room for values up to twice the first write's largest (cache.py)
+
+
+def fp8_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(H,) fp32: ``scale`` where set (!= 0), else amax(|x|) over x's batch rows, positions and dims of each head
+    (x: (B, H, L, D)) / FP8_MAX * FP8_HEADROOM. Stays 0 for a head whose x is all zero (the next write sets it)."""
+    new = x.abs().amax(dim=(0, 2, 3)).float() / FP8_MAX * FP8_HEADROOM
+    return torch.where(scale == 0, new, scale)
+
+
+def fp8_quantise(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, D) as float8_e4m3fn elements of x / scale[h], clamped to +-FP8_MAX (a scale of 0, x all zero
+    there: divides by 1)."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (x.float() / safe[None, :, None, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_dequantise(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 x[b, h] * scale[h] of an fp8 (B, H, S, D) tensor."""
+    return x.float() * scale.float()[None, :, None, None]
+
+
+@torch.library.impl(_lib, "kv_write_local_fp8", "CompositeImplicitAutograd")
+def kv_write_local_fp8(k_shard, v_shard, k_scale, v_scale, k, v, pos, kvp_rank, kvp, kv_block):
+    slots = local_slots(pos, kvp_rank, kvp, kv_block, k_shard.shape[2] - 1)
+    for shard, scale, x in ((k_shard, k_scale, k), (v_shard, v_scale, v)):
+        now = fp8_scale(x, scale)
+        scale.copy_(now)
+        # through a uint8 view: index_copy_ has no float8 kernel on every device; the bytes are the same
+        shard.view(torch.uint8).index_copy_(2, slots, fp8_quantise(x, now).view(torch.uint8))
 
 
 @torch.library.impl(_lib, "lse_merge", "CompositeImplicitAutograd")
@@ -152,6 +195,8 @@ def partial_attention(
     alibi_pos: Optional[torch.Tensor] = None,
     k_rope: Optional[torch.Tensor] = None,
     chunk: int = 0,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if q.device.type == "cuda":
         if q.shape[2] != 1 and prefill.eligible(q, k_shard, v_shard, kvp, softcap, window, alibi_slopes, alibi_pos,
@@ -160,9 +205,11 @@ def partial_attention(
         from .triton_attention import partial_attention as triton_partial_attention
 
         return triton_partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask,
-                                        alibi_slopes=alibi_slopes, alibi_pos=alibi_pos, k_rope=k_rope, chunk=chunk)
+                                        alibi_slopes=alibi_slopes, alibi_pos=alibi_pos, k_rope=k_rope, chunk=chunk,
+                                        k_scale=k_scale, v_scale=v_scale)
     return partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap, window, key_mask,
-                                       alibi_slopes, alibi_pos, k_rope=k_rope, chunk=chunk)
+                                       alibi_slopes, alibi_pos, k_rope=k_rope, chunk=chunk, k_scale=k_scale,
+                                       v_scale=v_scale)
 
 
 def chunk_start(pos, chunk, key_mask=None):
@@ -198,15 +245,23 @@ def alibi_bias(slopes, pos, key_pos, alibi_pos=None):
 
 
 def partial_attention_reference(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap=0.0, window=0,
-                                key_mask=None, alibi_slopes=None, alibi_pos=None, k_rope=None, chunk=0):
-    """Reference (any device): scores in fp32 over the whole local shard, masked by global position."""
+                                key_mask=None, alibi_slopes=None, alibi_pos=None, k_rope=None, chunk=0, k_scale=None,
+                                v_scale=None):
+    """Reference (any device): scores in fp32 over the whole local shard, masked by global position; FP8 shards
+    dequantised to fp32 (``k_scale`` / ``v_scale``)."""
     b, hq, length, d = q.shape
     hk = k_shard.shape[1]
     capacity = k_shard.shape[2] - 1
     if k_rope is not None:
+        if k_scale is not None:
+            raise ValueError("partial_attention: FP8 keys (k_scale) in two parts (k_rope) are not supported")
         k_shard = torch.cat([k_shard, k_rope], dim=-1)
     k = k_shard[:, :, :capacity].float()
     v = v_shard[:, :, :capacity].float()
+    if k_scale is not None:
+        k = fp8_dequantise(k, k_scale)
+    if v_scale is not None:
+        v = fp8_dequantise(v, v_scale)
     qf = q.float().reshape(b, hk, hq // hk, length, d)  # query head h reads KV head h // (hq / hk)
     scores = torch.einsum("bkgld,bksd->bkgls", qf, k) * scale
     if softcap > 0:

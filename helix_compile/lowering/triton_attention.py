@@ -21,6 +21,11 @@ exact for 16-bit inputs (fp32 accumulation, as SDPA), "tf32x3" (about fp32 accur
 the program writes o = acc / l and lse = m + ln l straight into the packed output. Several: it writes (m, l, acc)
 and ``_combine`` merges the splits exactly (lse = logsumexp_s lse_s, o = sum_s exp(lse_s - lse) o_s). A row with
 no visible key gets lse = -inf and o = 0. The LSE is natural-log, bit-cast into the packed tail as ``ops`` says.
+
+FP8 shards (KV_FP8, float8_e4m3fn with fp32 scales per KV head): each tile is loaded as fp8 and converted to the
+query's dtype; the head's key scale is folded into the score scale (q.(k * ks) = (q.k) * ks) and its value scale
+into the output (sum_j p_j (v_j * vs) = vs * sum_j p_j v_j, applied to the fp32 accumulator), so the products and
+the softmax run as for 16-bit shards, accumulated in fp32.
 """
 
 from __future__ import annotations
@@ -65,12 +70,13 @@ def _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, 
           apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask, dv, dv_mask,
           q_first, MASKED: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
           ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-          TAIL: tl.constexpr, V_FROM_K: tl.constexpr, CHUNK: tl.constexpr):
+          TAIL: tl.constexpr, V_FROM_K: tl.constexpr, CHUNK: tl.constexpr, KV_FP8: tl.constexpr):
     """One key tile [n0, n0 + BLOCK_N) of the online softmax. MASKED = False: every slot of the tile is below
     ``stop`` and visible to every row (no bounds, causal, window, chunk or key-mask test is needed; ``stop`` is below
     the ALiBi positions' length, so their load needs no bound either). ``q_first``: each row's chunk start (CHUNK).
     TAIL: the key's dims [BLOCK_D, D) are a second tile (q2 . k2). V_FROM_K: the values are the key tile's first
-    BLOCK_D = DV dims (absorbed MLA), not loaded."""
+    BLOCK_D = DV dims (absorbed MLA), not loaded. KV_FP8: the key and value tiles are float8, converted to q's
+    dtype (their scales are applied by the caller)."""
     slots = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         in_range = slots < stop
@@ -78,6 +84,8 @@ def _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, 
                     other=0.0)
     else:
         k = tl.load(k_base + slots[None, :] * stride_ks + d[:, None], mask=d_mask[:, None], other=0.0)
+    if KV_FP8:
+        k = k.to(q.dtype)
     if PRECISION == "tf32x3":
         s = tl.dot(q, k.to(tl.float32), input_precision="tf32x3")
     else:
@@ -88,6 +96,8 @@ def _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, 
                          mask=in_range[None, :] & d2_mask[:, None], other=0.0)
         else:
             k2 = tl.load(k2_base + slots[None, :] * stride_k2s + d2[:, None], mask=d2_mask[:, None], other=0.0)
+        if KV_FP8:
+            k2 = k2.to(q.dtype)
         if PRECISION == "tf32x3":
             s += tl.dot(q2, k2.to(tl.float32), input_precision="tf32x3")
         else:
@@ -127,6 +137,8 @@ def _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, 
                     other=0.0)
     else:
         v = tl.load(v_base + slots[:, None] * stride_vs + dv[None, :], mask=dv_mask[None, :], other=0.0)
+    if KV_FP8 and not V_FROM_K:
+        v = v.to(q.dtype)
     if PRECISION == "tf32x3":
         pv = tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
     else:
@@ -138,7 +150,7 @@ def _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, 
 
 @triton.jit
 def _attention(
-    Q, K, K2, V, POS, MASK, SLOPES, APOS, LP, OUT, M_PART, L_PART, ACC_PART,
+    Q, K, K2, V, POS, MASK, SLOPES, APOS, LP, K_SCALE, V_SCALE, OUT, M_PART, L_PART, ACC_PART,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_ks,
     stride_k2b, stride_k2h, stride_k2s, k2_col,
@@ -151,7 +163,7 @@ def _attention(
     ALIBI: tl.constexpr, HAS_APOS: tl.constexpr, CHUNK: tl.constexpr, LSE_ELEMS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-    BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr,
+    BLOCK_DV: tl.constexpr, V_FROM_K: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b, kh, row block)
     split = tl.program_id(1)
@@ -213,6 +225,8 @@ def _attention(
     if not WINDOW and not HAS_MASK and not CHUNK:
         seen_by_all = _local_count(tl.min(tl.where(r_mask, q_pos, 2147483647)) + 1, kvp_rank, kvp, kv_block)
         bulk = start + tl.maximum(tl.minimum(stop, seen_by_all) - start, 0) // BLOCK_N * BLOCK_N
+    if KV_FP8:  # the head's key scale folded into the score scale
+        scale = scale * tl.load(K_SCALE + kh)
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
@@ -225,14 +239,16 @@ def _attention(
         m_i, l_i, acc = _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
                               slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask,
                               dv, dv_mask, q_first, False, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N,
-                              TAIL, V_FROM_K, CHUNK)
+                              TAIL, V_FROM_K, CHUNK, KV_FP8)
     for n0 in range(bulk, stop, BLOCK_N):
         m_i, l_i, acc = _tile(q, q2, k_base, k2_base, v_base, stride_ks, stride_k2s, stride_vs, n0, stop, q_pos, MASK, mask_row, MASK_LEN,
                               slope, APOS, apos_row, kvp_rank, kvp, kv_block, scale, softcap, window, m_i, l_i, acc, d, d_mask, d2, d2_mask,
                               dv, dv_mask, q_first, True, HAS_MASK, SOFTCAP, WINDOW, ALIBI, HAS_APOS, PRECISION, BLOCK_N,
-                              TAIL, V_FROM_K, CHUNK)
+                              TAIL, V_FROM_K, CHUNK, KV_FP8)
     # packed output row of (head, b, l); partial buffers are indexed the same way
     out_row = (head * B + b) * LQ + l_idx
+    if KV_FP8:  # the head's value scale, on the fp32 sum of p * v (splits combine linearly)
+        acc = acc * tl.load(V_SCALE + kh)
     if NUM_SPLITS == 1:
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -337,9 +353,12 @@ def head_dim_tiles(d: int) -> tuple[int, int]:
 
 
 def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, softcap=0.0, window=0, key_mask=None,
-                      config=None, alibi_slopes=None, alibi_pos=None, k_rope=None, chunk=0):
+                      config=None, alibi_slopes=None, alibi_pos=None, k_rope=None, chunk=0, k_scale=None, v_scale=None):
     """Same contract as ``ops.partial_attention`` (packed (Hq, B, L, D + e) output). Called inside the op's
     ``triton_op`` body, so under Inductor the two kernels are emitted into the generated code."""
+    fp8 = k_scale is not None
+    if fp8 and (v_scale is None or k_rope is not None):
+        raise ValueError("partial_attention: FP8 shards take both k_scale and v_scale, and no k_rope")
     b, hq, length, d = q.shape
     hk, capacity = k_shard.shape[1], k_shard.shape[2] - 1
     group = hq // hk
@@ -385,9 +404,11 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
     if chunk > 0:  # each row's left padding: its chunks start at its first real token
         lp = (left_padding(key_mask) if key_mask is not None else torch.zeros(b, dtype=torch.int64, device=q.device))
         lp = lp.to(pos.dtype).contiguous()
+    k_scales = k_scale.float().contiguous() if fp8 else pos  # pos: an unused pointer
+    v_scales = v_scale.float().contiguous() if fp8 else pos
     row_blocks = triton.cdiv(group * length, block_r)
     wrap_triton(_attention)[(b * hk * row_blocks, splits)](
-        q, k, k2, v, pos, mask, slopes, apos, lp, out, m, l_sum, acc,
+        q, k, k2, v, pos, mask, slopes, apos, lp, k_scales, v_scales, out, m, l_sum, acc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         k2.stride(0), k2.stride(1), k2.stride(2), 0 if k_rope is not None else block_d,
@@ -400,7 +421,7 @@ def partial_attention(q, k_shard, v_shard, pos, kvp_rank, kvp, kv_block, scale, 
         ALIBI=alibi_slopes is not None, HAS_APOS=alibi_pos is not None, CHUNK=chunk > 0,
         LSE_ELEMS=e, PRECISION="tf32x3" if q.dtype == torch.float32 or _INTERPRETED else "native",
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv, V_FROM_K=v_from_k,
-        num_warps=warps, num_stages=stages,
+        KV_FP8=fp8, num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         block_dc = min(block_dv, 64)  # column blocks: at batch 1 the rows alone leave most SMs idle

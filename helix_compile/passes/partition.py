@@ -23,6 +23,9 @@ Most models' reshapes use -1 for the head dimension, so the local head counts fl
 name the head count (``view(B, L, num_heads, D)``), the constant widths of Conv1D views and fused-projection cuts
 are rewritten by their matchers (``regions/heads.py``, ``projection.py``).
 
+FP8 cache (``plan.kv_dtype``): the local graph has one more input per cache tensor, its fp32 per-head scale,
+after the global ones (``RewriteContext.kv_scale``; the ``Runtime`` passes it).
+
 Batch: a call with b < max_batch_size rows reads and writes the first b rows of the cache shards (the attention
 matcher narrows them); the rows beyond stay unused.
 """
@@ -44,7 +47,8 @@ def partition(gm: fx.GraphModule, regions: Regions, plan: Placements) -> fx.Grap
     env = {n.name: n for n in graph.nodes}
     groups = layout.group_names() if layout.world_size > 1 else (None, None)
     tpa_group = layout.tpa_group_name() if layout.tpa > 1 else None
-    ctx = RewriteContext(layout, plan.rank, plan.heads, groups[0], tpa_group, groups[1])
+    ctx = RewriteContext(layout, plan.rank, plan.heads, groups[0], tpa_group, groups[1],
+                         kv_fp8=plan.kv_dtype == "float8_e4m3fn")
     for match in regions.matches:
         match.replace_with(graph, env, ctx)
     eliminate_dead_code(graph)

@@ -4,8 +4,9 @@ Contract
     in:  ``Regions`` from detect, the model config, the ``Layout`` and this rank.
     out: ``Placements``: for every placeholder name either ``replicate``, a ``Shard(dim, start, stop)`` / ``Pieces`` of a
          parameter, or ``kv`` (a cache tensor whose local shard lives in the helix StaticCache); and the regions
-         left whole with their bytes per rank (also warned about). Serialisable (``to_json``). The graph is not
-         changed.
+         left whole with their bytes per rank (also warned about); ``kv_dtype``: "float8_e4m3fn" when the cache
+         shards are FP8 (the partition then adds each cache input's scale as an input of the local graph).
+         Serialisable (``to_json``). The graph is not changed.
 
 Pseudo-code
     for each match of detect:  for (placeholder, role, kind) in match.placements(heads):
@@ -37,6 +38,7 @@ class Placements:
     inputs: dict[str, object]  # placeholder name -> "replicate" | "kv" | Shard | Pieces | ExpertShard
     roles: dict[str, str]  # placeholder name -> role.kind, for the sharded ones
     whole: dict[str, int] = dataclasses.field(default_factory=dict)  # module left whole -> its bytes on every rank
+    kv_dtype: str | None = None  # "float8_e4m3fn" for an FP8 cache; None: the shards hold the model's dtype
 
     def to_json(self) -> str:
         def enc(p):
@@ -59,6 +61,8 @@ class Placements:
             "inputs": {k: enc(v) for k, v in self.inputs.items() if v != "replicate"},
             "roles": self.roles,
         }
+        if self.kv_dtype is not None:
+            data["kv_dtype"] = self.kv_dtype
         if self.whole:
             data["whole"] = {m: {"bytes_per_rank": b} for m, b in self.whole.items()}
         return json.dumps(data, indent=1, sort_keys=True)
@@ -74,7 +78,7 @@ def _nbytes(node) -> int:
     return int(val.numel() * val.element_size()) if val is not None else 0
 
 
-def place(gm, regions: Regions, config, layout: Layout, rank: int) -> Placements:
+def place(gm, regions: Regions, config, layout: Layout, rank: int, kv_dtype: str | None = None) -> Placements:
     heads = Heads.of(config)
     inputs = {n.name: "replicate" for n in gm.graph.nodes if n.op == "placeholder"}
     roles: dict[str, str] = {}
@@ -99,4 +103,4 @@ def place(gm, regions: Regions, config, layout: Layout, rank: int) -> Placements
                 f"replicated, {size} bytes on every rank (no region matcher claims them)",
                 stacklevel=2,
             )
-    return Placements(layout, rank, heads, inputs, roles, whole)
+    return Placements(layout, rank, heads, inputs, roles, whole, kv_dtype)

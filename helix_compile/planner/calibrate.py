@@ -75,7 +75,8 @@ def predict(rows: list, hw: Hardware) -> list:
     """[(row, Evaluation)] for the decode rows under hw."""
     out = []
     for r in rows:
-        e = evaluate(get_model(r["model"]), hw, _candidate(r), parse_tokens(r["context"], "context"), r["dtype"])
+        e = evaluate(get_model(r["model"]), hw, _candidate(r), parse_tokens(r["context"], "context"), r["dtype"],
+                     kv_dtype=r.get("kv_dtype"))
         out.append((r, e))
     return out
 

@@ -189,9 +189,10 @@ def _shape(m: ModelSpec, c: Candidate):
 
 
 def layer_cost(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, moe: bool,
-               costing: Costing = BACKEND) -> LayerCost:
-    """Cost of one layer (attention + FFN) on one GPU for candidate c, in seconds."""
-    wb, kvb = DTYPE_BYTES[dtype], DTYPE_BYTES[dtype]
+               costing: Costing = BACKEND, kv_dtype: str | None = None) -> LayerCost:
+    """Cost of one layer (attention + FFN) on one GPU for candidate c, in seconds. ``kv_dtype``: the KV cache's
+    element type when it differs from ``dtype`` (an FP8 cache: one byte per element), else None."""
+    wb, kvb = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_dtype or dtype]
     pb = DTYPE_BYTES[dtype]  # collective payloads travel in the configuration's precision
     H, B = m.hidden, c.batch
     b_att, q_loc, k_loc, o_heads, ffn_group = _shape(m, c)
@@ -275,9 +276,11 @@ def layer_cost(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, m
                      compute=flops_t, comm=exposed, comm_raw=comm_raw, total=total, hopb_chunks=chunks)
 
 
-def memory_per_gpu(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, costing: Costing = BACKEND) -> dict:
-    """Bytes held per GPU (GB): weights, KV cache at capacity S, activations, reserved."""
-    wb = DTYPE_BYTES[dtype]
+def memory_per_gpu(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, costing: Costing = BACKEND,
+                   kv_dtype: str | None = None) -> dict:
+    """Bytes held per GPU (GB): weights, KV cache at capacity S (in ``kv_dtype``, default ``dtype``), activations,
+    reserved."""
+    wb, kvb = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_dtype or dtype]
     H = m.hidden
     b_att, q_loc, k_loc, o_heads, ffn_group = _shape(m, c)
     att = attention_params(m, q_loc, k_loc, o_heads)
@@ -290,7 +293,7 @@ def memory_per_gpu(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: st
     emb = m.vocab * H * (1 if m.tie_embeddings else 2) / head_split
     weights = (m.layers * att + (m.layers - m.moe_layers) * dense + m.moe_layers * moe + emb) * wb
     cap = math.ceil(S / (c.kv_block * c.kvp)) * c.kv_block  # staggered blocks: the busiest rank's slots
-    kv = m.layers * b_att * k_loc * cap * kv_bytes_per_token_head(m, wb)
+    kv = m.layers * b_att * k_loc * cap * kv_bytes_per_token_head(m, kvb)
     ffn_loc = m.ffn / dense_split if not m.is_moe else max(m.ffn / dense_split, m.top_k * m.expert_ffn)
     act = c.batch * (8 * H + 3 * ffn_loc) * ACT_BYTES + c.batch * m.vocab / head_split * 4
     return {"weights": weights / 1e9, "kv": kv / 1e9, "activations": act / 1e9, "reserved": hw.reserved_gb}
@@ -334,15 +337,15 @@ class Evaluation:
 
 
 def evaluate(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, replicas: int = 1,
-             costing: Costing = BACKEND) -> Evaluation:
-    """Time one decode step (TTL) and memory for candidate c."""
+             costing: Costing = BACKEND, kv_dtype: str | None = None) -> Evaluation:
+    """Time one decode step (TTL) and memory for candidate c (the KV cache in ``kv_dtype``, default ``dtype``)."""
     kinds = [(m.layers - m.moe_layers, False), (m.moe_layers, True)]
     per_layer = {"kv_read": 0.0, "weight_read": 0.0, "compute": 0.0, "comm": 0.0, "total": 0.0}
     layers_s, chunks = 0.0, 1
     for count, moe in kinds:
         if count == 0:
             continue
-        lc = layer_cost(m, hw, c, S, dtype, moe, costing)
+        lc = layer_cost(m, hw, c, S, dtype, moe, costing, kv_dtype)
         for k in per_layer:
             per_layer[k] += getattr(lc, k) * count / m.layers
         layers_s += lc.total * count
@@ -354,7 +357,7 @@ def evaluate(m: ModelSpec, hw: Hardware, c: Candidate, S: float, dtype: str, rep
     w_head = m.vocab * m.hidden / split
     head = _roof(w_head * DTYPE_BYTES[dtype], 2 * c.batch * w_head, hw, dtype)
     head += _coll(hw, "all_gather", split, c.batch * 8)
-    mem = memory_per_gpu(m, hw, c, S, dtype, costing)
+    mem = memory_per_gpu(m, hw, c, S, dtype, costing, kv_dtype)
     return Evaluation(candidate=c, replicas=replicas, per_layer=per_layer, head_s=head, ttl_s=layers_s + head,
                       memory=mem, feasible=sum(mem.values()) <= hw.memory_gb, hopb_chunks=chunks,
                       backend_runs=backend_runs(m, c.strategy, c.tpa))

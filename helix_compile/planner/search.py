@@ -33,12 +33,13 @@ class Plan:
     evaluations: list
     frontier: list = field(default_factory=list)
     best: object = None
+    kv_dtype: str | None = None  # the KV cache's element type when it differs from dtype
 
     def to_dict(self) -> dict:
         on_front = {id(e) for e in self.frontier}
         return {
             "model": self.model.name, "hardware": self.hw.name, "gpus": self.gpus, "context": self.context,
-            "dtype": self.dtype, "ttl_ms_limit": self.ttl_ms,
+            "dtype": self.dtype, **({"kv_dtype": self.kv_dtype} if self.kv_dtype else {}), "ttl_ms_limit": self.ttl_ms,
             "best": self.best.to_dict() if self.best else None,
             "layouts": [{**e.to_dict(), "pareto": id(e) in on_front} for e in self.evaluations],
         }
@@ -57,7 +58,7 @@ def _check_inputs(m: ModelSpec, hw: Hardware, gpus: int, dtype: str):
 
 def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16", hw="h200", layout=None,
          ttl_ms: float | None = None, strategies=STRATEGIES, replicas: bool = True, max_batch: int = 4096,
-         hopb: bool = True, costing: Costing = BACKEND, backend_only: bool = False) -> Plan:
+         hopb: bool = True, costing: Costing = BACKEND, backend_only: bool = False, kv_dtype: str | None = None) -> Plan:
     """Evaluate layouts x batches for `model` on up to `gpus` GPUs at `context` tokens; return a Plan.
 
     batch None sweeps 1..64 then powers of two up to max_batch (stopping per layout once memory runs out).
@@ -65,11 +66,15 @@ def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16
     'kvp=..,tpa=..' string) restricts the search to that Helix layout on exactly `gpus` GPUs. ttl_ms keeps only
     layouts whose time per token is within it. best: the highest tokens/s/GPU within ttl_ms if given, else the
     lowest TTL. hopb False runs Helix without HOP-B (one exchange per layer, fully exposed). backend_only leaves out
-    the layouts the backend does not run (the MLA TP baseline, whose latent is duplicated on every GPU).
+    the layouts the backend does not run (the MLA TP baseline, whose latent is duplicated on every GPU). kv_dtype
+    (a planner name or torch dtype; None: ``dtype``) costs the KV cache's bytes, read and held, in that type: "fp8"
+    for ``StaticCache(kv_dtype=torch.float8_e4m3fn)``, one byte per element.
     """
     m, hw = get_model(model), get_hardware(hw)
     S = parse_tokens(context, "context")
     _check_inputs(m, hw, gpus, dtype)
+    kv_dtype = planner_dtype(kv_dtype) if kv_dtype is not None and kv_dtype != "auto" else None
+    kv_dtype = None if kv_dtype == dtype else kv_dtype
     if batch is not None and batch < 1:
         raise ValueError(f"--batch must be at least 1, got {batch}")
     batches = [batch] if batch else batch_sweep(max_batch)
@@ -87,7 +92,7 @@ def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16
         key = (c.strategy, c.gpus, c.kvp, c.tpa, c.dp, c.tpf, c.ep)
         if key in dead:  # memory grows with batch: once a batch does not fit, larger ones do not either
             continue
-        e = evaluate(m, hw, c, S, dtype, reps, costing)
+        e = evaluate(m, hw, c, S, dtype, reps, costing, kv_dtype)
         if not e.feasible and batch is None:
             dead.add(key)
         evals.append(e)
@@ -96,7 +101,7 @@ def plan(model, gpus: int, context, batch: int | None = None, dtype: str = "bf16
     if ok:
         best = max(ok, key=lambda e: e.tokens_per_s_per_gpu) if ttl_ms else min(ok, key=lambda e: e.ttl_s)
     return Plan(model=m, hw=hw, gpus=gpus, context=S, dtype=dtype, ttl_ms=ttl_ms, evaluations=evals,
-                frontier=frontier(ok), best=best)
+                frontier=frontier(ok), best=best, kv_dtype=kv_dtype)
 
 
 def _layout_candidates(m: ModelSpec, gpus: int, lay: dict, batches):
@@ -141,11 +146,12 @@ def planner_dtype(dtype) -> str:
 
 
 def choose_layout(config, world_size: int, context_len, batch_size: int | None = None, dtype="bf16",
-                  hw="h200") -> dict:
+                  hw="h200", kv_dtype=None) -> dict:
     """The layout the backend should run: the lowest predicted time per token on exactly world_size GPUs.
 
     config: an HF PretrainedConfig, a config dict, a preset name or a config.json path. dtype: the weights' and
-    the cache's dtype (a planner name or a torch dtype; ``StaticCache(layout="auto")`` passes its own).
+    the cache's dtype (a planner name or a torch dtype; ``StaticCache(layout="auto")`` passes its own); kv_dtype:
+    the cache's when it differs (an FP8 cache).
     Candidates are Helix layouts (kvp x tpa, tpa dividing K) and the tensor-parallel baseline (kvp=1, tpa=N),
     each accepted by the backend's ``Layout.validate`` and costed as the backend runs it (replicated LM head, all
     collectives exposed, MLA absorbed). MoE models get their expert split too (ep > 1 when it is faster); MLA models
@@ -161,7 +167,7 @@ def choose_layout(config, world_size: int, context_len, batch_size: int | None =
         raise ValueError(f"no layout of {m.name} runs on {world_size} GPUs: " + "; ".join(sorted(r for r in reasons if r)))
     # hopb=False: the returned layout carries no hopb_chunks, so the backend runs it with HOP-B off
     p = plan(m, world_size, context_len, batch=batch_size or 1, dtype=dtype, hw=hwo, strategies=BACKEND_STRATEGIES,
-             replicas=False, hopb=False, backend_only=True)
+             replicas=False, hopb=False, backend_only=True, kv_dtype=kv_dtype)
     fits = [e for e in p.evaluations if e.feasible]
     if not fits:
         least = min(p.evaluations, key=lambda e: e.memory_gb)

@@ -126,20 +126,23 @@ def test_moe_and_mla_get_a_layout_the_backend_runs(family):
 
 
 def test_static_cache_auto_passes_its_dtype(monkeypatch):
-    """StaticCache(layout="auto") sizes the KV the planner costs with the cache's own dtype."""
+    """StaticCache(layout="auto") sizes the KV the planner costs with the cache's own dtype (an FP8 cache's too)."""
     import helix_compile.planner
 
     seen = {}
 
-    def spy(config, world, context, batch_size=None, dtype="bf16", hw="h200"):
-        seen.update(world=world, context=context, batch=batch_size, dtype=dtype)
+    def spy(config, world, context, batch_size=None, dtype="bf16", hw="h200", kv_dtype=None):
+        seen.update(world=world, context=context, batch=batch_size, dtype=dtype, kv_dtype=kv_dtype)
         return {"kvp": 1, "tpa": 1, "tpf": 1, "ep": 1}
 
     monkeypatch.setattr(helix_compile.planner, "choose_layout", spy)
     cache = StaticCache(_config(8, 4), 3, 40, "auto", dtype=torch.float32)
-    assert seen == {"world": 1, "context": 40, "batch": 3, "dtype": torch.float32} and cache.layout == Layout(1)
+    assert seen == {"world": 1, "context": 40, "batch": 3, "dtype": torch.float32, "kv_dtype": torch.float32}
+    assert cache.layout == Layout(1)
     StaticCache(_config(8, 4), 3, 40, "auto", dtype=torch.bfloat16)
-    assert seen["dtype"] == torch.bfloat16
+    assert seen["dtype"] == seen["kv_dtype"] == torch.bfloat16
+    StaticCache(_config(8, 4), 3, 40, "auto", dtype=torch.bfloat16, kv_dtype=torch.float8_e4m3fn)
+    assert seen["dtype"] == torch.bfloat16 and seen["kv_dtype"] == torch.float8_e4m3fn
 
 
 def test_diffllama_planned_with_the_backends_head_parts_rule():

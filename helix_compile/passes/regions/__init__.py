@@ -21,7 +21,8 @@ The interface of a match (a dataclass, in the style of Inductor's ``micro_pipeli
                               ``roles.role_shard`` (role "kv" marks a cache tensor)
     replace_with(graph, env, ctx)
                               the partition pass's rewrite, on the copied graph (``env``: name -> node);
-                              ``ctx`` is a ``RewriteContext`` (layout, rank, heads, process group names)
+                              ``ctx`` is a ``RewriteContext`` (layout, rank, heads, process group names,
+                              and ``kv_scale`` for a cache whose shards are FP8)
 
 A new region kind (MoE, MLA) adds a module with a ``match_*`` function and its match dataclass, and one line in
 ``detect.detect``.
@@ -31,12 +32,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+import torch.fx as fx
+
 from .attention import AttentionMatch, match_attention  # noqa: F401
 from .common import UnsupportedModelError, module_path  # noqa: F401
 from .dense_ffn import DenseFFNMatch, match_dense_ffn  # noqa: F401
 from .mla import MLAMatch, match_mla  # noqa: F401
 from .moe import MoEMatch, match_moe  # noqa: F401
 from .roles import Heads, Pieces, role_shard  # noqa: F401
+
+
+KV_SCALE_OF = "helix_kv_scale_of"  # meta key of a local input that is the scale of an FP8 cache input
 
 
 @dataclasses.dataclass
@@ -49,6 +56,30 @@ class RewriteContext:
     kvp_group: str | None
     tpa_group: str | None
     world_group: str | None
+    kv_fp8: bool = False  # the cache shards hold float8_e4m3fn, with per-head scales (cache.py)
+    _scales: dict = dataclasses.field(default_factory=dict)
+
+    def kv_scale(self, graph: fx.Graph, cache: fx.Node, local_heads: int) -> fx.Node | None:
+        """The fp32 (local_heads,) scale of the FP8 cache tensor ``cache`` (a placeholder) as a new input of the
+        local graph, made once per cache tensor and placed after every other input (``KV_SCALE_OF`` in its meta
+        names the cache input it belongs to: the backend's ``Runtime`` passes that tensor's registered scale);
+        None when the cache is not FP8."""
+        if not self.kv_fp8:
+            return None
+        if cache.op != "placeholder":
+            raise UnsupportedModelError(f"an FP8 KV cache needs the cache tensor as a graph input, not {cache.name}")
+        node = self._scales.get(cache.name)
+        if node is None:
+            last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+            with graph.inserting_after(last):
+                node = graph.placeholder(f"{cache.name}_scale")
+            node.meta[KV_SCALE_OF] = cache.name
+            like = cache.meta.get("example_value")
+            if like is not None and getattr(like, "fake_mode", None) is not None:
+                with like.fake_mode:
+                    node.meta["example_value"] = torch.empty((local_heads,), dtype=torch.float32, device=like.device)
+            self._scales[cache.name] = node
+        return node
 
     @property
     def kvp_rank(self) -> int:

@@ -14,6 +14,9 @@ Contract
 Pattern ... into ...:
     kv_write(keys, values, k, v, pos)
         into  kv_write_local(keys, values, k, v, pos, kvp_rank, kvp, kv_block)          # owner-only write
+        FP8 cache: kv_write_local_fp8(keys, values, k_scale, v_scale, k, v, pos, ...), where k_scale / v_scale are
+              new inputs of the local graph (``RewriteContext.kv_scale``), and partial attention takes
+              k_scale=, v_scale=
     core = sdpa(q, repeat_kv(keys), repeat_kv(values), mask)   (or the eager chain)
         into  packed = partial_attention(q, keys, values, pos, kvp_rank, kvp, kv_block, scale[, softcap, window]
                                          [, key_mask=][, alibi_slopes= this rank's heads' slopes, alibi_pos=]
@@ -60,6 +63,10 @@ def rewrite(match, graph: fx.Graph, env: dict, ctx) -> None:
     check_parts(match, heads, layout, ctx.rank)
     keys, values, k, v, pos = (env[x.name] for x in match.kv_write.args)
     query = env[match.query.name]
+    first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
+    scales = (ctx.kv_scale(graph, keys, stop - first), ctx.kv_scale(graph, values, stop - first))
+    if scales[0] is not None and any(route.ops for route in match.routes or []):
+        raise UnsupportedModelError(f"{match.module}: an FP8 KV cache with rearranged value heads is not supported")
     if match.shares is not None:  # the writer's match rewrites the write; this layer reads the same local shard
         with graph.inserting_before(env[match.core.name]):
             keys, values = _batch_rows(graph, keys, values, k)
@@ -67,18 +74,23 @@ def rewrite(match, graph: fx.Graph, env: dict, ctx) -> None:
         write = env[match.kv_write.name]
         with graph.inserting_before(write):
             keys, values = _batch_rows(graph, keys, values, k)
-            graph.call_function(
-                torch.ops.helix.kv_write_local.default,
-                (keys, values, k, v, pos, ctx.kvp_rank, layout.kvp, layout.kv_block),
-            )
+            if scales[0] is None:
+                graph.call_function(
+                    torch.ops.helix.kv_write_local.default,
+                    (keys, values, k, v, pos, ctx.kvp_rank, layout.kvp, layout.kv_block),
+                )
+            else:
+                graph.call_function(
+                    torch.ops.helix.kv_write_local_fp8.default,
+                    (keys, values, *scales, k, v, pos, ctx.kvp_rank, layout.kvp, layout.kv_block),
+                )
         graph.erase_node(write)
     for route in match.routes or [ValueRoute(match.core, match.values, match.values, [])]:
         core, value = env[route.core.name], values
         if route.ops:  # the model's own rearrangement of the local values (checked by check_parts)
             with graph.inserting_before(core):
                 _, value = _batch_rows(graph, env[match.keys.name], env[route.node.name], k)
-        _attend(match, graph, env, ctx, core, query, keys, value, pos)
-    first, stop = layout.kv_heads(heads.k, ctx.rank)  # tpa > K: one KV head, duplicated (TP baseline)
+        _attend(match, graph, env, ctx, core, query, keys, value, pos, scales)
     if match.fused == "qkv_heads":
         group = per_group_qkv(match.module, match.q, match.split, heads)
         if (heads.q // layout.tpa) % group:
@@ -115,7 +127,7 @@ def rewrite(match, graph: fx.Graph, env: dict, ctx) -> None:
 
 
 def _attend(match, graph: fx.Graph, env: dict, ctx, core: fx.Node, query: fx.Node, keys: fx.Node, values: fx.Node,
-            pos: fx.Node) -> None:
+            pos: fx.Node, scales=(None, None)) -> None:
     """core = attention(query, cache)  into  lse_merge(exchange(partial_attention(query, keys, values, ...)))."""
     layout, heads = ctx.layout, ctx.heads
     args = (query, keys, values, pos, ctx.kvp_rank, layout.kvp, layout.kv_block, match.scale)
@@ -124,6 +136,8 @@ def _attend(match, graph: fx.Graph, env: dict, ctx, core: fx.Node, query: fx.Nod
     kwargs = {"key_mask": env[match.key_mask.name]} if match.key_mask is not None else {}
     if match.chunk:
         kwargs["chunk"] = int(match.chunk)
+    if scales[0] is not None:  # FP8 shards
+        kwargs["k_scale"], kwargs["v_scale"] = scales
     with graph.inserting_before(core):
         if match.alibi is not None:  # the slopes of this rank's query heads (its TPA slice)
             per = heads.q // layout.tpa

@@ -97,6 +97,8 @@ class MLAMatch:
     def replace_with(self, graph: fx.Graph, env: dict, ctx) -> None:
         layout = ctx.layout
         keys, values, k, v, pos = (env[x.name] for x in self.kv_write.args)
+        if ctx.kv_fp8:  # StaticCache refuses it first; this guards other callers of the pass
+            raise UnsupportedModelError(f"{self.module}: MLA's latent cache has no FP8 form in helix")
         write, core, query = env[self.kv_write.name], env[self.core.name], env[self.query.name]
         with graph.inserting_before(write):
             graph.call_function(
