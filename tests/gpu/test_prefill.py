@@ -77,3 +77,22 @@ def test_calls_the_path_cannot_take_run_the_triton_kernel(what):
     ours = torch.ops.helix.partial_attention(q, k, v, pos, 0, kvp, block, SCALE, key_mask=mask)
     triton = triton_partial_attention(q, k, v, pos, 0, kvp, block, SCALE, key_mask=mask)
     assert torch.equal(ours, triton)
+
+
+@pytest.mark.parametrize("start", [0, 300])
+def test_fp8_shards_within_the_triton_kernels_error(start):
+    """FP8 shards: the keys and values dequantised (e4m3 * the head's scale) to q's dtype for the kernel."""
+    b, hq, hk, d, length = 1, 8, 2, 128, 700
+    q, k, v, pos = _case(b, hq, hk, d, start, length, torch.bfloat16, seed=2)
+    k_scale = torch.tensor([0.02, 0.05], device="cuda")
+    v_scale = torch.tensor([0.01, 0.03], device="cuda")
+    k8 = (k.float() / k_scale[None, :, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    v8 = (v.float() / v_scale[None, :, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert prefill.eligible(q, k8, v8, 1, 0.0, 0, None, None, None, 0, k_scale)
+    want = partial_attention_reference(q.float(), k8, v8, pos, 0, 1, 16, SCALE, k_scale=k_scale, v_scale=v_scale)
+    ours = torch.ops.helix.partial_attention(q, k8, v8, pos, 0, 1, 16, SCALE, k_scale=k_scale, v_scale=v_scale)
+    triton = triton_partial_attention(q, k8, v8, pos, 0, 1, 16, SCALE, k_scale=k_scale, v_scale=v_scale)
+    o_err, lse_err = _errors(ours, want, d)
+    t_o_err, t_lse_err = _errors(triton, want, d)
+    print(f"fp8 prefill path: o {o_err:.2e} lse {lse_err:.2e}; triton: o {t_o_err:.2e} lse {t_lse_err:.2e}")
+    assert o_err <= 2 * t_o_err + 1e-6 and lse_err <= 2 * t_lse_err + 1e-6
