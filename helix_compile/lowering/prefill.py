@@ -10,9 +10,9 @@ Contract
          position.
     out: ``eligible(...)``: whether the call's static arguments allow this path (one KVP rank, so local slot s holds
          global position s; no soft-cap, window, ALiBi, chunk or second key part; 16-bit dtype; keys and values of
-         the same head dim, at most 256 wide, a multiple of 8; shards in q's dtype, or FP8 with their scales).
-         ``helix::prefill_attention(q, k_shard, v_shard, pos, scale, key_mask, k_scale, v_scale)``: the packed
-         output of ``partial_attention`` (o in q's dtype, the fp32 LSE bit-cast into the tail).
+         the same head dim, at most 256 wide, a multiple of 8; shards in q's dtype: an FP8 cache's prefill runs
+         the Triton kernel, which folds each head's scale into its fp32 math).
+         ``helix::prefill_attention(q, k_shard, v_shard, pos, scale, key_mask)``: the packed output of ``partial_attention`` (o in q's dtype, the fp32 LSE bit-cast into the tail).
     refuses: nothing; a call it cannot take runs the Triton kernel instead, with the same result contract.
 
 What it computes. The queries sit at positions pos = p0 .. p0 + L - 1; with one KVP rank their keys are slots
@@ -47,36 +47,25 @@ FLASH_MAX_HEAD_DIM = 256
 def eligible(q, k_shard, v_shard, kvp, softcap, window, alibi_slopes, alibi_pos, k_rope, chunk, k_scale=None) -> bool:
     """Whether a CUDA prefill call may take this path (static facts only; the host checks the rest per call)."""
     d = q.shape[-1]
-    stored = torch.float8_e4m3fn if k_scale is not None else q.dtype
-    return (q.is_cuda and kvp == 1 and softcap == 0 and window == 0 and chunk == 0 and alibi_slopes is None
+    return (q.is_cuda and k_scale is None and kvp == 1 and softcap == 0 and window == 0 and chunk == 0 and alibi_slopes is None
             and alibi_pos is None and k_rope is None and v_shard is not k_shard
-            and q.dtype in (torch.bfloat16, torch.float16) and k_shard.dtype == stored and v_shard.dtype == stored
+            and q.dtype in (torch.bfloat16, torch.float16) and k_shard.dtype == q.dtype and v_shard.dtype == q.dtype
             and k_shard.shape[-1] == d and v_shard.shape[-1] == d and d % 8 == 0 and d <= FLASH_MAX_HEAD_DIM
             and q.shape[1] % k_shard.shape[1] == 0)
 
 
 @torch.library.custom_op("helix::prefill_attention", mutates_args=())
 def prefill_attention(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor, pos: torch.Tensor, scale: float,
-                      key_mask: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
-                      v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     b, hq, length, d = q.shape
     start = _contiguous_start(pos, key_mask, k_shard.shape[2] - 1)
     if start is None:
         from .triton_attention import partial_attention as triton_partial_attention
 
-        return triton_partial_attention(q, k_shard, v_shard, pos, 0, 1, 1, scale, key_mask=key_mask, k_scale=k_scale,
-                                        v_scale=v_scale)
-
-    def slots(shard, shard_scale, lo, hi):  # FP8 shards: dequantised to q's dtype (e4m3 * fp32 scale, rounded once)
-        part = shard[:, :, lo:hi]
-        if shard_scale is None:
-            return part
-        return (part.float() * shard_scale.float()[None, :, None, None]).to(q.dtype)
-
-    o, lse = attend(q, slots(k_shard, k_scale, start, start + length), slots(v_shard, v_scale, start, start + length),
-                    True, scale)
+        return triton_partial_attention(q, k_shard, v_shard, pos, 0, 1, 1, scale, key_mask=key_mask)
+    o, lse = attend(q, k_shard[:, :, start:start + length], v_shard[:, :, start:start + length], True, scale)
     if start > 0:
-        o_seen, lse_seen = attend(q, slots(k_shard, k_scale, 0, start), slots(v_shard, v_scale, 0, start), False, scale)
+        o_seen, lse_seen = attend(q, k_shard[:, :, :start], v_shard[:, :, :start], False, scale)
         o, lse = merge(o, lse, o_seen, lse_seen)
     packed = torch.empty((hq, b, length, d + lse_elems(q.dtype)), device=q.device, dtype=q.dtype)
     packed[..., :d] = o.transpose(0, 1)
@@ -85,7 +74,7 @@ def prefill_attention(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Ten
 
 
 @prefill_attention.register_fake
-def _(q, k_shard, v_shard, pos, scale, key_mask=None, k_scale=None, v_scale=None):
+def _(q, k_shard, v_shard, pos, scale, key_mask=None):
     b, hq, length, d = q.shape
     return q.new_empty((hq, b, length, d + lse_elems(q.dtype)))
 
@@ -115,13 +104,12 @@ def attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Ten
     b, hq, length, d = q.shape
     if k.shape[2] == 0:
         return q.new_zeros(q.shape), q.new_full((b, hq, length), float("-inf"), dtype=torch.float32)
-    if k.shape[1] != hq:  # grouped query heads: each KV head read by its group, as one head per query head
-        group = hq // k.shape[1]
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    if d <= CUDNN_MAX_HEAD_DIM:
+    if d <= CUDNN_MAX_HEAD_DIM:  # cuDNN reads grouped KV heads itself (checked bitwise against expanded heads)
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
     else:
+        if k.shape[1] != hq:  # each KV head read by its group, as one head per query head
+            group = hq // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     o, lse = out[0], out[1]
     return o, lse.reshape(b, hq, length).float()

@@ -336,8 +336,8 @@ def launch_config(batch: int, hk: int, group: int, length, capacity: int, sms: i
         return block_r, block_n, splits, 4, 3 if splits > 1 else 4
     if width > 512:
         return 32, min(64, most), 1, 4, 2
-    if dtype.itemsize < 4:
-        return 128, 64, 1, 8, 3
+    if dtype.itemsize < 4:  # head dim 256 (512 key and value columns): 3 stages need 257 KB of shared memory
+        return 128, 64, 1, 8, 3 if width < 512 else 2
     return 64, 32, 1, 4, 2
 
 

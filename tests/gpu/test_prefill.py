@@ -76,23 +76,23 @@ def test_calls_the_path_cannot_take_run_the_triton_kernel(what):
     block = 16 if kvp > 1 else 1  # with one KVP rank every kv_block places position p in slot p
     ours = torch.ops.helix.partial_attention(q, k, v, pos, 0, kvp, block, SCALE, key_mask=mask)
     triton = triton_partial_attention(q, k, v, pos, 0, kvp, block, SCALE, key_mask=mask)
-    assert torch.equal(ours, triton)
+    assert torch.equal(_bits(ours), _bits(triton))  # bitwise: the packed LSE's halves may read as NaN
+
+
+def _bits(packed):
+    return packed.view(torch.int16) if packed.dtype.itemsize == 2 else packed.view(torch.int32)
 
 
 @pytest.mark.parametrize("start", [0, 300])
-def test_fp8_shards_within_the_triton_kernels_error(start):
-    """FP8 shards: the keys and values dequantised (e4m3 * the head's scale) to q's dtype for the kernel."""
+def test_fp8_shards_run_the_triton_kernel(start):
+    """An FP8 cache's prefill runs the Triton kernel (it folds each head's scale into its fp32 math)."""
     b, hq, hk, d, length = 1, 8, 2, 128, 700
     q, k, v, pos = _case(b, hq, hk, d, start, length, torch.bfloat16, seed=2)
     k_scale = torch.tensor([0.02, 0.05], device="cuda")
     v_scale = torch.tensor([0.01, 0.03], device="cuda")
     k8 = (k.float() / k_scale[None, :, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
     v8 = (v.float() / v_scale[None, :, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    assert prefill.eligible(q, k8, v8, 1, 0.0, 0, None, None, None, 0, k_scale)
-    want = partial_attention_reference(q.float(), k8, v8, pos, 0, 1, 16, SCALE, k_scale=k_scale, v_scale=v_scale)
+    assert not prefill.eligible(q, k8, v8, 1, 0.0, 0, None, None, None, 0, k_scale)
     ours = torch.ops.helix.partial_attention(q, k8, v8, pos, 0, 1, 16, SCALE, k_scale=k_scale, v_scale=v_scale)
     triton = triton_partial_attention(q, k8, v8, pos, 0, 1, 16, SCALE, k_scale=k_scale, v_scale=v_scale)
-    o_err, lse_err = _errors(ours, want, d)
-    t_o_err, t_lse_err = _errors(triton, want, d)
-    print(f"fp8 prefill path: o {o_err:.2e} lse {lse_err:.2e}; triton: o {t_o_err:.2e} lse {t_lse_err:.2e}")
-    assert o_err <= 2 * t_o_err + 1e-6 and lse_err <= 2 * t_lse_err + 1e-6
+    assert torch.equal(_bits(ours), _bits(triton))

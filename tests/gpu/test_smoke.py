@@ -11,29 +11,25 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("smoke")  # one worker runs each world once (pytest -n: --dist loadgroup)
-
 from tier import gpus
 from smoke import CONFIGS, body
 
 QUICK = {"llama", "mixtral", "deepseek_v3"}  # dense GQA, MoE, MLA + MoE; fp32 and bf16 each
 CHOSEN = CONFIGS if os.environ.get("HELIX_GPU_SMOKE") == "all" else [c for c in CONFIGS if c[0] in QUICK]
 IDS = [f"{f}-{str(d).replace('torch.', '')}-{e}-hopb{h}" for f, d, e, _, h in CHOSEN]
-_ROWS = {}
 
 
 def _rows(world, config):
-    """The rows of ``config`` from one run of every chosen configuration on ``world`` GPUs (run once per world)."""
-    if world not in _ROWS:
-        from distributed import run_ranks
+    """The rows of ``config`` from its own run on ``world`` GPUs (each configuration is a test of its own, so that
+    ``pytest -n`` runs them side by side)."""
+    from distributed import run_ranks
 
-        per_rank = run_ranks(world, body, CHOSEN, world, backend="nccl")
-        for i, row in enumerate(per_rank[0]):
-            row["ranks_agree"] = all(r[i]["logits"] == row["logits"] for r in per_rank[1:])
-        _ROWS[world] = per_rank[0]
+    per_rank = run_ranks(world, body, [config], world, backend="nccl")
+    for i, row in enumerate(per_rank[0]):
+        row["ranks_agree"] = all(r[i]["logits"] == row["logits"] for r in per_rank[1:])
     family, dtype, executor, _, hopb = config
     key = (family, str(dtype).replace("torch.", ""), executor)
-    rows = [r for r in _ROWS[world] if (r["family"], r["dtype"], r["executor"]) == key and r["hopb"] in (hopb, 1)]
+    rows = [r for r in per_rank[0] if (r["family"], r["dtype"], r["executor"]) == key and r["hopb"] in (hopb, 1)]
     assert rows, f"no row for {key}"
     return rows
 
