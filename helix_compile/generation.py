@@ -220,7 +220,11 @@ class Watchdog:
 
     def __init__(self, rank: int, limit: float):
         self.rank, self.limit, self.last, self.what = rank, limit, time.monotonic(), "starting"
+        self.stopped = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
+
+    def stop(self):
+        self.stopped.set()
 
     def beat(self, what: str, limit: float | None = None):
         self.last, self.what = time.monotonic(), what
@@ -228,8 +232,7 @@ class Watchdog:
             self.limit = limit
 
     def _watch(self):
-        while True:
-            time.sleep(0.5)
+        while not self.stopped.wait(0.5):
             if time.monotonic() - self.last > self.limit:
                 print(f"helix generate: rank {self.rank}: no progress for {self.limit:.0f} s while {self.what}: another "
                       f"rank died or hangs; exiting (raise --timeout if steps are that slow)", file=sys.stderr,
@@ -307,78 +310,82 @@ def rank_main(req: Request) -> int:
     dtype = getattr(torch, req.dtype)
     layout = req.layout
     dog = Watchdog(rank, req.compile_timeout)
-    ids = torch.tensor(req.input_ids, device=device)
-    mask = torch.tensor(req.attention_mask, device=device)
-    batch, prompt_len = ids.shape
-    where = f"{req.device}" + (f" (cuda:0..{world - 1} of {torch.cuda.get_device_name(device)})"
-                               if req.device == "cuda" and world > 1 else
-                               f" ({torch.cuda.get_device_name(device)})" if req.device == "cuda" else "")
-    _say(rank, f"{req.name}: {world} rank(s), kvp={layout.kvp} tpa={layout.tpa} tpf={layout.tpf} ep={layout.ep} "
-               f"kv_block={layout.kv_block}, {req.dtype}" + (" (KV cache fp8)" if req.kv_dtype == "fp8" else "")
-               + f" on {where}, executor {req.executor}; "
-               f"{batch} prompt(s) of {prompt_len} tokens (left-padded), {req.max_new_tokens} new tokens")
-    _say(rank, "loading this rank's shards ...")
-    t0 = time.perf_counter()
-    # the launcher already checked a conversion's files against its manifest (preflight.check_checkpoint)
-    model = helix_compile.from_pretrained(req.path, layout, dtype=dtype, device=device, verify=not req.verified)
-    tok = AutoTokenizer.from_pretrained(req.path)
-    loaded = time.perf_counter() - t0
-    _say(rank, f"loaded in {loaded:.1f} s")
-    model.forward = torch.compile(model.forward, backend="helix", fullgraph=True,
-                                  options={"layout": layout, "executor": req.executor})
-    common = dict(input_ids=ids, attention_mask=mask, pad_token_id=req.pad_token_id,
-                  logits_processor=LogitsProcessorList([_same_on_every_rank()]))
+    try:
+        ids = torch.tensor(req.input_ids, device=device)
+        mask = torch.tensor(req.attention_mask, device=device)
+        batch, prompt_len = ids.shape
+        where = f"{req.device}" + (f" (cuda:0..{world - 1} of {torch.cuda.get_device_name(device)})"
+                                   if req.device == "cuda" and world > 1 else
+                                   f" ({torch.cuda.get_device_name(device)})" if req.device == "cuda" else "")
+        _say(rank, f"{req.name}: {world} rank(s), kvp={layout.kvp} tpa={layout.tpa} tpf={layout.tpf} ep={layout.ep} "
+                   f"kv_block={layout.kv_block}, {req.dtype}" + (" (KV cache fp8)" if req.kv_dtype == "fp8" else "")
+                   + f" on {where}, executor {req.executor}; "
+                   f"{batch} prompt(s) of {prompt_len} tokens (left-padded), {req.max_new_tokens} new tokens")
+        _say(rank, "loading this rank's shards ...")
+        t0 = time.perf_counter()
+        # the launcher already checked a conversion's files against its manifest (preflight.check_checkpoint)
+        model = helix_compile.from_pretrained(req.path, layout, dtype=dtype, device=device, verify=not req.verified)
+        tok = AutoTokenizer.from_pretrained(req.path)
+        loaded = time.perf_counter() - t0
+        _say(rank, f"loaded in {loaded:.1f} s")
+        model.forward = torch.compile(model.forward, backend="helix", fullgraph=True,
+                                      options={"layout": layout, "executor": req.executor})
+        common = dict(input_ids=ids, attention_mask=mask, pad_token_id=req.pad_token_id,
+                      logits_processor=LogitsProcessorList([_same_on_every_rank()]))
 
-    def cache():
-        return StaticCache(model, max_batch_size=batch, max_cache_len=prompt_len + req.max_new_tokens,
-                           layout=layout, kv_dtype=torch.float8_e4m3fn if req.kv_dtype == "fp8" else None)
+        def cache():
+            return StaticCache(model, max_batch_size=batch, max_cache_len=prompt_len + req.max_new_tokens,
+                               layout=layout, kv_dtype=torch.float8_e4m3fn if req.kv_dtype == "fp8" else None)
 
-    # warm-up: the prefill graph and the decode graph(s) compile here, on the real prompts, so that the timed
-    # generation below compiles nothing
-    warm = min(3, req.max_new_tokens)
-    _say(rank, f"compiling (a warm-up of {warm} token(s): prefill and decode graphs) ...")
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        model.generate(**common, past_key_values=cache(), max_new_tokens=warm, min_new_tokens=warm, do_sample=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    compiled = time.perf_counter() - t0
-    _say(rank, f"compiled in {compiled:.1f} s")
-    gc.collect()
-    dog.beat("generating", req.timeout)
+        # warm-up: the prefill graph and the decode graph(s) compile here, on the real prompts, so that the timed
+        # generation below compiles nothing
+        warm = min(3, req.max_new_tokens)
+        _say(rank, f"compiling (a warm-up of {warm} token(s): prefill and decode graphs) ...")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**common, past_key_values=cache(), max_new_tokens=warm, min_new_tokens=warm, do_sample=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        compiled = time.perf_counter() - t0
+        _say(rank, f"compiled in {compiled:.1f} s")
+        gc.collect()
+        dog.beat("generating", req.timeout)
 
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if rank == 0 and batch == 1 else None
-    clock = _Clock(streamer, dog.beat)
-    if req.step_delay:
-        base = clock.put
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if rank == 0 and batch == 1 else None
+        clock = _Clock(streamer, dog.beat)
+        if req.step_delay:
+            base = clock.put
 
-        def put(value):
-            base(value)
-            time.sleep(req.step_delay)
+            def put(value):
+                base(value)
+                time.sleep(req.step_delay)
 
-        clock.put = put
-    torch.manual_seed(req.seed)  # the same draws on every rank, and as transformers' generate under this seed
-    with torch.no_grad():
-        out = model.generate(**common, past_key_values=cache(), max_new_tokens=req.max_new_tokens, streamer=clock,
-                             **req.generate_kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    if rank == 0 and batch > 1:
-        for row in out[:, prompt_len:]:
-            print(tok.decode(row, skip_special_tokens=True), end="\n\n", flush=True)
-    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]  # each generated token's time
-    memory = [None] * world
-    dist.all_gather_object(memory, _peak_memory(device))
-    if steps:
-        prefill, decode = steps[0], steps[1:]
-        ttl = 1000 * sum(decode) / len(decode) if decode else float("nan")
-        total = len(steps) * batch / sum(steps)
-        _say(rank, f"{len(steps)} tokens x {batch} prompt(s); load {loaded:.1f} s, compile {compiled:.1f} s; "
-                   f"prefill {1000 * prefill:.1f} ms; TTL {ttl:.2f} ms/token over {len(decode)} decode steps "
-                   f"({1000 / ttl if decode else float('nan'):.1f} tokens/s per prompt, {total:.1f} tokens/s in all); "
-                   f"peak memory per rank {', '.join(f'{m:.2f}' for m in memory)} GiB")
-    dist.barrier()
-    return 0
+            clock.put = put
+        torch.manual_seed(req.seed)  # the same draws on every rank, and as transformers' generate under this seed
+        with torch.no_grad():
+            out = model.generate(**common, past_key_values=cache(), max_new_tokens=req.max_new_tokens, streamer=clock,
+                                 **req.generate_kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if rank == 0 and batch > 1:
+            for row in out[:, prompt_len:]:
+                print(tok.decode(row, skip_special_tokens=True), end="\n\n", flush=True)
+        steps = [b - a for a, b in zip(clock.times, clock.times[1:])]  # each generated token's time
+        memory = [None] * world
+        dist.all_gather_object(memory, _peak_memory(device))
+        if steps:
+            prefill, decode = steps[0], steps[1:]
+            ttl = 1000 * sum(decode) / len(decode) if decode else float("nan")
+            total = len(steps) * batch / sum(steps)
+            _say(rank, f"{len(steps)} tokens x {batch} prompt(s); load {loaded:.1f} s, compile {compiled:.1f} s; "
+                       f"prefill {1000 * prefill:.1f} ms; TTL {ttl:.2f} ms/token over {len(decode)} decode steps "
+                       f"({1000 / ttl if decode else float('nan'):.1f} tokens/s per prompt, "
+                       f"{total:.1f} tokens/s in all); "
+                       f"peak memory per rank {', '.join(f'{m:.2f}' for m in memory)} GiB")
+        dist.barrier()
+        return 0
+    finally:
+        dog.stop()  # a caller that goes on (a test, a notebook) keeps no watchdog behind
 
 
 def rank_entry(req: Request, rank: int) -> int:
