@@ -82,7 +82,7 @@ def _(q, k_shard, v_shard, pos, scale, key_mask=None):
 def _contiguous_start(pos: torch.Tensor, key_mask: Optional[torch.Tensor], capacity: int) -> Optional[int]:
     """p0 when the queries sit at p0 .. p0 + L - 1 inside the cache and the key mask hides none of [0, p0 + L);
     None otherwise (or while a CUDA graph is being captured: no host read is allowed then)."""
-    if torch.cuda.is_current_stream_capturing():
+    if pos.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     length = pos.shape[0]
     facts = [pos[0], pos[-1], (pos[1:] - pos[:-1] == 1).all()]
@@ -116,8 +116,9 @@ def attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Ten
 
 
 def merge(o1, lse1, o2, lse2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two partials of the same queries over disjoint keys, merged exactly by their LSEs (in fp32)."""
+    """Two partials of the same queries over disjoint keys, merged exactly by their LSEs (in fp32, or wider)."""
+    wide = torch.promote_types(o1.dtype, torch.float32)
     lse = torch.logaddexp(lse1, lse2)
     finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     w1, w2 = torch.exp(lse1 - finite).unsqueeze(-1), torch.exp(lse2 - finite).unsqueeze(-1)
-    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype), lse
+    return (o1.to(wide) * w1 + o2.to(wide) * w2).to(o1.dtype), lse
