@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the helix_compile of this checkout
+
 
 def timed(fn, reps: int) -> float:
     fn()
@@ -50,8 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="prefill-out")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/prefill.py: no CUDA device; this benchmark runs on a GPU", file=sys.stderr)
-        return 2
+        sys.exit(f"benchmarks/prefill.py: needs a CUDA GPU, and torch {torch.__version__} sees none")
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

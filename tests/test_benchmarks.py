@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
-GPU = {"attention.py", "chunked_kernel.py", "prompt_lengths.py"}  # the rest run on the CPU (the planner)
+GPU = {"attention.py", "chunked_kernel.py", "prefill.py", "prompt_lengths.py"}  # the rest run on the CPU (the planner)
 
 
 def _run(script: Path, monkeypatch, *argv):
@@ -54,3 +54,16 @@ def test_benchmarks_import_nothing_from_tests():
             found += [f"{script.name} imports {n}" for n in names if n.split(".")[0] in helpers | {"tests"}]
     assert not found, "benchmarks must not import test helpers (move the helper into the package or benchmarks/):\n" \
         + "\n".join(found)
+
+
+def test_the_predictions_the_docs_quote_are_the_planners(monkeypatch, capsys):
+    """``results/perf/predictions-8gpu-h200.json`` (quoted in docs/perf.md) is what the planner predicts now: a
+    change to the cost model that moves a number must regenerate the file and the table."""
+    import json
+
+    monkeypatch.setattr(sys, "argv", ["predict_8gpu.py"])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    runpy.run_path(str(ROOT / "benchmarks" / "predict_8gpu.py"), run_name="__main__")
+    now = json.loads(capsys.readouterr().out)["rows"]
+    committed = json.loads((ROOT / "results" / "perf" / "predictions-8gpu-h200.json").read_text())["rows"]
+    assert now == committed, "regenerate: python benchmarks/predict_8gpu.py > results/perf/predictions-8gpu-h200.json"
