@@ -1,5 +1,5 @@
 """lowering/prefill.py on CPU: the host's decision (which calls may take PyTorch's kernels) and the LSE merge of the
-two parts of a continued prompt. The kernels themselves run on a GPU (tests/gpu/test_prefill.py)."""
+two parts of a continued prompt. The kernels themselves run on a GPU (tests/gpu/test_prefill_kernels.py)."""
 
 import pytest
 import torch
