@@ -140,11 +140,9 @@ def reference_run(model, ids, retrieval, args) -> dict:
 def helix_run(model, ids, retrieval, layout, kv_dtype, args) -> dict:
     from helix_compile import StaticCache
 
-    kv = torch.float8_e4m3fn if kv_dtype == "fp8" else None
-
     def stepper(length):
         torch._dynamo.reset()
-        cache = StaticCache(model, 1, length, layout, kv_dtype=kv)
+        cache = StaticCache(model, 1, length, layout, kv_dtype=kv_dtype)
         compiled = torch.compile(model, backend="helix", options={"layout": layout, "executor": "eager"},
                                  fullgraph=True)
         fn = lambda x, keep: compiled(input_ids=x, past_key_values=cache, logits_to_keep=keep).logits  # noqa: E731

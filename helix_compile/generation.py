@@ -159,7 +159,7 @@ def prepare(model, prompts: list[str], *, max_new_tokens: int = 32, layout: dict
         raise ValueError(f"--kv-dtype must be auto or fp8, got {kv_dtype!r}")
     from .cache import kv_storage_dtype
 
-    cache_dtype = kv_storage_dtype(None if kv_dtype == "auto" else kv_dtype, getattr(torch, dtype), text, device)
+    cache_dtype = kv_storage_dtype(kv_dtype, getattr(torch, dtype), text, device)
 
     manifest = read_manifest(path) if manifest_file(path) else None
     if manifest is not None:
@@ -335,7 +335,7 @@ def rank_main(req: Request) -> int:
 
         def cache():
             return StaticCache(model, max_batch_size=batch, max_cache_len=prompt_len + req.max_new_tokens,
-                               layout=layout, kv_dtype=torch.float8_e4m3fn if req.kv_dtype == "fp8" else None)
+                               layout=layout, kv_dtype=req.kv_dtype)
 
         # warm-up: the prefill graph and the decode graph(s) compile here, on the real prompts, so that the timed
         # generation below compiles nothing

@@ -212,11 +212,6 @@ def fill_random(cache) -> None:
             layer.v_scale.fill_(1.0)
 
 
-def _kv(kv_dtype: str):
-    """The StaticCache kv_dtype of a bench kv dtype name (auto / bf16: None, fp8: float8_e4m3fn)."""
-    return torch.float8_e4m3fn if kv_dtype == "fp8" else None
-
-
 def helix_rows(model, name, cfg, layout, strategy, batch, contexts, steps, bw, coll, n, profile_dir=None,
                kv_dtype: str = "auto") -> list[Row]:
     from .. import StaticCache
@@ -227,7 +222,7 @@ def helix_rows(model, name, cfg, layout, strategy, batch, contexts, steps, bw, c
     rows = [Row(name, cfg.num_key_value_heads, cfg.num_hidden_layers, n, strategy, layout.kvp, layout.tpa,
                 layout.hopb_chunks, batch, c, kv_dtype="fp8" if kv_dtype == "fp8" else "bf16") for c in contexts]
     try:
-        cache = StaticCache(cfg, batch, max_len, layout, dtype=torch.bfloat16, device="cuda", kv_dtype=_kv(kv_dtype))
+        cache = StaticCache(cfg, batch, max_len, layout, dtype=torch.bfloat16, device="cuda", kv_dtype=kv_dtype)
         fill_random(cache)
         compiled = torch.compile(model, backend="helix", options={"layout": layout}, fullgraph=True)
         tok = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
@@ -337,7 +332,7 @@ def prefill_row(model, name, cfg, layout, strategy, length: int, n: int, kv_dtyp
     out = dict(model=name, strategy=strategy, kvp=layout.kvp, tpa=layout.tpa, gpus=n, prompt=length,
                kv_dtype="fp8" if kv_dtype == "fp8" else "bf16")
     try:
-        cache = StaticCache(cfg, 1, length + 16, layout, dtype=torch.bfloat16, device="cuda", kv_dtype=_kv(kv_dtype))
+        cache = StaticCache(cfg, 1, length + 16, layout, dtype=torch.bfloat16, device="cuda", kv_dtype=kv_dtype)
         compiled = torch.compile(model, backend="helix", options={"layout": layout, "cudagraphs": False},
                                  fullgraph=True)
         ids = torch.randint(0, cfg.vocab_size, (1, length), device="cuda")

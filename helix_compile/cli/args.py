@@ -126,13 +126,6 @@ def add_kv_dtype(p):
     return p
 
 
-def kv_dtype_of(text: str):
-    """The ``StaticCache(kv_dtype=...)`` of a --kv-dtype value: None (auto) or torch.float8_e4m3fn."""
-    import torch
-
-    return {"auto": None, "fp8": torch.float8_e4m3fn}[text]
-
-
 def add_device(p):
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="cuda: rank r on cuda:LOCAL_RANK with NCCL; cpu: gloo ranks (default auto: cuda when present)")

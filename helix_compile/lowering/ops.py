@@ -200,7 +200,7 @@ def partial_attention(
 ) -> torch.Tensor:
     if q.device.type == "cuda":
         if q.shape[2] != 1 and prefill.eligible(q, k_shard, v_shard, kvp, softcap, window, alibi_slopes, alibi_pos,
-                                                 k_rope, chunk, k_scale):
+                                                 k_rope, chunk):
             return torch.ops.helix.prefill_attention(q, k_shard, v_shard, pos, scale, key_mask)
         from .triton_attention import partial_attention as triton_partial_attention
 

@@ -12,7 +12,8 @@ Contract
          global position s; no soft-cap, window, ALiBi, chunk or second key part; 16-bit dtype; keys and values of
          the same head dim, at most 256 wide, a multiple of 8; shards in q's dtype: an FP8 cache's prefill runs
          the Triton kernel, which folds each head's scale into its fp32 math).
-         ``helix::prefill_attention(q, k_shard, v_shard, pos, scale, key_mask)``: the packed output of ``partial_attention`` (o in q's dtype, the fp32 LSE bit-cast into the tail).
+         ``helix::prefill_attention(q, k_shard, v_shard, pos, scale, key_mask)``: the packed output of
+         ``partial_attention`` (o in q's dtype, the fp32 LSE bit-cast into the tail).
     refuses: nothing; a call it cannot take runs the Triton kernel instead, with the same result contract.
 
 What it computes. The queries sit at positions pos = p0 .. p0 + L - 1; with one KVP rank their keys are slots
@@ -44,10 +45,11 @@ CUDNN_MAX_HEAD_DIM = 128
 FLASH_MAX_HEAD_DIM = 256
 
 
-def eligible(q, k_shard, v_shard, kvp, softcap, window, alibi_slopes, alibi_pos, k_rope, chunk, k_scale=None) -> bool:
-    """Whether a CUDA prefill call may take this path (static facts only; the host checks the rest per call)."""
+def eligible(q, k_shard, v_shard, kvp, softcap, window, alibi_slopes, alibi_pos, k_rope, chunk) -> bool:
+    """Whether a CUDA prefill call may take this path (static facts only; the host checks the rest per call). FP8
+    shards do not: their dtype is not q's."""
     d = q.shape[-1]
-    return (q.is_cuda and k_scale is None and kvp == 1 and softcap == 0 and window == 0 and chunk == 0 and alibi_slopes is None
+    return (q.is_cuda and kvp == 1 and softcap == 0 and window == 0 and chunk == 0 and alibi_slopes is None
             and alibi_pos is None and k_rope is None and v_shard is not k_shard
             and q.dtype in (torch.bfloat16, torch.float16) and k_shard.dtype == q.dtype and v_shard.dtype == q.dtype
             and k_shard.shape[-1] == d and v_shard.shape[-1] == d and d % 8 == 0 and d <= FLASH_MAX_HEAD_DIM
@@ -99,11 +101,9 @@ def _contiguous_start(pos: torch.Tensor, key_mask: Optional[torch.Tensor], capac
 
 
 def attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o (B, Hq, L, D) in q's dtype, lse (B, Hq, L) fp32) of q over k, v (B, Hk, S, D); causal: the square's
-    top-left triangle (S == L)."""
+    """(o (B, Hq, L, D) in q's dtype, lse (B, Hq, L) fp32) of q over k, v (B, Hk, S, D), S >= 1; causal: the
+    square's top-left triangle (S == L)."""
     b, hq, length, d = q.shape
-    if k.shape[2] == 0:
-        return q.new_zeros(q.shape), q.new_full((b, hq, length), float("-inf"), dtype=torch.float32)
     if d <= CUDNN_MAX_HEAD_DIM:  # cuDNN reads grouped KV heads itself (checked bitwise against expanded heads)
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
     else:

@@ -92,7 +92,7 @@ def test_fp8_shards_run_the_triton_kernel(start):
     v_scale = torch.tensor([0.01, 0.03], device="cuda")
     k8 = (k.float() / k_scale[None, :, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
     v8 = (v.float() / v_scale[None, :, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    assert not prefill.eligible(q, k8, v8, 1, 0.0, 0, None, None, None, 0, k_scale)
+    assert not prefill.eligible(q, k8, v8, 1, 0.0, 0, None, None, None, 0)
     ours = torch.ops.helix.partial_attention(q, k8, v8, pos, 0, 1, 16, SCALE, k_scale=k_scale, v_scale=v_scale)
     triton = triton_partial_attention(q, k8, v8, pos, 0, 1, 16, SCALE, k_scale=k_scale, v_scale=v_scale)
     assert torch.equal(_bits(ours), _bits(triton))

@@ -54,4 +54,4 @@ def test_only_calls_without_masks_beyond_causal_are_eligible():
         assert not prefill.eligible(cuda, k, k.clone(), kvp, softcap, window, None, None, None, chunk)
     assert not prefill.eligible(cuda, k, k, 1, 0.0, 0, None, None, None, 0)  # MLA: the latent as keys and values
     fp8 = k.to(torch.float8_e4m3fn)
-    assert not prefill.eligible(cuda, fp8, fp8.clone(), 1, 0.0, 0, None, None, None, 0, torch.ones(2))
+    assert not prefill.eligible(cuda, fp8, fp8.clone(), 1, 0.0, 0, None, None, None, 0)
