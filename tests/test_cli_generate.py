@@ -271,25 +271,27 @@ def test_ctrl_c_while_compiling_leaves_no_process(converted):
 def test_rank_killed_across_nodes(converted):
     """Two torchrun launchers; the rank on the node that is not streaming is killed: the other rank notices the
     broken connection in its next collective (or by its watchdog) and exits with a message, and so do both
-    launchers, within 60 s."""
+    launchers, within 60 s. Static rendezvous puts the store with node 0's launcher (rank 0, the one streaming),
+    as a cluster's endpoint on node 0 does; were the store's own host killed, the survivor's launcher would end
+    its rank on torchrun's rendezvous error before the rank could say anything."""
     _, out = converted
     port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "helix-kill",
-           "-m", "helix_compile.cli", "generate", str(out), *GENERATE_SLOWLY, "--timeout", "45"]
-    nodes = [_Launcher(cmd, prefix=[]) for _ in range(2)]
+    nodes = [_Launcher([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                        "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                        "-m", "helix_compile.cli", "generate", str(out), *GENERATE_SLOWLY, "--timeout", "45"],
+                       prefix=[]) for node in range(2)]
     deadline = time.monotonic() + 600
     while not any("".join(n.out).count(" ") >= 2 for n in nodes):
         assert all(n.proc.poll() is None for n in nodes), ["".join(n.err)[-2000:] for n in nodes]
         assert time.monotonic() < deadline, "no text streamed"
         time.sleep(0.1)
-    quiet = next(n for n in nodes if "".join(n.out).count(" ") < 2)
+    streaming, quiet = nodes
+    assert "".join(quiet.out).count(" ") < 2, "".join(quiet.out)
     (worker,) = quiet.children("helix_compile.cli")
     t0 = time.monotonic()
     os.kill(worker, signal.SIGKILL)
     codes = [n.proc.wait(timeout=60) for n in nodes]
     assert time.monotonic() - t0 < 60 and all(c != 0 for c in codes), codes
-    streaming = next(n for n in nodes if n is not quiet)
     err = "".join(streaming.err)
     assert "helix generate: rank 0: " in err and ("a collective failed" in err or "no progress for" in err), err[-3000:]
 
