@@ -24,7 +24,9 @@ prefill): scale = amax(|x|) over that call's keys (values) of the head, every ba
 / 448 * 2 (``lowering.ops.fp8_scale``, ``FP8_HEADROOM``), so every KVP rank computes the same scale. Later tokens
 up to twice the prompt's largest value keep e4m3's precision (3 mantissa bits: relative error <= 2**-4);
 larger ones saturate at +-448 * scale, never inf or NaN. Scales are computed on the device (no host sync), inside
-the compiled step. MLA's latent cache has no FP8 form (refused).
+the compiled step. A checkpoint's calibrated scales (``quantized.kv_scales``: ``k_scale`` / ``v_scale`` tensors,
+read by ``from_pretrained``), or ``kv_scales`` given to the cache, are used instead and kept across resets.
+MLA's latent cache has no FP8 form (refused).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class HelixLayer(StaticLayer):
     is_compileable = False
 
     def __init__(self, cache: "StaticCache", max_cache_len: int, batch: int, heads: int, k_dim: int, v_dim: int,
-                 dtype, device, kv_dtype=None):
+                 dtype, device, kv_dtype=None, scales=None):
         super().__init__(max_cache_len=max_cache_len)
         layout, rank = cache.layout, cache.rank
         first, stop = layout.kv_heads(heads, rank)
@@ -95,10 +97,14 @@ class HelixLayer(StaticLayer):
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         shards.register(self.keys, ("kv", cache.layout, rank), self.local_keys)
         shards.register(self.values, ("kv", cache.layout, rank), self.local_values)
-        self.k_scale = self.v_scale = None
+        self.k_scale = self.v_scale = self.fixed_scales = None
         if stored == FP8:  # per local KV head; 0 = not set yet (the next write sets it)
             self.k_scale = torch.zeros((local_heads,), dtype=torch.float32, device=self.device)
             self.v_scale = torch.zeros((local_heads,), dtype=torch.float32, device=self.device)
+            if scales is not None:  # the checkpoint's, for every KV head: this rank's heads, kept across resets
+                self.fixed_scales = tuple(x[first:stop].to(self.device, torch.float32) for x in scales)
+                self.k_scale.copy_(self.fixed_scales[0])
+                self.v_scale.copy_(self.fixed_scales[1])
             shards.register(self.keys, ("kv_scale", cache.layout, rank), self.k_scale)
             shards.register(self.values, ("kv_scale", cache.layout, rank), self.v_scale)
         shards.register(self.keys, "helix_cache", cache)
@@ -146,7 +152,10 @@ class HelixLayer(StaticLayer):
         self.local_keys.zero_()
         self.local_values.zero_()
         self.cumulative_length.zero_()
-        if self.k_scale is not None:
+        if self.fixed_scales is not None:
+            self.k_scale.copy_(self.fixed_scales[0])
+            self.v_scale.copy_(self.fixed_scales[1])
+        elif self.k_scale is not None:
             self.k_scale.zero_()
             self.v_scale.zero_()
 
@@ -163,6 +172,24 @@ class HelixLayer(StaticLayer):
 
 
 FP8 = torch.float8_e4m3fn  # the one FP8 format of the cache
+
+
+def _check_kv_scales(kv_scales: dict, text, shared) -> dict:
+    """``kv_scales`` ({layer: (k_scale, v_scale)}) as fp32 CPU tensors of one number per KV head; a layer the model
+    lacks or that writes no KV, or a scale of another size or not positive, is a ValueError naming it."""
+    out = {}
+    for layer, pair in kv_scales.items():
+        if not 0 <= layer < text.num_hidden_layers or layer in shared:
+            raise ValueError(f"kv_scales has layer {layer}, but the model's cache layers that hold KV are 0.."
+                             f"{text.num_hidden_layers - 1} without {sorted(shared)}")
+        heads = _kv_shape(text, layer)[0]
+        scales = tuple(torch.as_tensor(x, dtype=torch.float32).cpu().reshape(-1).expand(heads).clone() if
+                       torch.as_tensor(x).numel() in (1, heads) else None for x in pair)
+        if len(scales) != 2 or any(x is None or not bool((x > 0).all() and torch.isfinite(x).all()) for x in scales):
+            raise ValueError(f"kv_scales[{layer}] must be (k_scale, v_scale), each one positive number or one per "
+                             f"KV head ({heads}), got {[tuple(torch.as_tensor(x).shape) for x in pair]}")
+        out[layer] = scales
+    return out
 
 
 def kv_storage_dtype(kv_dtype, dtype: torch.dtype, config=None, device=None):
@@ -353,10 +380,13 @@ class StaticCache(Cache):
     ``kv_dtype``: what the shards hold. None (or the model's dtype): the model's dtype, exact.
     ``torch.float8_e4m3fn``: one byte per element with per-head scales (module docstring), half a bf16 cache's
     bytes, an approximation (docs/perf.md, "FP8 KV cache: accuracy"); on CUDA it needs compute capability >= 8.9.
+    ``kv_scales``: an FP8 cache's scales, {layer: (k_scale, v_scale)} with one number per KV head (a layer left
+    out gets its scales at the prefill); by default the checkpoint's when the model came from ``from_pretrained``
+    and its checkpoint has them (``model.helix_kv_scales``), else all set at the prefill.
     """
 
     def __init__(self, config, max_batch_size: int, max_cache_len: int, layout: Layout | str, dtype=None, device=None,
-                 kv_dtype=None):
+                 kv_dtype=None, kv_scales=None):
         from .layout import current_world
 
         if isinstance(config, torch.nn.Module):  # the model: its dtype and device, unless given
@@ -364,7 +394,11 @@ class StaticCache(Cache):
             if first is not None:
                 dtype = dtype or first.dtype
                 device = device or first.device
+            given = kv_scales is not None
+            kv_scales = kv_scales if given else getattr(config, "helix_kv_scales", None)
             config = config.config
+        else:
+            given = kv_scales is not None
         _refuse_untraceable(config)
         model_type = getattr(config, "model_type", None)
         text = config.get_text_config(decoder=True)
@@ -394,10 +428,16 @@ class StaticCache(Cache):
         self.host_length = 0  # tokens written, tracked on the host so the bound is checked without a device sync
         self.host_seq_length = model_type in HOST_LENGTH  # get_seq_length returns host_length (see there)
         shared = kv_shared_layers(text)
+        if kv_dtype != FP8:
+            if given:
+                raise ValueError(f"kv_scales are the scales of an FP8 cache, but this cache holds {kv_dtype}: pass "
+                                 f"kv_dtype=torch.float8_e4m3fn with them")
+            kv_scales = None  # a checkpoint's FP8 scales do not apply to a cache of the model's dtype
+        kv_scales = _check_kv_scales(kv_scales or {}, text, shared)
         layers = [
             DummyLayer() if i in shared else
             HelixLayer(self, max_cache_len, max_batch_size, *_kv_shape(text, i), dtype, device,
-                       None if kv_dtype == dtype else kv_dtype)
+                       None if kv_dtype == dtype else kv_dtype, kv_scales.get(i))
             for i in range(text.num_hidden_layers)
         ]
         super().__init__(layers=layers)

@@ -22,6 +22,10 @@ Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``): then each rank reads only 
 columns (tpf), and stacks them into its local fused piece, which is what ``role_shard`` would cut from the fused
 tensor.
 
+Quantized checkpoints (``quantized``): FP8 weights are de-quantised as they are read (``Checkpoint``), so a
+rank holds the floats transformers' de-quantising load holds; FP8 KV-cache scales go to the cache; every other
+quantization is refused by name.
+
 ``rank_tensors`` is the one place that turns a checkpoint (``Checkpoint``: safetensors files or tensors in memory),
 a layout and a rank into the rank's tensors, named as the model names them; ``from_pretrained`` loads them and
 ``helix convert`` writes them into the rank's file.
@@ -42,7 +46,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from . import shards
+from . import quantized, shards
 from .layout import Layout, current_world
 from .lowering.ops import ShardedEagerError
 from .passes.regions.roles import Heads, Pieces, role_by_name, role_shard
@@ -218,18 +222,26 @@ class Checkpoint:
     of a column slice are unmapped again right away) or tensors in memory (a de-quantised GGUF).
 
     ``entries``: name -> (shape, dtype) in file order, read from the headers only (dtype None: a safetensors type
-    torch has no dtype for here)."""
+    torch has no dtype for here). An FP8 weight with its scale (``quantized``) is one entry of ``dtype`` (default
+    bf16), de-quantised when read (in blocks of ``block``, the config's ``quantized.block_size``); its scale has
+    no entry of its own."""
 
-    def __init__(self, files=(), tensors: dict | None = None):
+    def __init__(self, files=(), tensors: dict | None = None, dtype: torch.dtype | None = None, block=None):
         self.entries, self.where, self.tensors = {}, {}, dict(tensors or {})
+        tags = {}
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
                     piece = f.get_slice(key)
-                    self.entries[key] = (tuple(piece.get_shape()), TAG_DTYPES.get(piece.get_dtype()))
+                    tags[key] = piece.get_dtype()
+                    self.entries[key] = (tuple(piece.get_shape()), TAG_DTYPES.get(tags[key]))
                     self.where[key] = Path(file)
         for key, value in self.tensors.items():
             self.entries[key] = (tuple(value.shape), value.dtype)
+        self.scale_of, self.dtype, self.block = quantized.pairs(tags), dtype or torch.bfloat16, block
+        for key, scale in self.scale_of.items():
+            self.entries[key] = (self.entries[key][0], self.dtype)
+            del self.entries[scale]
 
     def file_name(self, key: str) -> str:
         """Where ``key`` is stored, for messages."""
@@ -241,16 +253,24 @@ class Checkpoint:
         if key in self.tensors:
             value = self.tensors[key]
             return value if spec is None else _read(value, value.shape, spec)
+        if key in self.scale_of:  # de-quantised whole (one tensor in memory), then cut
+            value = quantized.dequantize(self._raw(key), self._raw(self.scale_of[key]), self.dtype, self.block, key)
+            return value if spec is None else _read(value, value.shape, spec)
         with safe_open(self.where[key], framework="pt") as f:
-            piece = f.get_slice(key)
-            return piece[:] if spec is None else _read(piece, self.entries[key][0], spec)
+            return f.get_tensor(key) if spec is None else _read(f.get_slice(key), self.entries[key][0], spec)
+
+    def _raw(self, key: str) -> torch.Tensor:
+        with safe_open(self.where[key], framework="pt") as f:
+            return f.get_tensor(key)
 
 
 @dataclasses.dataclass
 class RankTensor:
     """One tensor a rank holds: parameter or persistent buffer ``name`` of the model, of global ``shape``;
     ``spec`` the rank's piece of it (``Shard``, ``Pieces``, ``ExpertShard``; None: the whole tensor);
-    ``read()`` reads that piece from the checkpoint (only it); ``dtype`` as stored."""
+    ``read()`` reads that piece from the checkpoint (only it); ``dtype`` as stored (an FP8 weight's: the dtype it is
+    de-quantised to). ``buffer``: a persistent buffer; ``kv_scale``: an FP8 KV-cache scale (``quantized``), whole,
+    named as in the checkpoint, held by the cache rather than the model."""
 
     name: str
     shape: tuple
@@ -258,6 +278,7 @@ class RankTensor:
     dtype: torch.dtype | None
     read: Callable[[], torch.Tensor]
     buffer: bool = False
+    kv_scale: bool = False
 
     @property
     def local_shape(self) -> tuple:
@@ -272,7 +293,8 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
     them, ``helix convert`` writes them). Names are the model's (transformers' renamings applied; per-expert
     tensors become this rank's piece of the fused expert parameter, see ``_stack_experts``); every shape is checked
     here, from the headers, before anything is read. Tensors that are neither a parameter nor a persistent buffer
-    of the model are left out. ``local``: ``checkpoint`` is a ``helix convert`` rank file, holding the pieces."""
+    of the model are left out, except KV-cache scales (``kv_scale``). ``local``: ``checkpoint`` is a ``helix convert``
+    rank file, holding the pieces."""
     heads = Heads.of(model.config.get_text_config(decoder=True))
     params = dict(model.named_parameters(remove_duplicate=False))
     transposed = {f"{m}.{p}" for m, mod in model.named_modules() if getattr(mod, "is_transposed", False)
@@ -283,6 +305,9 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
     for key, (stored, dtype) in checkpoint.entries.items():
         name = rename(key).replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint module name
         where = checkpoint.file_name(key)
+        if quantized.KV_SCALE.search(key):
+            out.append(RankTensor(key, stored, None, dtype, functools.partial(checkpoint.read, key), kv_scale=True))
+            continue
         if name in buffers:  # persistent buffers saved with the weights (DeepSeek's e_score_correction_bias)
             if stored != tuple(buffers[name].shape):
                 raise ValueError(f"{where}: buffer {key} has shape {stored}, the model expects "
@@ -295,6 +320,10 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
                 per_expert.setdefault(fused[0], {})[fused[1:]] = key
             continue  # e.g. rotary buffers saved by old checkpoints
         shape = tuple(params[name].shape)
+        if dtype is None or not (dtype.is_floating_point or params[name].dtype == dtype):
+            raise ValueError(f"{where}: {key} is stored as {dtype or 'a type torch cannot read here'}, not as the "
+                             f"floats of {name}: a quantized tensor helix cannot read (it reads plain weights and FP8 "
+                             f"ones: {quantized.SUPPORTED})")
         spec = shard_spec(name, shape, heads, layout, rank, transposed=name in transposed)
         item = RankTensor(name, shape, spec, dtype, functools.partial(checkpoint.read, key))
         if local:  # a helix convert file holds the rank's piece itself
@@ -360,6 +389,11 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     process group (``torch.cuda.current_device()``), else the CPU. ``experts_implementation`` (MoE models):
     transformers' ``"grouped_mm"`` (its default) or ``"batched_mm"``, as transformers' own ``from_pretrained``
     takes it.
+
+    A checkpoint with FP8 weights (``quantized``: DeepSeek-V3/R1's fine-grained FP8, compressed-tensors, ModelOpt,
+    fbgemm) is de-quantised while read, as transformers does without a GPU; its KV-cache scales, if any, become
+    ``model.helix_kv_scales`` ({layer: (k_scale, v_scale)}, fp32 per KV head), which an FP8 ``StaticCache`` of
+    the model uses. Any other quantization is refused by name.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -370,6 +404,7 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     if manifest is not None:
         check_layout(manifest, layout, path)
     config = AutoConfig.from_pretrained(path)
+    quantized.check(config)
     layout.validate(config.get_text_config(decoder=True), world_size=world)
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
@@ -379,11 +414,13 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
         extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
         model = model_from_config(config, dtype=dtype, **extra)
     if manifest is None:
-        checkpoint = Checkpoint(checkpoint_files(path))
+        checkpoint = Checkpoint(checkpoint_files(path), dtype=dtype, block=quantized.block_size(config))
     else:
         name = rank_file(rank)
         checkpoint = Checkpoint([check_file(path, name, manifest) if verify else path / name])
     for item in rank_tensors(checkpoint, model, layout, rank, local=manifest is not None):
+        if item.kv_scale:
+            continue  # read below, all together
         if item.buffer:
             model.get_buffer(item.name).copy_(item.read())
             continue
@@ -397,6 +434,11 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    kv_scales = quantized.kv_scales(checkpoint)
+    if kv_scales:  # what an FP8 StaticCache of this model starts from (cache.StaticCache)
+        model.helix_kv_scales = kv_scales
+    if hasattr(model.config, "quantization_config"):  # the model holds plain floats: nothing is quantized any more
+        del model.config.quantization_config
     if (path / "generation_config.json").is_file():  # decoding defaults, as transformers' from_pretrained reads them
         from transformers import GenerationConfig
 

@@ -3,9 +3,9 @@
 ``helix generate`` calls these in the launching process (and, under torchrun, in every process before it joins
 the group), so that a bad argument or a broken checkpoint never costs a rank start, a load or a compile.
 
-- ``check_checkpoint(path)``: a config.json, a tokenizer and weights are there, and every safetensors file is
-  whole (its header parses and the file is as long as the header says; a helix convert output's files match
-  its manifest's sha256).
+- ``check_checkpoint(path)``: a config.json, a tokenizer and weights are there, the weights are plain or FP8
+  (``quantized.check``), and every safetensors file is whole (its header parses and the file is as long as the
+  header says; a helix convert output's files match its manifest's sha256).
 - ``max_positions(config)``: the size of the model's learned position table (``None``: positions are unbounded).
 - ``check_request(config, prompt_len, max_new_tokens)``: prompt plus new tokens within the model's positions.
 """
@@ -61,6 +61,9 @@ def check_checkpoint(path: Path, checksums: bool = True) -> None:
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: give an HF checkpoint directory (save_pretrained's output), a "
                          f"helix convert output or a .gguf file")
+    from . import quantized
+
+    quantized.check(json.loads((path / "config.json").read_text()))  # FP8 weights are read; other formats refused
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
     if not any((path / f).is_file() for f in tokenizer_files):
         raise ValueError(f"{path} has no tokenizer (none of {', '.join(tokenizer_files)}): save the tokenizer beside "
