@@ -21,6 +21,7 @@ Contract
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import signal
 import socket
@@ -211,11 +212,16 @@ def signal_tree(pid: int, sig) -> None:
 
 # -- results back to the caller ------------------------------------------------------------------------------------------
 def _result_rank(rank, fn, args, queue, device, share_cores, timeout):
+    import torch
     import torch.distributed as dist
 
     try:
         init_process_group(device, timeout=timeout, share_cores=share_cores)
-        queue.put((rank, "ok", fn(rank, *args)))
+        # as bytes: a tensor put on the queue as it is travels as a handle to this process's shared memory, which
+        # the caller can no longer open once this process has exited
+        value = io.BytesIO()
+        torch.save(fn(rank, *args), value)
+        queue.put((rank, "ok", value.getvalue()))
         return 0
     except BaseException:  # noqa: BLE001 -- every failure goes to the caller, with its traceback
         queue.put((rank, "error", traceback.format_exc()))
@@ -227,8 +233,9 @@ def _result_rank(rank, fn, args, queue, device, share_cores, timeout):
 
 def run_ranks(world: int, fn, *args, timeout: float = 3600, backend: str = "gloo", share_cores: bool = False) -> list:
     """Call ``fn(rank, *args)`` on ``world`` spawned ranks (``backend`` "gloo": CPU; "nccl": rank r on cuda:r);
-    return the results ordered by rank. The first failure (an exception, a rank that dies without a result, or
+    return the results ordered by rank (tensors in them on the CPU). The first failure (an exception, a rank that dies without a result, or
     ``timeout`` seconds without progress) stops every rank and raises RuntimeError naming the rank."""
+    import torch
     import torch.multiprocessing as mp
     from queue import Empty
 
@@ -259,7 +266,7 @@ def run_ranks(world: int, fn, *args, timeout: float = 3600, backend: str = "gloo
                     continue
             last = time.monotonic()
             if status == "ok":
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value), map_location="cpu", weights_only=False)  # from our ranks
             else:
                 error = f"rank {rank}:\n{value}"
         if error is None:
