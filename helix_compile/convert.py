@@ -12,13 +12,13 @@ so their conversions load, verify and are refused as sources as before.
 Contract
     in:  an HF checkpoint directory (config.json + *.safetensors) or a GGUF file, of any family that
          ``helix_compile.from_pretrained`` reads (fused projections, GPT-2's Conv1D with biases, per-head interleaved
-         qkv, MLA, mixture-of-experts with fused or per-expert tensors, FP8 weights: ``quantized``); a Layout
-         (kvp, tpa, ep; tpf = N / ep).
+         qkv, MLA, mixture-of-experts with fused or per-expert tensors, FP8 and MXFP4 weights: ``quantized``);
+         a Layout (kvp, tpa, ep; tpf = N / ep).
     out: OUT/rank<r>.safetensors for r in 0..N-1 holding exactly the tensors rank r loads
          (``loading.rank_tensors``, the same function ``from_pretrained`` reads a checkpoint with), named as the
          model names them: its piece of every sharded tensor (of a routed-expert weight: only its ep experts, each
-         cut to its tpf slice, fused; FP8 weights de-quantised to the config's dtype), every other tensor in full
-         (FP8 KV-cache scales too, under their checkpoint names); the manifest OUT/manifest.json (format, the
+         cut to its tpf slice, fused; FP8 and MXFP4 weights de-quantised to the config's dtype), every other
+         tensor in full (FP8 KV-cache scales too, under their checkpoint names); the manifest OUT/manifest.json (format, the
          whole layout, model config, the sha256 of every file); config.json, generation config and tokenizer files.
          ``from_pretrained(OUT, layout)`` reads only its rank's file, and refuses a layout whose kvp, tpa, tpf or
          ep differ from the manifest's.
@@ -62,7 +62,7 @@ class _HFDir(_Source):
     def __init__(self, path: Path):
         self.path = path
         raw = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        quantized.check(raw)  # FP8 weights are written de-quantised, in the config's dtype; others are refused
+        quantized.check(raw)  # FP8 / MXFP4 weights are written de-quantised; others refused
         self.config = _config(path)
         dtype = getattr(self.config, "dtype", None)
         self.checkpoint = Checkpoint(checkpoint_files(path), dtype=getattr(torch, dtype) if isinstance(dtype, str)
@@ -117,7 +117,7 @@ def _config(folder: Path, **kw):
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"model type {config.model_type!r} is not a causal LM: transformers {__version__} has no "
                          f"AutoModelForCausalLM class for it, and helix runs causal LMs")
-    if hasattr(config, "quantization_config"):  # a de-quantised GGUF or FP8 checkpoint is plain floats now
+    if hasattr(config, "quantization_config"):  # a de-quantised GGUF, FP8 or MXFP4 checkpoint is plain floats now
         del config.quantization_config
     return config
 

@@ -22,7 +22,7 @@ Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``): then each rank reads only 
 columns (tpf), and stacks them into its local fused piece, which is what ``role_shard`` would cut from the fused
 tensor.
 
-Quantized checkpoints (``quantized``): FP8 weights are de-quantised as they are read (``Checkpoint``), so a
+Quantized checkpoints (``quantized``): FP8 and MXFP4 weights are de-quantised as they are read (``Checkpoint``), so a
 rank holds the floats transformers' de-quantising load holds; FP8 KV-cache scales go to the cache; every other
 quantization is refused by name.
 
@@ -49,6 +49,7 @@ from safetensors import safe_open
 from . import quantized, shards
 from .layout import Layout, current_world
 from .lowering.ops import ShardedEagerError
+from .passes.regions.moe import INTERLEAVED
 from .passes.regions.roles import Heads, Pieces, role_by_name, role_shard
 from .shards import ExpertShard, Shard
 
@@ -89,12 +90,17 @@ def _read(piece, shape, spec) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
 
-def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int, transposed: bool = False):
+def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int, transposed: bool = False,
+               interleaved: bool = False):
     """The ``Shard`` of checkpoint tensor ``name`` (global ``shape``) that ``rank`` holds, or None (replicated).
-    ``transposed``: a fused expert weight stored (E, in, out) (the experts module's ``is_transposed``, Aria)."""
+    ``transposed``: a fused expert weight stored (E, in, out) (the experts module's ``is_transposed``: Aria,
+    gpt-oss); ``interleaved``: a fused gate_up weight or bias whose features alternate gate and up (the experts
+    module's ``is_concatenated`` False: gpt-oss), cut as the plan cuts it (``passes.regions.moe.expert_shard``)."""
     role, kind = role_by_name(name)
     if transposed and kind == "weight":
         kind = "weight_t"
+    if interleaved and role == "experts_gate_up":
+        kind += INTERLEAVED
     return role_shard(role, kind, tuple(shape), heads.of_name(name), layout, rank) if role else None
 
 
@@ -222,9 +228,9 @@ class Checkpoint:
     of a column slice are unmapped again right away) or tensors in memory (a de-quantised GGUF).
 
     ``entries``: name -> (shape, dtype) in file order, read from the headers only (dtype None: a safetensors type
-    torch has no dtype for here). An FP8 weight with its scale (``quantized``) is one entry of ``dtype`` (default
-    bf16), de-quantised when read (in blocks of ``block``, the config's ``quantized.block_size``); its scale has
-    no entry of its own."""
+    torch has no dtype for here). An FP8 weight with its scale, or MXFP4 blocks with theirs (``quantized``), is one
+    entry of ``dtype`` (default bf16) under the parameter's name, de-quantised when read (FP8 in blocks of
+    ``block``, the config's ``quantized.block_size``); the scales have no entry of their own."""
 
     def __init__(self, files=(), tensors: dict | None = None, dtype: torch.dtype | None = None, block=None):
         self.entries, self.where, self.tensors = {}, {}, dict(tensors or {})
@@ -242,6 +248,11 @@ class Checkpoint:
         for key, scale in self.scale_of.items():
             self.entries[key] = (self.entries[key][0], self.dtype)
             del self.entries[scale]
+        self.mxfp4 = quantized.mxfp4_pairs(tags)
+        for key, (blocks, scales) in self.mxfp4.items():
+            self.entries[key] = (quantized.mxfp4_shape(self.entries.pop(blocks)[0]), self.dtype)
+            self.where[key] = self.where[blocks]
+            del self.entries[scales]
 
     def file_name(self, key: str) -> str:
         """Where ``key`` is stored, for messages."""
@@ -253,8 +264,12 @@ class Checkpoint:
         if key in self.tensors:
             value = self.tensors[key]
             return value if spec is None else _read(value, value.shape, spec)
-        if key in self.scale_of:  # de-quantised whole (one tensor in memory), then cut
-            value = quantized.dequantize(self._raw(key), self._raw(self.scale_of[key]), self.dtype, self.block, key)
+        if key in self.scale_of or key in self.mxfp4:  # de-quantised whole (one tensor in memory), then cut
+            if key in self.scale_of:
+                value = quantized.dequantize(self._raw(key), self._raw(self.scale_of[key]), self.dtype, self.block,
+                                             key)
+            else:
+                value = quantized.dequantize_mxfp4(*map(self._raw, self.mxfp4[key]), self.dtype, key)
             return value if spec is None else _read(value, value.shape, spec)
         with safe_open(self.where[key], framework="pt") as f:
             return f.get_tensor(key) if spec is None else _read(f.get_slice(key), self.entries[key][0], spec)
@@ -299,6 +314,8 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
     params = dict(model.named_parameters(remove_duplicate=False))
     transposed = {f"{m}.{p}" for m, mod in model.named_modules() if getattr(mod, "is_transposed", False)
                   for p in ("gate_up_proj", "down_proj")}  # experts stored (E, in, out)
+    interleaved = {f"{m}.{p}" for m, mod in model.named_modules() if getattr(mod, "is_concatenated", True) is False
+                   for p in ("gate_up_proj", "gate_up_proj_bias")}  # gate_up features [g0 u0 g1 u1 ...]
     buffers = {n: b for n, b in model.named_buffers() if b.device.type != "meta"}
     rename = checkpoint_renamer(model)
     out, loaded, per_expert = [], set(), {}  # per_expert: fused parameter -> {(expert, part): checkpoint name}
@@ -324,7 +341,8 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
             raise ValueError(f"{where}: {key} is stored as {dtype or 'a type torch cannot read here'}, not as the "
                              f"floats of {name}: a quantized tensor helix cannot read (it reads plain weights and FP8 "
                              f"ones: {quantized.SUPPORTED})")
-        spec = shard_spec(name, shape, heads, layout, rank, transposed=name in transposed)
+        spec = shard_spec(name, shape, heads, layout, rank, transposed=name in transposed,
+                          interleaved=name in interleaved)
         item = RankTensor(name, shape, spec, dtype, functools.partial(checkpoint.read, key))
         if local:  # a helix convert file holds the rank's piece itself
             if stored != item.local_shape:
@@ -391,9 +409,9 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     takes it.
 
     A checkpoint with FP8 weights (``quantized``: DeepSeek-V3/R1's fine-grained FP8, compressed-tensors, ModelOpt,
-    fbgemm) is de-quantised while read, as transformers does without a GPU; its KV-cache scales, if any, become
-    ``model.helix_kv_scales`` ({layer: (k_scale, v_scale)}, fp32 per KV head), which an FP8 ``StaticCache`` of
-    the model uses. Any other quantization is refused by name.
+    fbgemm) or MXFP4 experts (gpt-oss) is de-quantised while read, as transformers does without a GPU; its
+    KV-cache scales, if any, become ``model.helix_kv_scales`` ({layer: (k_scale, v_scale)}, fp32 per KV head),
+    which an FP8 ``StaticCache`` of the model uses. Any other quantization is refused by name.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig

@@ -1,11 +1,12 @@
-"""Checkpoints that ship FP8 weights or FP8 KV-cache scales: their weights read as plain floats, anything else
-quantized refused by name.
+"""Checkpoints that ship FP8 or MXFP4 weights or FP8 KV-cache scales: their weights read as plain floats,
+anything else quantized refused by name.
 
-Many long-context checkpoints ship their linear weights in float8 (DeepSeek-V3 and R1 among them). Each such
-weight ``W.weight`` comes with a scale tensor beside it, and the real weight is ``float(fp8) * scale`` of its
-block. ``loading.Checkpoint`` de-quantises every such pair when it reads it, in fp32, cast to the model's dtype:
-the same arithmetic as transformers' own de-quantising load (``FineGrainedFP8Config(dequantize=True)``, what it
-does on a machine without a GPU), so helix holds the weights that transformers' model holds. The model then
+Many long-context checkpoints ship their linear weights in float8 (DeepSeek-V3 and R1 among them), gpt-oss its
+experts in MXFP4. Each such weight comes with a scale tensor beside it, and the real weight is the stored value
+times the scale of its block. ``loading.Checkpoint`` de-quantises every such pair when it reads it, cast to the
+model's dtype: the same arithmetic as transformers' own de-quantising load (``FineGrainedFP8Config`` /
+``Mxfp4Config(dequantize=True)``, what it does on a machine without a GPU), so helix holds the weights that
+transformers' model holds. The model then
 computes in its dtype (bf16), as transformers' de-quantised model does; activation scales (``input_scale``) are
 not used.
 
@@ -16,7 +17,10 @@ Read (``quantization_config.quant_method`` of config.json):
   exponents, 2 ** (e - 127)) too;
 - ``"compressed-tensors"`` with float weights of 8 bits (llm-compressor's FP8): ``W.weight_scale`` per tensor,
   per output channel (out, 1) or per block (``block_structure``);
-- ``"modelopt"`` with ``quant_algo`` FP8 and ``"fbgemm_fp8"``: ``W.weight_scale`` per tensor or per channel.
+- ``"modelopt"`` with ``quant_algo`` FP8 and ``"fbgemm_fp8"``: ``W.weight_scale`` per tensor or per channel;
+- ``"mxfp4"`` (gpt-oss's experts): ``P_blocks`` (E, rows, G, 16) uint8, two e2m1 values per byte (low nibble
+  first), and ``P_scales`` (E, rows, G) uint8 exponents, one per group of 32 values: value = e2m1 * 2 ** (s - 127);
+  the rows x (G * 32) matrix of each expert is stored transposed, as parameter ``P`` (E, G * 32, rows) holds it.
 
 Scale shapes are read from the file: a single number, one per output row ((out,) or (out, 1)), or a grid of
 blocks. A grid's block size is the config's where it gives one, else the weight's size over the grid's, which
@@ -27,7 +31,7 @@ naming; also under ``self_attn.attn.``) or ``layers.{i}.self_attn.k_proj.k_scale
 (ModelOpt): one number per layer or one per KV head. An element e of an FP8 cache stands for e * scale, as in
 ``cache.StaticCache``'s FP8 form, which uses them instead of computing scales at the prefill.
 
-Refused, before anything is read: every other ``quant_method`` (GPTQ, AWQ, bitsandbytes, MXFP4, NVFP4, ...) and
+Refused, before anything is read: every other ``quant_method`` (GPTQ, AWQ, bitsandbytes, NVFP4, ...) and
 compressed-tensors with integer or other-width weights; a float8 weight without its scale; integer-packed weights
 (``weight_packed``, ``qweight``).
 """
@@ -46,7 +50,8 @@ if hasattr(torch, "float8_e8m0fnu"):
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")  # fine-grained FP8's; compressed-tensors', ModelOpt's, fbgemm's
 PACKED_SUFFIXES = ("weight_packed", "qweight", "weight_zero_point", "qzeros", "weight_shape")
 KV_SCALE = re.compile(r"layers\.(\d+)\.self_attn\.(?:attn\.|k_proj\.|v_proj\.)?([kv])_scale$")
-SUPPORTED = "fp8 (fine-grained FP8, DeepSeek-V3/R1), compressed-tensors FP8, modelopt FP8, fbgemm_fp8"
+SUPPORTED = "fp8 (fine-grained FP8, DeepSeek-V3/R1), compressed-tensors FP8, modelopt FP8, fbgemm_fp8, mxfp4 (gpt-oss)"
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # a nibble's value
 DEQUANTISE_FIRST = ("de-quantise it to bf16 first (load it with transformers and save_pretrained the result), or "
                     "use the checkpoint's bf16 release")
 
@@ -59,7 +64,7 @@ def check(config) -> None:
         return
     q = q if isinstance(q, dict) else q.to_dict()
     method = q.get("quant_method")
-    if method in ("fp8", "fbgemm_fp8"):
+    if method in ("fp8", "fbgemm_fp8", "mxfp4"):
         return
     if method == "modelopt" and str(q.get("quant_algo", "FP8")).upper() == "FP8":
         return
@@ -106,6 +111,32 @@ def pairs(tags: dict[str, str]) -> dict[str, str]:
                              f"the values it stands for")
         out[name] = scale
     return out
+
+
+def mxfp4_pairs(tags: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """{parameter name P: (P_blocks, P_scales)} for the MXFP4 tensors among ``tags`` (both stored as U8)."""
+    return {name[:-len("_blocks")]: (name, name[:-len("_blocks")] + "_scales") for name, tag in tags.items()
+            if name.endswith("_blocks") and tag == "U8" and tags.get(name[:-len("_blocks")] + "_scales") == "U8"}
+
+
+def mxfp4_shape(blocks_shape) -> tuple:
+    """The parameter's shape (E, G * 32, rows) for blocks of shape (E, rows, G, 16)."""
+    e, rows, groups, half = blocks_shape
+    return (e, groups * half * 2, rows)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, name: str = "weight"):
+    """MXFP4 ``blocks`` (E, rows, G, 16) and ``scales`` (E, rows, G) as the (E, G * 32, rows) parameter in
+    ``dtype``: each nibble's e2m1 value in ``dtype`` times 2 ** (scale - 127) (exact: a power of two)."""
+    if blocks.dim() != 4 or tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        raise ValueError(f"{name}: MXFP4 blocks of shape {tuple(blocks.shape)} need scales of shape "
+                         f"{tuple(blocks.shape[:-1])}, got {tuple(scales.shape)}")
+    lut = torch.tensor(E2M1, dtype=dtype)
+    blocks = blocks.to(torch.uint8)
+    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # low nibble first
+    values = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None, None]).to(dtype)
+    e, rows, groups, half = blocks.shape
+    return values.reshape(e, rows, groups * half * 2).transpose(1, 2).contiguous()
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block=None, name: str = "weight"):

@@ -16,7 +16,7 @@ from helix_compile.convert import convert
 from helix_compile.loading import Checkpoint, checkpoint_files
 from helix_compile.preflight import check_checkpoint
 from distributed import run_ranks
-from models import model
+from models import ATTENTION, model
 from test_memory import _compare_sharded
 
 import cli_checkpoint
@@ -82,6 +82,40 @@ def _fp8_checkpoint(src: Path, fp8: Path, plain: Path, block=(32, 32), method="f
     return fp8, plain
 
 
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _mxfp4(w: torch.Tensor):
+    """An expert parameter (E, in, out) as MXFP4: blocks (E, out, in / 32, 16) of two e2m1 nibbles per byte (low
+    first), scales (E, out, in / 32) of biased exponents, and the fp32 floats they stand for, (E, in, out)."""
+    rows = w.transpose(1, 2).float()
+    e, r, c = rows.shape
+    groups = rows.reshape(e, r, c // 32, 32)
+    exp = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6)).clamp(-120, 120)
+    idx = (groups / torch.exp2(exp)[..., None])[..., None].sub(E2M1).abs().argmin(-1)  # the nearest e2m1 value
+    blocks = (idx[..., 0::2] | (idx[..., 1::2] << 4)).to(torch.uint8)
+    floats = (E2M1[idx] * torch.exp2(exp)[..., None]).reshape(e, r, c).transpose(1, 2).contiguous()
+    return blocks, (exp + 127).to(torch.uint8), floats
+
+
+def _mxfp4_checkpoint(src: Path, mx: Path, plain: Path):
+    """gpt-oss's release format: the experts' gate_up_proj / down_proj as MXFP4 blocks and scales, the rest as
+    it is; ``plain`` holds the floats they stand for."""
+    tensors = load_file(src / "model.safetensors")
+    quant, floats = {}, {}
+    for name, w in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            quant[name + "_blocks"], quant[name + "_scales"], floats[name] = _mxfp4(w)
+        else:
+            quant[name] = floats[name] = w
+    config = json.loads((src / "config.json").read_text())
+    for folder, weights, extra in ((mx, quant, {"quantization_config": {"quant_method": "mxfp4"}}), (plain, floats, {})):
+        folder.mkdir()
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps({**config, **extra}))
+    return mx, plain
+
+
 def test_dequantize_scale_shapes():
     """A single scale, one per row ((out,) or (out, 1)), a grid that divides the weight, a grid of ceil blocks
     (the config's block size), E8M0 exponents and stacked experts, each against the explicit product."""
@@ -112,28 +146,29 @@ def _load_and_compare(rank, cases):
     from transformers import AutoModelForCausalLM
 
     out = []
-    for fp8, plain, fields in cases:
+    for fp8, plain, fields, attn in cases:
         torch._dynamo.reset()
         layout = Layout(kv_block=4, **fields)
         sharded = helix_compile.from_pretrained(fp8, layout, dtype=torch.float32)
         assert not hasattr(sharded.config, "quantization_config")
-        reference = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32, attn_implementation="sdpa").eval()
+        reference = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32, attn_implementation=attn).eval()
         out.append(_compare_sharded(sharded, reference, layout))
     return out
 
 
 def test_fp8_checkpoints_load_per_rank(tmp_path):
     """DeepSeek-V3's fine-grained FP8 (blocks, ceil grids where 32 does not divide MLA's projections; per-expert
-    tensors) and Mixtral's (w1/w2/w3 experts), with experts and heads split over 2 ranks: exact against
-    transformers on the de-quantised floats."""
+    tensors), Mixtral's (w1/w2/w3 experts) and gpt-oss's MXFP4 experts (stored (E, in, out)), with experts and
+    heads split over 2 ranks: exact against transformers on the de-quantised floats."""
     cases, layouts = [], {"llama": dict(kvp=1, tpa=2), "mixtral": dict(kvp=1, tpa=2, ep=2),
-                          "deepseek_v3": dict(kvp=2, ep=1)}
+                          "deepseek_v3": dict(kvp=2, ep=1), "gpt_oss": dict(kvp=2, ep=1)}
     for family, fields in layouts.items():
         src = tmp_path / family
         model(family).save_pretrained(src)
-        fp8, plain = _fp8_checkpoint(src, tmp_path / f"{family}-fp8", tmp_path / f"{family}-plain")
-        assert any(v.dtype == FP8 for v in load_file(fp8 / "model.safetensors").values())
-        cases.append((str(fp8), str(plain), fields))
+        make = _mxfp4_checkpoint if family == "gpt_oss" else _fp8_checkpoint
+        quant, plain = make(src, tmp_path / f"{family}-quantized", tmp_path / f"{family}-plain")
+        assert any(v.dtype in (FP8, torch.uint8) for v in load_file(quant / "model.safetensors").values())
+        cases.append((str(quant), str(plain), fields, ATTENTION.get(family, "sdpa")))
     for errs in run_ranks(2, _load_and_compare, cases):
         print("from_pretrained of FP8 checkpoints, max rel err per family:", [f"{e:.1e}" for e in errs])
         assert all(e < 1e-5 for e in errs)
@@ -152,6 +187,25 @@ def test_transformers_reads_the_same_floats(tmp_path):
     assert len(names) == 14  # 7 linear layers in each of 2 decoder layers
     for name in names:
         assert torch.equal(checkpoint.read(name), theirs[name]), name
+
+
+def test_transformers_reads_the_same_mxfp4_floats(tmp_path):
+    """The same for gpt-oss's MXFP4 experts: transformers' de-quantising load (Mxfp4Config(dequantize=True))
+    holds the floats helix reads, bit for bit, in bf16 and fp32; both are the independent decoding above."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    model("gpt_oss").save_pretrained(tmp_path / "src")
+    mx, plain = _mxfp4_checkpoint(tmp_path / "src", tmp_path / "mx", tmp_path / "plain")
+    floats = load_file(plain / "model.safetensors")
+    for dtype in (torch.bfloat16, torch.float32):
+        theirs = AutoModelForCausalLM.from_pretrained(mx, dtype=dtype,
+                                                      quantization_config=Mxfp4Config(dequantize=True)).state_dict()
+        checkpoint = Checkpoint(checkpoint_files(mx), dtype=dtype)
+        assert sorted(checkpoint.mxfp4) == sorted(n for n in floats if n.endswith(("gate_up_proj", "down_proj")))
+        for name in checkpoint.mxfp4:
+            assert checkpoint.entries[name] == (tuple(floats[name].shape), dtype)
+            assert torch.equal(checkpoint.read(name), theirs[name]), (name, dtype)
+            assert torch.equal(checkpoint.read(name), floats[name].to(dtype)), (name, dtype)
 
 
 def _kv_scales(rank, fp8):
