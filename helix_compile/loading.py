@@ -91,14 +91,17 @@ def _read(piece, shape, spec) -> torch.Tensor:
 
 
 def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int, transposed: bool = False,
-               interleaved: bool = False):
+               interleaved: bool = False, linear: bool = False):
     """The ``Shard`` of checkpoint tensor ``name`` (global ``shape``) that ``rank`` holds, or None (replicated).
-    ``transposed``: a fused expert weight stored (E, in, out) (the experts module's ``is_transposed``: Aria,
-    gpt-oss); ``interleaved``: a fused gate_up weight or bias whose features alternate gate and up (the experts
-    module's ``is_concatenated`` False: gpt-oss), cut as the plan cuts it (``passes.regions.moe.expert_shard``)."""
+    ``transposed``: a fused expert weight stored (E, in, out) (Aria, gpt-oss, Llama 4); ``interleaved``: a fused
+    gate_up weight or bias whose features alternate gate and up (gpt-oss), cut as the plan cuts it
+    (``passes.regions.moe.expert_shard``); ``linear``: the weight of an ``nn.Linear`` under a name GPT-2 gives its
+    Conv1D (GPT-BigCode's ``attn.c_attn``), stored (out, in). ``_stored_forms`` tells which from the model."""
     role, kind = role_by_name(name)
     if transposed and kind == "weight":
         kind = "weight_t"
+    if linear and kind == "weight_t":
+        kind = "weight"
     if interleaved and role == "experts_gate_up":
         kind += INTERLEAVED
     return role_shard(role, kind, tuple(shape), heads.of_name(name), layout, rank) if role else None
@@ -312,15 +315,14 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
     rank file, holding the pieces."""
     heads = Heads.of(model.config.get_text_config(decoder=True))
     params = dict(model.named_parameters(remove_duplicate=False))
-    transposed = {f"{m}.{p}" for m, mod in model.named_modules() if getattr(mod, "is_transposed", False)
-                  for p in ("gate_up_proj", "down_proj")}  # experts stored (E, in, out)
-    interleaved = {f"{m}.{p}" for m, mod in model.named_modules() if getattr(mod, "is_concatenated", True) is False
-                   for p in ("gate_up_proj", "gate_up_proj_bias")}  # gate_up features [g0 u0 g1 u1 ...]
+    transposed, interleaved, linear = _stored_forms(model)
     buffers = {n: b for n, b in model.named_buffers() if b.device.type != "meta"}
     rename = checkpoint_renamer(model)
     out, loaded, per_expert = [], set(), {}  # per_expert: fused parameter -> {(expert, part): checkpoint name}
     for key, (stored, dtype) in checkpoint.entries.items():
-        name = rename(key).replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint module name
+        name = rename(key)
+        if name not in params and name not in buffers:  # Mixtral's checkpoint module name (GraniteMoE keeps it)
+            name = name.replace(".block_sparse_moe.", ".mlp.")
         where = checkpoint.file_name(key)
         if quantized.KV_SCALE.search(key):
             out.append(RankTensor(key, stored, None, dtype, functools.partial(checkpoint.read, key), kv_scale=True))
@@ -342,7 +344,7 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
                              f"floats of {name}: a quantized tensor helix cannot read (it reads plain weights and FP8 "
                              f"ones: {quantized.SUPPORTED})")
         spec = shard_spec(name, shape, heads, layout, rank, transposed=name in transposed,
-                          interleaved=name in interleaved)
+                          interleaved=name in interleaved, linear=name in linear)
         item = RankTensor(name, shape, spec, dtype, functools.partial(checkpoint.read, key))
         if local:  # a helix convert file holds the rank's piece itself
             if stored != item.local_shape:
@@ -377,6 +379,31 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
         out.append(RankTensor(name, shape, spec, dtype,
                               functools.partial(_stack_experts, checkpoint, name, found, spec, parts)))
     return out
+
+
+def _stored_forms(model) -> tuple[set, set, set]:
+    """Parameter names of ``model`` stored in a form its name does not tell: (fused experts stored (E, in, out),
+    fused gate_up experts whose gate and up features alternate, ``nn.Linear`` weights). The experts' forms come from
+    transformers' own flags on the experts module (``is_transposed``, ``is_concatenated``); a module without
+    ``is_transposed`` is read from its two weights' shapes: (E, 2I, H) beside (E, H, I), or (E, H, 2I) beside
+    (E, I, H) transposed (Llama 4)."""
+    transposed, interleaved, linear = set(), set(), set()
+    for m, mod in model.named_modules():
+        prefix = f"{m}." if m else ""
+        if isinstance(mod, torch.nn.Linear):
+            linear.add(prefix + "weight")
+        gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+        if not (isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3
+                and down.dim() == 3):
+            continue
+        flag = getattr(mod, "is_transposed", None)
+        if flag is None:  # (E, a, b) and (E, c, d): transposed iff a == d (H) and b == 2c (2I)
+            flag = gate_up.shape[1] == down.shape[2] and gate_up.shape[2] == 2 * down.shape[1]
+        if flag:
+            transposed.update({prefix + "gate_up_proj", prefix + "down_proj"})
+        if getattr(mod, "is_concatenated", True) is False:
+            interleaved.update({prefix + "gate_up_proj", prefix + "gate_up_proj_bias"})
+    return transposed, interleaved, linear
 
 
 def tied_pairs(model) -> dict:

@@ -13,7 +13,10 @@ stored transposed (in, out): its kind is ``weight_t`` and the same rows are its 
                  block of each part (Pieces), e.g. Q=8, tpa=2, rank 1: query heads [2, 4) and [6, 8)
     qkv          fused [q; k; v] rows (Phi-3 qkv_proj, GPT-2 c_attn): the q, k and v rows above, concatenated
     qkv_heads    fused per-head [q_h k_h v_h] rows (GPT-NeoX query_key_value, MHA): [h0*3D, h1*3D); per group of g
-                 query heads [q_1..q_g k v] (Falcon-40B, the cache holding Q heads): [h0/g*(g+2)*D, h1/g*(g+2)*D)
+                 query heads [q_1..q_g k v] (Falcon-40B, the cache holding Q heads): [h0/g*(g+2)*D, h1/g*(g+2)*D);
+                 CodeGen's qkv_proj ([q v k] of each group of heads) holds 3D rows a head too, so a TPA slice of
+                 whole groups is [h0*3D, h1*3D) as well; with one KV head (Falcon's multi-query
+                 query_key_value, [q_1..q_Q k v]) the rows of qkv
     q_heads      one value per query head (attention sinks): the TPA slice's Q/tpa heads
     q_norm, k_norm  a norm over all heads' features (OLMo2): the same rows as q / k; a per-head norm (Qwen3,
                  weight of D elements) is replicated
@@ -49,6 +52,7 @@ ROLE_BY_NAME = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
     "gate_proj": "ffn_in", "up_proj": "ffn_in", "down_proj": "ffn_out",
     "qkv_proj": "qkv", "gate_up_proj": "ffn_in_pair",  # Phi-3
+    "attn.qkv_proj": "qkv_heads",  # CodeGen: rows [q v k] per group of heads (heads.py, per_group_qkv)
     "query_key_value": "qkv_heads", "attention.dense": "o",  # GPT-NeoX
     "dense_h_to_4h": "ffn_in", "dense_4h_to_h": "ffn_out",
     "attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "ffn_in", "mlp.c_proj": "ffn_out",  # GPT-2 (Conv1D)
@@ -169,12 +173,14 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
         full = (heads.q if role == "q_norm" else heads.k) * d
         rows = _rows(q_heads if role == "q_norm" else kv_heads, d)
         return _piece(rows) if shape[0] == full and layout.tpa > 1 else None
-    if role == "qkv":
-        qd, kd = heads.q * d, heads.k * d
-        return Pieces(0, _rows(q_heads, d) + _rows(kv_heads, d, qd) + _rows(kv_heads, dv, qd + kd))
     if heads.parts > 1 and role in ("qkv_heads", "o_gate", "o_norm"):
         raise ValueError(f"a {role} parameter of heads in {heads.parts} parts ({heads}) is not supported")
     q_rows = (q_heads[0][0] * d, q_heads[0][1] * d)  # one part from here on
+    if role == "qkv_heads" and heads.k == 1 < heads.q and shape[0] == (heads.q + 2) * d:
+        role = "qkv"  # multi-query [q_1..q_Q k v] (Falcon's query_key_value with multi_query): q rows, k, v
+    if role == "qkv":
+        qd, kd = heads.q * d, heads.k * d
+        return Pieces(0, _rows(q_heads, d) + _rows(kv_heads, d, qd) + _rows(kv_heads, dv, qd + kd))
     if role == "qkv_heads":  # per group of g query heads: [q_1..q_g k v] (g = 1: GPT-NeoX; Falcon-40B: g = Q/Kc)
         if heads.q != heads.k or dv != d:
             raise ValueError(f"a per-head interleaved qkv projection needs as many KV heads as query heads ({heads})")
