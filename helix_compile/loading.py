@@ -90,20 +90,23 @@ def _read(piece, shape, spec) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
 
-def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int, transposed: bool = False,
-               interleaved: bool = False, linear: bool = False):
+def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int, forms: dict | None = None):
     """The ``Shard`` of checkpoint tensor ``name`` (global ``shape``) that ``rank`` holds, or None (replicated).
-    ``transposed``: a fused expert weight stored (E, in, out) (Aria, gpt-oss, Llama 4); ``interleaved``: a fused
-    gate_up weight or bias whose features alternate gate and up (gpt-oss), cut as the plan cuts it
-    (``passes.regions.moe.expert_shard``); ``linear``: the weight of an ``nn.Linear`` under a name GPT-2 gives its
-    Conv1D (GPT-BigCode's ``attn.c_attn``), stored (out, in). ``_stored_forms`` tells which from the model."""
+    ``forms`` (``stored_forms`` of the model) tells what the name does not: "transposed", a fused expert weight
+    stored (E, in, out) (Aria, gpt-oss, Llama 4); "interleaved", a fused gate_up weight or bias whose features
+    alternate gate and up (gpt-oss), cut as the plan cuts it (``passes.regions.moe.expert_shard``); "linear", the
+    weight of an ``nn.Linear`` under a name GPT-2 gives its Conv1D (GPT-BigCode's ``attn.c_attn``), stored
+    (out, in); "gated", an ``fc1`` holding [gate; up] (Moshi), cut as a fused pair."""
     role, kind = role_by_name(name)
-    if transposed and kind == "weight":
+    forms = forms or {}
+    if name in forms.get("transposed", ()) and kind == "weight":
         kind = "weight_t"
-    if linear and kind == "weight_t":
+    if name in forms.get("linear", ()) and kind == "weight_t":
         kind = "weight"
-    if interleaved and role == "experts_gate_up":
+    if name in forms.get("interleaved", ()) and role == "experts_gate_up":
         kind += INTERLEAVED
+    if name in forms.get("gated", ()) and role == "ffn_in":
+        role = "ffn_in_pair"
     return role_shard(role, kind, tuple(shape), heads.of_name(name), layout, rank) if role else None
 
 
@@ -315,12 +318,22 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
     rank file, holding the pieces."""
     heads = Heads.of(model.config.get_text_config(decoder=True))
     params = dict(model.named_parameters(remove_duplicate=False))
-    transposed, interleaved, linear = _stored_forms(model)
+    forms = stored_forms(model)
     buffers = {n: b for n, b in model.named_buffers() if b.device.type != "meta"}
     rename = checkpoint_renamer(model)
+    splits = checkpoint_splits(model)
     out, loaded, per_expert = [], set(), {}  # per_expert: fused parameter -> {(expert, part): checkpoint name}
     for key, (stored, dtype) in checkpoint.entries.items():
         name = rename(key)
+        parts = _split_parts(key, name, stored, splits, params)
+        if parts is not None:  # one checkpoint tensor that transformers cuts into several parameters
+            for target, dim, start, stop in parts:
+                shape = tuple(params[target].shape)
+                spec = shard_spec(target, shape, heads, layout, rank, forms)
+                out.append(RankTensor(target, shape, spec, dtype,
+                                      functools.partial(_read_part, checkpoint, key, dim, start, stop, spec)))
+                loaded.add(target)
+            continue
         if name not in params and name not in buffers:  # Mixtral's checkpoint module name (GraniteMoE keeps it)
             name = name.replace(".block_sparse_moe.", ".mlp.")
         where = checkpoint.file_name(key)
@@ -343,8 +356,7 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
             raise ValueError(f"{where}: {key} is stored as {dtype or 'a type torch cannot read here'}, not as the "
                              f"floats of {name}: a quantized tensor helix cannot read (it reads plain weights and FP8 "
                              f"ones: {quantized.SUPPORTED})")
-        spec = shard_spec(name, shape, heads, layout, rank, transposed=name in transposed,
-                          interleaved=name in interleaved, linear=name in linear)
+        spec = shard_spec(name, shape, heads, layout, rank, forms)
         item = RankTensor(name, shape, spec, dtype, functools.partial(checkpoint.read, key))
         if local:  # a helix convert file holds the rank's piece itself
             if stored != item.local_shape:
@@ -360,7 +372,7 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
         if name in loaded:
             continue
         shape = tuple(params[name].shape)
-        if name in transposed:
+        if name in forms["transposed"]:
             raise ValueError(f"{name}: per-expert checkpoint tensors for experts stored (E, in, out) are not supported; "
                              f"use a checkpoint with the fused {name.rsplit('.', 1)[1]}")
         role, _ = role_by_name(name)
@@ -381,17 +393,63 @@ def rank_tensors(checkpoint: Checkpoint, model, layout: Layout, rank: int, local
     return out
 
 
-def _stored_forms(model) -> tuple[set, set, set]:
-    """Parameter names of ``model`` stored in a form its name does not tell: (fused experts stored (E, in, out),
-    fused gate_up experts whose gate and up features alternate, ``nn.Linear`` weights). The experts' forms come from
-    transformers' own flags on the experts module (``is_transposed``, ``is_concatenated``); a module without
-    ``is_transposed`` is read from its two weights' shapes: (E, 2I, H) beside (E, H, I), or (E, H, 2I) beside
-    (E, I, H) transposed (Llama 4)."""
-    transposed, interleaved, linear = set(), set(), set()
+def checkpoint_splits(model) -> list[tuple[str, list[str], int]]:
+    """transformers' converters for ``model`` that cut one checkpoint tensor into several parameters along a dim
+    (its ``Chunk`` and ``Split`` ops: Sarvam-MoE's query_key_value into q/k/v_proj, HRM's gqkv_proj), as
+    (source pattern, target patterns, dim); empty on a transformers without them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:
+        return []
+    return [(t.source_patterns[0], list(t.target_patterns), t.operations[0].dim)
+            for t in get_model_conversion_mapping(model)
+            if isinstance(t, WeightConverter) and len(t.source_patterns) == 1 and len(t.target_patterns) > 1
+            and "*" not in t.source_patterns[0] and len(t.operations) == 1
+            and type(t.operations[0]).__name__ in ("Chunk", "Split")]
+
+
+def _split_parts(key: str, name: str, stored, splits, params):
+    """[(parameter, dim, start, stop)] when checkpoint tensor ``key`` (``name`` after renaming) is the source of
+    one of ``splits`` whose targets are all parameters, in order along the dim (their sizes must add up to the
+    stored size); else None."""
+    for source, targets, dim in splits:
+        for base in (name, key):
+            if source not in base:
+                continue
+            names = [base.replace(source, target) for target in targets]
+            if not all(n in params for n in names):
+                continue
+            sizes = [params[n].shape[dim] for n in names]
+            if sum(sizes) != stored[dim]:
+                raise ValueError(f"{key} of shape {tuple(stored)} is cut by transformers into {', '.join(names)}, "
+                                 f"whose sizes along dim {dim} add up to {sum(sizes)}, not {stored[dim]}")
+            bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            return [(n, dim, bounds[i], bounds[i + 1]) for i, n in enumerate(names)]
+    return None
+
+
+def _read_part(checkpoint: Checkpoint, key: str, dim: int, start: int, stop: int, spec) -> torch.Tensor:
+    """Rows [start, stop) along ``dim`` of checkpoint tensor ``key`` (read whole), then the piece ``spec`` of them."""
+    part = checkpoint.read(key).narrow(dim, start, stop - start).contiguous()
+    return part if spec is None else _read(part, part.shape, spec)
+
+
+def stored_forms(model) -> dict[str, set]:
+    """Parameter names of ``model`` stored in a form their names do not tell (``shard_spec``'s ``forms``). The
+    experts' forms come from transformers' own flags on the experts module (``is_transposed``,
+    ``is_concatenated``); a module without ``is_transposed`` is read from its two weights' shapes: (E, 2I, H)
+    beside (E, H, I), or (E, H, 2I) beside (E, I, H) transposed (Llama 4). A module's ``fc1`` is "gated" when it
+    has twice the rows ``fc2`` takes (Moshi's [gate; up])."""
+    forms = {"transposed": set(), "interleaved": set(), "linear": set(), "gated": set()}
     for m, mod in model.named_modules():
         prefix = f"{m}." if m else ""
         if isinstance(mod, torch.nn.Linear):
-            linear.add(prefix + "weight")
+            forms["linear"].add(prefix + "weight")
+        fc1, fc2 = getattr(mod, "fc1", None), getattr(mod, "fc2", None)
+        if isinstance(fc1, torch.nn.Linear) and isinstance(fc2, torch.nn.Linear) \
+                and fc1.out_features == 2 * fc2.in_features:
+            forms["gated"].update({prefix + "fc1.weight", prefix + "fc1.bias"})
         gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
         if not (isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3
                 and down.dim() == 3):
@@ -400,10 +458,10 @@ def _stored_forms(model) -> tuple[set, set, set]:
         if flag is None:  # (E, a, b) and (E, c, d): transposed iff a == d (H) and b == 2c (2I)
             flag = gate_up.shape[1] == down.shape[2] and gate_up.shape[2] == 2 * down.shape[1]
         if flag:
-            transposed.update({prefix + "gate_up_proj", prefix + "down_proj"})
+            forms["transposed"].update({prefix + "gate_up_proj", prefix + "down_proj"})
         if getattr(mod, "is_concatenated", True) is False:
-            interleaved.update({prefix + "gate_up_proj", prefix + "gate_up_proj_bias"})
-    return transposed, interleaved, linear
+            forms["interleaved"].update({prefix + "gate_up_proj", prefix + "gate_up_proj_bias"})
+    return forms
 
 
 def tied_pairs(model) -> dict:
