@@ -43,3 +43,60 @@ def test_fused_and_conv1d_checkpoints_load_per_rank(tmp_path):
             print(f"{family}: from_pretrained shards max rel err {err:.2e}, holds {held:.0%} of the parameters")
             assert err < 1e-5, family
             assert held < 0.9, family  # the projections are split, not loaded whole
+
+
+# families whose checkpoints store a parameter in a form its name does not tell (loading.stored_forms,
+# loading.checkpoint_splits), built as the coverage table builds them (tools/coverage.py), saved by transformers
+FORMS = {
+    "codegen": "qkv_proj rows [q v k] per group of heads",
+    "falcon": "multi-query query_key_value [q_1..q_Q k v]",
+    "gpt_bigcode": "c_attn, an nn.Linear under GPT-2's Conv1D name",
+    "moshi": "fc1 holding [gate; up]",
+    "hrm_text": "gqkv_proj and gate_up_proj, which transformers chunks into gate/q/k/v and gate/up",
+    "sarvam_moe": "query_key_value, which transformers splits into q/k/v_proj",
+    "granitemoe": "block_sparse_moe kept as the module's own name",
+    "llama4_text": "experts stored (E, in, out) with no is_transposed flag",
+}
+
+
+def _coverage_tool():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("coverage_tool", Path(__file__).parents[1] / "tools" / "coverage.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _forms_exact(rank, folders):
+    from helix_compile.testing import compare
+
+    cov = _coverage_tool()
+    out = {}
+    for family, folder in folders.items():
+        reference, _ = cov.build(family)
+        text = reference.config.get_text_config(decoder=True)
+        ids = torch.randint(3, text.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+        for fields in (dict(kvp=2, tpa=1), dict(kvp=1, tpa=2)):
+            torch._dynamo.reset()
+            layout = Layout(kv_block=4, **fields)
+            sharded = helix_compile.from_pretrained(folder, layout, dtype=torch.float32)
+            r = compare(sharded, layout, ids, 4, 12, reference=reference)
+            out[f"{family} {layout.key()}"] = (r.max_rel_err, r.tokens_equal)
+    return out
+
+
+def test_forms_the_names_do_not_tell(tmp_path):
+    """Each family of ``FORMS`` saved with save_pretrained, loaded per rank with kvp = 2 and tpa = 2: exact against
+    transformers (each was refused by the runtime's shard check, or lacked parameters, when read by name alone)."""
+    cov = _coverage_tool()
+    folders = {}
+    for family in FORMS:
+        folders[family] = str(tmp_path / family)
+        cov.build(family)[0].save_pretrained(folders[family])
+    results = run_ranks(2, _forms_exact, folders)
+    assert results[0] == results[1]
+    for case, (err, tokens_equal) in results[0].items():
+        print(f"{case}: max rel err {err:.1e}")
+        assert tokens_equal and err < 1e-5, case
