@@ -56,6 +56,7 @@ FORMS = {
     "sarvam_moe": "query_key_value, which transformers splits into q/k/v_proj",
     "granitemoe": "block_sparse_moe kept as the module's own name",
     "llama4_text": "experts stored (E, in, out) with no is_transposed flag",
+    "gemma4_text": "k_norm of full-attention layers with one KV head: per head and over all heads alike",
 }
 
 

@@ -172,7 +172,10 @@ def role_shard(role: str, kind: str, shape, heads: Heads, layout: Layout, rank: 
     if role in ("q_norm", "k_norm"):
         full = (heads.q if role == "q_norm" else heads.k) * d
         rows = _rows(q_heads if role == "q_norm" else kv_heads, d)
-        return _piece(rows) if shape[0] == full and layout.tpa > 1 else None
+        # one head (a layer with one KV head, Gemma 4's full-attention layers): per head and over all heads are the
+        # same D elements, which every rank holds whole
+        whole = rows == ((0, full),)
+        return _piece(rows) if shape[0] == full and layout.tpa > 1 and not whole else None
     if heads.parts > 1 and role in ("qkv_heads", "o_gate", "o_norm"):
         raise ValueError(f"a {role} parameter of heads in {heads.parts} parts ({heads}) is not supported")
     q_rows = (q_heads[0][0] * d, q_heads[0][1] * d)  # one part from here on
