@@ -18,8 +18,9 @@ Contract
          (``loading.rank_tensors``, the same function ``from_pretrained`` reads a checkpoint with), named as the
          model names them: its piece of every sharded tensor (of a routed-expert weight: only its ep experts, each
          cut to its tpf slice, fused; FP8 and MXFP4 weights de-quantised to the config's dtype), every other
-         tensor in full (FP8 KV-cache scales too, under their checkpoint names); the manifest OUT/manifest.json (format, the
-         whole layout, model config, the sha256 of every file); config.json, generation config and tokenizer files.
+         tensor in full (FP8 KV-cache scales too, under their checkpoint names); the manifest OUT/manifest.json
+         (format, the whole layout, model config, the sha256 of every file); config.json, generation config and
+         tokenizer files.
          ``from_pretrained(OUT, layout)`` reads only its rank's file, and refuses a layout whose kvp, tpa, tpf or
          ep differ from the manifest's.
     refused: what the backend refuses (a layout that does not divide the heads, the FFN or the experts, MLA with

@@ -22,9 +22,9 @@ Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``): then each rank reads only 
 columns (tpf), and stacks them into its local fused piece, which is what ``role_shard`` would cut from the fused
 tensor.
 
-Quantized checkpoints (``quantized``): FP8 and MXFP4 weights are de-quantised as they are read (``Checkpoint``), so a
-rank holds the floats transformers' de-quantising load holds; FP8 KV-cache scales go to the cache; every other
-quantization is refused by name.
+Quantized checkpoints (``quantized``): FP8 and MXFP4 weights are de-quantised as they are read (``Checkpoint``),
+so a rank holds the floats transformers' de-quantising load holds; FP8 KV-cache scales go to the cache; every
+other quantization is refused by name.
 
 ``rank_tensors`` is the one place that turns a checkpoint (``Checkpoint``: safetensors files or tensors in memory),
 a layout and a rank into the rank's tensors, named as the model names them; ``from_pretrained`` loads them and

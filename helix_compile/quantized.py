@@ -151,7 +151,8 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bl
     if s.dim() == w.dim() - 1 and s.shape[-1] == rows:  # one per output row, (..., out)
         s = s.unsqueeze(-1)
     if s.dim() != w.dim() or tuple(s.shape[:-2]) != tuple(lead):
-        raise ValueError(f"{name}: a scale of shape {tuple(scale.shape)} does not fit the weight's {tuple(weight.shape)}")
+        raise ValueError(f"{name}: a scale of shape {tuple(scale.shape)} does not fit the weight's "
+                         f"{tuple(weight.shape)}")
     grid = s.shape[-2:]
     if block is not None and grid != (1, 1) and grid != (rows, 1):
         br, bc = block

@@ -109,7 +109,8 @@ def _mxfp4_checkpoint(src: Path, mx: Path, plain: Path):
         else:
             quant[name] = floats[name] = w
     config = json.loads((src / "config.json").read_text())
-    for folder, weights, extra in ((mx, quant, {"quantization_config": {"quant_method": "mxfp4"}}), (plain, floats, {})):
+    declared = {"quantization_config": {"quant_method": "mxfp4"}}
+    for folder, weights, extra in ((mx, quant, declared), (plain, floats, {})):
         folder.mkdir()
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps({**config, **extra}))
@@ -271,8 +272,8 @@ def test_other_quantizations_are_refused(tmp_path):
             "group_0": {"weights": {"num_bits": 4, "type": "int"}}}}): r"group_0: int of 4 bits",
         variant("noscale", change=lambda t: {**t, q: t[q].to(FP8)}):
             rf"{q} is stored as F8_E4M3 without a scale beside it",
-        variant("packed", change=lambda t: {**t, "model.layers.0.mlp.down_proj.weight_packed": torch.zeros(2, 2,
-                                                                                                          dtype=torch.int32)}):
+        variant("packed", change=lambda t: {**t, "model.layers.0.mlp.down_proj.weight_packed":
+                                            torch.zeros(2, 2, dtype=torch.int32)}):
             r"down_proj.weight_packed: an integer-packed quantized weight",
     }
     for folder, message in cases.items():
