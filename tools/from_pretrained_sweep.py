@@ -1,7 +1,7 @@
 """The front door for every family: each model type exact in the coverage table, saved with transformers'
 ``save_pretrained`` and read back per rank by ``helix_compile.from_pretrained``.
 
-    python tools/from_pretrained_sweep.py [--only codegen,falcon] [--out results/exactness/from-pretrained.json]
+    python tools/from_pretrained_sweep.py [--only codegen,falcon] [--out FILE.json]
 
 For each model type whose cells in ``docs/coverage.json`` (world 2) are exact: build the model as the coverage
 table does (``tools/coverage.py``: tiny, random, fp32), ``save_pretrained`` it into a temporary folder, then on 2
