@@ -270,19 +270,33 @@ class Checkpoint:
         if key in self.tensors:
             value = self.tensors[key]
             return value if spec is None else _read(value, value.shape, spec)
-        if key in self.scale_of or key in self.mxfp4:  # de-quantised whole (one tensor in memory), then cut
+        if key in self.scale_of or key in self.mxfp4:  # de-quantised, then cut
+            experts = slice(None)  # stacked experts: only the rank's (ep), so memory is its piece, not the tensor
+            if isinstance(spec, ExpertShard):
+                experts = slice(spec.e_start, spec.e_stop)
+                spec = dataclasses.replace(spec, e_start=0, e_stop=spec.e_stop - spec.e_start)
             if key in self.scale_of:
-                value = quantized.dequantize(self._raw(key), self._raw(self.scale_of[key]), self.dtype, self.block,
+                scale, shape = self.scale_of[key], self.entries[key][0]
+                per_expert = len(shape) == 3 and self._shape(scale)[:1] == shape[:1]  # (E, ...) beside (E, out, in)
+                value = quantized.dequantize(self._raw(key, experts), self._raw(scale, experts if per_expert else
+                                                                                slice(None)), self.dtype, self.block,
                                              key)
             else:
-                value = quantized.dequantize_mxfp4(*map(self._raw, self.mxfp4[key]), self.dtype, key)
+                blocks, scales = self.mxfp4[key]
+                value = quantized.dequantize_mxfp4(self._raw(blocks, experts), self._raw(scales, experts),
+                                                   self.dtype, key)
             return value if spec is None else _read(value, value.shape, spec)
         with safe_open(self.where[key], framework="pt") as f:
             return f.get_tensor(key) if spec is None else _read(f.get_slice(key), self.entries[key][0], spec)
 
-    def _raw(self, key: str) -> torch.Tensor:
+    def _raw(self, key: str, first=slice(None)) -> torch.Tensor:
+        """Tensor ``key`` as stored, or only ``first`` of its first dim."""
         with safe_open(self.where[key], framework="pt") as f:
-            return f.get_tensor(key)
+            return f.get_tensor(key) if first == slice(None) else f.get_slice(key)[first]
+
+    def _shape(self, key: str) -> tuple:
+        with safe_open(self.where[key], framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
 
 
 @dataclasses.dataclass

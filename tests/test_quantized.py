@@ -15,6 +15,7 @@ from helix_compile import Layout, StaticCache, quantized
 from helix_compile.convert import convert
 from helix_compile.loading import Checkpoint, checkpoint_files
 from helix_compile.preflight import check_checkpoint
+from helix_compile.shards import ExpertShard
 from distributed import run_ranks
 from models import ATTENTION, model
 from test_memory import _compare_sharded
@@ -159,8 +160,9 @@ def _load_and_compare(rank, cases):
 
 def test_fp8_checkpoints_load_per_rank(tmp_path):
     """DeepSeek-V3's fine-grained FP8 (blocks, ceil grids where 32 does not divide MLA's projections; per-expert
-    tensors), Mixtral's (w1/w2/w3 experts) and gpt-oss's MXFP4 experts (stored (E, in, out)), with experts and
-    heads split over 2 ranks: exact against transformers on the de-quantised floats."""
+    tensors), Mixtral's (w1/w2/w3 experts) and gpt-oss's MXFP4 experts (stored (E, in, out); each rank
+    de-quantises only its experts under ep = 2), with experts and heads split over 2 ranks: exact against
+    transformers on the de-quantised floats."""
     cases, layouts = [], {"llama": dict(kvp=1, tpa=2), "mixtral": dict(kvp=1, tpa=2, ep=2),
                           "deepseek_v3": dict(kvp=2, ep=1), "gpt_oss": dict(kvp=2, ep=1)}
     for family, fields in layouts.items():
@@ -170,6 +172,7 @@ def test_fp8_checkpoints_load_per_rank(tmp_path):
         quant, plain = make(src, tmp_path / f"{family}-quantized", tmp_path / f"{family}-plain")
         assert any(v.dtype in (FP8, torch.uint8) for v in load_file(quant / "model.safetensors").values())
         cases.append((str(quant), str(plain), fields, ATTENTION.get(family, "sdpa")))
+    cases.append((*cases[-1][:2], dict(kvp=1, tpa=2, ep=2), cases[-1][3]))  # gpt-oss: 2 of 4 experts a rank
     for errs in run_ranks(2, _load_and_compare, cases):
         print("from_pretrained of FP8 checkpoints, max rel err per family:", [f"{e:.1e}" for e in errs])
         assert all(e < 1e-5 for e in errs)
@@ -207,6 +210,8 @@ def test_transformers_reads_the_same_mxfp4_floats(tmp_path):
             assert checkpoint.entries[name] == (tuple(floats[name].shape), dtype)
             assert torch.equal(checkpoint.read(name), theirs[name]), (name, dtype)
             assert torch.equal(checkpoint.read(name), floats[name].to(dtype)), (name, dtype)
+            piece = ExpertShard(2, 4, 2, 0, 16, 2) if "gate_up" in name else ExpertShard(2, 4, 1, 8, 16)
+            assert torch.equal(checkpoint.read(name, piece), piece.take(floats[name].to(dtype))), (name, piece)
 
 
 def _kv_scales(rank, fp8):
