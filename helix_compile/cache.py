@@ -183,12 +183,12 @@ def _check_kv_scales(kv_scales: dict, text, shared) -> dict:
             raise ValueError(f"kv_scales has layer {layer}, but the model's cache layers that hold KV are 0.."
                              f"{text.num_hidden_layers - 1} without {sorted(shared)}")
         heads = _kv_shape(text, layer)[0]
-        scales = tuple(torch.as_tensor(x, dtype=torch.float32).cpu().reshape(-1).expand(heads).clone() if
-                       torch.as_tensor(x).numel() in (1, heads) else None for x in pair)
-        if len(scales) != 2 or any(x is None or not bool((x > 0).all() and torch.isfinite(x).all()) for x in scales):
+        scales = [torch.as_tensor(x, dtype=torch.float32).cpu().reshape(-1) for x in pair]
+        if len(scales) != 2 or any(x.numel() not in (1, heads) or not bool((x > 0).all() and torch.isfinite(x).all())
+                                   for x in scales):
             raise ValueError(f"kv_scales[{layer}] must be (k_scale, v_scale), each one positive number or one per "
                              f"KV head ({heads}), got {[tuple(torch.as_tensor(x).shape) for x in pair]}")
-        out[layer] = scales
+        out[layer] = tuple(x.expand(heads).clone() for x in scales)
     return out
 
 
@@ -389,16 +389,14 @@ class StaticCache(Cache):
                  kv_dtype=None, kv_scales=None):
         from .layout import current_world
 
+        given = kv_scales is not None
         if isinstance(config, torch.nn.Module):  # the model: its dtype and device, unless given
             first = next(config.parameters(), None)
             if first is not None:
                 dtype = dtype or first.dtype
                 device = device or first.device
-            given = kv_scales is not None
             kv_scales = kv_scales if given else getattr(config, "helix_kv_scales", None)
             config = config.config
-        else:
-            given = kv_scales is not None
         _refuse_untraceable(config)
         model_type = getattr(config, "model_type", None)
         text = config.get_text_config(decoder=True)

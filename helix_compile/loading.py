@@ -92,17 +92,14 @@ def _read(piece, shape, spec) -> torch.Tensor:
 
 def shard_spec(name: str, shape, heads: Heads, layout: Layout, rank: int, forms: dict | None = None):
     """The ``Shard`` of checkpoint tensor ``name`` (global ``shape``) that ``rank`` holds, or None (replicated).
-    ``forms`` (``stored_forms`` of the model) tells what the name does not: "transposed", a fused expert weight
-    stored (E, in, out) (Aria, gpt-oss, Llama 4); "interleaved", a fused gate_up weight or bias whose features
-    alternate gate and up (gpt-oss), cut as the plan cuts it (``passes.regions.moe.expert_shard``); "linear", the
-    weight of an ``nn.Linear`` under a name GPT-2 gives its Conv1D (GPT-BigCode's ``attn.c_attn``), stored
-    (out, in); "gated", an ``fc1`` holding [gate; up] (Moshi), cut as a fused pair."""
+    ``forms`` (``stored_forms`` of the model) tells what the name does not: "transposed", a weight stored
+    (in, out): GPT-2's Conv1D, a fused expert weight (E, in, out) (Aria, gpt-oss, Llama 4); "interleaved", a fused
+    gate_up weight or bias whose features alternate gate and up (gpt-oss), cut as the plan cuts it
+    (``passes.regions.moe.expert_shard``); "gated", an ``fc1`` holding [gate; up] (Moshi), cut as a fused pair."""
     role, kind = role_by_name(name)
     forms = forms or {}
     if name in forms.get("transposed", ()) and kind == "weight":
         kind = "weight_t"
-    if name in forms.get("linear", ()) and kind == "weight_t":
-        kind = "weight"
     if name in forms.get("interleaved", ()) and role == "experts_gate_up":
         kind += INTERLEAVED
     if name in forms.get("gated", ()) and role == "ffn_in":
@@ -251,9 +248,10 @@ class Checkpoint:
         for key, value in self.tensors.items():
             self.entries[key] = (tuple(value.shape), value.dtype)
         self.scale_of, self.dtype, self.block = quantized.pairs(tags), dtype or torch.bfloat16, block
+        self.scale_shapes = {}
         for key, scale in self.scale_of.items():
             self.entries[key] = (self.entries[key][0], self.dtype)
-            del self.entries[scale]
+            self.scale_shapes[scale] = self.entries.pop(scale)[0]
         self.mxfp4 = quantized.mxfp4_pairs(tags)
         for key, (blocks, scales) in self.mxfp4.items():
             self.entries[key] = (quantized.mxfp4_shape(self.entries.pop(blocks)[0]), self.dtype)
@@ -277,7 +275,7 @@ class Checkpoint:
                 spec = dataclasses.replace(spec, e_start=0, e_stop=spec.e_stop - spec.e_start)
             if key in self.scale_of:
                 scale, shape = self.scale_of[key], self.entries[key][0]
-                per_expert = len(shape) == 3 and self._shape(scale)[:1] == shape[:1]  # (E, ...) beside (E, out, in)
+                per_expert = len(shape) == 3 and self.scale_shapes[scale][:1] == shape[:1]  # (E, ...) by (E, out, in)
                 value = quantized.dequantize(self._raw(key, experts), self._raw(scale, experts if per_expert else
                                                                                 slice(None)), self.dtype, self.block,
                                              key)
@@ -293,10 +291,6 @@ class Checkpoint:
         """Tensor ``key`` as stored, or only ``first`` of its first dim."""
         with safe_open(self.where[key], framework="pt") as f:
             return f.get_tensor(key) if first == slice(None) else f.get_slice(key)[first]
-
-    def _shape(self, key: str) -> tuple:
-        with safe_open(self.where[key], framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
 
 
 @dataclasses.dataclass
@@ -453,13 +447,16 @@ def stored_forms(model) -> dict[str, set]:
     """Parameter names of ``model`` stored in a form their names do not tell (``shard_spec``'s ``forms``). The
     experts' forms come from transformers' own flags on the experts module (``is_transposed``,
     ``is_concatenated``); a module without ``is_transposed`` is read from its two weights' shapes: (E, 2I, H)
-    beside (E, H, I), or (E, H, 2I) beside (E, I, H) transposed (Llama 4). A module's ``fc1`` is "gated" when it
-    has twice the rows ``fc2`` takes (Moshi's [gate; up])."""
-    forms = {"transposed": set(), "interleaved": set(), "linear": set(), "gated": set()}
+    beside (E, H, I), or (E, H, 2I) beside (E, I, H) transposed (Llama 4). A transformers ``Conv1D`` (GPT-2; not
+    GPT-BigCode's ``nn.Linear`` of the same name) stores its weight transposed. A module's ``fc1`` is "gated" when
+    it has twice the rows ``fc2`` takes (Moshi's [gate; up])."""
+    from transformers.pytorch_utils import Conv1D
+
+    forms = {"transposed": set(), "interleaved": set(), "gated": set()}
     for m, mod in model.named_modules():
         prefix = f"{m}." if m else ""
-        if isinstance(mod, torch.nn.Linear):
-            forms["linear"].add(prefix + "weight")
+        if isinstance(mod, Conv1D):
+            forms["transposed"].add(prefix + "weight")
         fc1, fc2 = getattr(mod, "fc1", None), getattr(mod, "fc2", None)
         if isinstance(fc1, torch.nn.Linear) and isinstance(fc2, torch.nn.Linear) \
                 and fc1.out_features == 2 * fc2.in_features:
@@ -535,9 +532,11 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     else:
         name = rank_file(rank)
         checkpoint = Checkpoint([check_file(path, name, manifest) if verify else path / name])
+    kv_scales = {}
     for item in rank_tensors(checkpoint, model, layout, rank, local=manifest is not None):
         if item.kv_scale:
-            continue  # read below, all together
+            kv_scales[item.name] = item.read()
+            continue
         if item.buffer:
             model.get_buffer(item.name).copy_(item.read())
             continue
@@ -551,9 +550,8 @@ def from_pretrained(path, layout: Layout, dtype=None, device=None, verify: bool 
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} parameters, e.g. {missing[:3]}")
-    kv_scales = quantized.kv_scales(checkpoint)
     if kv_scales:  # what an FP8 StaticCache of this model starts from (cache.StaticCache)
-        model.helix_kv_scales = kv_scales
+        model.helix_kv_scales = quantized.kv_scales(kv_scales)
     if hasattr(model.config, "quantization_config"):  # the model holds plain floats: nothing is quantized any more
         del model.config.quantization_config
     if (path / "generation_config.json").is_file():  # decoding defaults, as transformers' from_pretrained reads them

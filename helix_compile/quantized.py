@@ -47,7 +47,7 @@ import torch
 FP8_TAGS = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 if hasattr(torch, "float8_e8m0fnu"):
     FP8_TAGS["F8_E8M0"] = torch.float8_e8m0fnu
-SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")  # fine-grained FP8's; compressed-tensors', ModelOpt's, fbgemm's
+SCALE_SUFFIXES = ("_scale_inv", "_scale")  # W.weight's scale: fine-grained FP8's; compressed-tensors', ModelOpt's
 PACKED_SUFFIXES = ("weight_packed", "qweight", "weight_zero_point", "qzeros", "weight_shape")
 KV_SCALE = re.compile(r"layers\.(\d+)\.self_attn\.(?:attn\.|k_proj\.|v_proj\.)?([kv])_scale$")
 SUPPORTED = "fp8 (fine-grained FP8, DeepSeek-V3/R1), compressed-tensors FP8, modelopt FP8, fbgemm_fp8, mxfp4 (gpt-oss)"
@@ -104,11 +104,11 @@ def pairs(tags: dict[str, str]) -> dict[str, str]:
                              f"({SUPPORTED}); {DEQUANTISE_FIRST}")
         if tag not in FP8_TAGS or not name.endswith("weight"):
             continue
-        scale = next((name + s[len("weight"):] for s in SCALE_SUFFIXES if name + s[len("weight"):] in tags), None)
+        scale = next((name + s for s in SCALE_SUFFIXES if name + s in tags), None)
         if scale is None:
             raise ValueError(f"{name} is stored as {tag} without a scale beside it (none of "
-                             f"{', '.join(name + s[len('weight'):] for s in SCALE_SUFFIXES)}): helix cannot tell "
-                             f"the values it stands for")
+                             f"{', '.join(name + s for s in SCALE_SUFFIXES)}): helix cannot tell the values it "
+                             f"stands for")
         out[name] = scale
     return out
 
@@ -177,19 +177,14 @@ def kv_scale_names(names) -> dict[int, dict[str, str]]:
     return out
 
 
-def kv_scales(checkpoint) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def kv_scales(tensors: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (k_scale, v_scale)}, fp32 vectors (one number, or one per KV head: ``cache.StaticCache`` checks
-    which), from a ``loading.Checkpoint``'s KV-cache scales; empty when it has none. A layer with only one of the
-    two, or a scale that is not positive and finite, is an error naming it."""
+    which and that they are positive), from a checkpoint's KV-cache scale tensors {name: tensor}. A layer with only
+    one of the two is an error naming it."""
     out = {}
-    for layer, found in sorted(kv_scale_names(checkpoint.entries).items()):
+    for layer, found in sorted(kv_scale_names(tensors).items()):
         if set(found) != {"k", "v"}:
             have, lacks = ("key", "value") if "k" in found else ("value", "key")
             raise ValueError(f"{next(iter(found.values()))}: layer {layer} has a {have} cache scale but no {lacks} one")
-        pair = tuple(checkpoint.read(found[kind]).to(torch.float32).reshape(-1) for kind in ("k", "v"))
-        for kind, value in zip("kv", pair):
-            if not bool(torch.isfinite(value).all() and (value > 0).all()):
-                raise ValueError(f"{found[kind]}: a KV-cache scale must be positive and finite, got "
-                                 f"{value.tolist()[:4]}")
-        out[layer] = pair
+        out[layer] = tuple(tensors[found[kind]].to(torch.float32).reshape(-1) for kind in ("k", "v"))
     return out

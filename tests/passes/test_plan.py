@@ -106,8 +106,15 @@ def test_per_head_interleaved_qkv_and_gate_up():
 def test_checkpoint_names_map_to_the_same_roles():
     from helix_compile.passes.regions.roles import role_by_name
 
-    assert role_by_name("transformer.h.0.attn.c_attn.weight") == ("qkv", "weight_t")
-    assert role_by_name("transformer.h.0.attn.c_proj.weight") == ("o", "weight_t")
+    # the name does not say whether a weight is stored (in, out): GPT-2's Conv1D c_attn is, GPT-BigCode's nn.Linear
+    # c_attn is not; loading.stored_forms reads it from the module
+    assert role_by_name("transformer.h.0.attn.c_attn.weight") == ("qkv", "weight")
+    assert role_by_name("transformer.h.0.attn.c_proj.weight") == ("o", "weight")
+    from helix_compile.loading import stored_forms
+    from models import model
+
+    assert "transformer.h.0.attn.c_attn.weight" in stored_forms(model("gpt2"))["transposed"]
+    assert "transformer.h.0.attn.c_attn.weight" not in stored_forms(model("gpt_bigcode"))["transposed"]
     assert role_by_name("transformer.h.0.mlp.c_proj.bias") == ("ffn_out", "bias")
     assert role_by_name("model.layers.0.self_attn.qkv_proj.weight") == ("qkv", "weight")
     assert role_by_name("model.layers.0.mlp.gate_up_proj.weight") == ("ffn_in_pair", "weight")

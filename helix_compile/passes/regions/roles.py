@@ -67,7 +67,6 @@ ROLE_BY_NAME = {
     "intermediate.dense": "ffn_in", "output.dense": "ffn_out",
     "experts.gate_up_proj_bias": "experts_gate_up", "experts.down_proj_bias": "experts_down",
 }
-CONV1D_NAMES = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}  # weights stored (in, out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +233,4 @@ def role_by_name(name: str) -> tuple[str | None, str]:
     role = ROLE_BY_NAME.get(triple) if len(parts) >= 4 else None  # attention.output.dense before output.dense
     role = role or (ROLE_BY_NAME.get(pair) if len(parts) >= 3 else None)
     role = role or ROLE_BY_NAME.get(parts[-2])
-    if role is not None and kind == "weight" and pair in CONV1D_NAMES:
-        kind = "weight_t"
     return role, kind
