@@ -90,7 +90,7 @@ def _forms_exact(rank, folders):
 
 def test_forms_the_names_do_not_tell(tmp_path):
     """Each family of ``FORMS`` saved with save_pretrained, loaded per rank with kvp = 2 and tpa = 2: exact against
-    transformers (each was refused by the runtime's shard check, or lacked parameters, when read by name alone)."""
+    transformers (read by its names alone, each would be refused by the runtime's shard check or lack parameters)."""
     cov = _coverage_tool()
     folders = {}
     for family in FORMS:
